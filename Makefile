@@ -1,0 +1,68 @@
+# logitcache — set-up, tests, benchmarks and the demo.
+# `make demo` and `make test` each install what they need on a fresh machine.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+CARGO ?= cargo
+
+# ONNX Runtime: the plain C-API library from the PyPI `onnxruntime` wheel (see shared/DESIGN.md).
+ORT_VERSION := 1.32.0
+ORT_WHEEL := onnxruntime-$(ORT_VERSION)-cp312-cp312-manylinux_2_28_x86_64.whl
+ORT_WHEEL_SHA256 := 99e1074c4b2197accd5073052a465361be17b89c093b8ffb6e6bd8f986c52df8
+ORT_DIR := .ort
+ORT_LIB := $(ORT_DIR)/libonnxruntime.so.$(ORT_VERSION)
+
+# Python used only by the interoperability checks (pyarrow reads our shards).
+VENV := .venv
+PYARROW_VERSION := 26.0.1
+
+export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
+
+.PHONY: setup test check lint bench demo clean-demo pycheck-setup
+
+setup: $(ORT_LIB)
+
+$(ORT_LIB):
+	@mkdir -p $(ORT_DIR)/wheel
+	@if [ ! -f $(ORT_DIR)/wheel/$(ORT_WHEEL) ]; then \
+	  echo "fetching $(ORT_WHEEL) from PyPI"; \
+	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: \
+	    --platform manylinux_2_28_x86_64 --python-version 3.12 \
+	    onnxruntime==$(ORT_VERSION) -d $(ORT_DIR)/wheel; \
+	fi
+	@echo "$(ORT_WHEEL_SHA256)  $(ORT_DIR)/wheel/$(ORT_WHEEL)" | sha256sum --check --quiet \
+	  || { echo "sha256 mismatch for $(ORT_WHEEL); delete $(ORT_DIR)/wheel and retry" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); n = "onnxruntime/capi/libonnxruntime.so." + sys.argv[2]; open(sys.argv[3] + ".part", "wb").write(z.read(n))' \
+	  $(ORT_DIR)/wheel/$(ORT_WHEEL) $(ORT_VERSION) $(ORT_LIB)
+	@mv $(ORT_LIB).part $(ORT_LIB)
+	@echo "ONNX Runtime $(ORT_VERSION) ready at $(ORT_LIB)"
+
+$(VENV)/.pyarrow-$(PYARROW_VERSION):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet "pyarrow==$(PYARROW_VERSION)" "numpy<3"
+	@touch $@
+
+pycheck-setup: $(VENV)/.pyarrow-$(PYARROW_VERSION)
+
+test: setup pycheck-setup
+	LOGITCACHE_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --all-targets
+	$(MAKE) --no-print-directory lint
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features cuda,tensorrt -- -D warnings
+
+bench: setup
+	$(CARGO) bench --bench topk --bench shard_write
+	bash benches/e2e.sh
+
+DEMO_OUT := demo-out
+demo: setup
+	$(CARGO) build --release
+	bash pipelines/demo.sh target/release/logitcache $(DEMO_OUT)
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

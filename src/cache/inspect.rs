@@ -1,0 +1,167 @@
+//! `logitcache inspect`: what a cache holds and what it costs, and one position's top-k as
+//! text.
+
+use super::reader::{Cache, ReadError};
+use std::path::Path;
+
+/// Summary of a cache (the `--json` output of `inspect`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InspectReport {
+    pub sequences: u64,
+    pub tokens: u64,
+    pub shards: u64,
+    pub shards_planned: u64,
+    pub complete: bool,
+    pub top_k: usize,
+    pub vocab_size: usize,
+    pub seq_len: usize,
+    pub temperature: f32,
+    pub bytes: u64,
+    pub bytes_per_token: f64,
+    /// Mean over positions of the probability mass in the stored top-k.
+    pub mean_topk_mass: f64,
+    /// Mean teacher entropy (nats), counting the tail as one outcome: a lower bound.
+    pub mean_entropy_estimate: f64,
+    /// The same with the tail spread evenly over the other V − k ids: an upper bound.
+    pub mean_entropy_upper: f64,
+    pub model_sha256: String,
+    pub tokenizer_sha256: String,
+}
+
+/// Reads every shard of `dir` and summarises it.
+pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
+    let cache = Cache::open(dir)?;
+    let m = &cache.manifest;
+    let k = m.params.top_k;
+    let rest = (m.vocab_size - k) as f64;
+    let (mut mass, mut h_lo, mut h_hi, mut n) = (0f64, 0f64, 0f64, 0u64);
+    for s in &m.shards {
+        let rows = cache.read_shard(s)?;
+        for (lps, &tail) in rows.topk_logprobs.chunks(k).zip(&rows.tail_logprob) {
+            let mut h = 0f64;
+            let mut sum = 0f64;
+            for lp in lps {
+                let lp = lp.to_f32() as f64;
+                let p = lp.exp();
+                sum += p;
+                h -= p * lp;
+            }
+            let (pt, lt) = ((tail as f64).exp(), tail as f64);
+            let tail_h = if pt > 0.0 { -pt * lt } else { 0.0 };
+            mass += sum;
+            h_lo += h + tail_h;
+            h_hi += h
+                + tail_h
+                + if pt > 0.0 && rest > 0.0 {
+                    pt * rest.ln()
+                } else {
+                    0.0
+                };
+            n += 1;
+        }
+    }
+    let nn = n.max(1) as f64;
+    let bytes = m.totals.bytes;
+    Ok(InspectReport {
+        sequences: m.totals.sequences,
+        tokens: m.totals.tokens,
+        shards: m.totals.shards,
+        shards_planned: m.plan.shards,
+        complete: m.totals.complete,
+        top_k: k,
+        vocab_size: m.vocab_size,
+        seq_len: m.params.seq_len,
+        temperature: m.params.temperature,
+        bytes,
+        bytes_per_token: bytes as f64 / m.totals.tokens.max(1) as f64,
+        mean_topk_mass: mass / nn,
+        mean_entropy_estimate: h_lo / nn,
+        mean_entropy_upper: h_hi / nn,
+        model_sha256: m.model.sha256.clone(),
+        tokenizer_sha256: m.tokenizer.sha256.clone(),
+    })
+}
+
+/// One position's top-k, decoded with `tokenizer` (which must be the cache's).
+pub fn show(dir: &Path, tokenizer: &Path, seq_id: u64, pos: usize) -> anyhow::Result<String> {
+    let cache = Cache::open(dir)?;
+    cache.check_tokenizer(tokenizer)?;
+    let tok = crate::tokenizer::load(tokenizer)?;
+    let entry = cache.shard_of(seq_id).ok_or_else(|| {
+        anyhow::anyhow!(
+            "seq_id {seq_id} is not in the cache ({} sequences planned, shard {} {})",
+            cache.manifest.plan.sequences,
+            seq_id / cache.manifest.params.shard_size as u64,
+            if seq_id < cache.manifest.plan.sequences {
+                "is not written yet"
+            } else {
+                "does not exist"
+            }
+        )
+    })?;
+    let rows = cache.read_shard(entry)?;
+    let r = rows
+        .seq_ids
+        .iter()
+        .position(|&s| s == seq_id)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "seq_id {seq_id} missing from {}; run `logitcache verify`",
+                entry.file
+            )
+        })?;
+    let (s, e) = (rows.offsets[r] as usize, rows.offsets[r + 1] as usize);
+    if pos >= e - s {
+        anyhow::bail!(
+            "position {pos} is outside seq_id {seq_id}, which has {} positions (0..{})",
+            e - s,
+            e - s
+        );
+    }
+    let k = rows.k;
+    let dec = |ids: &[u32]| {
+        tok.tokenizer
+            .decode(ids, false)
+            .unwrap_or_else(|_| "<?>".into())
+    };
+    let ctx_start = pos.saturating_sub(16);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "seq_id {seq_id} (document {}, window {}), position {pos} of {}\ncontext: {:?}\ncurrent token: {} {:?}\nnext token in the window: {}\n",
+        rows.doc_ids[r],
+        rows.window_index[r],
+        e - s,
+        dec(&rows.input_ids[s + ctx_start..=s + pos]),
+        rows.input_ids[s + pos],
+        dec(&rows.input_ids[s + pos..=s + pos]),
+        if pos + 1 < e - s {
+            format!("{} {:?}", rows.input_ids[s + pos + 1], dec(&rows.input_ids[s + pos + 1..=s + pos + 1]))
+        } else {
+            "(end of window)".into()
+        }
+    ));
+    out.push_str(&format!(
+        "{:>4}  {:>7}  {:>9}  {:>8}  token\n",
+        "rank", "id", "logprob", "prob"
+    ));
+    let at = (s + pos) * k;
+    for j in 0..k {
+        let id = rows.topk_ids[at + j];
+        let lp = rows.topk_logprobs[at + j].to_f32();
+        out.push_str(&format!(
+            "{:>4}  {:>7}  {:>9.4}  {:>8.5}  {:?}\n",
+            j + 1,
+            id,
+            lp,
+            lp.exp(),
+            dec(&[id])
+        ));
+    }
+    let tail = rows.tail_logprob[s + pos];
+    out.push_str(&format!(
+        "tail (all other ids): logprob {:.4}, prob {:.6}\n",
+        tail,
+        tail.exp()
+    ));
+    Ok(out)
+}

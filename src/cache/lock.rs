@@ -1,0 +1,91 @@
+//! Advisory locks (flock) that keep two processes from writing the same part of a cache.
+//!
+//! - one lock per worker (`locks/worker-I-of-N.lock`, held for the whole run, never
+//!   waited on: a second process for the same worker is refused);
+//! - one lock for the manifest (`locks/manifest.lock`, held only while it is read,
+//!   updated and replaced).
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot create lock file {path}: {source}; choose a writable --out")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another logitcache process is writing worker {worker} of {dir} (lock {path} is held); wait for it to finish, or stop it before resuming"
+    )]
+    Busy {
+        dir: PathBuf,
+        worker: String,
+        path: PathBuf,
+    },
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn open(path: &Path) -> Result<File, LockError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| LockError::Create {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| LockError::Create {
+            path: path.to_path_buf(),
+            source: e,
+        })
+}
+
+/// Held by a teacher run for its worker slot; released on drop.
+#[derive(Debug)]
+pub struct CacheLock {
+    _file: File,
+}
+
+impl CacheLock {
+    pub fn acquire(dir: &Path, worker_index: usize, num_workers: usize) -> Result<Self, LockError> {
+        let path = dir
+            .join("locks")
+            .join(format!("worker-{worker_index}-of-{num_workers}.lock"));
+        let file = open(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(CacheLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Busy {
+                dir: dir.to_path_buf(),
+                worker: format!("{worker_index}/{num_workers}"),
+                path,
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(LockError::Lock { path, source: e }),
+        }
+    }
+}
+
+/// Held while the manifest is read-modified-written; released on drop.
+#[derive(Debug)]
+pub struct ManifestLock {
+    _file: File,
+}
+
+impl ManifestLock {
+    pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        let path = dir.join("locks").join("manifest.lock");
+        let file = open(&path)?;
+        file.lock()
+            .map_err(|e| LockError::Lock { path, source: e })?;
+        Ok(ManifestLock { _file: file })
+    }
+}

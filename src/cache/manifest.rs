@@ -1,0 +1,305 @@
+//! `manifest.json`: what produced a cache (provenance), the plan of shards, and the shards
+//! written so far. JSON Schema: `schemas/manifest.schema.json`.
+//!
+//! The manifest carries a `checksum` (sha256 of its own canonical JSON with the checksum
+//! blank), so a hand edit is detected; it is only ever replaced atomically.
+
+use super::schema::FORMAT_VERSION;
+use crate::teacher::corpus::CorpusFile;
+use crate::util::{sha256_bytes, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const FORMAT_NAME: &str = "logitcache-cache";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error(
+        "{path} is missing: {dir} is not a logitcache cache (or its teacher run never started); run `logitcache teacher --out {dir}` first"
+    )]
+    Missing { path: PathBuf, dir: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a valid logitcache manifest ({what}); it was damaged or edited by hand: restore it, or delete the cache directory and run the teacher again"
+    )]
+    Invalid { path: PathBuf, what: String },
+    #[error(
+        "{path} was modified after logitcache wrote it (checksum {found} != {expected}); a hand edit invalidates the cache: restore the file, or delete the cache directory and run the teacher again"
+    )]
+    Checksum {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "{path} has format version {found}, this logitcache reads version {FORMAT_VERSION}; use the logitcache version that wrote it ({writer})"
+    )]
+    Version {
+        path: PathBuf,
+        found: u32,
+        writer: String,
+    },
+}
+
+/// The parameters that define a cache's content. A run with other values into the same
+/// directory is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheParams {
+    pub top_k: usize,
+    pub seq_len: usize,
+    pub temperature: f32,
+    pub text_field: String,
+    /// Windows per shard.
+    pub shard_size: usize,
+    pub skip_bad_rows: bool,
+    /// Element type of `topk_logprobs`.
+    pub logprob_dtype: String,
+}
+
+/// One model input or output as ONNX Runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoInfo {
+    pub name: String,
+    pub dtype: String,
+    /// Dimensions; symbolic ones by name.
+    pub shape: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub inputs: Vec<IoInfo>,
+    pub outputs: Vec<IoInfo>,
+    pub logits_dtype: String,
+    /// Size of the logits' last dimension (may exceed the tokenizer's vocabulary).
+    pub logits_vocab: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerInfo {
+    pub path: PathBuf,
+    pub sha256: String,
+    /// Largest token id + 1, added tokens included.
+    pub vocab_size: usize,
+}
+
+/// What the corpus turns into; fixed for a given (corpus, tokenizer, seq_len, shard_size).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub documents: u64,
+    pub sequences: u64,
+    pub tokens: u64,
+    pub shards: u64,
+    pub empty_documents: u64,
+    pub bad_rows_skipped: u64,
+    pub bad_row_examples: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardEntry {
+    pub index: u64,
+    /// Path relative to the cache directory.
+    pub file: String,
+    pub rows: u64,
+    pub tokens: u64,
+    /// Positions the teacher computed, padding included.
+    pub computed_tokens: u64,
+    pub bytes: u64,
+    pub sha256: String,
+    /// `worker_index/num_workers` of the process that wrote it.
+    pub worker: String,
+    pub device: String,
+    pub batch_size: usize,
+    pub topk: String,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Totals {
+    pub shards: u64,
+    pub sequences: u64,
+    pub tokens: u64,
+    pub computed_tokens: u64,
+    pub bytes: u64,
+    /// Every planned shard is written.
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub logitcache_version: String,
+    pub params: CacheParams,
+    /// Ids in the cache are < vocab_size (the tokenizer's vocabulary).
+    pub vocab_size: usize,
+    pub model: ModelInfo,
+    pub tokenizer: TokenizerInfo,
+    pub corpus: Vec<CorpusFile>,
+    pub plan: Plan,
+    pub shards: Vec<ShardEntry>,
+    pub totals: Totals,
+    pub checksum: String,
+}
+
+/// The shard file name for shard `index`, relative to the cache directory.
+pub fn shard_file_name(index: u64) -> String {
+    format!("shards/shard-{index:06}.parquet")
+}
+
+impl Manifest {
+    fn canonical_checksum(&self) -> String {
+        let mut m = self.clone();
+        m.checksum = String::new();
+        sha256_bytes(&serde_json::to_vec(&m).expect("manifest serialises: this is a bug"))
+    }
+
+    /// Recomputes totals and the checksum after a change.
+    pub fn seal(&mut self) {
+        self.shards.sort_by_key(|s| s.index);
+        self.totals = Totals {
+            shards: self.shards.len() as u64,
+            sequences: self.shards.iter().map(|s| s.rows).sum(),
+            tokens: self.shards.iter().map(|s| s.tokens).sum(),
+            computed_tokens: self.shards.iter().map(|s| s.computed_tokens).sum(),
+            bytes: self.shards.iter().map(|s| s.bytes).sum(),
+            complete: self.shards.len() as u64 == self.plan.shards,
+        };
+        self.checksum = self.canonical_checksum();
+    }
+
+    /// Reads and validates `dir/manifest.json`.
+    pub fn load(dir: &Path) -> Result<Manifest, ManifestError> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ManifestError::Missing {
+                    path: path.clone(),
+                    dir: dir.to_path_buf(),
+                }
+            } else {
+                ManifestError::Io {
+                    path: path.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        // Check the version first so an old or new format gets the right message.
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ManifestError::Invalid {
+                path: path.clone(),
+                what: e.to_string(),
+            })?;
+        if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT_NAME) {
+            return Err(ManifestError::Invalid {
+                path,
+                what: format!("`format` is not \"{FORMAT_NAME}\""),
+            });
+        }
+        if let Some(v) = value.get("format_version").and_then(|v| v.as_u64())
+            && v != FORMAT_VERSION as u64
+        {
+            return Err(ManifestError::Version {
+                path,
+                found: v as u32,
+                writer: value
+                    .get("logitcache_version")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("unknown")
+                    .to_string(),
+            });
+        }
+        let m: Manifest = serde_json::from_value(value).map_err(|e| ManifestError::Invalid {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
+        let expected = m.canonical_checksum();
+        if m.checksum != expected {
+            return Err(ManifestError::Checksum {
+                path,
+                found: m.checksum.clone(),
+                expected,
+            });
+        }
+        Ok(m)
+    }
+
+    /// Seals and atomically replaces `dir/manifest.json`.
+    pub fn store(&mut self, dir: &Path) -> std::io::Result<()> {
+        self.seal();
+        let mut bytes =
+            serde_json::to_vec_pretty(self).expect("manifest serialises: this is a bug");
+        bytes.push(b'\n');
+        write_atomic(&dir.join(MANIFEST_FILE), &bytes)
+    }
+
+    /// The first parameter that differs between this cache and a new run, as
+    /// `(name, cache value, run value)`.
+    pub fn identity_difference(&self, other: &Manifest) -> Option<(String, String, String)> {
+        let a = &self.params;
+        let b = &other.params;
+        macro_rules! cmp {
+            ($name:expr, $x:expr, $y:expr) => {
+                if $x != $y {
+                    return Some(($name.to_string(), format!("{:?}", $x), format!("{:?}", $y)));
+                }
+            };
+        }
+        cmp!("--top-k", a.top_k, b.top_k);
+        cmp!("--seq-len", a.seq_len, b.seq_len);
+        cmp!("--temperature", a.temperature, b.temperature);
+        cmp!("--text-field", a.text_field, b.text_field);
+        cmp!("--shard-size", a.shard_size, b.shard_size);
+        cmp!("--skip-bad-rows", a.skip_bad_rows, b.skip_bad_rows);
+        cmp!("logprob dtype", a.logprob_dtype, b.logprob_dtype);
+        cmp!("--model (sha256)", self.model.sha256, other.model.sha256);
+        cmp!(
+            "--tokenizer (sha256)",
+            self.tokenizer.sha256,
+            other.tokenizer.sha256
+        );
+        let corpus = |m: &Manifest| {
+            m.corpus
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} ({})",
+                        c.path.display(),
+                        &c.sha256[..12.min(c.sha256.len())]
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let (ca, cb) = (corpus(self), corpus(other));
+        let hashes = |m: &Manifest| {
+            m.corpus
+                .iter()
+                .map(|c| c.sha256.clone())
+                .collect::<Vec<_>>()
+        };
+        if hashes(self) != hashes(other) {
+            return Some((
+                "--corpus (files and their sha256)".into(),
+                ca.join(", "),
+                cb.join(", "),
+            ));
+        }
+        None
+    }
+}

@@ -1,0 +1,10 @@
+//! The cache: Parquet shards + `manifest.json` (schema in `schemas/`), written by the teacher
+//! stage, checked by `verify`, summarised by `inspect`, read by students.
+
+pub mod inspect;
+pub mod lock;
+pub mod manifest;
+pub mod reader;
+pub mod schema;
+pub mod verify;
+pub mod writer;

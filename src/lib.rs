@@ -1,0 +1,13 @@
+//! logitcache: offline knowledge distillation for language models.
+//!
+//! A teacher's next-token distributions are computed once ([`teacher`]), stored as top-k
+//! log-probabilities plus the exact tail mass in Parquet shards ([`cache`]), and reused by
+//! every student. See `README.md` for the command line and `schemas/` for the format.
+
+pub mod cache;
+pub mod cli;
+pub mod onnx;
+pub mod progress;
+pub mod teacher;
+pub mod tokenizer;
+pub mod util;

@@ -1,0 +1,211 @@
+//! Tiny ONNX causal language models with the Hugging Face Optimum `text-generation`
+//! interface, generated from a seed. They are the teachers of the tests, the benchmarks and
+//! the demo: small enough to build in milliseconds, real enough that every output position
+//! depends on the tokens before it (and only on them), on the attention mask and on the
+//! position ids.
+//!
+//! The model: `h_t = tanh(E[x_t] + mean_{s<=t, mask_s=1} E[x_s] + P[pos_t])`,
+//! `logits_t = scale * h_t W + b`, with `pos = cumsum(mask) - 1` (clipped at 0) unless the
+//! model takes `position_ids`. Padding on either side leaves the real positions unchanged.
+
+use super::builder::{Dim, GraphBuilder, attr_int, attr_ints};
+use super::proto::data_type;
+
+/// How a toy model is deliberately broken (for tests of the teacher's input checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ToyFault {
+    #[default]
+    None,
+    /// The output is called `scores`, not `logits`.
+    NoLogits,
+    /// `logits` has rank 2 ([batch, vocab]).
+    WrongRank,
+    /// Logits are NaN at every position whose input token is this id.
+    NanOnToken(i64),
+    /// No `attention_mask` input.
+    NoAttentionMask,
+}
+
+/// What toy model to build.
+#[derive(Debug, Clone)]
+pub struct ToyLmSpec {
+    /// Size of the logits' last dimension (may exceed the tokenizer's vocabulary).
+    pub vocab: usize,
+    pub hidden: usize,
+    /// Longest sequence the position table covers.
+    pub max_positions: usize,
+    pub seed: u64,
+    /// Emit `logits` as float16.
+    pub f16_logits: bool,
+    /// Take `position_ids` as an input instead of deriving them from the mask.
+    pub position_ids_input: bool,
+    /// Take (unused, empty) `past_key_values.0.{key,value}` inputs like a KV-cache export.
+    pub past_key_values: bool,
+    /// Multiplier on the logits: larger means peakier distributions.
+    pub logit_scale: f32,
+    pub fault: ToyFault,
+}
+
+impl Default for ToyLmSpec {
+    fn default() -> Self {
+        ToyLmSpec {
+            vocab: 512,
+            hidden: 16,
+            max_positions: 4096,
+            seed: 0,
+            f16_logits: false,
+            position_ids_input: false,
+            past_key_values: false,
+            logit_scale: 4.0,
+            fault: ToyFault::None,
+        }
+    }
+}
+
+/// SplitMix64: a tiny deterministic generator, enough for reproducible weights.
+pub(crate) struct SplitMix(u64);
+
+impl SplitMix {
+    pub(crate) fn new(seed: u64) -> Self {
+        SplitMix(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub(crate) fn next_f32(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub(crate) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32() * scale).collect()
+    }
+}
+
+/// Builds the toy model described by `spec` and returns the serialized ONNX bytes.
+pub fn toy_lm(spec: &ToyLmSpec) -> Vec<u8> {
+    let (v, d, p) = (
+        spec.vocab as i64,
+        spec.hidden as i64,
+        spec.max_positions as i64,
+    );
+    let mut rng = SplitMix::new(spec.seed);
+    let mut g = GraphBuilder::new("logitcache_toy_lm");
+    g.metadata("logitcache.toy", "true");
+    let bs = [Dim::sym("batch_size"), Dim::sym("sequence_length")];
+    let ids = g.input("input_ids", data_type::INT64, &bs);
+    let mask = if spec.fault == ToyFault::NoAttentionMask {
+        let ones = g.node("Shape", &[&ids], vec![]);
+        let one = super::builder::tensor_i64("one", &[1], &[1]);
+        g.node(
+            "ConstantOfShape",
+            &[&ones],
+            vec![super::builder::attr_tensor("value", one)],
+        )
+    } else {
+        g.input("attention_mask", data_type::INT64, &bs)
+    };
+    let pos_in = spec
+        .position_ids_input
+        .then(|| g.input("position_ids", data_type::INT64, &bs));
+    if spec.past_key_values {
+        for kind in ["key", "value"] {
+            g.input(
+                &format!("past_key_values.0.{kind}"),
+                data_type::FLOAT,
+                &[
+                    Dim::sym("batch_size"),
+                    Dim::Fixed(2),
+                    Dim::sym("past_sequence_length"),
+                    Dim::Fixed(4),
+                ],
+            );
+        }
+    }
+
+    let emb_table = g.init_f32("embed", &[v, d], &rng.vec((v * d) as usize, 1.0));
+    let pos_table = g.init_f32("pos_embed", &[p, d], &rng.vec((p * d) as usize, 0.5));
+    let w = g.init_f32("lm_head", &[d, v], &rng.vec((d * v) as usize, 1.0));
+    let b = g.init_f32("lm_bias", &[v], &rng.vec(v as usize, 0.5));
+    let scale = g.init_f32("scale", &[], &[spec.logit_scale]);
+    let axis1 = g.init_i64("axis1", &[], &[1]);
+    let axes2 = g.init_i64("axes2", &[1], &[2]);
+    let one_f = g.init_f32("one_f", &[], &[1.0]);
+    let one_i = g.init_i64("one_i", &[], &[1]);
+    let zero_i = g.init_i64("zero_i", &[], &[0]);
+
+    let emb = g.node("Gather", &[&emb_table, &ids], vec![attr_int("axis", 0)]);
+    let maskf = g.node(
+        "Cast",
+        &[&mask],
+        vec![attr_int("to", data_type::FLOAT as i64)],
+    );
+    let mask3 = g.node("Unsqueeze", &[&maskf, &axes2], vec![]);
+    let masked = g.node("Mul", &[&emb, &mask3], vec![]);
+    let csum = g.node("CumSum", &[&masked, &axis1], vec![]);
+    let count = g.node("CumSum", &[&mask3, &axis1], vec![]);
+    let count = g.node("Max", &[&count, &one_f], vec![]);
+    let ctx = g.node("Div", &[&csum, &count], vec![]);
+    let pos = match &pos_in {
+        Some(p) => p.clone(),
+        None => {
+            let c = g.node("CumSum", &[&mask, &axis1], vec![]);
+            let c = g.node("Sub", &[&c, &one_i], vec![]);
+            g.node("Max", &[&c, &zero_i], vec![])
+        }
+    };
+    let pemb = g.node("Gather", &[&pos_table, &pos], vec![attr_int("axis", 0)]);
+    let h = g.node("Add", &[&emb, &ctx], vec![]);
+    let h = g.node("Add", &[&h, &pemb], vec![]);
+    let h = g.node("Tanh", &[&h], vec![]);
+    let logits = g.node("MatMul", &[&h, &w], vec![]);
+    let logits = g.node("Add", &[&logits, &b], vec![]);
+    let mut logits = g.node("Mul", &[&logits, &scale], vec![]);
+
+    if let ToyFault::NanOnToken(tok) = spec.fault {
+        let t = g.init_i64("nan_token", &[], &[tok]);
+        let is = g.node("Equal", &[&ids, &t], vec![]);
+        let is = g.node(
+            "Cast",
+            &[&is],
+            vec![attr_int("to", data_type::FLOAT as i64)],
+        );
+        let is = g.node("Unsqueeze", &[&is, &axes2], vec![]);
+        let neg = g.node("Neg", &[&is], vec![]);
+        // sqrt(-1) = NaN where the token matches, sqrt(-0) = -0 elsewhere.
+        let nan = g.node("Sqrt", &[&neg], vec![]);
+        logits = g.node("Add", &[&logits, &nan], vec![]);
+    }
+    let mut out_dims = vec![
+        Dim::sym("batch_size"),
+        Dim::sym("sequence_length"),
+        Dim::Fixed(v),
+    ];
+    if spec.fault == ToyFault::WrongRank {
+        logits = g.node(
+            "ReduceMean",
+            &[&logits],
+            vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)],
+        );
+        out_dims = vec![Dim::sym("batch_size"), Dim::Fixed(v)];
+    }
+    let mut elem = data_type::FLOAT;
+    if spec.f16_logits {
+        logits = g.node(
+            "Cast",
+            &[&logits],
+            vec![attr_int("to", data_type::FLOAT16 as i64)],
+        );
+        elem = data_type::FLOAT16;
+    }
+    let out_name = if spec.fault == ToyFault::NoLogits {
+        "scores"
+    } else {
+        "logits"
+    };
+    g.output_as(&logits, out_name, elem, &out_dims);
+    g.to_bytes()
+}

@@ -1,0 +1,299 @@
+//! Top-k + log-softmax of one row of logits on the host, with the exact log-mass outside the
+//! top-k.
+//!
+//! Three passes over the row, each written so the compiler vectorises it:
+//! 1. max and a finiteness check;
+//! 2. a threshold scan that keeps a small candidate buffer (most values fail one compare);
+//! 3. one `exp` per value (a Cephes-style polynomial, rel. error ~1e-7) summed twice: over all
+//!    values (the partition function) and over the values outside the top-k (the tail), so the
+//!    tail is a direct sum and keeps its precision even when it is 1e-9 of the mass.
+//!
+//! Ties are broken by the lower token id, so the result equals a full stable sort by
+//! (logit descending, id ascending).
+//!
+//! ```
+//! use logitcache::teacher::topk::{TopK, TopKScratch};
+//! let row = [1.0f32, 3.0, 2.0, 0.0];
+//! let mut s = TopKScratch::default();
+//! let (mut ids, mut lp) = ([0u32; 2], [0f32; 2]);
+//! let tail = TopK { k: 2, inv_temperature: 1.0 }.row(&row, &mut s, &mut ids, &mut lp).unwrap();
+//! assert_eq!(ids, [1, 2]);
+//! let mass: f32 = lp.iter().map(|v| v.exp()).sum::<f32>() + tail.exp();
+//! assert!((mass - 1.0).abs() < 1e-5);
+//! ```
+
+/// Why a row could not be reduced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NonFinite {
+    /// Index of the first NaN or infinite logit.
+    pub index: usize,
+    pub value: f32,
+}
+
+/// Reusable buffers for [`TopK::row`] (one per thread).
+#[derive(Debug, Default)]
+pub struct TopKScratch {
+    cand: Vec<(f32, u32)>,
+    f32_row: Vec<f32>,
+}
+
+impl TopKScratch {
+    /// A buffer to convert an f16 row into before calling [`TopK::row`].
+    pub fn f32_buffer(&mut self, len: usize) -> &mut Vec<f32> {
+        self.f32_row.resize(len, 0.0);
+        &mut self.f32_row
+    }
+}
+
+/// The reduction's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct TopK {
+    pub k: usize,
+    /// 1 / temperature (> 0).
+    pub inv_temperature: f32,
+}
+
+#[inline(always)]
+fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    // Descending value, then ascending id.
+    b.0.partial_cmp(&a.0)
+        .expect("candidates are finite: this is a bug")
+        .then(a.1.cmp(&b.1))
+}
+
+/// exp(x) for x <= 0, vectorisable (Cephes `expf` polynomial, magic-number rounding).
+#[inline(always)]
+fn exp_nonpos(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.max(-87.0);
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - n * C1 - n * C2;
+    let z = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * z + r + 1.0;
+    let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    y * pow2n
+}
+
+impl TopK {
+    /// Reduces `row` (raw logits) into the top-k ids and log-probs at temperature
+    /// 1/`inv_temperature`, written in descending order into `ids` and `logprobs` (each of
+    /// length k). Returns the log of the mass outside the top-k (`-inf` when k = row length).
+    pub fn row(
+        &self,
+        row: &[f32],
+        scratch: &mut TopKScratch,
+        ids: &mut [u32],
+        logprobs: &mut [f32],
+    ) -> Result<f32, NonFinite> {
+        let k = self.k;
+        assert!(
+            k >= 1 && k <= row.len() && ids.len() == k && logprobs.len() == k,
+            "top-k arguments checked by the caller: this is a bug"
+        );
+        // Pass 1: max and finiteness (x * 0 is NaN exactly for NaN and +-inf).
+        let mut max = f32::NEG_INFINITY;
+        let mut poison = 0.0f32;
+        for &x in row {
+            max = max.max(x);
+            poison += x * 0.0;
+        }
+        if poison.is_nan() || !max.is_finite() {
+            let index = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
+            return Err(NonFinite {
+                index,
+                value: row[index],
+            });
+        }
+
+        // Pass 2: threshold scan. Later equal values have higher ids and lose the tie, so a
+        // strict `>` is exact.
+        let cand = &mut scratch.cand;
+        cand.clear();
+        let cap = (2 * k).max(k + 32);
+        let mut thr = f32::NEG_INFINITY;
+        for (i, &x) in row.iter().enumerate() {
+            if x > thr {
+                cand.push((x, i as u32));
+                if cand.len() == cap {
+                    cand.select_nth_unstable_by(k - 1, better);
+                    cand.truncate(k);
+                    thr = cand[k - 1].0;
+                }
+            }
+        }
+        if cand.len() > k {
+            cand.select_nth_unstable_by(k - 1, better);
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by(better);
+        let (kth_val, kth_id) = cand[k - 1];
+
+        // Pass 3: partition function and tail, both as direct sums of exp(x - max).
+        let scale = self.inv_temperature;
+        let mut all = [0.0f32; 8];
+        let mut below = [0.0f32; 8];
+        let mut all_total = 0.0f64;
+        let mut below_total = 0.0f64;
+        for chunk in row.chunks(1024) {
+            let mut lanes = chunk.chunks_exact(8);
+            for c in &mut lanes {
+                for j in 0..8 {
+                    let e = exp_nonpos((c[j] - max) * scale);
+                    all[j] += e;
+                    below[j] += if c[j] < kth_val { e } else { 0.0 };
+                }
+            }
+            for &x in lanes.remainder() {
+                let e = exp_nonpos((x - max) * scale);
+                all[0] += e;
+                below[0] += if x < kth_val { e } else { 0.0 };
+            }
+            all_total += all.iter().map(|&v| v as f64).sum::<f64>();
+            below_total += below.iter().map(|&v| v as f64).sum::<f64>();
+            all = [0.0; 8];
+            below = [0.0; 8];
+        }
+        // Values equal to the k-th value but with a higher id are outside the top-k too.
+        let ties_out = row
+            .iter()
+            .enumerate()
+            .filter(|&(i, &x)| x == kth_val && i as u32 > kth_id)
+            .count();
+        if ties_out > 0 {
+            below_total += ties_out as f64 * exp_nonpos((kth_val - max) * scale) as f64;
+        }
+
+        let log_z = all_total.ln();
+        for (j, &(x, id)) in cand.iter().enumerate() {
+            ids[j] = id;
+            logprobs[j] = (((x - max) * scale) as f64 - log_z) as f32;
+        }
+        Ok(if below_total > 0.0 {
+            (below_total.ln() - log_z) as f32
+        } else {
+            f32::NEG_INFINITY
+        })
+    }
+}
+
+/// The same reduction by a full sort in f64: the independent reference the tests compare with.
+pub fn reference_topk(row: &[f32], k: usize, temperature: f64) -> (Vec<u32>, Vec<f64>, f64) {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let scaled: Vec<f64> = row
+        .iter()
+        .map(|&x| (x as f64 - max) / temperature)
+        .collect();
+    let log_z = scaled.iter().map(|v| v.exp()).sum::<f64>().ln();
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+    let ids: Vec<u32> = order[..k].iter().map(|&i| i as u32).collect();
+    let lps: Vec<f64> = order[..k].iter().map(|&i| scaled[i] - log_z).collect();
+    let tail: f64 = order[k..].iter().map(|&i| scaled[i].exp()).sum::<f64>();
+    (ids, lps, tail.ln() - log_z)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn exp_matches_std() {
+        let mut x = -90.0f32;
+        while x <= 0.0 {
+            let (a, b) = (exp_nonpos(x), x.exp());
+            assert!((a - b).abs() <= 2e-7 * b + 1e-38, "x={x}: {a} vs {b}");
+            x += 0.0137;
+        }
+    }
+
+    #[test]
+    fn ties_lose_to_lower_ids() {
+        let row = [1.0f32, 5.0, 5.0, 5.0, 0.0];
+        let mut s = TopKScratch::default();
+        let (mut ids, mut lp) = ([0u32; 2], [0f32; 2]);
+        let tail = TopK {
+            k: 2,
+            inv_temperature: 1.0,
+        }
+        .row(&row, &mut s, &mut ids, &mut lp)
+        .unwrap();
+        assert_eq!(ids, [1, 2]);
+        let (rids, _, rtail) = reference_topk(&row, 2, 1.0);
+        assert_eq!(rids, ids);
+        assert!((tail as f64 - rtail).abs() < 1e-5);
+    }
+
+    #[test]
+    fn tiny_tail_keeps_precision() {
+        // One dominant logit: the tail is ~e^-30 of the mass and must not vanish into rounding.
+        let mut row = vec![0.0f32; 1000];
+        row[7] = 30.0;
+        let mut s = TopKScratch::default();
+        let (mut ids, mut lp) = ([0u32; 1], [0f32; 1]);
+        let tail = TopK {
+            k: 1,
+            inv_temperature: 1.0,
+        }
+        .row(&row, &mut s, &mut ids, &mut lp)
+        .unwrap();
+        let (_, _, rtail) = reference_topk(&row, 1, 1.0);
+        // reference: ln(999) - 30 - ln(1 + 999 e^-30) ≈ -23.093
+        assert!((tail as f64 - rtail).abs() < 1e-4, "{tail} vs {rtail}");
+    }
+
+    #[test]
+    fn full_k_has_empty_tail_and_nonfinite_is_reported() {
+        let row = [0.5f32, -1.0, 2.0];
+        let mut s = TopKScratch::default();
+        let (mut ids, mut lp) = ([0u32; 3], [0f32; 3]);
+        let t = TopK {
+            k: 3,
+            inv_temperature: 0.5,
+        };
+        assert_eq!(
+            t.row(&row, &mut s, &mut ids, &mut lp).unwrap(),
+            f32::NEG_INFINITY
+        );
+        let bad = [0.0f32, f32::NAN, 1.0];
+        let err = t.row(&bad, &mut s, &mut ids, &mut lp).unwrap_err();
+        assert_eq!(err.index, 1);
+        let bad = [0.0f32, 1.0, f32::INFINITY];
+        assert_eq!(t.row(&bad, &mut s, &mut ids, &mut lp).unwrap_err().index, 2);
+    }
+
+    proptest! {
+        #[test]
+        fn matches_full_sort(
+            row in prop::collection::vec(-20.0f32..20.0, 1..600),
+            k in 1usize..80,
+            t in 0.25f64..4.0,
+            quantise in any::<bool>(),
+        ) {
+            // Quantising creates many ties.
+            let row: Vec<f32> = if quantise { row.iter().map(|v| v.round()).collect() } else { row };
+            let k = k.min(row.len());
+            let mut s = TopKScratch::default();
+            let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
+            let tail = TopK { k, inv_temperature: (1.0 / t) as f32 }
+                .row(&row, &mut s, &mut ids, &mut lp).unwrap();
+            let (rids, rlp, rtail) = reference_topk(&row, k, t);
+            prop_assert_eq!(&ids, &rids);
+            for (a, b) in lp.iter().zip(&rlp) {
+                prop_assert!((*a as f64 - b).abs() < 2e-5 * (1.0 + b.abs()), "{} vs {}", a, b);
+            }
+            if rtail.is_finite() {
+                prop_assert!((tail as f64 - rtail).abs() < 1e-4 * (1.0 + rtail.abs()), "{} vs {}", tail, rtail);
+            } else {
+                prop_assert!(tail == f32::NEG_INFINITY);
+            }
+        }
+    }
+}

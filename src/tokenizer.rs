@@ -1,0 +1,117 @@
+//! Loading Hugging Face `tokenizer.json` files, and training a small byte-level BPE one
+//! (for the demo and the tests) with the `tokenizers` crate.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::PostProcessorWrapper;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder, TokenizerImpl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(
+        "tokenizer {path} does not exist; pass --tokenizer PATH to a Hugging Face tokenizer.json"
+    )]
+    Missing { path: PathBuf },
+    #[error(
+        "cannot load tokenizer {path}: {why}; pass a Hugging Face tokenizer.json (the `tokenizer.json` of the teacher's repository)"
+    )]
+    Load { path: PathBuf, why: String },
+    #[error("cannot train tokenizer: {0}")]
+    Train(String),
+}
+
+/// A loaded tokenizer with the facts the stages need.
+pub struct LoadedTokenizer {
+    pub tokenizer: Tokenizer,
+    /// Largest token id + 1 (added tokens included).
+    pub vocab_size: usize,
+    /// Id used to pad batches (masked out, so any id works): the tokenizer's pad token if
+    /// it has one, else 0.
+    pub pad_id: u32,
+}
+
+/// Loads `tokenizer.json`.
+pub fn load(path: &Path) -> Result<LoadedTokenizer, TokenizerError> {
+    if !path.is_file() {
+        return Err(TokenizerError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    let tokenizer = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    let vocab_size = tokenizer
+        .get_vocab(true)
+        .values()
+        .max()
+        .map(|m| *m as usize + 1)
+        .unwrap_or(0);
+    if vocab_size == 0 {
+        return Err(TokenizerError::Load {
+            path: path.to_path_buf(),
+            why: "its vocabulary is empty".into(),
+        });
+    }
+    let pad_id = tokenizer
+        .get_padding()
+        .map(|p| p.pad_id)
+        .or_else(|| tokenizer.token_to_id("<pad>"))
+        .unwrap_or(0);
+    Ok(LoadedTokenizer {
+        tokenizer,
+        vocab_size,
+        pad_id,
+    })
+}
+
+/// Special tokens of the trained tokenizers, with ids 0..4 in this order.
+pub const SPECIAL_TOKENS: [&str; 4] = ["<s>", "</s>", "<unk>", "<pad>"];
+
+/// Trains a byte-level BPE tokenizer of at most `vocab_size` tokens on `texts`, adding `<s>`
+/// and `</s>` around every encoded text, and saves it as `out`.
+pub fn train_bpe(texts: &[String], vocab_size: usize, out: &Path) -> Result<(), TokenizerError> {
+    let t = |e: tokenizers::Error| TokenizerError::Train(e.to_string());
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<char>>())
+        .build();
+    let bl = ByteLevel::default().add_prefix_space(false);
+    let mut tok: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel> =
+        TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(bl))
+            .with_post_processor(None)
+            .with_decoder(Some(bl))
+            .build()
+            .map_err(t)?;
+    tok.train(&mut trainer, texts.iter()).map_err(t)?;
+    let id = |s: &str| {
+        tok.token_to_id(s).ok_or_else(|| {
+            TokenizerError::Train(format!("special token {s} missing after training"))
+        })
+    };
+    let (bos, eos) = (id("<s>")?, id("</s>")?);
+    let tp = TemplateProcessing::builder()
+        .try_single("<s> $A </s>")
+        .map_err(TokenizerError::Train)?
+        .special_tokens(vec![("<s>", bos), ("</s>", eos)])
+        .build()
+        .map_err(|e| TokenizerError::Train(e.to_string()))?;
+    tok.with_post_processor(Some(tp));
+    tok.save(out, false).map_err(t)?;
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Small helpers shared by the stages: hashing, durable writes.
+
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// sha256 (hex) and length of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            break;
+        }
+        h.update(&buf[..r]);
+        n += r as u64;
+    }
+    Ok((hex::encode(h.finalize()), n))
+}
+
+/// sha256 (hex) of bytes.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Fsyncs a directory so a rename inside it is durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
+/// rename over `path`, fsync the directory. Readers see the old or the new content, never a
+/// mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .expect("write_atomic target has a file name: this is a bug")
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Kills this process with SIGKILL when the environment variable `LOGITCACHE_FAILPOINT`
+/// names `point` (format `point` or `point:N`, dying on the N-th hit). Used by the crash
+/// tests to stop the writer at exact moments; costs one env lookup per call otherwise.
+pub fn failpoint(point: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("LOGITCACHE_FAILPOINT") else {
+        return;
+    };
+    let (name, nth) = match spec.split_once(':') {
+        Some((n, c)) => (n.to_string(), c.parse::<u64>().unwrap_or(1)),
+        None => (spec.clone(), 1),
+    };
+    if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
