@@ -68,7 +68,7 @@ pub struct TeacherArgs {
     #[arg(long, default_value_t = teacher::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
     /// Softmax temperature applied to the teacher's logits before storing log-probs.
-    #[arg(long, default_value_t = teacher::DEFAULT_TEMPERATURE)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = teacher::DEFAULT_TEMPERATURE)]
     pub temperature: f32,
     /// JSON field / Parquet column holding the text.
     #[arg(long, default_value = teacher::DEFAULT_TEXT_FIELD)]

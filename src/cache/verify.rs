@@ -106,7 +106,8 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, ReadError> {
         }
         let k = p.top_k;
         let bad_order = rows.topk_logprobs.chunks(k).position(|c| {
-            c.iter().any(|x| !(x.to_f32() <= 0.0)) || c.windows(2).any(|w| w[0] < w[1])
+            c.iter().any(|x| x.to_f32().is_nan() || x.to_f32() > 0.0)
+                || c.windows(2).any(|w| w[0] < w[1])
         });
         if let Some(pos) = bad_order {
             r.problems.push(format!(

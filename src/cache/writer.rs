@@ -28,6 +28,19 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// Rows (windows) per Parquet row group: small enough for a streaming reader to hold one.
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 128;
 
+/// One window with the teacher's top-k at each of its positions (`k` entries per token in
+/// `topk_ids`/`topk_logprobs`, one per token in `tail_logprob`).
+#[derive(Debug, Clone, Copy)]
+pub struct WindowTopK<'a> {
+    pub seq_id: u64,
+    pub doc_id: u64,
+    pub window_index: u32,
+    pub input_ids: &'a [u32],
+    pub topk_ids: &'a [u32],
+    pub topk_logprobs: &'a [f32],
+    pub tail_logprob: &'a [f32],
+}
+
 /// The rows of one shard, in flat buffers (one entry per position for the per-position
 /// columns, k entries per position for the top-k columns).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -61,32 +74,23 @@ impl ShardRows {
         self.input_ids.len()
     }
 
-    /// Appends one window. `topk_ids`/`topk_logprobs` hold `k` entries per input token.
-    pub fn push(
-        &mut self,
-        seq_id: u64,
-        doc_id: u64,
-        window_index: u32,
-        input_ids: &[u32],
-        topk_ids: &[u32],
-        topk_logprobs: &[f32],
-        tail_logprob: &[f32],
-    ) {
-        let n = input_ids.len();
+    /// Appends one window.
+    pub fn push(&mut self, w: &WindowTopK<'_>) {
+        let n = w.input_ids.len();
         assert!(
-            topk_ids.len() == n * self.k
-                && topk_logprobs.len() == n * self.k
-                && tail_logprob.len() == n,
+            w.topk_ids.len() == n * self.k
+                && w.topk_logprobs.len() == n * self.k
+                && w.tail_logprob.len() == n,
             "shard row shapes: this is a bug"
         );
-        self.seq_ids.push(seq_id);
-        self.doc_ids.push(doc_id);
-        self.window_index.push(window_index);
-        self.input_ids.extend_from_slice(input_ids);
-        self.topk_ids.extend_from_slice(topk_ids);
+        self.seq_ids.push(w.seq_id);
+        self.doc_ids.push(w.doc_id);
+        self.window_index.push(w.window_index);
+        self.input_ids.extend_from_slice(w.input_ids);
+        self.topk_ids.extend_from_slice(w.topk_ids);
         self.topk_logprobs
-            .extend(topk_logprobs.iter().map(|&v| f16::from_f32(v)));
-        self.tail_logprob.extend_from_slice(tail_logprob);
+            .extend(w.topk_logprobs.iter().map(|&v| f16::from_f32(v)));
+        self.tail_logprob.extend_from_slice(w.tail_logprob);
         self.offsets.push(self.input_ids.len() as i32);
     }
 

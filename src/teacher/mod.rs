@@ -20,7 +20,8 @@ use crate::cache::manifest::{
 };
 use crate::cache::schema::FORMAT_VERSION;
 use crate::cache::writer::{
-    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardRows, ShardWriteOptions, write_shard,
+    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardRows, ShardWriteOptions, WindowTopK,
+    write_shard,
 };
 use crate::progress::{Progress, ProgressMode};
 use crate::tokenizer::LoadedTokenizer;
@@ -275,7 +276,8 @@ fn produce_shards(
                     window_index: w as u32,
                     tokens: chunk.to_vec(),
                 });
-                let end_of_shard = (seq_id + 1) % shard_size == 0 || seq_id + 1 == plan.sequences;
+                let end_of_shard =
+                    (seq_id + 1).is_multiple_of(shard_size) || seq_id + 1 == plan.sequences;
                 if end_of_shard && tx.send(current.take().expect("shard in progress")).is_err() {
                     receiver_gone = true;
                     return Ok(false);
@@ -312,7 +314,8 @@ fn compute_shard(
     let mut order: Vec<usize> = (0..work.windows.len()).collect();
     // Longest first, stable in seq_id: deterministic batches with little padding.
     order.sort_by_key(|&i| std::cmp::Reverse(work.windows[i].tokens.len()));
-    let mut results: Vec<Option<(Vec<u32>, Vec<f32>, Vec<f32>)>> = vec![None; work.windows.len()];
+    type WindowResult = Option<(Vec<u32>, Vec<f32>, Vec<f32>)>;
+    let mut results: Vec<WindowResult> = vec![None; work.windows.len()];
     let mut computed = 0u64;
     for chunk in order.chunks(cfg.batch_size) {
         let toks: Vec<&[u32]> = chunk
@@ -347,15 +350,15 @@ fn compute_shard(
     let mut rows = ShardRows::new(k);
     for (w, r) in work.windows.iter().zip(results) {
         let (ids, lps, tail) = r.expect("every window computed: this is a bug");
-        rows.push(
-            w.seq_id,
-            w.doc_id,
-            w.window_index,
-            &w.tokens,
-            &ids,
-            &lps,
-            &tail,
-        );
+        rows.push(&WindowTopK {
+            seq_id: w.seq_id,
+            doc_id: w.doc_id,
+            window_index: w.window_index,
+            input_ids: &w.tokens,
+            topk_ids: &ids,
+            topk_logprobs: &lps,
+            tail_logprob: &tail,
+        });
     }
     Ok((rows, computed))
 }
@@ -396,7 +399,7 @@ pub fn workers_from_env(
         }
         (None, None) => Ok((0, 1)),
         (Some(_), None) => bail!("--worker-index needs --num-workers"),
-        (None, Some(n)) if n == 1 => Ok((0, 1)),
+        (None, Some(1)) => Ok((0, 1)),
         (None, Some(_)) => bail!(
             "--num-workers needs --worker-index (or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX in the environment)"
         ),
@@ -616,11 +619,9 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
         owned.len(),
         already
     );
-    let est_tokens = if plan.shards == 0 {
-        0
-    } else {
-        plan.tokens * wanted.len() as u64 / plan.shards
-    };
+    let est_tokens = (plan.tokens * wanted.len() as u64)
+        .checked_div(plan.shards)
+        .unwrap_or(0);
     let progress = Progress::new(cfg.progress, est_tokens, plan.shards, already);
 
     let mut summary = RunSummary {
@@ -657,16 +658,14 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     &progress,
                 )
             });
-            let compute = (|| -> anyhow::Result<()> {
-                compute_loop(
-                    &mut teacher,
-                    work_rx,
-                    cfg,
-                    tok.pad_id,
-                    write_tx,
-                    &mut summary,
-                )
-            })();
+            let compute = compute_loop(
+                &mut teacher,
+                work_rx,
+                cfg,
+                tok.pad_id,
+                write_tx,
+                &mut summary,
+            );
             let produced = producer
                 .join()
                 .expect("producer thread panicked: this is a bug");

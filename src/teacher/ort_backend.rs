@@ -487,7 +487,66 @@ impl OrtTeacher {
             logprobs: vec![0.0; rows.len() * k],
             tail_logprob: vec![0.0; rows.len()],
         };
-        if self.head.is_none() {
+        if let Some(head) = self.head.as_mut() {
+            // Teacher → head on the device: only k values per position come back.
+            let mut binding = self.session.create_binding().map_err(|e| err(&e))?;
+            for (name, value) in &inputs {
+                binding
+                    .bind_input(name.as_str(), value)
+                    .map_err(|e| err(&e))?;
+            }
+            binding
+                .bind_output_to_device("logits", &self.device_mem)
+                .map_err(|e| err(&e))?;
+            let logits = self
+                .session
+                .run_binding(&binding)
+                .map_err(|e| err(&e))?
+                .remove("logits")
+                .ok_or_else(|| err(&"no `logits` in the outputs"))?;
+            check_logits_shape(logits.shape(), batch, vocab)?;
+            let mut hb = head.create_binding().map_err(|e| err(&e))?;
+            hb.bind_input("logits", &logits).map_err(|e| err(&e))?;
+            let cpu = MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::CPUOutput,
+            )
+            .map_err(|e| err(&e))?;
+            for name in ["topk_logprobs", "topk_ids", "tail_logprob"] {
+                hb.bind_output_to_device(name, &cpu).map_err(|e| err(&e))?;
+            }
+            let outs = head.run_binding(&hb).map_err(|e| err(&e))?;
+            let (_, lp) = outs["topk_logprobs"]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| err(&e))?;
+            let (_, ids) = outs["topk_ids"]
+                .try_extract_tensor::<i64>()
+                .map_err(|e| err(&e))?;
+            let (_, tail) = outs["tail_logprob"]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| err(&e))?;
+            for (o, &(i, p, r)) in rows.iter().enumerate() {
+                let lps = &lp[r * k..(r + 1) * k];
+                if let Some(j) = lps.iter().position(|x| !x.is_finite()) {
+                    return Err(TeacherError::NonFinite {
+                        window: i,
+                        position: p,
+                        token: ids[r * k + j] as usize,
+                        value: lps[j],
+                    });
+                }
+                out.logprobs[o * k..(o + 1) * k].copy_from_slice(lps);
+                for (dst, &src) in out.ids[o * k..(o + 1) * k]
+                    .iter_mut()
+                    .zip(&ids[r * k..(r + 1) * k])
+                {
+                    *dst = src as u32;
+                }
+                out.tail_logprob[o] = tail[r];
+            }
+        } else {
             let outputs = self.session.run(inputs).map_err(|e| err(&e))?;
             let logits = outputs
                 .get("logits")
@@ -546,66 +605,6 @@ impl OrtTeacher {
             } else {
                 let (_, d) = logits.try_extract_tensor::<f32>().map_err(|e| err(&e))?;
                 reduce(Some(d), None)?;
-            }
-        } else {
-            // Teacher → head on the device: only k values per position come back.
-            let mut binding = self.session.create_binding().map_err(|e| err(&e))?;
-            for (name, value) in &inputs {
-                binding
-                    .bind_input(name.as_str(), value)
-                    .map_err(|e| err(&e))?;
-            }
-            binding
-                .bind_output_to_device("logits", &self.device_mem)
-                .map_err(|e| err(&e))?;
-            let logits = self
-                .session
-                .run_binding(&binding)
-                .map_err(|e| err(&e))?
-                .remove("logits")
-                .ok_or_else(|| err(&"no `logits` in the outputs"))?;
-            check_logits_shape(&logits.shape().to_vec(), batch, vocab)?;
-            let head = self.head.as_mut().expect("head exists: this is a bug");
-            let mut hb = head.create_binding().map_err(|e| err(&e))?;
-            hb.bind_input("logits", &logits).map_err(|e| err(&e))?;
-            let cpu = MemoryInfo::new(
-                AllocationDevice::CPU,
-                0,
-                AllocatorType::Device,
-                MemoryType::CPUOutput,
-            )
-            .map_err(|e| err(&e))?;
-            for name in ["topk_logprobs", "topk_ids", "tail_logprob"] {
-                hb.bind_output_to_device(name, &cpu).map_err(|e| err(&e))?;
-            }
-            let outs = head.run_binding(&hb).map_err(|e| err(&e))?;
-            let (_, lp) = outs["topk_logprobs"]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| err(&e))?;
-            let (_, ids) = outs["topk_ids"]
-                .try_extract_tensor::<i64>()
-                .map_err(|e| err(&e))?;
-            let (_, tail) = outs["tail_logprob"]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| err(&e))?;
-            for (o, &(i, p, r)) in rows.iter().enumerate() {
-                let lps = &lp[r * k..(r + 1) * k];
-                if let Some(j) = lps.iter().position(|x| !x.is_finite()) {
-                    return Err(TeacherError::NonFinite {
-                        window: i,
-                        position: p,
-                        token: ids[r * k + j] as usize,
-                        value: lps[j],
-                    });
-                }
-                out.logprobs[o * k..(o + 1) * k].copy_from_slice(lps);
-                for (dst, &src) in out.ids[o * k..(o + 1) * k]
-                    .iter_mut()
-                    .zip(&ids[r * k..(r + 1) * k])
-                {
-                    *dst = src as u32;
-                }
-                out.tail_logprob[o] = tail[r];
             }
         }
         Ok(out)

@@ -1,0 +1,190 @@
+//! The stored top-k equals an independent computation: ONNX Runtime's full logits for each
+//! window run alone (batch of one, no padding), reduced by a full sort in f64
+//! (`reference_topk`). Covers right and left padding, f16 logits, position_ids, a padded
+//! vocab, empty past key/values, a temperature, the ONNX top-k head, and last windows.
+
+use crate::util::*;
+use logitcache::cache::reader::Cache;
+use logitcache::onnx::ToyLmSpec;
+use logitcache::teacher::backend::{Batch, Device, PaddingSide, TopKMode};
+use logitcache::teacher::ort_backend::{OrtOptions, OrtTeacher, full_logits};
+use logitcache::teacher::topk::reference_topk;
+use std::path::Path;
+
+fn check_cache_against_reference(model: &Path, cache_dir: &Path, temperature: f64) {
+    let cache = Cache::open(cache_dir).unwrap();
+    let m = &cache.manifest;
+    assert!(m.totals.complete);
+    let k = m.params.top_k;
+    let mut teacher = OrtTeacher::open(
+        model,
+        OrtOptions {
+            library: ort_lib(),
+            device: Device::Cpu,
+            threads: 1,
+            topk: TopKMode::Host,
+            k,
+            temperature: temperature as f32,
+            vocab: VOCAB,
+        },
+    )
+    .unwrap();
+    let rows = all_rows(cache_dir);
+    assert_eq!(rows.rows() as u64, m.plan.sequences);
+    assert!(
+        m.totals.computed_tokens > m.totals.tokens,
+        "batches should include padding"
+    );
+    let (mut positions, mut exact, mut last_windows) = (0usize, 0usize, 0usize);
+    for r in 0..rows.rows() {
+        let (s, e) = (rows.offsets[r] as usize, rows.offsets[r + 1] as usize);
+        let window = &rows.input_ids[s..e];
+        if rows.window_index[r] > 0 && window.len() < m.params.seq_len {
+            last_windows += 1;
+        }
+        let batch = Batch::pad(&[window], PaddingSide::Right, 0);
+        let (dims, logits) = full_logits(&mut teacher, &batch).unwrap();
+        let v = dims[2];
+        for p in 0..window.len() {
+            let row = &logits[p * v..p * v + VOCAB];
+            let (rids, rlps, rtail) = reference_topk(row, k, temperature);
+            let at = (s + p) * k;
+            let ids = &rows.topk_ids[at..at + k];
+            // Reference log-prob of every id, to judge the cached ids even across near-ties.
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lz = row
+                .iter()
+                .map(|&x| ((x as f64 - max) / temperature).exp())
+                .sum::<f64>()
+                .ln();
+            let ref_lp = |id: u32| (row[id as usize] as f64 - max) / temperature - lz;
+            let kth = rlps[k - 1];
+            for (j, &id) in ids.iter().enumerate() {
+                let lp = rows.topk_logprobs[at + j].to_f32() as f64;
+                let want = ref_lp(id);
+                assert!(
+                    (lp - want).abs() <= 2e-3 + 1e-3 * want.abs(),
+                    "seq {} pos {p} rank {j}: stored {lp} vs reference {want}",
+                    rows.seq_ids[r]
+                );
+                assert!(
+                    want >= kth - 1e-4,
+                    "seq {} pos {p}: id {} is not in the reference top-k",
+                    rows.seq_ids[r],
+                    ids[j]
+                );
+            }
+            let tail = rows.tail_logprob[s + p] as f64;
+            assert!(
+                (tail - rtail).abs() <= 1e-3 * (1.0 + rtail.abs()),
+                "seq {} pos {p}: tail {tail} vs {rtail}",
+                rows.seq_ids[r]
+            );
+            positions += 1;
+            exact += (ids == rids.as_slice()) as usize;
+        }
+    }
+    assert!(
+        last_windows > 0,
+        "the corpus should produce short last windows"
+    );
+    // Ties may reorder a pair, but almost every position must match the full sort exactly.
+    assert!(
+        exact * 100 >= positions * 99,
+        "{exact} of {positions} positions match exactly"
+    );
+}
+
+fn make_cache(name: &str, model: &Path, extra: &[&str]) -> std::path::PathBuf {
+    let out = shared_dir().join(format!("cache-{name}"));
+    let mut args = teacher_args(model, &out, 60);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    assert_ok(&run_strings(&args));
+    let v = run(&["verify", out.to_str().unwrap()]);
+    assert_ok(&v);
+    out
+}
+
+#[test]
+fn plain_f32_right_padding() {
+    let model = plain_model();
+    let out = make_cache("plain", &model, &[]);
+    check_cache_against_reference(&model, &out, 1.0);
+}
+
+#[test]
+fn position_ids_left_padding_and_temperature() {
+    let model = model(
+        "posids",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            position_ids_input: true,
+            seed: 3,
+            ..Default::default()
+        },
+    );
+    let out = make_cache(
+        "left",
+        &model,
+        &["--padding-side", "left", "--temperature", "0.7"],
+    );
+    check_cache_against_reference(&model, &out, 0.7);
+}
+
+#[test]
+fn f16_logits() {
+    let model = model(
+        "f16",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            f16_logits: true,
+            seed: 5,
+            ..Default::default()
+        },
+    );
+    let out = make_cache("f16", &model, &[]);
+    check_cache_against_reference(&model, &out, 1.0);
+    let m = Cache::open(&out).unwrap().manifest;
+    assert_eq!(m.model.logits_dtype, "float16");
+}
+
+#[test]
+fn padded_vocab_is_dropped_and_renormalised() {
+    let model = model(
+        "padded",
+        &ToyLmSpec {
+            vocab: VOCAB + 48,
+            seed: 7,
+            ..Default::default()
+        },
+    );
+    let out = make_cache("padded", &model, &[]);
+    check_cache_against_reference(&model, &out, 1.0);
+    let m = Cache::open(&out).unwrap().manifest;
+    assert_eq!((m.vocab_size, m.model.logits_vocab), (VOCAB, VOCAB + 48));
+}
+
+#[test]
+fn empty_past_key_values_are_fed() {
+    let model = model(
+        "pkv",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            past_key_values: true,
+            seed: 9,
+            ..Default::default()
+        },
+    );
+    let out = make_cache("pkv", &model, &[]);
+    check_cache_against_reference(&model, &out, 1.0);
+}
+
+#[test]
+fn onnx_topk_head_matches_host_topk() {
+    // The GPU path (teacher → top-k head chained with IoBinding) run on the CPU provider.
+    let model = plain_model();
+    let out = make_cache("head", &model, &["--topk", "onnx", "--temperature", "1.5"]);
+    check_cache_against_reference(&model, &out, 1.5);
+    let m = Cache::open(&out).unwrap().manifest;
+    assert!(m.shards.iter().all(|s| s.topk == "onnx"));
+}

@@ -1,0 +1,575 @@
+//! Every bad input a user can give gets a clear error (naming the problem and the fix) and
+//! a non-zero exit.
+
+use crate::util::*;
+use logitcache::onnx::{ToyFault, ToyLmSpec};
+use std::path::{Path, PathBuf};
+
+fn fresh_out(name: &str) -> PathBuf {
+    let d = shared_dir().join(format!("err-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Teacher args with one flag's value replaced (or appended).
+fn with(args: &[String], flag: &str, value: &str) -> Vec<String> {
+    let mut a = args.to_vec();
+    match a.iter().position(|x| x == flag) {
+        Some(i) => a[i + 1] = value.to_string(),
+        None => {
+            a.push(flag.into());
+            a.push(value.into());
+        }
+    }
+    a
+}
+
+fn base(name: &str) -> Vec<String> {
+    teacher_args(&plain_model(), &fresh_out(name), 20)
+}
+
+#[test]
+fn missing_files() {
+    let a = base("missing");
+    assert_fails(
+        &run_strings(&with(&a, "--model", "/nonexistent/m.onnx")),
+        &["/nonexistent/m.onnx", "does not exist", "--model"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--tokenizer", "/nonexistent/t.json")),
+        &[
+            "tokenizer /nonexistent/t.json does not exist",
+            "--tokenizer",
+        ],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--corpus", "/nonexistent/c.jsonl")),
+        &["corpus path /nonexistent/c.jsonl does not exist"],
+    );
+    let dangling = shared_dir().join("dangling.jsonl");
+    let _ = std::os::unix::fs::symlink("/nonexistent/target", &dangling);
+    assert_fails(
+        &run_strings(&with(&a, "--corpus", dangling.to_str().unwrap())),
+        &["does not exist"],
+    );
+    let odd = shared_dir().join("corpus.csv");
+    std::fs::write(&odd, "a,b\n").unwrap();
+    assert_fails(
+        &run_strings(&with(&a, "--corpus", odd.to_str().unwrap())),
+        &["unsupported extension", ".jsonl", ".parquet", ".txt"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--ort-lib", "/nonexistent/libonnxruntime.so")),
+        &["ONNX Runtime library not found", "make setup"],
+    );
+}
+
+#[test]
+fn unreadable_model_and_tokenizer() {
+    let a = base("garbage");
+    let junk = shared_dir().join("junk.onnx");
+    std::fs::write(&junk, b"this is not an onnx model").unwrap();
+    assert_fails(
+        &run_strings(&with(&a, "--model", junk.to_str().unwrap())),
+        &["cannot load teacher model", "junk.onnx"],
+    );
+    let bad_tok = shared_dir().join("bad-tokenizer.json");
+    std::fs::write(&bad_tok, b"{\"not\": \"a tokenizer\"}").unwrap();
+    assert_fails(
+        &run_strings(&with(&a, "--tokenizer", bad_tok.to_str().unwrap())),
+        &["cannot load tokenizer", "tokenizer.json"],
+    );
+}
+
+#[test]
+fn empty_corpus() {
+    let empty = shared_dir().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n{\"text\": \"\"}\n").unwrap();
+    let a = with(&base("empty"), "--corpus", empty.to_str().unwrap());
+    assert_fails(
+        &run_strings(&a),
+        &["the corpus has no text", "--text-field"],
+    );
+    let dir = shared_dir().join("empty-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("README.md"), "no corpus here").unwrap();
+    assert_fails(
+        &run_strings(&with(&a, "--corpus", dir.to_str().unwrap())),
+        &["contains no .jsonl, .parquet or .txt files"],
+    );
+}
+
+#[test]
+fn bad_numbers() {
+    let a = base("numbers");
+    assert_fails(
+        &run_strings(&with(&a, "--top-k", "0")),
+        &["--top-k must be at least 1"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--top-k", "401")),
+        &["--top-k 401 exceeds the vocabulary (400 tokens"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--seq-len", "0")),
+        &["--seq-len must be at least 2 (got 0)"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--seq-len", "1")),
+        &["--seq-len must be at least 2 (got 1)"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--temperature", "0")),
+        &["--temperature must be a finite number > 0 (got 0)"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--temperature", "-1")),
+        &["--temperature must be a finite number > 0 (got -1)"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--batch-size", "0")),
+        &["--batch-size must be at least 1"],
+    );
+    let w = with(&with(&a, "--worker-index", "2"), "--num-workers", "2");
+    assert_fails(
+        &run_strings(&w),
+        &["--worker-index 2 is not below --num-workers 2"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--device", "gpu")),
+        &["unknown device `gpu`", "cpu, cuda[:N] or tensorrt[:N]"],
+    );
+    // Nothing half-made was left behind by refused runs.
+    assert!(
+        !Path::new(&a[a.iter().position(|x| x == "--out").unwrap() + 1])
+            .join("manifest.json")
+            .exists()
+    );
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_without_the_feature_is_an_error_not_a_fallback() {
+    let a = with(&base("gpu"), "--device", "cuda:0");
+    assert_fails(
+        &run_strings(&a),
+        &[
+            "CUDA execution provider is not enabled in this build",
+            "--features cuda",
+        ],
+    );
+}
+
+#[test]
+fn vocab_mismatch_and_interface() {
+    let a = base("iface");
+    let small = model(
+        "small-vocab",
+        &ToyLmSpec {
+            vocab: 300,
+            ..Default::default()
+        },
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--model", small.to_str().unwrap())),
+        &[
+            "model vocab 300",
+            "smaller than the tokenizer vocab 400",
+            "pass the teacher's own tokenizer.json",
+        ],
+    );
+    let cases: [(&str, ToyFault, &[&str]); 3] = [
+        (
+            "no-logits",
+            ToyFault::NoLogits,
+            &["no `logits` output", "scores"],
+        ),
+        (
+            "wrong-rank",
+            ToyFault::WrongRank,
+            &["`logits` must have rank 3", "found rank 2"],
+        ),
+        (
+            "no-mask",
+            ToyFault::NoAttentionMask,
+            &["no `attention_mask` input"],
+        ),
+    ];
+    for (name, fault, frags) in cases {
+        let m = model(
+            name,
+            &ToyLmSpec {
+                vocab: VOCAB,
+                fault,
+                ..Default::default()
+            },
+        );
+        let o = run_strings(&with(&a, "--model", m.to_str().unwrap()));
+        assert_fails(&o, frags);
+        assert!(stderr(&o).contains("does not fit the text-generation interface"));
+    }
+    let m = plain_model();
+    assert_fails(
+        &run_strings(&with(
+            &with(&a, "--model", m.to_str().unwrap()),
+            "--padding-side",
+            "left",
+        )),
+        &["--padding-side left needs a model with a `position_ids` input"],
+    );
+}
+
+#[test]
+fn nan_logits_stop_the_job_naming_the_sequence() {
+    // Token id 5 is common in the test tokenizer's output; NaN wherever it is the input.
+    let tok = logitcache::tokenizer::load(&tokenizer()).unwrap();
+    let text = std::fs::read_to_string(corpus(20)).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let ids = tok
+        .tokenizer
+        .encode(first["text"].as_str().unwrap(), true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let bad = ids[3] as i64;
+    let m = model(
+        "nan",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            fault: ToyFault::NanOnToken(bad),
+            ..Default::default()
+        },
+    );
+    let out = fresh_out("nan");
+    let a = with(&base("nan"), "--model", m.to_str().unwrap());
+    let a = with(&a, "--out", out.to_str().unwrap());
+    assert_fails(
+        &run_strings(&a),
+        &[
+            "non-finite logit (NaN",
+            "for seq_id 0 (document 0, window 0) at position 3",
+            "check the export",
+        ],
+    );
+    let v = run(&["verify", out.to_str().unwrap()]);
+    assert_eq!(
+        v.status.code(),
+        Some(1),
+        "a cache stopped by NaN must not verify: {}",
+        stdout(&v)
+    );
+    assert!(stdout(&v).contains("incomplete"));
+}
+
+#[test]
+fn bad_rows_are_named_or_skipped_and_counted() {
+    let path = shared_dir().join("bad-rows.jsonl");
+    let good = std::fs::read_to_string(corpus(20)).unwrap();
+    let mut lines: Vec<String> = good.lines().map(String::from).collect();
+    lines.insert(3, "{not json".into());
+    lines.insert(6, "{\"body\": \"text in another field\"}".into());
+    lines.insert(9, "{\"text\": 17}".into());
+    let mut bytes = (lines.join("\n") + "\n").into_bytes();
+    bytes.extend_from_slice(b"{\"text\": \"\xff\xfe\"}\n");
+    std::fs::write(&path, bytes).unwrap();
+    let a = with(&base("badrows"), "--corpus", path.to_str().unwrap());
+    assert_fails(
+        &run_strings(&a),
+        &["bad-rows.jsonl:4: not valid JSON", "--skip-bad-rows"],
+    );
+    let out = fresh_out("badrows-skip");
+    let mut s = with(&a, "--out", out.to_str().unwrap());
+    s.push("--skip-bad-rows".into());
+    assert_ok(&run_strings(&s));
+    let m = logitcache::cache::manifest::Manifest::load(&out).unwrap();
+    assert_eq!(m.plan.bad_rows_skipped, 4);
+    assert_eq!(m.plan.documents, 20);
+    assert!(
+        m.plan
+            .bad_row_examples
+            .iter()
+            .any(|e| e.contains(":7: no field `text` (fields: body)")),
+        "{:?}",
+        m.plan.bad_row_examples
+    );
+    assert!(
+        m.plan
+            .bad_row_examples
+            .iter()
+            .any(|e| e.contains(":10: field `text` is not a string (found a number)"))
+    );
+    assert!(
+        m.plan
+            .bad_row_examples
+            .iter()
+            .any(|e| e.contains(":24: line is not UTF-8"))
+    );
+}
+
+#[test]
+fn parquet_corpus_and_wrong_text_field() {
+    use arrow_array::{RecordBatch, StringArray, UInt32Array};
+    use std::sync::Arc;
+    let text = std::fs::read_to_string(corpus(20)).unwrap();
+    let texts: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let schema = Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new("id", arrow_schema::DataType::UInt32, false),
+        arrow_schema::Field::new("content", arrow_schema::DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(UInt32Array::from_iter_values(0..texts.len() as u32)),
+            Arc::new(StringArray::from(texts)),
+        ],
+    )
+    .unwrap();
+    let path = shared_dir().join("corpus.parquet");
+    // Snappy, as Hugging Face datasets writes it.
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&path).unwrap(),
+        schema,
+        Some(props),
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let a = with(&base("parquet"), "--corpus", path.to_str().unwrap());
+    assert_fails(
+        &run_strings(&a),
+        &[
+            "has no string column `text`",
+            "id: UInt32, content: Utf8",
+            "--text-field",
+        ],
+    );
+    let out = fresh_out("parquet-ok");
+    let ok = with(
+        &with(&a, "--text-field", "content"),
+        "--out",
+        out.to_str().unwrap(),
+    );
+    assert_ok(&run_strings(&ok));
+    // Same documents as the JSONL corpus, so the same windows.
+    let jsonl = fresh_out("parquet-jsonl");
+    assert_ok(&run_strings(&with(
+        &base("x"),
+        "--out",
+        jsonl.to_str().unwrap(),
+    )));
+    assert_eq!(all_rows(&out).input_ids, all_rows(&jsonl).input_ids);
+}
+
+#[test]
+fn read_only_output_directory() {
+    // root ignores permission bits, so as root use a directory on a filesystem that refuses
+    // writes (/sys); otherwise a directory without write permission.
+    let target = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/sys/logitcache-test-cache")
+    } else {
+        let d = shared_dir().join("readonly");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+        d.join("cache")
+    };
+    let a = with(&base("ro"), "--out", target.to_str().unwrap());
+    assert_fails(
+        &run_strings(&a),
+        &[
+            "cannot create the cache directory",
+            "choose a writable --out",
+        ],
+    );
+}
+
+#[test]
+fn changed_parameters_are_refused_by_name() {
+    let out = fresh_out("params");
+    let a = with(&base("params"), "--out", out.to_str().unwrap());
+    assert_ok(&run_strings(&a));
+    assert_fails(
+        &run_strings(&with(&a, "--top-k", "4")),
+        &[
+            "different --top-k: cache has 8, this run has 4",
+            "use another --out",
+        ],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--temperature", "2")),
+        &["different --temperature"],
+    );
+    let other = model(
+        "other",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            seed: 42,
+            ..Default::default()
+        },
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--model", other.to_str().unwrap())),
+        &["different --model (sha256)"],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--corpus", corpus(21).to_str().unwrap())),
+        &["different --corpus"],
+    );
+    // The same command again is a no-op resume.
+    assert_ok(&run_strings(&a));
+}
+
+#[test]
+fn second_writer_for_the_same_worker_is_refused() {
+    let a = base("lock");
+    let out = PathBuf::from(&a[a.iter().position(|x| x == "--out").unwrap() + 1]);
+    std::fs::create_dir_all(&out).unwrap();
+    let _held = logitcache::cache::lock::CacheLock::acquire(&out, 0, 1).unwrap();
+    assert_fails(
+        &run_strings(&a),
+        &["another logitcache process is writing worker 0/1", "lock"],
+    );
+    // Another worker slot is free.
+    let b = with(&with(&a, "--worker-index", "1"), "--num-workers", "2");
+    assert_ok(&run_strings(&b));
+}
+
+#[test]
+fn damaged_caches_fail_verification() {
+    let out = fresh_out("damage");
+    assert_ok(&run_strings(&with(
+        &base("damage"),
+        "--out",
+        out.to_str().unwrap(),
+    )));
+    assert_ok(&run(&["verify", out.to_str().unwrap()]));
+    let m = logitcache::cache::manifest::Manifest::load(&out).unwrap();
+    assert!(m.shards.len() >= 2);
+
+    // Every single flipped byte of a shard is detected.
+    let shard = out.join(&m.shards[0].file);
+    let orig = std::fs::read(&shard).unwrap();
+    for at in [0, orig.len() / 3, orig.len() / 2, orig.len() - 1] {
+        let mut b = orig.clone();
+        b[at] ^= 0x01;
+        std::fs::write(&shard, &b).unwrap();
+        let v = run(&["verify", out.to_str().unwrap()]);
+        assert_eq!(v.status.code(), Some(1), "flip at {at} not detected");
+        assert!(
+            stdout(&v).contains("does not match the manifest's"),
+            "{}",
+            stdout(&v)
+        );
+    }
+    // Truncated.
+    std::fs::write(&shard, &orig[..orig.len() / 2]).unwrap();
+    let v = run(&["verify", out.to_str().unwrap()]);
+    assert_eq!(v.status.code(), Some(1));
+    assert!(stdout(&v).contains("truncated or replaced"));
+    // Missing.
+    std::fs::remove_file(&shard).unwrap();
+    let v = run(&["verify", out.to_str().unwrap()]);
+    assert_eq!(v.status.code(), Some(1));
+    assert!(stdout(&v).contains("cannot read"));
+    std::fs::write(&shard, &orig).unwrap();
+    assert_ok(&run(&["verify", out.to_str().unwrap()]));
+
+    // A manifest edited by hand, even with a plausible value, is refused by every reader.
+    let mpath = out.join("manifest.json");
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    let edited = text.replacen("\"temperature\": 1.0", "\"temperature\": 2.0", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&mpath, edited).unwrap();
+    for cmd in [vec!["verify"], vec!["inspect"]] {
+        let mut args = cmd.clone();
+        args.push(out.to_str().unwrap());
+        assert_fails(
+            &run(&args),
+            &[
+                "manifest.json was modified after logitcache wrote it",
+                "restore the file",
+            ],
+        );
+    }
+    std::fs::write(&mpath, "{ not json").unwrap();
+    assert_fails(
+        &run(&["verify", out.to_str().unwrap()]),
+        &["is not a valid logitcache manifest"],
+    );
+    assert_fails(
+        &run(&["verify", "/nonexistent/cache"]),
+        &["manifest.json is missing", "not a logitcache cache"],
+    );
+}
+
+#[test]
+fn inspect_refuses_another_tokenizer_naming_both_hashes() {
+    let out = fresh_out("inspect-tok");
+    assert_ok(&run_strings(&with(
+        &base("inspect-tok"),
+        "--out",
+        out.to_str().unwrap(),
+    )));
+    let shown = run(&[
+        "inspect",
+        out.to_str().unwrap(),
+        "--show",
+        "2:3",
+        "--tokenizer",
+        tokenizer().to_str().unwrap(),
+    ]);
+    assert_ok(&shown);
+    assert!(stdout(&shown).contains("seq_id 2") && stdout(&shown).contains("tail (all other ids)"));
+    let other = shared_dir().join("other-tokenizer.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tokenizer()).unwrap()).unwrap();
+    t["truncation"] = serde_json::json!(null);
+    t["padding"] = serde_json::json!({"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": null, "pad_id": 3, "pad_type_id": 0, "pad_token": "<pad>"});
+    std::fs::write(&other, serde_json::to_string(&t).unwrap()).unwrap();
+    let (want, _) = logitcache::util::sha256_file(&tokenizer()).unwrap();
+    let (given, _) = logitcache::util::sha256_file(&other).unwrap();
+    let o = run(&[
+        "inspect",
+        out.to_str().unwrap(),
+        "--show",
+        "2:3",
+        "--tokenizer",
+        other.to_str().unwrap(),
+    ]);
+    assert_fails(
+        &o,
+        &[&want, &given, "pass the tokenizer the cache was built with"],
+    );
+    assert_fails(
+        &run(&[
+            "inspect",
+            out.to_str().unwrap(),
+            "--show",
+            "2-3",
+            "--tokenizer",
+            tokenizer().to_str().unwrap(),
+        ]),
+        &["expected SEQ_ID:POS"],
+    );
+    assert_fails(
+        &run(&[
+            "inspect",
+            out.to_str().unwrap(),
+            "--show",
+            "2:999",
+            "--tokenizer",
+            tokenizer().to_str().unwrap(),
+        ]),
+        &["position 999 is outside seq_id 2"],
+    );
+}

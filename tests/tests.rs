@@ -1,0 +1,8 @@
+//! Integration tests (one binary; helpers in `util.rs`).
+
+mod util;
+
+mod cache_format;
+mod correctness;
+mod errors;
+mod resume;

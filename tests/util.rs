@@ -1,0 +1,203 @@
+//! Shared helpers for the integration tests: fixtures made on the fly (a BPE tokenizer
+//! trained on the committed demo corpus, tiny ONNX teachers from `logitcache::onnx::toy`),
+//! and running the binary.
+
+#![allow(dead_code)]
+
+use logitcache::cache::reader::Cache;
+use logitcache::cache::writer::ShardRows;
+use logitcache::onnx::{ToyLmSpec, toy_lm};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_logitcache");
+pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// Vocabulary of the test tokenizer.
+pub const VOCAB: usize = 400;
+
+/// The ONNX Runtime library `make setup` extracts; tests fail clearly without it.
+pub fn ort_lib() -> PathBuf {
+    let p = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(ROOT).join(".ort/libonnxruntime.so.1.32.0"));
+    assert!(
+        p.is_file(),
+        "ONNX Runtime library {} missing: run `make setup` (or `make test`)",
+        p.display()
+    );
+    p
+}
+
+/// A directory that lives for the whole test process (fixtures shared by tests).
+pub fn shared_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
+        .path()
+}
+
+/// The first `n` documents of the committed demo corpus, as a JSONL file.
+pub fn corpus(n: usize) -> PathBuf {
+    let path = shared_dir().join(format!("corpus-{n}.jsonl"));
+    if !path.exists() {
+        let text =
+            std::fs::read_to_string(Path::new(ROOT).join("pipelines/demo/fortunes.jsonl")).unwrap();
+        let lines: Vec<&str> = text.lines().take(n).collect();
+        let tmp = path.with_extension("part");
+        std::fs::write(&tmp, lines.join("\n") + "\n").unwrap();
+        std::fs::rename(tmp, &path).unwrap();
+    }
+    path
+}
+
+/// A byte-level BPE tokenizer.json with `VOCAB` tokens (trained once per test process).
+pub fn tokenizer() -> PathBuf {
+    static TOK: OnceLock<PathBuf> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let path = shared_dir().join("tokenizer.json");
+        let text = std::fs::read_to_string(corpus(800)).unwrap();
+        let texts: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        logitcache::tokenizer::train_bpe(&texts, VOCAB, &path).unwrap();
+        assert_eq!(
+            logitcache::tokenizer::load(&path).unwrap().vocab_size,
+            VOCAB
+        );
+        path
+    })
+    .clone()
+}
+
+/// Writes a toy teacher built from `spec` under `name` in the shared dir.
+pub fn model(name: &str, spec: &ToyLmSpec) -> PathBuf {
+    let path = shared_dir().join(format!("{name}.onnx"));
+    if !path.exists() {
+        let tmp = path.with_extension(format!("part-{}", std::process::id()));
+        std::fs::write(&tmp, toy_lm(spec)).unwrap();
+        std::fs::rename(tmp, &path).unwrap();
+    }
+    path
+}
+
+/// The plain f32 toy teacher over the test vocabulary.
+pub fn plain_model() -> PathBuf {
+    model(
+        "plain",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            ..Default::default()
+        },
+    )
+}
+
+/// `logitcache ARGS` with the ONNX Runtime library set.
+pub fn run(args: &[&str]) -> Output {
+    run_env(args, &[])
+}
+
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env("ORT_DYLIB_PATH", ort_lib())
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run logitcache")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts the command failed (exit 2) with an error containing every fragment.
+#[track_caller]
+pub fn assert_fails(o: &Output, fragments: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected exit 2, got {:?}; stderr:\n{err}\nstdout:\n{}",
+        o.status,
+        stdout(o)
+    );
+    for f in fragments {
+        assert!(err.contains(f), "stderr lacks {f:?}:\n{err}");
+    }
+}
+
+#[track_caller]
+pub fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "command failed: {:?}\nstderr:\n{}\nstdout:\n{}",
+        o.status,
+        stderr(o),
+        stdout(o)
+    );
+}
+
+/// Teacher arguments for a small cache of `docs` documents in `out`.
+pub fn teacher_args(model: &Path, out: &Path, docs: usize) -> Vec<String> {
+    [
+        "teacher",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer().to_str().unwrap(),
+        "--corpus",
+        corpus(docs).to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--top-k",
+        "8",
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "16",
+        "--threads",
+        "2",
+        "--progress",
+        "off",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+pub fn run_strings(args: &[String]) -> Output {
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    run(&refs)
+}
+
+/// All rows of a cache, concatenated in shard order.
+pub fn all_rows(dir: &Path) -> ShardRows {
+    let cache = Cache::open(dir).unwrap();
+    let mut all = ShardRows::new(cache.manifest.params.top_k);
+    for s in &cache.manifest.shards {
+        let r = cache.read_shard(s).unwrap();
+        let base = *all.offsets.last().unwrap();
+        all.seq_ids.extend(&r.seq_ids);
+        all.doc_ids.extend(&r.doc_ids);
+        all.window_index.extend(&r.window_index);
+        all.offsets.extend(r.offsets[1..].iter().map(|o| o + base));
+        all.input_ids.extend(&r.input_ids);
+        all.topk_ids.extend(&r.topk_ids);
+        all.topk_logprobs.extend(&r.topk_logprobs);
+        all.tail_logprob.extend(&r.tail_logprob);
+    }
+    all
+}
