@@ -56,8 +56,7 @@ lint:
 	$(CARGO) clippy --all-targets --features cuda,tensorrt -- -D warnings
 
 bench: setup
-	$(CARGO) bench --bench topk --bench shard_write
-	bash benches/e2e.sh
+	$(CARGO) bench --bench topk --bench shard_write --bench e2e
 
 DEMO_OUT := demo-out
 demo: setup

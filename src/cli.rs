@@ -171,6 +171,9 @@ pub struct ToyTeacherArgs {
     /// Take a position_ids input.
     #[arg(long)]
     pub position_ids: bool,
+    /// Residual feed-forward blocks before the head (adds compute, e.g. for benchmarks).
+    #[arg(long, default_value_t = 0)]
+    pub ffn_layers: usize,
     /// Where to write the .onnx file.
     #[arg(long)]
     pub out: PathBuf,
@@ -364,6 +367,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 seed: args.seed,
                 f16_logits: args.f16,
                 position_ids_input: args.position_ids,
+                ffn_layers: args.ffn_layers,
                 ..Default::default()
             });
             std::fs::write(&args.out, bytes)

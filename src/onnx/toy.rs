@@ -43,6 +43,10 @@ pub struct ToyLmSpec {
     pub past_key_values: bool,
     /// Multiplier on the logits: larger means peakier distributions.
     pub logit_scale: f32,
+    /// Residual feed-forward blocks `h += tanh(h W1) W2` (width 4·hidden) before the head:
+    /// compute without changing the interface, for benchmarks that need a teacher of a
+    /// realistic cost.
+    pub ffn_layers: usize,
     pub fault: ToyFault,
 }
 
@@ -57,6 +61,7 @@ impl Default for ToyLmSpec {
             position_ids_input: false,
             past_key_values: false,
             logit_scale: 4.0,
+            ffn_layers: 0,
             fault: ToyFault::None,
         }
     }
@@ -160,7 +165,16 @@ pub fn toy_lm(spec: &ToyLmSpec) -> Vec<u8> {
     let pemb = g.node("Gather", &[&pos_table, &pos], vec![attr_int("axis", 0)]);
     let h = g.node("Add", &[&emb, &ctx], vec![]);
     let h = g.node("Add", &[&h, &pemb], vec![]);
-    let h = g.node("Tanh", &[&h], vec![]);
+    let mut h = g.node("Tanh", &[&h], vec![]);
+    for l in 0..spec.ffn_layers {
+        let s = (1.0 / d as f32).sqrt();
+        let w1 = g.init_f32(&format!("ffn{l}_w1"), &[d, 4 * d], &rng.vec((4 * d * d) as usize, s));
+        let w2 = g.init_f32(&format!("ffn{l}_w2"), &[4 * d, d], &rng.vec((4 * d * d) as usize, s * 0.5));
+        let u = g.node("MatMul", &[&h, &w1], vec![]);
+        let u = g.node("Tanh", &[&u], vec![]);
+        let u = g.node("MatMul", &[&u, &w2], vec![]);
+        h = g.node("Add", &[&h, &u], vec![]);
+    }
     let logits = g.node("MatMul", &[&h, &w], vec![]);
     let logits = g.node("Add", &[&logits, &b], vec![]);
     let mut logits = g.node("Mul", &[&logits, &scale], vec![]);

@@ -153,6 +153,10 @@ pub enum TeacherError {
 pub trait TeacherBackend {
     /// Runs the teacher on `batch` and returns the top-k of each real position.
     fn run(&mut self, batch: &Batch) -> Result<BatchTopK, TeacherError>;
+    /// Seconds spent so far in the model and in the host top-k, when measured.
+    fn timing(&self) -> Option<(f64, f64)> {
+        None
+    }
     /// What reduced the logits (`host` or `onnx`), for the manifest.
     fn topk_name(&self) -> &'static str;
 }

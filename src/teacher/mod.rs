@@ -681,6 +681,12 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
         result?;
     }
     progress.finish();
+    if let Some((model_s, topk_s)) = teacher.timing() {
+        tracing::info!(
+            "teacher time: {model_s:.2} s in the model, {topk_s:.2} s in top-k + log-softmax ({:.1}% of the model time)",
+            100.0 * topk_s / model_s.max(1e-9)
+        );
+    }
     let final_manifest = Manifest::load(&cfg.out)?;
     summary.complete = final_manifest.totals.complete;
     summary.seconds = started.elapsed().as_secs_f64();

@@ -341,6 +341,8 @@ pub struct OrtTeacher {
     opts: OrtOptions,
     device_mem: MemoryInfo<'static>,
     pool: rayon::ThreadPool,
+    /// Seconds in `session.run` and in the host top-k (host path only).
+    seconds: (f64, f64),
 }
 
 impl OrtTeacher {
@@ -388,6 +390,7 @@ impl OrtTeacher {
             opts,
             device_mem,
             pool,
+            seconds: (0.0, 0.0),
         })
     }
 
@@ -547,7 +550,10 @@ impl OrtTeacher {
                 out.tail_logprob[o] = tail[r];
             }
         } else {
+            let t0 = std::time::Instant::now();
             let outputs = self.session.run(inputs).map_err(|e| err(&e))?;
+            let t1 = std::time::Instant::now();
+            self.seconds.0 += (t1 - t0).as_secs_f64();
             let logits = outputs
                 .get("logits")
                 .ok_or_else(|| err(&"no `logits` in the outputs"))?;
@@ -606,6 +612,7 @@ impl OrtTeacher {
                 let (_, d) = logits.try_extract_tensor::<f32>().map_err(|e| err(&e))?;
                 reduce(Some(d), None)?;
             }
+            self.seconds.1 += t1.elapsed().as_secs_f64();
         }
         Ok(out)
     }
@@ -641,6 +648,10 @@ impl TeacherBackend for OrtTeacher {
             ));
         }
         self.run_inner(batch)
+    }
+
+    fn timing(&self) -> Option<(f64, f64)> {
+        (self.head.is_none()).then_some(self.seconds)
     }
 
     fn topk_name(&self) -> &'static str {

@@ -72,16 +72,119 @@ fn exp_nonpos(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let tiny = x < -87.0;
     let x = x.max(-87.0);
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    // t = 1.5·2^23 + n: its low mantissa bits hold the integer n (no float→int cast, which
+    // would stop vectorisation).
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * C1 - n * C2;
     let z = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let y = p * z + r + 1.0;
-    let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let n_int = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    let pow2n = f32::from_bits(n_int.wrapping_add(127) << 23);
     if tiny { 0.0 } else { y * pow2n }
+}
+
+/// Max and a poison sum (NaN iff the row holds a NaN or an infinity), in 8 independent lanes
+/// so the loop vectorises.
+#[inline(always)]
+fn max_and_poison(row: &[f32]) -> (f32, f32) {
+    let mut max = [f32::NEG_INFINITY; 8];
+    let mut poison = [0.0f32; 8];
+    let mut lanes = row.chunks_exact(8);
+    for c in &mut lanes {
+        let c: &[f32; 8] = c.try_into().expect("chunks of 8: this is a bug");
+        for j in 0..8 {
+            max[j] = if c[j] > max[j] { c[j] } else { max[j] };
+            poison[j] += c[j] * 0.0;
+        }
+    }
+    for &x in lanes.remainder() {
+        max[0] = if x > max[0] { x } else { max[0] };
+        poison[0] += x * 0.0;
+    }
+    let m = max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    (m, poison.iter().sum())
+}
+
+/// Sum of exp((x - max) * scale) over the row, and over the values below `kth`, and the
+/// number of values equal to `kth`. The exps
+/// are an element-wise map (vectorised by the loop vectoriser); the sums run in 8 lanes.
+#[inline(always)]
+fn exp_sums(row: &[f32], max: f32, scale: f32, kth: f32) -> (f64, f64, u32) {
+    const CHUNK: usize = 1024;
+    let mut equal = [0u32; 8];
+    let mut es = [0.0f32; CHUNK];
+    let (mut all_total, mut below_total) = (0.0f64, 0.0f64);
+    for chunk in row.chunks(CHUNK) {
+        let es = &mut es[..chunk.len()];
+        for (e, &x) in es.iter_mut().zip(chunk) {
+            *e = exp_nonpos((x - max) * scale);
+        }
+        let mut all = [0.0f32; 8];
+        let mut below = [0.0f32; 8];
+        let mut lanes = es.chunks_exact(8).zip(chunk.chunks_exact(8));
+        for (e, x) in &mut lanes {
+            let e: &[f32; 8] = e.try_into().expect("chunks of 8: this is a bug");
+            let x: &[f32; 8] = x.try_into().expect("chunks of 8: this is a bug");
+            for j in 0..8 {
+                all[j] += e[j];
+                below[j] += if x[j] < kth { e[j] } else { 0.0 };
+                equal[j] += (x[j] == kth) as u32;
+            }
+        }
+        let done = chunk.len() / 8 * 8;
+        for (e, &x) in es[done..].iter().zip(&chunk[done..]) {
+            all[0] += e;
+            below[0] += if x < kth { *e } else { 0.0 };
+            equal[0] += (x == kth) as u32;
+        }
+        all_total += all.iter().map(|&v| v as f64).sum::<f64>();
+        below_total += below.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    (all_total, below_total, equal.iter().sum())
+}
+
+// The same loops compiled for AVX2 + FMA, chosen at run time when the CPU has them (the
+// portable build targets SSE2 only).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn max_and_poison_avx2(row: &[f32]) -> (f32, f32) {
+    max_and_poison(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_sums_avx2(row: &[f32], max: f32, scale: f32, kth: f32) -> (f64, f64, u32) {
+    exp_sums(row, max, scale, kth)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+fn dispatch_max(row: &[f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { max_and_poison_avx2(row) };
+    }
+    max_and_poison(row)
+}
+
+fn dispatch_sums(row: &[f32], max: f32, scale: f32, kth: f32) -> (f64, f64, u32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { exp_sums_avx2(row, max, scale, kth) };
+    }
+    exp_sums(row, max, scale, kth)
 }
 
 impl TopK {
@@ -101,12 +204,7 @@ impl TopK {
             "top-k arguments checked by the caller: this is a bug"
         );
         // Pass 1: max and finiteness (x * 0 is NaN exactly for NaN and +-inf).
-        let mut max = f32::NEG_INFINITY;
-        let mut poison = 0.0f32;
-        for &x in row {
-            max = max.max(x);
-            poison += x * 0.0;
-        }
+        let (max, poison) = dispatch_max(row);
         if poison.is_nan() || !max.is_finite() {
             let index = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Err(NonFinite {
@@ -121,54 +219,44 @@ impl TopK {
         cand.clear();
         let cap = (2 * k).max(k + 32);
         let mut thr = f32::NEG_INFINITY;
-        for (i, &x) in row.iter().enumerate() {
-            if x > thr {
+        let mut push = |cand: &mut Vec<(f32, u32)>, thr: &mut f32, i: usize, x: f32| {
+            if x > *thr {
                 cand.push((x, i as u32));
                 if cand.len() == cap {
                     cand.select_nth_unstable_by(k - 1, better);
                     cand.truncate(k);
-                    thr = cand[k - 1].0;
+                    *thr = cand[k - 1].0;
                 }
             }
+        };
+        // Blocks of 16 are first tested as a whole (a vectorised count), so the common case
+        // costs one branch per 16 values.
+        const BLOCK: usize = 16;
+        let mut blocks = row.chunks_exact(BLOCK);
+        for (b, c) in (&mut blocks).enumerate() {
+            let c: &[f32; BLOCK] = c.try_into().expect("chunks of 16: this is a bug");
+            if c.iter().map(|&x| (x > thr) as u32).sum::<u32>() > 0 {
+                for (j, &x) in c.iter().enumerate() {
+                    push(cand, &mut thr, b * BLOCK + j, x);
+                }
+            }
+        }
+        let done = row.len() / BLOCK * BLOCK;
+        for (j, &x) in blocks.remainder().iter().enumerate() {
+            push(cand, &mut thr, done + j, x);
         }
         if cand.len() > k {
             cand.select_nth_unstable_by(k - 1, better);
             cand.truncate(k);
         }
         cand.sort_unstable_by(better);
-        let (kth_val, kth_id) = cand[k - 1];
+        let kth_val = cand[k - 1].0;
 
         // Pass 3: partition function and tail, both as direct sums of exp(x - max).
         let scale = self.inv_temperature;
-        let mut all = [0.0f32; 8];
-        let mut below = [0.0f32; 8];
-        let mut all_total = 0.0f64;
-        let mut below_total = 0.0f64;
-        for chunk in row.chunks(1024) {
-            let mut lanes = chunk.chunks_exact(8);
-            for c in &mut lanes {
-                for j in 0..8 {
-                    let e = exp_nonpos((c[j] - max) * scale);
-                    all[j] += e;
-                    below[j] += if c[j] < kth_val { e } else { 0.0 };
-                }
-            }
-            for &x in lanes.remainder() {
-                let e = exp_nonpos((x - max) * scale);
-                all[0] += e;
-                below[0] += if x < kth_val { e } else { 0.0 };
-            }
-            all_total += all.iter().map(|&v| v as f64).sum::<f64>();
-            below_total += below.iter().map(|&v| v as f64).sum::<f64>();
-            all = [0.0; 8];
-            below = [0.0; 8];
-        }
-        // Values equal to the k-th value but with a higher id are outside the top-k too.
-        let ties_out = row
-            .iter()
-            .enumerate()
-            .filter(|&(i, &x)| x == kth_val && i as u32 > kth_id)
-            .count();
+        let (all_total, mut below_total, equal) = dispatch_sums(row, max, scale, kth_val);
+        // Values equal to the k-th value but not chosen (higher ids) are outside the top-k too.
+        let ties_out = equal as usize - cand.iter().filter(|c| c.0 == kth_val).count();
         if ties_out > 0 {
             below_total += ties_out as f64 * exp_nonpos((kth_val - max) * scale) as f64;
         }

@@ -1,0 +1,127 @@
+//! End-to-end cost of the cache: `logitcache teacher` wall time vs a bare loop of ONNX Runtime
+//! `session.run` over the same batches, same model, threads and machine, run back to back
+//! (alternating, several rounds). Also reports cache bytes per token at k = 64 and k = 128 on
+//! a 32k-vocab teacher.
+//!
+//! Run: `cargo bench --bench e2e` (needs `make setup`). Knobs (env): E2E_DOCS (default 160),
+//! E2E_HIDDEN (512), E2E_LAYERS (4), E2E_ROUNDS (3), E2E_THREADS (2).
+
+use logitcache::onnx::{ToyLmSpec, toy_lm};
+use logitcache::progress::ProgressMode;
+use logitcache::teacher::backend::{Batch, Device, PaddingSide, TopKMode};
+use logitcache::teacher::ort_backend::{OrtOptions, OrtTeacher, bare_run};
+use logitcache::teacher::{TeacherConfig, run};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".ort/libonnxruntime.so.1.32.0"));
+    assert!(lib.is_file(), "run `make setup` first ({} missing)", lib.display());
+    let (docs, hidden, layers, rounds, threads) =
+        (env("E2E_DOCS", 160), env("E2E_HIDDEN", 512), env("E2E_LAYERS", 4), env("E2E_ROUNDS", 3), env("E2E_THREADS", 2));
+    let (vocab, seq_len, batch_size) = (32_000usize, 128usize, 8usize);
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let all: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .collect();
+    let corpus = dir.path().join("corpus.jsonl");
+    std::fs::write(&corpus, lines[..docs].join("\n")).unwrap();
+    let tok_path = dir.path().join("tokenizer.json");
+    logitcache::tokenizer::word_level_tokenizer(&all, vocab, &tok_path).unwrap();
+    let model = dir.path().join("teacher.onnx");
+    std::fs::write(&model, toy_lm(&ToyLmSpec { vocab, hidden, ffn_layers: layers, ..Default::default() })).unwrap();
+
+    // The batches `teacher` forms: windows of each document, longest first, batch_size each.
+    let tok = logitcache::tokenizer::load(&tok_path).unwrap();
+    let mut windows: Vec<Vec<u32>> = Vec::new();
+    for t in &all[..docs] {
+        let ids = tok.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec();
+        windows.extend(ids.chunks(seq_len).map(|c| c.to_vec()));
+    }
+    let tokens: usize = windows.iter().map(|w| w.len()).sum();
+    let mut order: Vec<usize> = (0..windows.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(windows[i].len()));
+    let batches: Vec<Batch> = order
+        .chunks(batch_size)
+        .map(|c| Batch::pad(&c.iter().map(|&i| windows[i].as_slice()).collect::<Vec<_>>(), PaddingSide::Right, tok.pad_id))
+        .collect();
+
+    let opts = OrtOptions {
+        library: lib.clone(),
+        device: Device::Cpu,
+        threads,
+        topk: TopKMode::Host,
+        k: 64,
+        temperature: 1.0,
+        vocab,
+    };
+    let mut bare = OrtTeacher::open(&model, opts).unwrap();
+    let cfg = |k: usize, out: &Path| TeacherConfig {
+        model: model.clone(),
+        tokenizer: tok_path.clone(),
+        corpus: vec![corpus.clone()],
+        out: out.to_path_buf(),
+        top_k: k,
+        seq_len,
+        batch_size,
+        threads,
+        ort_lib: Some(lib.clone()),
+        progress: ProgressMode::Off,
+        ..Default::default()
+    };
+    // Warm-up of both paths.
+    bare_run(&mut bare, &batches[0]).unwrap();
+    let (mut t_bare, mut t_cache) = (vec![], vec![]);
+    let mut bytes = [0u64; 2];
+    for r in 0..rounds {
+        let t0 = Instant::now();
+        for b in &batches {
+            bare_run(&mut bare, b).unwrap();
+        }
+        t_bare.push(t0.elapsed().as_secs_f64());
+        for (i, k) in [64usize, 128].into_iter().enumerate() {
+            if r > 0 && k == 128 {
+                continue;
+            }
+            let out = dir.path().join(format!("cache-{k}-{r}"));
+            let t0 = Instant::now();
+            let s = run(&cfg(k, &out)).unwrap();
+            if k == 64 {
+                t_cache.push(t0.elapsed().as_secs_f64());
+            }
+            assert!(s.complete);
+            bytes[i] = logitcache::cache::manifest::Manifest::load(&out).unwrap().totals.bytes;
+        }
+    }
+    let (b, c) = (median(t_bare), median(t_cache));
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "e2e",
+            "vocab": vocab, "hidden": hidden, "ffn_layers": layers, "threads": threads,
+            "windows": windows.len(), "tokens": tokens, "batches": batches.len(), "rounds": rounds,
+            "bare_ort_s": b, "teacher_s": c,
+            "bare_tokens_per_s": tokens as f64 / b, "teacher_tokens_per_s": tokens as f64 / c,
+            "overhead_ratio": c / b,
+            "bytes_per_token_k64": bytes[0] as f64 / tokens as f64,
+            "bytes_per_token_k128": bytes[1] as f64 / tokens as f64,
+        })
+    );
+}
