@@ -4,7 +4,8 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use logitcache::cache::writer::{
-    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardRows, ShardWriteOptions, WindowTopK, write_shard,
+    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardRows, ShardWriteOptions, WindowTopK,
+    write_shard,
 };
 
 fn rows(windows: usize, len: usize, k: usize, vocab: u32) -> ShardRows {
@@ -18,7 +19,9 @@ fn rows(windows: usize, len: usize, k: usize, vocab: u32) -> ShardRows {
     let mut r = ShardRows::new(k);
     for w in 0..windows {
         let input: Vec<u32> = (0..len).map(|_| (next() % vocab as u64) as u32).collect();
-        let ids: Vec<u32> = (0..len * k).map(|_| (next() % vocab as u64) as u32).collect();
+        let ids: Vec<u32> = (0..len * k)
+            .map(|_| (next() % vocab as u64) as u32)
+            .collect();
         let mut lps = Vec::with_capacity(len * k);
         for _ in 0..len {
             let mut v = -((next() % 1000) as f32) / 500.0;
@@ -27,7 +30,9 @@ fn rows(windows: usize, len: usize, k: usize, vocab: u32) -> ShardRows {
                 v -= (next() % 1000) as f32 / 4000.0;
             }
         }
-        let tail: Vec<f32> = (0..len).map(|_| -((next() % 5000) as f32) / 1000.0).collect();
+        let tail: Vec<f32> = (0..len)
+            .map(|_| -((next() % 5000) as f32) / 1000.0)
+            .collect();
         r.push(&WindowTopK {
             seq_id: w as u64,
             doc_id: w as u64,
@@ -58,9 +63,13 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("shard_write");
     group.sample_size(10);
     group.throughput(Throughput::Bytes(raw_bytes));
-    group.bench_function("bytes_k64_128x512", |b| b.iter(|| write_shard(&path, 0, &data, &opts).unwrap()));
+    group.bench_function("bytes_k64_128x512", |b| {
+        b.iter(|| write_shard(&path, 0, &data, &opts).unwrap())
+    });
     group.throughput(Throughput::Elements(positions));
-    group.bench_function("positions_k64_128x512", |b| b.iter(|| write_shard(&path, 0, &data, &opts).unwrap()));
+    group.bench_function("positions_k64_128x512", |b| {
+        b.iter(|| write_shard(&path, 0, &data, &opts).unwrap())
+    });
     group.finish();
 }
 

@@ -30,18 +30,25 @@ fn bench(c: &mut Criterion) {
         let data = logits(ROWS, vocab);
         for k in [32usize, 64, 128] {
             group.throughput(Throughput::Elements(ROWS as u64));
-            group.bench_with_input(BenchmarkId::new(format!("V{vocab}"), format!("k{k}")), &k, |b, &k| {
-                let t = TopK { k, inv_temperature: 1.0 };
-                let mut s = TopKScratch::default();
-                let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
-                b.iter(|| {
-                    let mut acc = 0f32;
-                    for row in data.chunks(vocab) {
-                        acc += t.row(row, &mut s, &mut ids, &mut lp).unwrap();
-                    }
-                    acc
-                })
-            });
+            group.bench_with_input(
+                BenchmarkId::new(format!("V{vocab}"), format!("k{k}")),
+                &k,
+                |b, &k| {
+                    let t = TopK {
+                        k,
+                        inv_temperature: 1.0,
+                    };
+                    let mut s = TopKScratch::default();
+                    let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
+                    b.iter(|| {
+                        let mut acc = 0f32;
+                        for row in data.chunks(vocab) {
+                            acc += t.row(row, &mut s, &mut ids, &mut lp).unwrap();
+                        }
+                        acc
+                    })
+                },
+            );
         }
     }
     group.finish();

@@ -129,7 +129,10 @@ pub fn word_level_tokenizer(
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for t in texts {
-        for w in t.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+        for w in t
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+        {
             *counts.entry(w).or_default() += 1;
         }
     }

@@ -168,8 +168,16 @@ pub fn toy_lm(spec: &ToyLmSpec) -> Vec<u8> {
     let mut h = g.node("Tanh", &[&h], vec![]);
     for l in 0..spec.ffn_layers {
         let s = (1.0 / d as f32).sqrt();
-        let w1 = g.init_f32(&format!("ffn{l}_w1"), &[d, 4 * d], &rng.vec((4 * d * d) as usize, s));
-        let w2 = g.init_f32(&format!("ffn{l}_w2"), &[4 * d, d], &rng.vec((4 * d * d) as usize, s * 0.5));
+        let w1 = g.init_f32(
+            &format!("ffn{l}_w1"),
+            &[d, 4 * d],
+            &rng.vec((4 * d * d) as usize, s),
+        );
+        let w2 = g.init_f32(
+            &format!("ffn{l}_w2"),
+            &[4 * d, d],
+            &rng.vec((4 * d * d) as usize, s * 0.5),
+        );
         let u = g.node("MatMul", &[&h, &w1], vec![]);
         let u = g.node("Tanh", &[&u], vec![]);
         let u = g.node("MatMul", &[&u, &w2], vec![]);

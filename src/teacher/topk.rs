@@ -78,8 +78,7 @@ fn exp_nonpos(x: f32) -> f32 {
     let n = t - MAGIC;
     let r = x - n * C1 - n * C2;
     let z = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-        * r
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
@@ -107,7 +106,9 @@ fn max_and_poison(row: &[f32]) -> (f32, f32) {
         max[0] = if x > max[0] { x } else { max[0] };
         poison[0] += x * 0.0;
     }
-    let m = max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let m = max
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     (m, poison.iter().sum())
 }
 
@@ -219,7 +220,7 @@ impl TopK {
         cand.clear();
         let cap = (2 * k).max(k + 32);
         let mut thr = f32::NEG_INFINITY;
-        let mut push = |cand: &mut Vec<(f32, u32)>, thr: &mut f32, i: usize, x: f32| {
+        let push = |cand: &mut Vec<(f32, u32)>, thr: &mut f32, i: usize, x: f32| {
             if x > *thr {
                 cand.push((x, i as u32));
                 if cand.len() == cap {
