@@ -6,3 +6,4 @@ mod cache_format;
 mod correctness;
 mod errors;
 mod resume;
+mod stream;

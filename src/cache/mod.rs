@@ -6,5 +6,6 @@ pub mod lock;
 pub mod manifest;
 pub mod reader;
 pub mod schema;
+pub mod stream;
 pub mod verify;
 pub mod writer;

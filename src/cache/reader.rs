@@ -124,7 +124,7 @@ pub fn read_shard_file(path: &Path, k: usize) -> Result<ShardRows, ReadError> {
     Ok(rows)
 }
 
-fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
+pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
     let k = rows.k;
     let col = |name: &str| {
         b.column_by_name(name)

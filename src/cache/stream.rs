@@ -1,0 +1,450 @@
+//! Streaming a cache for training: memory-mapped shards decoded row group by row group on a
+//! background thread into padded batches, with a deterministic bounded shuffle, epochs,
+//! data-parallel partitioning, a held-out split and a resumable cursor.
+//!
+//! Order: each epoch permutes the list of (shard, row group) units with the seed; consecutive
+//! `shuffle_units` units form a *group* whose rows are permuted together (the bounded shuffle
+//! buffer). Within a group, after the eval/train filter, rank `r` of `W` takes every W-th row
+//! from `r`, so ranks are disjoint and together cover the split. The cursor (epoch, group,
+//! rows of this rank already emitted in the group) is all a checkpoint needs to resume at the
+//! same place.
+
+use super::reader::{Cache, ReadError, append_batch};
+use super::schema::check_schema;
+use super::writer::ShardRows;
+use crate::onnx::toy::SplitMix;
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+/// Row groups mixed by the shuffle buffer (128 windows each by default: ~1k windows).
+pub const DEFAULT_SHUFFLE_UNITS: usize = 8;
+/// Batches decoded ahead of the trainer.
+pub const DEFAULT_PREFETCH: usize = 4;
+
+/// Which part of the cache a stream reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Eval,
+    /// Every sequence.
+    All,
+}
+
+/// Whether `seq_id` is held out for evaluation at `fraction` (a hash, so stable across
+/// caches of the same corpus and independent of order).
+pub fn is_eval(seq_id: u64, fraction: f64) -> bool {
+    let mut h = SplitMix::new(seq_id ^ 0x5eed_e7a1);
+    ((h.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < fraction
+}
+
+/// Position in the stream; saved in checkpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub group: u64,
+    /// Rows of this rank already emitted from the group.
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Sequences per batch.
+    pub batch_size: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub shuffle_units: usize,
+    /// Stop after this many epochs (`None`: endless).
+    pub epochs: Option<u64>,
+    pub rank: usize,
+    pub world_size: usize,
+    pub split: Split,
+    pub eval_fraction: f64,
+    pub prefetch: usize,
+    pub start: Cursor,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            batch_size: 8,
+            seed: 0,
+            shuffle: true,
+            shuffle_units: DEFAULT_SHUFFLE_UNITS,
+            epochs: Some(1),
+            rank: 0,
+            world_size: 1,
+            split: Split::All,
+            eval_fraction: 0.0,
+            prefetch: DEFAULT_PREFETCH,
+            start: Cursor::default(),
+        }
+    }
+}
+
+/// A padded batch, row-major `[batch, len]` (and `[batch, len, k]` for the top-k).
+#[derive(Debug, Clone, Default)]
+pub struct TrainBatch {
+    pub batch: usize,
+    pub len: usize,
+    pub k: usize,
+    pub seq_ids: Vec<u64>,
+    /// Tokens (0 at padding).
+    pub input_ids: Vec<u32>,
+    /// The next token in the window (0 where there is none).
+    pub target_ids: Vec<u32>,
+    /// 1 where `target_ids` is a real next token (cross-entropy positions).
+    pub target_mask: Vec<f32>,
+    /// 1 at every real position (distillation positions: the last one of a window has a
+    /// teacher distribution but no next token inside the window).
+    pub mask: Vec<f32>,
+    pub topk_ids: Vec<u32>,
+    pub topk_logprobs: Vec<f32>,
+    /// Log of the teacher's mass outside the top-k (`-inf` possible; 0 at padding).
+    pub tail_logprob: Vec<f32>,
+    /// Where the stream stands after this batch.
+    pub cursor: Cursor,
+}
+
+impl TrainBatch {
+    /// Real positions in the batch.
+    pub fn tokens(&self) -> usize {
+        self.mask.iter().filter(|&&m| m > 0.0).count()
+    }
+}
+
+/// A memory-mapped shard.
+pub struct MappedShard {
+    path: PathBuf,
+    bytes: Bytes,
+    meta: ArrowReaderMetadata,
+}
+
+impl MappedShard {
+    /// Checks the mapped bytes against the manifest's sha256 (a flipped byte inside a
+    /// compressed page could otherwise decode to wrong values silently).
+    pub fn verify(&self, sha256: &str) -> Result<(), ReadError> {
+        let found = crate::util::sha256_bytes(&self.bytes);
+        if found != sha256 {
+            return Err(ReadError::Corrupt {
+                path: self.path.clone(),
+                what: format!("sha256 {found} does not match the manifest's {sha256}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl MappedShard {
+    /// Maps `path` and reads its footer.
+    ///
+    /// # Safety
+    /// The file must not be truncated or modified while mapped (a cache's shards are only
+    /// ever replaced by rename, which leaves a mapped file intact); truncation under a live
+    /// map makes reads fault (SIGBUS).
+    pub unsafe fn open(path: &Path, k: usize) -> Result<Self, ReadError> {
+        let corrupt = |what: String| ReadError::Corrupt {
+            path: path.to_path_buf(),
+            what,
+        };
+        let file = std::fs::File::open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ReadError::MissingShard {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                ReadError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+        })?;
+        // SAFETY: forwarded to the caller (see `# Safety`).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ReadError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let bytes = Bytes::from_owner(map);
+        let meta = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::new())
+            .map_err(|e| corrupt(format!("not a readable Parquet file ({e})")))?;
+        check_schema(meta.schema(), k).map_err(corrupt)?;
+        Ok(MappedShard {
+            path: path.to_path_buf(),
+            bytes,
+            meta,
+        })
+    }
+
+    pub fn row_groups(&self) -> usize {
+        self.meta.metadata().num_row_groups()
+    }
+
+    /// Decodes one row group.
+    pub fn decode(&self, row_group: usize, k: usize) -> Result<ShardRows, ReadError> {
+        let corrupt = |what: String| ReadError::Corrupt {
+            path: self.path.clone(),
+            what,
+        };
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
+            self.bytes.clone(),
+            self.meta.clone(),
+        )
+        .with_row_groups(vec![row_group])
+        .with_batch_size(1 << 16)
+        .build()
+        .map_err(|e| corrupt(e.to_string()))?;
+        let mut rows = ShardRows::new(k);
+        for b in reader {
+            let b = b.map_err(|e| corrupt(format!("cannot decode row group {row_group} ({e})")))?;
+            append_batch(&mut rows, &b).map_err(corrupt)?;
+        }
+        Ok(rows)
+    }
+}
+
+/// A running stream; batches arrive through [`Stream::next_batch`] (or the iterator).
+pub struct Stream {
+    rx: Option<Receiver<Result<TrainBatch, ReadError>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Stream {
+    /// Opens `cache` (which must be complete) and starts the background decoder.
+    pub fn start(cache: &Cache, cfg: StreamConfig) -> Result<Stream, ReadError> {
+        let m = &cache.manifest;
+        if !m.totals.complete {
+            return Err(ReadError::Corrupt {
+                path: cache.dir.join(super::manifest::MANIFEST_FILE),
+                what: format!(
+                    "the cache is incomplete ({} of {} shards); finish the teacher run (same command) before training",
+                    m.totals.shards, m.plan.shards
+                ),
+            });
+        }
+        assert!(cfg.world_size >= 1 && cfg.rank < cfg.world_size && cfg.batch_size >= 1);
+        let mut shards = Vec::with_capacity(m.shards.len());
+        for s in &m.shards {
+            let path = cache.dir.join(&s.file);
+            let len = std::fs::metadata(&path)
+                .map(|md| md.len())
+                .unwrap_or(u64::MAX);
+            if len != s.bytes {
+                return Err(ReadError::Corrupt {
+                    path,
+                    what: format!("{len} bytes on disk, manifest says {}", s.bytes),
+                });
+            }
+            // SAFETY: shards are immutable once written (replaced only by rename).
+            shards.push(unsafe { MappedShard::open(&path, m.params.top_k)? });
+        }
+        let units: Vec<(usize, usize)> = shards
+            .iter()
+            .enumerate()
+            .flat_map(|(s, sh)| (0..sh.row_groups()).map(move |g| (s, g)))
+            .collect();
+        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let k = m.params.top_k;
+        let shas: Vec<String> = m.shards.iter().map(|s| s.sha256.clone()).collect();
+        let handle = std::thread::Builder::new()
+            .name("logitcache-reader".into())
+            .spawn(move || produce(shards, shas, units, k, cfg, tx))
+            .expect("spawn the reader thread");
+        Ok(Stream {
+            rx: Some(rx),
+            handle: Some(handle),
+        })
+    }
+
+    /// The next batch, or `None` at the end of the last epoch.
+    pub fn next_batch(&mut self) -> Option<Result<TrainBatch, ReadError>> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Iterator for Stream {
+    type Item = Result<TrainBatch, ReadError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_batch()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        drop(self.rx.take()); // the producer's next send fails and it returns
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    let mut rng = SplitMix::new(seed);
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+fn mix(a: u64, b: u64, c: u64) -> u64 {
+    let mut r = SplitMix::new(a ^ b.rotate_left(21) ^ c.rotate_left(42));
+    r.next_u64()
+}
+
+fn produce(
+    shards: Vec<MappedShard>,
+    shas: Vec<String>,
+    units: Vec<(usize, usize)>,
+    k: usize,
+    cfg: StreamConfig,
+    tx: SyncSender<Result<TrainBatch, ReadError>>,
+) {
+    let group_size = cfg.shuffle_units.max(1);
+    let n_groups = units.len().div_ceil(group_size) as u64;
+    let mut cursor = cfg.start;
+    let mut verified = vec![false; shards.len()];
+    // Rows selected for the next batch: (decoded row group, row).
+    let mut pending: Vec<(Arc<ShardRows>, usize)> = Vec::with_capacity(cfg.batch_size);
+    loop {
+        if cfg.epochs.is_some_and(|e| cursor.epoch >= e) {
+            break;
+        }
+        let order = if cfg.shuffle {
+            permutation(units.len(), mix(cfg.seed, cursor.epoch, 0x0a11))
+        } else {
+            (0..units.len()).collect()
+        };
+        while cursor.group < n_groups {
+            let g = cursor.group as usize;
+            let members = &order[g * group_size..((g + 1) * group_size).min(units.len())];
+            // Decode the group's row groups (in unit order), then order its rows.
+            let mut decoded = Vec::with_capacity(members.len());
+            for &u in members {
+                let (s, rg) = units[u];
+                if !verified[s] {
+                    if let Err(e) = shards[s].verify(&shas[s]) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    verified[s] = true;
+                }
+                match shards[s].decode(rg, k) {
+                    Ok(r) => decoded.push(Arc::new(r)),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            let mut rows: Vec<(usize, usize)> = Vec::new();
+            for (d, r) in decoded.iter().enumerate() {
+                for (i, &seq_id) in r.seq_ids.iter().enumerate() {
+                    let keep = match cfg.split {
+                        Split::All => true,
+                        Split::Train => !is_eval(seq_id, cfg.eval_fraction),
+                        Split::Eval => is_eval(seq_id, cfg.eval_fraction),
+                    };
+                    if keep {
+                        rows.push((d, i));
+                    }
+                }
+            }
+            if cfg.shuffle {
+                let p = permutation(rows.len(), mix(cfg.seed, cursor.epoch, cursor.group + 1));
+                rows = p.into_iter().map(|i| rows[i]).collect();
+            }
+            let mine: Vec<(usize, usize)> = rows
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| i % cfg.world_size == cfg.rank)
+                .map(|(_, r)| r)
+                .collect();
+            for (n, &(d, i)) in mine.iter().enumerate().skip(cursor.offset as usize) {
+                pending.push((decoded[d].clone(), i));
+                let end_of_group = n + 1 == mine.len();
+                let after = if end_of_group {
+                    Cursor {
+                        epoch: cursor.epoch,
+                        group: cursor.group + 1,
+                        offset: 0,
+                    }
+                } else {
+                    Cursor {
+                        offset: n as u64 + 1,
+                        ..cursor
+                    }
+                };
+                if pending.len() == cfg.batch_size {
+                    let b = assemble(&pending, k, after);
+                    pending.clear();
+                    if tx.send(Ok(b)).is_err() {
+                        return;
+                    }
+                }
+            }
+            cursor.group += 1;
+            cursor.offset = 0;
+        }
+        cursor.epoch += 1;
+        cursor.group = 0;
+    }
+    if !pending.is_empty() {
+        let b = assemble(&pending, k, cursor);
+        let _ = tx.send(Ok(b));
+    }
+}
+
+fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> TrainBatch {
+    let b = rows.len();
+    let span = |r: &ShardRows, i: usize| (r.offsets[i] as usize, r.offsets[i + 1] as usize);
+    let len = rows
+        .iter()
+        .map(|(r, i)| {
+            let (s, e) = span(r, *i);
+            e - s
+        })
+        .max()
+        .unwrap_or(0);
+    let mut out = TrainBatch {
+        batch: b,
+        len,
+        k,
+        seq_ids: Vec::with_capacity(b),
+        input_ids: vec![0; b * len],
+        target_ids: vec![0; b * len],
+        target_mask: vec![0.0; b * len],
+        mask: vec![0.0; b * len],
+        topk_ids: vec![0; b * len * k],
+        topk_logprobs: vec![0.0; b * len * k],
+        tail_logprob: vec![0.0; b * len],
+        cursor,
+    };
+    for (bi, (r, i)) in rows.iter().enumerate() {
+        let (s, e) = span(r, *i);
+        let n = e - s;
+        let o = bi * len;
+        let ids = &r.input_ids[s..e];
+        out.seq_ids.push(r.seq_ids[*i]);
+        out.input_ids[o..o + n].copy_from_slice(ids);
+        if n > 1 {
+            out.target_ids[o..o + n - 1].copy_from_slice(&ids[1..]);
+            out.target_mask[o..o + n - 1].fill(1.0);
+        }
+        out.mask[o..o + n].fill(1.0);
+        out.topk_ids[o * k..(o + n) * k].copy_from_slice(&r.topk_ids[s * k..e * k]);
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+            &r.topk_logprobs[s * k..e * k],
+            &mut out.topk_logprobs[o * k..(o + n) * k],
+        );
+        out.tail_logprob[o..o + n].copy_from_slice(&r.tail_logprob[s..e]);
+    }
+    out
+}
