@@ -6,8 +6,10 @@
 
 pub mod cache;
 pub mod cli;
+pub mod loss;
 pub mod onnx;
 pub mod progress;
+pub mod student;
 pub mod teacher;
 pub mod tokenizer;
 pub mod util;

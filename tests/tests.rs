@@ -5,5 +5,8 @@ mod util;
 mod cache_format;
 mod correctness;
 mod errors;
+mod llama_ref;
+mod losses;
 mod resume;
 mod stream;
+mod student;

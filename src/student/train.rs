@@ -1,0 +1,1 @@
+//! Training students from a cache (work in progress).

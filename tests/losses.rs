@@ -1,0 +1,406 @@
+//! Distillation losses: values against an f64 reference written here from the definitions,
+//! gradients against finite differences and the closed form, and properties (KL ≥ 0, zero
+//! iff equal, JSD symmetric at β = 0.5, empty masks give 0).
+
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use logitcache::loss::{KdLoss, LossConfig, Targets, loss};
+use proptest::prelude::*;
+
+type B = Flex;
+type AB = Autodiff<Flex>;
+
+fn dev() -> burn::backend::flex::FlexDevice {
+    Default::default()
+}
+
+/// A teacher for `rows` rows over `v` ids: top-k of a random distribution, with exact tail.
+struct Case {
+    n: usize,
+    v: usize,
+    k: usize,
+    logits: Vec<f64>,
+    ids: Vec<i64>,
+    lp: Vec<f64>,
+    tail: Vec<f64>,
+    mask: Vec<f64>,
+    targets: Vec<i64>,
+}
+
+fn lse(x: &[f64]) -> f64 {
+    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+}
+
+fn case(n: usize, v: usize, k: usize, seed: u64, teacher_scale: f64) -> Case {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut r = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    let logits: Vec<f64> = (0..n * v).map(|_| r() * 3.0).collect();
+    let (mut ids, mut lp, mut tail) = (vec![], vec![], vec![]);
+    for _ in 0..n {
+        let t: Vec<f64> = (0..v).map(|_| r() * teacher_scale).collect();
+        let z = lse(&t);
+        let mut order: Vec<usize> = (0..v).collect();
+        order.sort_by(|&a, &b| t[b].partial_cmp(&t[a]).unwrap());
+        for &i in &order[..k] {
+            ids.push(i as i64);
+            lp.push(t[i] - z);
+        }
+        let rest: Vec<f64> = order[k..].iter().map(|&i| t[i]).collect();
+        tail.push(if rest.is_empty() {
+            f64::NEG_INFINITY
+        } else {
+            lse(&rest) - z
+        });
+    }
+    let mask = (0..n).map(|i| if i % 5 == 4 { 0.0 } else { 1.0 }).collect();
+    let targets = (0..n).map(|i| (i * 7 % v) as i64).collect();
+    Case {
+        n,
+        v,
+        k,
+        logits,
+        ids,
+        lp,
+        tail,
+        mask,
+        targets,
+    }
+}
+
+fn targets<BB: Backend>(c: &Case, d: &BB::Device) -> Targets<BB> {
+    let f = |v: &[f64]| {
+        Tensor::<BB, 1>::from_data(
+            TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), [v.len()]),
+            d,
+        )
+    };
+    Targets {
+        topk_ids: Tensor::<BB, 1, Int>::from_data(TensorData::new(c.ids.clone(), [c.n * c.k]), d)
+            .reshape([c.n, c.k]),
+        topk_logprobs: Tensor::<BB, 1>::from_data(
+            TensorData::new(
+                c.lp.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                [c.n * c.k],
+            ),
+            d,
+        )
+        .reshape([c.n, c.k]),
+        tail_logprob: f(&c.tail),
+        mask: f(&c.mask),
+        target_ids: Tensor::<BB, 1, Int>::from_data(TensorData::new(c.targets.clone(), [c.n]), d),
+        target_mask: f(&c.mask),
+    }
+}
+
+/// The reference: each loss from its definition, in f64, over k + 1 outcomes.
+fn reference(c: &Case, cfg: &LossConfig) -> f64 {
+    let t = cfg.temperature;
+    let (mut kd, mut ce, mut nk) = (0.0, 0.0, 0.0);
+    for r in 0..c.n {
+        if c.mask[r] == 0.0 {
+            continue;
+        }
+        nk += 1.0;
+        let z: Vec<f64> = c.logits[r * c.v..(r + 1) * c.v]
+            .iter()
+            .map(|x| x / t)
+            .collect();
+        let zl = lse(&z);
+        let ids = &c.ids[r * c.k..(r + 1) * c.k];
+        let mut p: Vec<f64> = c.lp[r * c.k..(r + 1) * c.k]
+            .iter()
+            .map(|x| x.exp())
+            .collect();
+        let mut q: Vec<f64> = ids.iter().map(|&i| (z[i as usize] - zl).exp()).collect();
+        let qt = 1.0 - q.iter().sum::<f64>();
+        p.push(c.tail[r].exp());
+        q.push(qt);
+        let kl = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .filter(|(x, _)| **x > 0.0)
+                .map(|(x, y)| x * (x / y).ln())
+                .sum::<f64>()
+        };
+        kd += match cfg.kind {
+            KdLoss::Fkl => kl(&p, &q),
+            KdLoss::Rkl => kl(&q, &p),
+            KdLoss::Jsd => {
+                let b = cfg.jsd_beta;
+                let m: Vec<f64> = p
+                    .iter()
+                    .zip(&q)
+                    .map(|(x, y)| b * x + (1.0 - b) * y)
+                    .collect();
+                b * kl(&p, &m) + (1.0 - b) * kl(&q, &m)
+            }
+            KdLoss::FklTopk => {
+                let (sp, sq) = (p[..c.k].iter().sum::<f64>(), q[..c.k].iter().sum::<f64>());
+                let pn: Vec<f64> = p[..c.k].iter().map(|x| x / sp).collect();
+                let qn: Vec<f64> = q[..c.k].iter().map(|x| x / sq).collect();
+                kl(&pn, &qn)
+            }
+            KdLoss::Ce => 0.0,
+        };
+        let raw = &c.logits[r * c.v..(r + 1) * c.v];
+        ce += lse(raw) - raw[c.targets[r] as usize];
+    }
+    let kd_term = if cfg.kind == KdLoss::Ce {
+        0.0
+    } else {
+        cfg.kd_weight * t * t * kd / nk
+    };
+    let ce_w = if cfg.kind == KdLoss::Ce {
+        1.0
+    } else {
+        cfg.ce_weight
+    };
+    kd_term + ce_w * ce / nk
+}
+
+fn logits_tensor<BB: Backend>(c: &Case, d: &BB::Device) -> Tensor<BB, 2> {
+    Tensor::<BB, 1>::from_data(
+        TensorData::new(
+            c.logits.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            [c.n * c.v],
+        ),
+        d,
+    )
+    .reshape([c.n, c.v])
+}
+
+const KINDS: [KdLoss; 5] = [
+    KdLoss::Fkl,
+    KdLoss::FklTopk,
+    KdLoss::Rkl,
+    KdLoss::Jsd,
+    KdLoss::Ce,
+];
+
+#[test]
+fn values_match_the_f64_reference() {
+    for (i, &kind) in KINDS.iter().enumerate() {
+        for t in [1.0, 2.0] {
+            let c = case(10, 30, 6, i as u64 + 1, 2.0);
+            let cfg = LossConfig {
+                kind,
+                temperature: t,
+                kd_weight: 0.7,
+                ce_weight: 0.3,
+                jsd_beta: 0.3,
+            };
+            let got = loss(
+                logits_tensor::<B>(&c, &dev()),
+                &targets::<B>(&c, &dev()),
+                &cfg,
+                None,
+            )
+            .total
+            .into_scalar()
+            .elem::<f64>();
+            let want = reference(&c, &cfg);
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "{kind:?} T={t}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_and_the_closed_form() {
+    let c = case(4, 12, 4, 77, 2.0);
+    for &kind in &KINDS {
+        let cfg = LossConfig {
+            kind,
+            temperature: 1.5,
+            kd_weight: 1.0,
+            ce_weight: 0.5,
+            jsd_beta: 0.5,
+        };
+        let x = logits_tensor::<AB>(&c, &dev()).require_grad();
+        let l = loss(x.clone(), &targets::<AB>(&c, &dev()), &cfg, None).total;
+        let grads = l.backward();
+        let g: Vec<f32> = x
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        // Central differences of the f64 reference.
+        for j in [0, 5, 11, 13, 30, 47] {
+            let h = 1e-5;
+            let mut a = case(4, 12, 4, 77, 2.0);
+            let mut b = case(4, 12, 4, 77, 2.0);
+            a.logits[j] += h;
+            b.logits[j] -= h;
+            let fd = (reference(&a, &cfg) - reference(&b, &cfg)) / (2.0 * h);
+            assert!(
+                (g[j] as f64 - fd).abs() <= 2e-4 + 1e-3 * fd.abs(),
+                "{kind:?} d/dz[{j}]: autodiff {} vs fd {fd}",
+                g[j]
+            );
+        }
+        if kind == KdLoss::Fkl {
+            // Closed form for the KD term: T/N · (q − p̃), p̃ = p on the top-k and
+            // p_tail · q_j / q_tail elsewhere; plus the CE term's (softmax − onehot)/N · w.
+            let (t, nk) = (cfg.temperature, c.mask.iter().sum::<f64>());
+            for r in 0..c.n {
+                let z: Vec<f64> = c.logits[r * c.v..(r + 1) * c.v]
+                    .iter()
+                    .map(|x| x / t)
+                    .collect();
+                let zl = lse(&z);
+                let q: Vec<f64> = z.iter().map(|x| (x - zl).exp()).collect();
+                let raw = &c.logits[r * c.v..(r + 1) * c.v];
+                let rl = lse(raw);
+                let ids: Vec<usize> = c.ids[r * c.k..(r + 1) * c.k]
+                    .iter()
+                    .map(|&i| i as usize)
+                    .collect();
+                let qt: f64 = (0..c.v).filter(|j| !ids.contains(j)).map(|j| q[j]).sum();
+                for j in 0..c.v {
+                    let pt = match ids.iter().position(|&i| i == j) {
+                        Some(pos) => c.lp[r * c.k + pos].exp(),
+                        None => c.tail[r].exp() * q[j] / qt,
+                    };
+                    let onehot = if c.targets[r] as usize == j { 1.0 } else { 0.0 };
+                    let want = c.mask[r]
+                        * (t / nk * (q[j] - pt)
+                            + cfg.ce_weight / nk * ((raw[j] - rl).exp() - onehot));
+                    let got = g[r * c.v + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 + 1e-3 * want.abs(),
+                        "closed form row {r} id {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_masks_and_empty_tails_give_finite_values() {
+    let mut c = case(3, 8, 8, 5, 50.0); // k = V: the tail is empty (-inf); peaky teacher
+    c.mask = vec![0.0; 3];
+    for &kind in &KINDS {
+        let cfg = LossConfig {
+            kind,
+            ce_weight: 1.0,
+            ..Default::default()
+        };
+        let x = logits_tensor::<AB>(&c, &dev()).require_grad();
+        let l = loss(x.clone(), &targets::<AB>(&c, &dev()), &cfg, None).total;
+        assert_eq!(l.clone().into_scalar().elem::<f64>(), 0.0, "{kind:?}");
+        let g: Vec<f32> = x
+            .grad(&l.backward())
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        assert!(g.iter().all(|v| v.is_finite()), "{kind:?}");
+    }
+    let mut c = case(3, 8, 8, 5, 50.0);
+    c.mask = vec![1.0; 3];
+    for &kind in &KINDS {
+        let cfg = LossConfig {
+            kind,
+            ..Default::default()
+        };
+        let x = logits_tensor::<AB>(&c, &dev()).require_grad();
+        let l = loss(x.clone(), &targets::<AB>(&c, &dev()), &cfg, None).total;
+        let v = l.clone().into_scalar().elem::<f64>();
+        assert!(v.is_finite(), "{kind:?}: {v}");
+        let g: Vec<f32> = x
+            .grad(&l.backward())
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        assert!(g.iter().all(|v| v.is_finite()), "{kind:?} gradient");
+    }
+}
+
+/// A teacher equal to the student's own distribution (k = V, so exact).
+fn self_case(logits: &[f64], n: usize, v: usize) -> Case {
+    let mut c = case(n, v, v, 1, 1.0);
+    c.logits = logits.to_vec();
+    c.ids.clear();
+    c.lp.clear();
+    for r in 0..n {
+        let z = &logits[r * v..(r + 1) * v];
+        let l = lse(z);
+        let mut order: Vec<usize> = (0..v).collect();
+        order.sort_by(|&a, &b| z[b].partial_cmp(&z[a]).unwrap());
+        for i in order {
+            c.ids.push(i as i64);
+            c.lp.push(z[i] - l);
+        }
+    }
+    c.tail = vec![f64::NEG_INFINITY; n];
+    c
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn divergences_are_nonnegative_and_zero_at_equality(seed in 0u64..10_000, k in 1usize..10, scale in 0.1f64..6.0) {
+        let c = case(6, 10, k, seed, scale);
+        for kind in [KdLoss::Fkl, KdLoss::FklTopk, KdLoss::Rkl, KdLoss::Jsd] {
+            let cfg = LossConfig { kind, ..Default::default() };
+            let v = loss(logits_tensor::<B>(&c, &dev()), &targets::<B>(&c, &dev()), &cfg, None).total.into_scalar().elem::<f64>();
+            prop_assert!(v >= -1e-5, "{:?}: {}", kind, v);
+            // (Renormalised over a single id, every pair of distributions is equal.)
+            if !(kind == KdLoss::FklTopk && k == 1) {
+                prop_assert!(v > 1e-6, "{:?}: distinct distributions must have a positive divergence, got {}", kind, v);
+            }
+            let same = self_case(&c.logits, c.n, c.v);
+            let z = loss(logits_tensor::<B>(&same, &dev()), &targets::<B>(&same, &dev()), &cfg, None).total.into_scalar().elem::<f64>();
+            prop_assert!(z.abs() < 2e-5, "{:?} at equality: {}", kind, z);
+        }
+    }
+
+    #[test]
+    fn jsd_is_symmetric_at_half(seed in 0u64..10_000) {
+        let a = case(4, 9, 9, seed, 2.0);
+        let b = case(4, 9, 9, seed + 1, 2.0);
+        let cfg = LossConfig { kind: KdLoss::Jsd, jsd_beta: 0.5, ..Default::default() };
+        // JSD(teacher = softmax(a), student = b) vs JSD(teacher = softmax(b), student = a).
+        let ta = self_case(&a.logits, 4, 9);
+        let tb = self_case(&b.logits, 4, 9);
+        let mut ab = ta.clone_with_logits(&b.logits);
+        let mut ba = tb.clone_with_logits(&a.logits);
+        ab.mask = vec![1.0; 4];
+        ba.mask = vec![1.0; 4];
+        let x = loss(logits_tensor::<B>(&ab, &dev()), &targets::<B>(&ab, &dev()), &cfg, None).total.into_scalar().elem::<f64>();
+        let y = loss(logits_tensor::<B>(&ba, &dev()), &targets::<B>(&ba, &dev()), &cfg, None).total.into_scalar().elem::<f64>();
+        prop_assert!((x - y).abs() < 1e-5 * (1.0 + x.abs()), "{} vs {}", x, y);
+    }
+}
+
+impl Case {
+    fn clone_with_logits(&self, logits: &[f64]) -> Case {
+        Case {
+            n: self.n,
+            v: self.v,
+            k: self.k,
+            logits: logits.to_vec(),
+            ids: self.ids.clone(),
+            lp: self.lp.clone(),
+            tail: self.tail.clone(),
+            mask: self.mask.clone(),
+            targets: self.targets.clone(),
+        }
+    }
+}
