@@ -267,11 +267,23 @@ impl TopK {
             ids[j] = id;
             logprobs[j] = (((x - max) * scale) as f64 - log_z) as f32;
         }
-        Ok(if below_total > 0.0 {
-            (below_total.ln() - log_z) as f32
-        } else {
-            f32::NEG_INFINITY
-        })
+        if below_total > 0.0 {
+            return Ok((below_total.ln() - log_z) as f32);
+        }
+        if k == row.len() {
+            return Ok(f32::NEG_INFINITY);
+        }
+        // Every value outside the top-k is below e^-87 of the max (a very peaked row): the
+        // fast exp flushed them to 0. Their log-sum-exp in f64 keeps the tail exact.
+        let chosen: std::collections::HashSet<u32> = cand.iter().map(|c| c.1).collect();
+        let rest = row
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !chosen.contains(&(*i as u32)))
+            .map(|(_, &x)| (x - max) as f64 * scale as f64);
+        let m = rest.clone().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + rest.map(|v| (v - m).exp()).sum::<f64>().ln();
+        Ok((lse - log_z) as f32)
     }
 }
 
