@@ -2,8 +2,10 @@
 //! translation into validated configs.
 
 use crate::cache::{inspect, verify};
+use crate::loss::{KdLoss, LossConfig};
 use crate::onnx::{ToyLmSpec, toy_lm};
 use crate::progress::ProgressMode;
+use crate::student::train;
 use crate::teacher::backend::{Device, PaddingSide, TopKMode};
 use crate::teacher::{self, TeacherConfig};
 use anyhow::Context;
@@ -33,6 +35,11 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Summarise a cache, or print one position's top-k as text.
     Inspect(InspectArgs),
+    /// Train one or more students from a cache (one run directory per student).
+    Train(TrainArgs),
+    /// Evaluate a trained student on a cache (CE, perplexity, KL to the teacher, top-1
+    /// agreement) or on a corpus (CE, perplexity).
+    Eval(EvalArgs),
     /// Train a byte-level BPE tokenizer.json on a corpus (for demos and small experiments).
     TrainTokenizer(TrainTokenizerArgs),
     /// Write a tiny random ONNX causal LM with the teacher interface (for demos and tests).
@@ -111,6 +118,130 @@ pub struct TeacherArgs {
     /// that `make setup` fills.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The cache written by `logitcache teacher`.
+    #[arg(long)]
+    pub cache: PathBuf,
+    /// Student architectures: TOML files with Hugging Face LlamaConfig keys, or presets
+    /// (nano, micro, mini, small, base). Several train one after another from the same cache.
+    #[arg(long, num_args = 1.., required = true)]
+    pub student: Vec<String>,
+    /// Output directory; each student gets OUT/<name>/ (checkpoint/, metrics.jsonl).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The students' tokenizer.json (must be the cache's; default: the path in its manifest).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = train::DEFAULT_STEPS)]
+    pub steps: usize,
+    /// Sequences (cache windows) per micro-batch.
+    #[arg(long, default_value_t = train::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = train::DEFAULT_LR)]
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule (default: lr / 10).
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = train::DEFAULT_WARMUP)]
+    pub warmup: usize,
+    /// AdamW weight decay (PyTorch default).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+    /// AdamW epsilon (PyTorch default).
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    #[arg(long, default_value_t = train::DEFAULT_GRAD_CLIP)]
+    pub grad_clip: f64,
+    /// Distillation loss: fkl (KL with the tail as one outcome), fkl-topk, rkl, jsd, or ce
+    /// (next-token cross-entropy only, no teacher).
+    #[arg(long, value_enum, default_value_t = KdLoss::Fkl)]
+    pub loss: KdLoss,
+    /// Weight of the distillation term (scaled by T²).
+    #[arg(long, default_value_t = 1.0)]
+    pub kd_weight: f64,
+    /// Weight of the next-token cross-entropy term.
+    #[arg(long, default_value_t = 0.0)]
+    pub ce_weight: f64,
+    /// Distillation temperature (must equal the cache's; default: the cache's).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// β of the generalised JSD.
+    #[arg(long, default_value_t = 0.5)]
+    pub jsd_beta: f64,
+    /// Seed for the initial weights and the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate on the held-out split every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Batches per evaluation.
+    #[arg(long, default_value_t = 50)]
+    pub eval_batches: usize,
+    /// Fraction of sequences held out for evaluation (chosen by seq_id hash).
+    #[arg(long, default_value_t = train::DEFAULT_EVAL_FRACTION)]
+    pub eval_fraction: f64,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Write a metrics line every N steps.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    /// Positions per loss chunk, so [positions, vocab] logits never exist whole (0 = off).
+    #[arg(long, default_value_t = train::DEFAULT_LOSS_CHUNK)]
+    pub loss_chunk: usize,
+    /// Continue each student's run from its checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Training device (cpu; GPU training is not built yet).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Threads for the CPU backend (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Progress display: bar (stderr), json (metrics lines on stdout) or off.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Bar)]
+    pub progress: ProgressMode,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run directory written by `train` (OUT/<student>).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Evaluate on this cache's held-out split (the fraction the run used).
+    #[arg(long, conflicts_with = "corpus")]
+    pub cache: Option<PathBuf>,
+    /// Or on a corpus (cross-entropy and perplexity only).
+    #[arg(long, num_args = 1..)]
+    pub corpus: Vec<PathBuf>,
+    /// The tokenizer for --corpus (default: the checkpoint's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// JSON field / Parquet column of --corpus.
+    #[arg(long, default_value = teacher::DEFAULT_TEXT_FIELD)]
+    pub text_field: String,
+    /// Batches to evaluate.
+    #[arg(long, default_value_t = 1000)]
+    pub batches: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -251,6 +382,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
+        Command::Train(args) => run_train(args),
+        Command::Eval(args) => run_eval(args),
         Command::Verify(args) => {
             let r = verify::verify(&args.cache_dir)?;
             let mut out = std::io::stdout().lock();
@@ -376,4 +509,162 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn run_train(args: TrainArgs) -> anyhow::Result<i32> {
+    use crate::cache::reader::Cache;
+    use crate::student::config::StudentConfig;
+    if let Some(t) = args.threads {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global();
+    }
+    let cache = Cache::open(&args.cache)?;
+    let m = &cache.manifest;
+    let tokenizer = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| m.tokenizer.path.clone());
+    if !tokenizer.is_file() {
+        anyhow::bail!(
+            "the cache's tokenizer {} is not there; pass --tokenizer PATH (the tokenizer.json the cache was built with, sha256 {})",
+            tokenizer.display(),
+            m.tokenizer.sha256
+        );
+    }
+    let students = args
+        .student
+        .iter()
+        .map(|s| StudentConfig::load(s, m.vocab_size))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut names = std::collections::BTreeSet::new();
+    for s in &students {
+        if !names.insert(s.name.clone()) {
+            anyhow::bail!(
+                "two students are named `{}`; their run directories would collide: rename a TOML file",
+                s.name
+            );
+        }
+    }
+    let cfg = train::TrainConfig {
+        cache: args.cache.clone(),
+        tokenizer,
+        out: args.out.clone(),
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+        warmup: args.warmup,
+        weight_decay: args.weight_decay,
+        beta1: args.beta1,
+        beta2: args.beta2,
+        eps: args.eps,
+        grad_clip: args.grad_clip,
+        loss: LossConfig {
+            kind: args.loss,
+            kd_weight: args.kd_weight,
+            ce_weight: args.ce_weight,
+            temperature: args.temperature.unwrap_or(m.params.temperature as f64),
+            jsd_beta: args.jsd_beta,
+        },
+        seed: args.seed,
+        eval_every: args.eval_every,
+        eval_batches: args.eval_batches,
+        eval_fraction: args.eval_fraction,
+        save_every: args.save_every,
+        log_every: args.log_every,
+        loss_chunk: args.loss_chunk,
+        device: args.device.clone(),
+        progress: Some(args.progress),
+    };
+    cfg.validate()?;
+    for s in &students {
+        tracing::info!("student {}: {} parameters", s.name, s.num_params());
+        let r = train::train_student(&cache, s, &cfg, args.resume)?;
+        tracing::info!(
+            "student {} done: {} steps, {} tokens, {:.0} tokens/s, final loss {:.4}{}, peak RSS {:.0} MiB -> {}",
+            r.student,
+            r.steps,
+            r.tokens,
+            r.tokens_per_s,
+            r.final_loss,
+            r.eval
+                .as_ref()
+                .map(|e| format!(
+                    ", eval loss {:.4} (ppl {:.2}, KL {:.4}, top-1 {:.3})",
+                    e.eval_loss, e.eval_ppl, e.eval_kl, e.eval_top1
+                ))
+                .unwrap_or_default(),
+            r.peak_rss_mib,
+            r.run_dir.display()
+        );
+        if args.progress == ProgressMode::Json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "student_done", "result": r})
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<i32> {
+    use crate::cache::reader::Cache;
+    use crate::student::checkpoint::{load_hf, read_safetensors};
+    use crate::student::config::StudentConfig;
+    use crate::student::model::Llama;
+    let ckpt = args.checkpoint.join("checkpoint");
+    let tc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ckpt.join("train_config.json"))
+            .with_context(|| format!("{} is not a run directory written by `logitcache train` (no checkpoint/train_config.json)", args.checkpoint.display()))?,
+    )?;
+    let student: StudentConfig = serde_json::from_value(tc["student"].clone())
+        .context("checkpoint/train_config.json has no valid `student`")?;
+    let tcfg: train::TrainConfig = serde_json::from_value(tc["train"].clone())
+        .context("checkpoint/train_config.json has no valid `train`")?;
+    let weights = read_safetensors(&ckpt.join("model.safetensors"))?;
+    let dev = Default::default();
+    let model = load_hf(
+        Llama::<burn::backend::Flex>::init(&student, 0, &dev),
+        &weights,
+        &ckpt.join("model.safetensors"),
+    )?;
+    let metrics = if let Some(dir) = &args.cache {
+        let cache = Cache::open(dir)?;
+        cache.check_tokenizer(&ckpt.join("tokenizer.json"))?;
+        let e = train::evaluate(
+            &model,
+            &cache,
+            tcfg.eval_fraction,
+            tcfg.batch_size,
+            args.batches,
+            &tcfg.loss,
+        )?;
+        serde_json::to_value(e)?
+    } else if !args.corpus.is_empty() {
+        let tok_path = args
+            .tokenizer
+            .clone()
+            .unwrap_or_else(|| ckpt.join("tokenizer.json"));
+        let e = train::evaluate_corpus(
+            &model,
+            &args.corpus,
+            &args.text_field,
+            &tok_path,
+            args.batches,
+        )?;
+        serde_json::to_value(e)?
+    } else {
+        anyhow::bail!("pass --cache DIR or --corpus PATH… to evaluate on");
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&metrics)?)?;
+    } else {
+        for (k, v) in metrics.as_object().expect("metrics object") {
+            writeln!(out, "{k:<12} {v}")?;
+        }
+    }
+    Ok(0)
 }
