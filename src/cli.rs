@@ -208,6 +208,10 @@ pub struct TrainArgs {
     /// Continue each student's run from its checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Stop after this step with a checkpoint, as if interrupted (for time-limited jobs);
+    /// `--resume` with the same flags continues exactly.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     /// Training device (cpu; GPU training is not built yet).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -577,6 +581,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<i32> {
         loss_chunk: args.loss_chunk,
         device: args.device.clone(),
         progress: Some(args.progress),
+        stop_after: args.stop_after,
     };
     cfg.validate()?;
     for s in &students {

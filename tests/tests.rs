@@ -10,3 +10,4 @@ mod losses;
 mod resume;
 mod stream;
 mod student;
+mod training;

@@ -65,6 +65,9 @@ pub struct TrainConfig {
     pub device: String,
     #[serde(skip)]
     pub progress: Option<ProgressMode>,
+    /// Stop (with a checkpoint) after this step.
+    #[serde(skip)]
+    pub stop_after: Option<usize>,
 }
 
 impl TrainConfig {
@@ -563,7 +566,8 @@ pub fn train_student(
     let seconds0 = state.seconds;
     let mut last_loss = f64::NAN;
     let mut window = (Instant::now(), 0u64);
-    while state.step < cfg.steps {
+    let stop = cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps);
+    while state.step < stop {
         let mut acc = GradientsAccumulator::<Llama<CpuBackend>>::new();
         let (mut total, mut kd, mut ce) = (0.0, 0.0, 0.0);
         for _ in 0..cfg.grad_accum {
@@ -616,7 +620,10 @@ pub fn train_student(
             }
             window = (Instant::now(), 0);
         }
-        if cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && cfg.eval_fraction > 0.0 {
+        if cfg.eval_every > 0
+            && state.step.is_multiple_of(cfg.eval_every)
+            && cfg.eval_fraction > 0.0
+        {
             let e = evaluate(
                 &model.valid(),
                 cache,
@@ -630,7 +637,8 @@ pub fn train_student(
                 serde_json::json!({"step": state.step, "eval_loss": e.eval_loss, "eval_ppl": e.eval_ppl, "eval_kl": e.eval_kl, "eval_top1": e.eval_top1, "eval_tokens": e.eval_tokens}),
             )?;
         }
-        if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < cfg.steps {
+        if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < cfg.steps
+        {
             state.seconds = seconds0 + t_start.elapsed().as_secs_f64();
             save_checkpoint(&run, &model, &optim, student, cfg, &state)?;
         }
@@ -640,7 +648,7 @@ pub fn train_student(
     }
     state.seconds = seconds0 + t_start.elapsed().as_secs_f64();
     save_checkpoint(&run, &model, &optim, student, cfg, &state)?;
-    let eval = if cfg.eval_fraction > 0.0 {
+    let eval = if cfg.eval_fraction > 0.0 && state.step == cfg.steps {
         let e = evaluate(
             &model.valid(),
             cache,

@@ -1,0 +1,297 @@
+//! The trainer end to end through the CLI: loss goes down on a cache made by the teacher
+//! stage, resuming is exact, one cache serves several students, `eval` reports the same
+//! metrics, and bad inputs are refused clearly.
+
+use crate::util::*;
+use logitcache::student::checkpoint::read_safetensors;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn cache() -> &'static PathBuf {
+    static C: OnceLock<PathBuf> = OnceLock::new();
+    C.get_or_init(|| {
+        let out = shared_dir().join("train-cache");
+        assert_ok(&run_strings(&teacher_args(&plain_model(), &out, 300)));
+        out
+    })
+}
+
+fn student_toml(name: &str, body: &str) -> PathBuf {
+    let p = shared_dir().join(format!("{name}.toml"));
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn tiny_student() -> PathBuf {
+    student_toml(
+        "tiny",
+        "hidden_size = 32\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2\nintermediate_size = 64\ntie_word_embeddings = true\n",
+    )
+}
+
+fn train_args(out: &Path, students: &[&str], steps: usize, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "train",
+        "--cache",
+        cache().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        &steps.to_string(),
+        "--batch-size",
+        "4",
+        "--warmup",
+        "2",
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "1",
+        "--eval-batches",
+        "4",
+        "--progress",
+        "off",
+        "--threads",
+        "1",
+        "--student",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(students.iter().map(|s| s.to_string()));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn loss_goes_down_and_eval_matches_the_eval_command() {
+    let out = shared_dir().join("train-down");
+    let _ = std::fs::remove_dir_all(&out);
+    let t = tiny_student();
+    assert_ok(&run_strings(&train_args(
+        &out,
+        &[t.to_str().unwrap()],
+        40,
+        &["--eval-every", "20"],
+    )));
+    let m = metrics(&out.join("tiny"));
+    let losses: Vec<f64> = m.iter().filter_map(|v| v["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 40);
+    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = losses[35..].iter().sum::<f64>() / 5.0;
+    assert!(
+        last < 0.9 * first,
+        "KD loss should fall: first {first:.3}, last {last:.3}"
+    );
+    for v in m.iter().filter(|v| v["loss"].is_number()) {
+        for key in ["step", "loss", "lr", "tokens_per_s"] {
+            assert!(v[key].is_number(), "metrics line lacks {key}: {v}");
+        }
+    }
+    let evals: Vec<&serde_json::Value> = m.iter().filter(|v| v["eval_loss"].is_number()).collect();
+    assert_eq!(evals.len(), 2);
+    for key in ["eval_loss", "eval_ppl", "eval_kl", "eval_top1"] {
+        assert!(evals[1][key].is_number());
+    }
+    assert!(evals[1]["eval_kl"].as_f64().unwrap() < evals[0]["eval_kl"].as_f64().unwrap());
+    // `eval` on the same cache reproduces the final evaluation.
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        out.join("tiny").to_str().unwrap(),
+        "--cache",
+        cache().to_str().unwrap(),
+        "--batches",
+        "4",
+        "--json",
+    ]);
+    assert_ok(&o);
+    let e: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    for key in ["eval_loss", "eval_kl", "eval_top1"] {
+        let (a, b) = (e[key].as_f64().unwrap(), evals[1][key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+            "{key}: eval command {a} vs training {b}"
+        );
+    }
+    // And on a corpus (CE only).
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        out.join("tiny").to_str().unwrap(),
+        "--corpus",
+        corpus(30).to_str().unwrap(),
+        "--batches",
+        "2",
+        "--json",
+    ]);
+    assert_ok(&o);
+    let e: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(e["eval_ppl"].as_f64().unwrap() > 1.0);
+    // The checkpoint is a Hugging Face LlamaForCausalLM directory.
+    let ck = out.join("tiny/checkpoint");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(cfg["vocab_size"], VOCAB);
+    assert!(ck.join("tokenizer.json").is_file());
+    assert!(
+        read_safetensors(&ck.join("model.safetensors"))
+            .unwrap()
+            .contains_key("model.layers.1.mlp.down_proj.weight")
+    );
+}
+
+#[test]
+fn resuming_gives_the_same_weights_as_training_straight() {
+    let t = tiny_student();
+    let straight = shared_dir().join("train-straight");
+    let split = shared_dir().join("train-split");
+    for d in [&straight, &split] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let extra = [
+        "--grad-accum",
+        "2",
+        "--ce-weight",
+        "0.5",
+        "--loss-chunk",
+        "40",
+    ];
+    assert_ok(&run_strings(&train_args(
+        &straight,
+        &[t.to_str().unwrap()],
+        12,
+        &extra,
+    )));
+    // Interrupted after step 6 (as a time-limited job would be), then resumed.
+    let mut first = train_args(&split, &[t.to_str().unwrap()], 12, &extra);
+    first.extend(["--stop-after".into(), "6".into()]);
+    assert_ok(&run_strings(&first));
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(split.join("tiny/checkpoint/state/trainer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], 6);
+    let mut cont = train_args(&split, &[t.to_str().unwrap()], 12, &extra);
+    cont.push("--resume".into());
+    assert_ok(&run_strings(&cont));
+    let a = read_safetensors(&straight.join("tiny/checkpoint/model.safetensors")).unwrap();
+    let b = read_safetensors(&split.join("tiny/checkpoint/model.safetensors")).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (name, (shape, va)) in &a {
+        let (sb, vb) = &b[name];
+        assert_eq!(shape, sb);
+        assert_eq!(
+            va, vb,
+            "{name} differs between straight and resumed training"
+        );
+    }
+    // The metrics of the resumed run continue the first half's.
+    let steps: Vec<u64> = metrics(&split.join("tiny"))
+        .iter()
+        .filter_map(|v| v["loss"].as_f64().and(v["step"].as_u64()))
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<u64>>());
+}
+
+#[test]
+fn one_cache_many_students_and_bad_inputs() {
+    let out = shared_dir().join("train-many");
+    let _ = std::fs::remove_dir_all(&out);
+    let t = tiny_student();
+    let before = std::fs::read(cache().join("manifest.json")).unwrap();
+    assert_ok(&run_strings(&train_args(
+        &out,
+        &[t.to_str().unwrap(), "nano"],
+        3,
+        &["--eval-fraction", "0.1"],
+    )));
+    assert!(
+        out.join("tiny/checkpoint/model.safetensors").is_file()
+            && out.join("nano/checkpoint/model.safetensors").is_file()
+    );
+    assert_eq!(
+        std::fs::read(cache().join("manifest.json")).unwrap(),
+        before,
+        "the cache is never rewritten"
+    );
+
+    // A second run into the same directory without --resume is refused.
+    assert_fails(
+        &run_strings(&train_args(&out, &["nano"], 3, &[])),
+        &["already holds a trained checkpoint", "--resume"],
+    );
+    // --resume without a checkpoint.
+    let fresh = shared_dir().join("train-fresh");
+    let _ = std::fs::remove_dir_all(&fresh);
+    assert_fails(
+        &run_strings(&train_args(&fresh, &["nano"], 3, &["--resume"])),
+        &["has no checkpoint to resume from"],
+    );
+    // A corrupt checkpoint on resume.
+    let st = out.join("nano/checkpoint/state/optim.mpk");
+    std::fs::write(&st, b"garbage").unwrap();
+    assert_fails(
+        &run_strings(&train_args(&out, &["nano"], 6, &["--resume"])),
+        &["cannot resume from", "optim.mpk is damaged"],
+    );
+    // Student TOMLs.
+    let unknown = student_toml(
+        "unknown",
+        "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\nhidden_dim = 3\n",
+    );
+    assert_fails(
+        &run_strings(&train_args(&fresh, &[unknown.to_str().unwrap()], 1, &[])),
+        &["unknown field `hidden_dim`"],
+    );
+    let heads = student_toml(
+        "heads",
+        "hidden_size = 30\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\n",
+    );
+    assert_fails(
+        &run_strings(&train_args(&fresh, &[heads.to_str().unwrap()], 1, &[])),
+        &["hidden_size 30 is not divisible by num_attention_heads 4"],
+    );
+    let small = student_toml(
+        "smallvocab",
+        "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\nvocab_size = 100\n",
+    );
+    assert_fails(
+        &run_strings(&train_args(&fresh, &[small.to_str().unwrap()], 1, &[])),
+        &["has vocab_size 100 but the cache's token ids go up to 399"],
+    );
+    // Another tokenizer than the cache's.
+    let other = shared_dir().join("train-other-tokenizer.json");
+    let mut tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tokenizer()).unwrap()).unwrap();
+    tj["truncation"] = serde_json::json!({"direction": "Right", "max_length": 64, "strategy": "LongestFirst", "stride": 0});
+    std::fs::write(&other, serde_json::to_string(&tj).unwrap()).unwrap();
+    assert_fails(
+        &run_strings(&train_args(
+            &fresh,
+            &["nano"],
+            1,
+            &["--tokenizer", other.to_str().unwrap()],
+        )),
+        &[
+            "was built with tokenizer sha256",
+            "pass the tokenizer the cache was built with",
+        ],
+    );
+    assert_fails(
+        &run_strings(&train_args(&fresh, &["nano"], 1, &["--temperature", "2"])),
+        &["--temperature 2 differs from the cache's 1"],
+    );
+    assert_fails(
+        &run_strings(&train_args(&fresh, &["nano"], 1, &["--device", "cuda:0"])),
+        &["GPU training is not built yet"],
+    );
+}
