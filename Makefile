@@ -55,8 +55,10 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --all-targets --features cuda,tensorrt -- -D warnings
 
-bench: setup
+bench: setup pycheck-setup
 	$(CARGO) bench --bench topk --bench shard_write --bench e2e
+	LOGITCACHE_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) bench --bench reader
+	bash benches/student.sh
 
 DEMO_OUT := demo-out
 demo: setup

@@ -283,6 +283,10 @@ pub struct TrainTokenizerArgs {
     /// Largest vocabulary size (special tokens included).
     #[arg(long, default_value_t = 1024)]
     pub vocab_size: usize,
+    /// bpe (byte-level BPE), or word-level: exactly --vocab-size ids (frequent words, then
+    /// filler ids), for benchmarks that need a real vocabulary size such as 32000.
+    #[arg(long, default_value = "bpe", value_parser = ["bpe", "word-level"])]
+    pub kind: String,
     /// Where to write tokenizer.json.
     #[arg(long)]
     pub out: PathBuf,
@@ -484,7 +488,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             if texts.is_empty() {
                 anyhow::bail!("the corpus has no text; check --corpus and --text-field");
             }
-            crate::tokenizer::train_bpe(&texts, args.vocab_size, &args.out)?;
+            if args.kind == "word-level" {
+                crate::tokenizer::word_level_tokenizer(&texts, args.vocab_size, &args.out)?;
+            } else {
+                crate::tokenizer::train_bpe(&texts, args.vocab_size, &args.out)?;
+            }
             let t = crate::tokenizer::load(&args.out)?;
             tracing::info!(
                 "wrote {} ({} tokens, trained on {} documents)",

@@ -3,8 +3,8 @@
 //! The teacher at each position is p = (top-k ids, their log-probs `lp` [N, k], the log of the
 //! tail mass `lpt` [N]); the student gives full-vocabulary logits z [N, V]. At temperature T
 //! the student's distribution is q = softmax(z / T); `log q` of the top-k ids is gathered, and
-//! the student's own tail `log q_tail` is a log-sum-exp over the logits with the top-k masked
-//! out (no `log(1 - Σq)` cancellation).
+//! the student's own tail is `log(1 − Σ q_top)`, floored at 1e-6 (f32 cancellation makes
+//! smaller tails meaningless anyway; the k + 1 outcome losses then stay finite).
 //!
 //! - `fkl` (default): KL(p ‖ q) over k + 1 outcomes (the tail is one outcome): a proper
 //!   divergence between two distributions.
@@ -19,14 +19,13 @@
 //! tail [N], masks [N], targets [N]; N is positions (batch × sequence, flattened).
 
 use burn::prelude::*;
-use burn::tensor::IndexingUpdateOp;
 use serde::{Deserialize, Serialize};
 
 /// Teacher log-probabilities below this count as zero probability (finite, so `0 · log 0`
 /// terms stay 0 instead of NaN).
 const LOG_ZERO: f64 = -1e4;
-/// Fill for masked logits in log-sum-exps.
-const NEG_BIG: f64 = -1e30;
+/// Smallest student tail mass used in `log q_tail` (below it the log is clamped).
+const TAIL_FLOOR: f64 = 1e-6;
 
 /// Which distillation divergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -107,8 +106,7 @@ pub fn divergence<B: Backend>(
     t: &Targets<B>,
     cfg: &LossConfig,
 ) -> Tensor<B, 2> {
-    let [n, v] = logits.dims();
-    let k = t.topk_ids.dims()[1];
+    let n = logits.dims()[0];
     let z = logits / cfg.temperature;
     let lse = logsumexp(z.clone());
     let lq = z.clone().gather(1, t.topk_ids.clone()) - lse.clone();
@@ -119,26 +117,26 @@ pub fn divergence<B: Backend>(
         let lqn = lq.clone() - logsumexp(lq);
         return (lpn.clone().exp() * (lpn - lqn)).sum_dim(1);
     }
-    let dev = z.device();
-    let in_topk = Tensor::<B, 2>::zeros([n, v], &dev)
-        .scatter(
-            1,
-            t.topk_ids.clone(),
-            Tensor::ones([n, k], &dev),
-            IndexingUpdateOp::Add,
-        )
-        .greater_elem(0.5);
-    let lqt = logsumexp(z.mask_fill(in_topk, NEG_BIG)) - lse;
+    // The student's tail: log(1 − Σ q_top). Only [N, k] work (a masked log-sum-exp over
+    // [N, V] costs several full-vocabulary passes forward and backward); the floor keeps it
+    // finite when the student puts (almost) all its mass on the teacher's top-k.
+    let lqt = (lq.clone().exp().sum_dim(1).neg() + 1.0)
+        .clamp_min(TAIL_FLOOR)
+        .log();
     let (p, pt) = (lp.clone().exp(), lpt.clone().exp());
+    // Positions whose teacher has no tail (k = V, or an underflowed tail) have no tail
+    // outcome: there the student's floored tail must not count.
+    let has_tail = lpt.clone().greater_elem(LOG_ZERO / 2.0).float();
+    let (qt, lqt) = (lqt.clone().exp() * has_tail.clone(), lqt);
     match cfg.kind {
         KdLoss::Fkl => (p * (lp - lq)).sum_dim(1) + pt * (lpt - lqt),
         KdLoss::Rkl => {
-            let (q, qt) = (lq.clone().exp(), lqt.clone().exp());
+            let q = lq.clone().exp();
             (q * (lq - lp)).sum_dim(1) + qt * (lqt - lpt)
         }
         KdLoss::Jsd => {
             let b = cfg.jsd_beta;
-            let (q, qt) = (lq.clone().exp(), lqt.clone().exp());
+            let q = lq.clone().exp();
             let lm = (p.clone() * b + q.clone() * (1.0 - b))
                 .clamp_min(1e-30)
                 .log();

@@ -1,0 +1,108 @@
+//! Reader throughput: positions/s decoded into training batches (k = 64, warm page cache) by
+//! the memory-mapped stream, and pyarrow reading the same files into numpy in the same run.
+//! Run: `cargo bench --bench reader` (needs `make setup` and `make pycheck-setup`).
+//! Knobs: READER_DOCS (default 4584 = the whole demo corpus), READER_ROUNDS (3).
+
+use logitcache::cache::reader::Cache;
+use logitcache::cache::stream::{Stream, StreamConfig};
+use logitcache::onnx::{ToyLmSpec, toy_lm};
+use logitcache::progress::ProgressMode;
+use logitcache::teacher::{TeacherConfig, run};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".ort/libonnxruntime.so.1.32.0"));
+    let docs: usize = std::env::var("READER_DOCS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4584);
+    let rounds: usize = std::env::var("READER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().take(docs).collect();
+    let all: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let corpus = dir.path().join("c.jsonl");
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let tok = dir.path().join("tok.json");
+    logitcache::tokenizer::train_bpe(&all, 8000, &tok).unwrap();
+    let vocab = logitcache::tokenizer::load(&tok).unwrap().vocab_size;
+    let model = dir.path().join("t.onnx");
+    std::fs::write(
+        &model,
+        toy_lm(&ToyLmSpec {
+            vocab,
+            hidden: 16,
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    let out = dir.path().join("cache");
+    run(&TeacherConfig {
+        model,
+        tokenizer: tok,
+        corpus: vec![corpus],
+        out: out.clone(),
+        top_k: 64,
+        seq_len: 256,
+        shard_size: 256,
+        ort_lib: Some(lib),
+        progress: ProgressMode::Off,
+        ..Default::default()
+    })
+    .unwrap();
+    let cache = Cache::open(&out).unwrap();
+    let mut best = f64::INFINITY;
+    let mut positions = 0usize;
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        positions = 0;
+        let s = Stream::start(
+            &cache,
+            StreamConfig {
+                batch_size: 32,
+                shuffle: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for b in s {
+            positions += b.unwrap().tokens();
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let python = std::env::var("LOGITCACHE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let o = std::process::Command::new(python)
+        .arg(root.join("benches/pyarrow_read.py"))
+        .arg(&out)
+        .arg(rounds.to_string())
+        .output()
+        .expect("run python (make pycheck-setup)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let py: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let py_rate = py["positions"].as_f64().unwrap() / py["seconds"].as_f64().unwrap();
+    let rate = positions as f64 / best;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "reader", "k": 64, "positions": positions, "bytes": cache.manifest.totals.bytes,
+            "stream_positions_per_s": rate, "pyarrow_positions_per_s": py_rate, "ratio_vs_pyarrow": rate / py_rate,
+        })
+    );
+}
