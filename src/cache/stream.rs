@@ -17,6 +17,7 @@ use bytes::Bytes;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -326,24 +327,42 @@ fn produce(
             let g = cursor.group as usize;
             let members = &order[g * group_size..((g + 1) * group_size).min(units.len())];
             // Decode the group's row groups (in unit order), then order its rows.
-            let mut decoded = Vec::with_capacity(members.len());
-            for &u in members {
-                let (s, rg) = units[u];
-                if !verified[s] {
-                    if let Err(e) = shards[s].verify(&shas[s]) {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                    verified[s] = true;
-                }
-                match shards[s].decode(rg, k) {
-                    Ok(r) => decoded.push(Arc::new(r)),
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                }
+            // Verify (once per shard) and decode the group's row groups in parallel.
+            let fresh: Vec<usize> = {
+                let mut f: Vec<usize> = members
+                    .iter()
+                    .map(|&u| units[u].0)
+                    .filter(|&s| !verified[s])
+                    .collect();
+                f.sort_unstable();
+                f.dedup();
+                f
+            };
+            let checked: Result<Vec<()>, ReadError> = fresh
+                .par_iter()
+                .map(|&s| shards[s].verify(&shas[s]))
+                .collect();
+            if let Err(e) = checked {
+                let _ = tx.send(Err(e));
+                return;
             }
+            for s in fresh {
+                verified[s] = true;
+            }
+            let decoded: Result<Vec<Arc<ShardRows>>, ReadError> = members
+                .par_iter()
+                .map(|&u| {
+                    let (s, rg) = units[u];
+                    shards[s].decode(rg, k).map(Arc::new)
+                })
+                .collect();
+            let decoded = match decoded {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
             let mut rows: Vec<(usize, usize)> = Vec::new();
             for (d, r) in decoded.iter().enumerate() {
                 for (i, &seq_id) in r.seq_ids.iter().enumerate() {
