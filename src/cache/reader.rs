@@ -91,13 +91,9 @@ impl Cache {
     }
 }
 
-/// Reads a shard file whole, checking its schema against top-k `k`.
-pub fn read_shard_file(path: &Path, k: usize) -> Result<ShardRows, ReadError> {
-    let corrupt = |what: String| ReadError::Corrupt {
-        path: path.to_path_buf(),
-        what,
-    };
-    let file = std::fs::File::open(path).map_err(|e| {
+/// Opens a shard file; a missing one is `MissingShard`.
+pub fn open_shard(path: &Path) -> Result<std::fs::File, ReadError> {
+    std::fs::File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             ReadError::MissingShard {
                 path: path.to_path_buf(),
@@ -108,7 +104,16 @@ pub fn read_shard_file(path: &Path, k: usize) -> Result<ShardRows, ReadError> {
                 source: e,
             }
         }
-    })?;
+    })
+}
+
+/// Reads a shard file whole, checking its schema against top-k `k`.
+pub fn read_shard_file(path: &Path, k: usize) -> Result<ShardRows, ReadError> {
+    let corrupt = |what: String| ReadError::Corrupt {
+        path: path.to_path_buf(),
+        what,
+    };
+    let file = open_shard(path)?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| corrupt(format!("not a readable Parquet file ({e})")))?;
     check_schema(builder.schema(), k).map_err(corrupt)?;

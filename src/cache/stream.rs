@@ -9,7 +9,7 @@
 //! rows of this rank already emitted in the group) is all a checkpoint needs to resume at the
 //! same place.
 
-use super::reader::{Cache, ReadError, append_batch};
+use super::reader::{Cache, ReadError, append_batch, open_shard};
 use super::schema::check_schema;
 use super::writer::ShardRows;
 use crate::onnx::toy::SplitMix;
@@ -26,6 +26,8 @@ use std::thread::JoinHandle;
 
 /// Row groups mixed by the shuffle buffer (128 windows each by default: ~1k windows).
 pub const DEFAULT_SHUFFLE_UNITS: usize = 8;
+/// Batches whose windows are sorted by length together (length bucketing).
+pub const DEFAULT_BUCKET_BATCHES: usize = 16;
 /// Batches decoded ahead of the trainer.
 pub const DEFAULT_PREFETCH: usize = 4;
 
@@ -70,6 +72,9 @@ pub struct StreamConfig {
     pub eval_fraction: f64,
     pub prefetch: usize,
     pub start: Cursor,
+    /// With `shuffle`, batches are formed from windows of similar length within runs of
+    /// this many batches (1 = no bucketing).
+    pub bucket_batches: usize,
 }
 
 impl Default for StreamConfig {
@@ -86,6 +91,7 @@ impl Default for StreamConfig {
             eval_fraction: 0.0,
             prefetch: DEFAULT_PREFETCH,
             start: Cursor::default(),
+            bucket_batches: DEFAULT_BUCKET_BATCHES,
         }
     }
 }
@@ -155,18 +161,7 @@ impl MappedShard {
             path: path.to_path_buf(),
             what,
         };
-        let file = std::fs::File::open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                ReadError::MissingShard {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                ReadError::Io {
-                    path: path.to_path_buf(),
-                    source: e,
-                }
-            }
-        })?;
+        let file = open_shard(path)?;
         // SAFETY: forwarded to the caller (see `# Safety`).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ReadError::Io {
             path: path.to_path_buf(),
@@ -380,12 +375,36 @@ fn produce(
                 let p = permutation(rows.len(), mix(cfg.seed, cursor.epoch, cursor.group + 1));
                 rows = p.into_iter().map(|i| rows[i]).collect();
             }
-            let mine: Vec<(usize, usize)> = rows
+            let mut mine: Vec<(usize, usize)> = rows
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| i % cfg.world_size == cfg.rank)
                 .map(|(_, r)| r)
                 .collect();
+            if cfg.shuffle && cfg.bucket_batches > 1 {
+                // Length bucketing: within runs of `bucket_batches` batches, sort by length
+                // and shuffle the resulting batches, so a batch holds windows of similar
+                // length (less padding) while the order stays seeded and resumable.
+                let bs = cfg.batch_size;
+                let len =
+                    |&(d, i): &(usize, usize)| decoded[d].offsets[i + 1] - decoded[d].offsets[i];
+                for (c, run) in mine.chunks_mut(bs * cfg.bucket_batches).enumerate() {
+                    run.sort_by_key(|r| std::cmp::Reverse(len(r)));
+                    let batches: Vec<Vec<(usize, usize)>> =
+                        run.chunks(bs).map(|b| b.to_vec()).collect();
+                    let order = permutation(
+                        batches.len(),
+                        mix(
+                            cfg.seed ^ 0xb0c4,
+                            cursor.epoch,
+                            (cursor.group << 20) + c as u64,
+                        ),
+                    );
+                    let flat: Vec<(usize, usize)> =
+                        order.into_iter().flat_map(|b| batches[b].clone()).collect();
+                    run.copy_from_slice(&flat);
+                }
+            }
             for (n, &(d, i)) in mine.iter().enumerate().skip(cursor.offset as usize) {
                 pending.push((decoded[d].clone(), i));
                 let end_of_group = n + 1 == mine.len();
