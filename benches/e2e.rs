@@ -30,7 +30,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing else to parse.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = std::env::var_os("ORT_DYLIB_PATH")
         .map(PathBuf::from)
@@ -40,13 +39,19 @@ fn main() {
         "run `make setup` first ({} missing)",
         lib.display()
     );
-    let (docs, hidden, layers, rounds, threads) = (
-        env("E2E_DOCS", 160),
-        env("E2E_HIDDEN", 512),
-        env("E2E_LAYERS", 4),
-        env("E2E_ROUNDS", 3),
-        env("E2E_THREADS", 2),
-    );
+    // `cargo test --all-targets` runs this without `--bench`: a small smoke run then.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let (docs, hidden, layers, rounds, threads) = if smoke {
+        (20, 32, 1, 1, 2)
+    } else {
+        (
+            env("E2E_DOCS", 160),
+            env("E2E_HIDDEN", 512),
+            env("E2E_LAYERS", 4),
+            env("E2E_ROUNDS", 3),
+            env("E2E_THREADS", 2),
+        )
+    };
     let (vocab, seq_len, batch_size) = (32_000usize, 128usize, 8usize);
 
     let dir = tempfile::tempdir().unwrap();

@@ -16,14 +16,19 @@ fn main() {
     let lib = std::env::var_os("ORT_DYLIB_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".ort/libonnxruntime.so.1.32.0"));
-    let docs: usize = std::env::var("READER_DOCS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4584);
-    let rounds: usize = std::env::var("READER_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    // `cargo test --all-targets` runs this without `--bench`: a small smoke run then.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let knob = |n: &str, d: usize| {
+        std::env::var(n)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (docs, rounds) = if smoke {
+        (100, 1)
+    } else {
+        (knob("READER_DOCS", 4584), knob("READER_ROUNDS", 3))
+    };
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().take(docs).collect();
