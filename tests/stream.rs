@@ -232,3 +232,21 @@ fn damaged_or_incomplete_caches_are_refused_naming_the_shard() {
         .to_string();
     assert!(err.contains("the cache is incomplete"), "{err}");
 }
+
+#[test]
+fn an_empty_split_is_an_error_not_a_hang() {
+    let cache = Cache::open(cache_dir()).unwrap();
+    // A rank beyond the number of rows per group gets nothing from an eval split this small.
+    let cfg = StreamConfig {
+        split: Split::Eval,
+        eval_fraction: 1e-9,
+        epochs: None,
+        ..Default::default()
+    };
+    let first = Stream::start(&cache, cfg).unwrap().next().unwrap();
+    let err = first.err().expect("an error").to_string();
+    assert!(
+        err.contains("holds no sequences") && err.contains("--eval-fraction"),
+        "{err}"
+    );
+}

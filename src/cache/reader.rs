@@ -20,6 +20,10 @@ pub enum ReadError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(
+        "the {0} holds no sequences; use a larger cache, a smaller --eval-fraction or fewer ranks"
+    )]
+    EmptySplit(String),
+    #[error(
         "shard {path} is missing; run the teacher again with the same arguments to recompute it"
     )]
     MissingShard { path: PathBuf },

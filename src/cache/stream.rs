@@ -307,12 +307,14 @@ fn produce(
     let n_groups = units.len().div_ceil(group_size) as u64;
     let mut cursor = cfg.start;
     let mut verified = vec![false; shards.len()];
+    let mut emitted_any = false;
     // Rows selected for the next batch: (decoded row group, row).
     let mut pending: Vec<(Arc<ShardRows>, usize)> = Vec::with_capacity(cfg.batch_size);
     loop {
         if cfg.epochs.is_some_and(|e| cursor.epoch >= e) {
             break;
         }
+        let from_start = cursor.group == 0 && cursor.offset == 0;
         let order = if cfg.shuffle {
             permutation(units.len(), mix(cfg.seed, cursor.epoch, 0x0a11))
         } else {
@@ -405,6 +407,7 @@ fn produce(
                     run.copy_from_slice(&flat);
                 }
             }
+            emitted_any |= mine.len() > cursor.offset as usize;
             for (n, &(d, i)) in mine.iter().enumerate().skip(cursor.offset as usize) {
                 pending.push((decoded[d].clone(), i));
                 let end_of_group = n + 1 == mine.len();
@@ -431,6 +434,15 @@ fn produce(
             cursor.group += 1;
             cursor.offset = 0;
         }
+        if from_start && !emitted_any {
+            // A whole epoch gave this rank nothing: an endless stream would never yield.
+            let _ = tx.send(Err(ReadError::EmptySplit(format!(
+                "{:?} split of rank {} of {} (eval fraction {})",
+                cfg.split, cfg.rank, cfg.world_size, cfg.eval_fraction
+            ))));
+            return;
+        }
+        emitted_any = false;
         cursor.epoch += 1;
         cursor.group = 0;
     }
