@@ -244,7 +244,7 @@ fn an_empty_split_is_an_error_not_a_hang() {
         ..Default::default()
     };
     let first = Stream::start(&cache, cfg).unwrap().next().unwrap();
-    let err = first.err().expect("an error").to_string();
+    let err = first.expect_err("an error").to_string();
     assert!(
         err.contains("holds no sequences") && err.contains("--eval-fraction"),
         "{err}"
