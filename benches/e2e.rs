@@ -57,15 +57,11 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let all: Vec<String> = lines
-        .iter()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let all = logitcache::teacher::corpus::read_texts(
+        &[root.join("pipelines/demo/fortunes.jsonl")],
+        "text",
+    )
+    .unwrap();
     let corpus = dir.path().join("corpus.jsonl");
     std::fs::write(&corpus, lines[..docs].join("\n")).unwrap();
     let tok_path = dir.path().join("tokenizer.json");

@@ -32,15 +32,14 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().take(docs).collect();
-    let all: Vec<String> = lines
-        .iter()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let all: Vec<String> = logitcache::teacher::corpus::read_texts(
+        &[root.join("pipelines/demo/fortunes.jsonl")],
+        "text",
+    )
+    .unwrap()
+    .into_iter()
+    .take(docs)
+    .collect();
     let corpus = dir.path().join("c.jsonl");
     std::fs::write(&corpus, lines.join("\n")).unwrap();
     let tok = dir.path().join("tok.json");

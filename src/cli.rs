@@ -479,12 +479,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     args.vocab_size
                 );
             }
-            let files = teacher::corpus::discover(&args.corpus)?;
-            let mut texts = Vec::new();
-            teacher::corpus::for_each_document(&files, &args.text_field, false, |_, t| {
-                texts.push(t);
-                Ok(())
-            })?;
+            let texts = teacher::corpus::read_texts(&args.corpus, &args.text_field)?;
             if texts.is_empty() {
                 anyhow::bail!("the corpus has no text; check --corpus and --text-field");
             }

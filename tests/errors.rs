@@ -310,16 +310,7 @@ fn bad_rows_are_named_or_skipped_and_counted() {
 fn parquet_corpus_and_wrong_text_field() {
     use arrow_array::{RecordBatch, StringArray, UInt32Array};
     use std::sync::Arc;
-    let text = std::fs::read_to_string(corpus(20)).unwrap();
-    let texts: Vec<String> = text
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let texts = logitcache::teacher::corpus::read_texts(&[corpus(20)], "text").unwrap();
     let schema = Arc::new(arrow_schema::Schema::new(vec![
         arrow_schema::Field::new("id", arrow_schema::DataType::UInt32, false),
         arrow_schema::Field::new("content", arrow_schema::DataType::Utf8, false),

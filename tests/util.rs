@@ -55,16 +55,7 @@ pub fn tokenizer() -> PathBuf {
     static TOK: OnceLock<PathBuf> = OnceLock::new();
     TOK.get_or_init(|| {
         let path = shared_dir().join("tokenizer.json");
-        let text = std::fs::read_to_string(corpus(800)).unwrap();
-        let texts: Vec<String> = text
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let texts = logitcache::teacher::corpus::read_texts(&[corpus(800)], "text").unwrap();
         logitcache::tokenizer::train_bpe(&texts, VOCAB, &path).unwrap();
         assert_eq!(
             logitcache::tokenizer::load(&path).unwrap().vocab_size,

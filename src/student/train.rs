@@ -562,6 +562,20 @@ pub fn train_student(
         }
         Ok(())
     };
+    let run_eval = |model: &Llama<CpuBackend>, metrics: &mut std::fs::File, step: usize| {
+        let e = evaluate(
+            &model.valid(),
+            cache,
+            cfg.eval_fraction,
+            cfg.batch_size,
+            cfg.eval_batches,
+            &cfg.loss,
+        )?;
+        let mut line = serde_json::to_value(&e)?;
+        line["step"] = step.into();
+        emit(metrics, line)?;
+        anyhow::Ok(e)
+    };
     let t_start = Instant::now();
     let seconds0 = state.seconds;
     let mut last_loss = f64::NAN;
@@ -620,22 +634,13 @@ pub fn train_student(
             }
             window = (Instant::now(), 0);
         }
+        // (The last step's evaluation is the final one below.)
         if cfg.eval_every > 0
             && state.step.is_multiple_of(cfg.eval_every)
             && cfg.eval_fraction > 0.0
+            && state.step < cfg.steps
         {
-            let e = evaluate(
-                &model.valid(),
-                cache,
-                cfg.eval_fraction,
-                cfg.batch_size,
-                cfg.eval_batches,
-                &cfg.loss,
-            )?;
-            emit(
-                &mut metrics,
-                serde_json::json!({"step": state.step, "eval_loss": e.eval_loss, "eval_ppl": e.eval_ppl, "eval_kl": e.eval_kl, "eval_top1": e.eval_top1, "eval_tokens": e.eval_tokens}),
-            )?;
+            run_eval(&model, &mut metrics, state.step)?;
         }
         if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < cfg.steps
         {
@@ -649,15 +654,7 @@ pub fn train_student(
     state.seconds = seconds0 + t_start.elapsed().as_secs_f64();
     save_checkpoint(&run, &model, &optim, student, cfg, &state)?;
     let eval = if cfg.eval_fraction > 0.0 && state.step == cfg.steps {
-        let e = evaluate(
-            &model.valid(),
-            cache,
-            cfg.eval_fraction,
-            cfg.batch_size,
-            cfg.eval_batches,
-            &cfg.loss,
-        )?;
-        Some(e)
+        Some(run_eval(&model, &mut metrics, state.step)?)
     } else {
         None
     };

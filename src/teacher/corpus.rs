@@ -357,3 +357,14 @@ fn read_parquet(
     }
     Ok(())
 }
+
+/// Every non-empty document of `paths` (files or directories), in order.
+pub fn read_texts(paths: &[PathBuf], text_field: &str) -> anyhow::Result<Vec<String>> {
+    let files = discover(paths)?;
+    let mut texts = Vec::new();
+    for_each_document(&files, text_field, false, |_, t| {
+        texts.push(t);
+        Ok(())
+    })?;
+    Ok(texts)
+}
