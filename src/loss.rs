@@ -107,7 +107,12 @@ pub fn divergence<B: Backend>(
     cfg: &LossConfig,
 ) -> Tensor<B, 2> {
     let n = logits.dims()[0];
-    let z = logits / cfg.temperature;
+    // At T = 1 skip the division: it is a full [N, V] pass forward and backward.
+    let z = if cfg.temperature == 1.0 {
+        logits
+    } else {
+        logits / cfg.temperature
+    };
     let lse = logsumexp(z.clone());
     let lq = z.clone().gather(1, t.topk_ids.clone()) - lse.clone();
     let lp = t.topk_logprobs.clone().clamp_min(LOG_ZERO);
