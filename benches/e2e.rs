@@ -113,7 +113,7 @@ fn main() {
         temperature: 1.0,
         vocab,
     };
-    let mut bare = OrtTeacher::open(&model, opts).unwrap();
+    let open = || OrtTeacher::open(&model, opts.clone()).unwrap();
     let cfg = |k: usize, out: &Path| TeacherConfig {
         model: model.clone(),
         tokenizer: tok_path.clone(),
@@ -127,11 +127,12 @@ fn main() {
         progress: ProgressMode::Off,
         ..Default::default()
     };
-    // Warm-up of both paths.
-    bare_run(&mut bare, &batches[0]).unwrap();
     let (mut t_bare, mut t_cache, mut t_steady) = (vec![], vec![], vec![]);
     let mut bytes = [0u64; 2];
     for r in 0..rounds {
+        // A fresh session each round, as each `teacher` run has one (ONNX Runtime plans
+        // memory per input shape on first sight; a reused session would have an unfair edge).
+        let mut bare = open();
         let t0 = Instant::now();
         for b in &batches {
             bare_run(&mut bare, b).unwrap();
