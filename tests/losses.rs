@@ -226,16 +226,7 @@ fn gradients_match_finite_differences_and_the_closed_form() {
             ce_weight: 0.5,
             jsd_beta: 0.5,
         };
-        let x = logits_tensor::<AB>(&c, &dev()).require_grad();
-        let l = loss(x.clone(), &targets::<AB>(&c, &dev()), &cfg, None).total;
-        let grads = l.backward();
-        let g: Vec<f32> = x
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap();
+        let (_, g) = value_and_grad(&c, &cfg);
         // Central differences of the f64 reference.
         for j in [0, 5, 11, 13, 30, 47] {
             let h = 1e-5;
@@ -288,6 +279,21 @@ fn gradients_match_finite_differences_and_the_closed_form() {
     }
 }
 
+/// The loss and its gradient w.r.t. the logits.
+fn value_and_grad(c: &Case, cfg: &LossConfig) -> (f64, Vec<f32>) {
+    let x = logits_tensor::<AB>(c, &dev()).require_grad();
+    let l = loss(x.clone(), &targets::<AB>(c, &dev()), cfg, None).total;
+    let v = l.clone().into_scalar().elem::<f64>();
+    let g = x
+        .grad(&l.backward())
+        .unwrap()
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap();
+    (v, g)
+}
+
 #[test]
 fn empty_masks_and_empty_tails_give_finite_values() {
     let mut c = case(3, 8, 8, 5, 50.0); // k = V: the tail is empty (-inf); peaky teacher
@@ -298,16 +304,8 @@ fn empty_masks_and_empty_tails_give_finite_values() {
             ce_weight: 1.0,
             ..Default::default()
         };
-        let x = logits_tensor::<AB>(&c, &dev()).require_grad();
-        let l = loss(x.clone(), &targets::<AB>(&c, &dev()), &cfg, None).total;
-        assert_eq!(l.clone().into_scalar().elem::<f64>(), 0.0, "{kind:?}");
-        let g: Vec<f32> = x
-            .grad(&l.backward())
-            .unwrap()
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap();
+        let (v, g) = value_and_grad(&c, &cfg);
+        assert_eq!(v, 0.0, "{kind:?}");
         assert!(g.iter().all(|v| v.is_finite()), "{kind:?}");
     }
     let mut c = case(3, 8, 8, 5, 50.0);
@@ -317,17 +315,8 @@ fn empty_masks_and_empty_tails_give_finite_values() {
             kind,
             ..Default::default()
         };
-        let x = logits_tensor::<AB>(&c, &dev()).require_grad();
-        let l = loss(x.clone(), &targets::<AB>(&c, &dev()), &cfg, None).total;
-        let v = l.clone().into_scalar().elem::<f64>();
+        let (v, g) = value_and_grad(&c, &cfg);
         assert!(v.is_finite(), "{kind:?}: {v}");
-        let g: Vec<f32> = x
-            .grad(&l.backward())
-            .unwrap()
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap();
         assert!(g.iter().all(|v| v.is_finite()), "{kind:?} gradient");
     }
 }

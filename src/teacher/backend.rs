@@ -57,6 +57,26 @@ pub enum TopKMode {
     Onnx,
 }
 
+impl TopKMode {
+    /// Whether the ONNX top-k head is used on `device`.
+    pub fn uses_onnx(self, device: Device) -> bool {
+        match self {
+            TopKMode::Auto => device != Device::Cpu,
+            TopKMode::Host => false,
+            TopKMode::Onnx => true,
+        }
+    }
+
+    /// The name recorded in the manifest (`host` or `onnx`).
+    pub fn name(self, device: Device) -> &'static str {
+        if self.uses_onnx(device) {
+            "onnx"
+        } else {
+            "host"
+        }
+    }
+}
+
 /// Which side padding goes on in a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PaddingSide {

@@ -654,7 +654,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     &write_opts,
                     cfg,
                     &worker_name,
-                    teacher_topk_name(cfg),
+                    cfg.topk.name(cfg.device),
                     &progress,
                 )
             });
@@ -701,13 +701,6 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
         );
     }
     Ok(summary)
-}
-
-fn teacher_topk_name(cfg: &TeacherConfig) -> &'static str {
-    match (cfg.topk, cfg.device) {
-        (TopKMode::Host, _) | (TopKMode::Auto, Device::Cpu) => "host",
-        _ => "onnx",
-    }
 }
 
 fn compute_loop(

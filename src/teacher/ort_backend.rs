@@ -401,12 +401,7 @@ impl OrtTeacher {
     /// Fixes the vocabulary once it is known (after the interface check, or after the first
     /// batch for models with a dynamic vocab dim) and builds the top-k head if needed.
     fn ensure_head(&mut self, logits_vocab: usize) -> Result<(), OrtError> {
-        let use_onnx = match self.opts.topk {
-            TopKMode::Auto => self.opts.device != Device::Cpu,
-            TopKMode::Host => false,
-            TopKMode::Onnx => true,
-        };
-        if use_onnx && self.head.is_none() {
+        if self.opts.topk.uses_onnx(self.opts.device) && self.head.is_none() {
             let env = environment(&self.opts.library)?;
             let bytes = crate::onnx::head::topk_head(
                 logits_vocab,
@@ -639,10 +634,7 @@ impl TeacherBackend for OrtTeacher {
         if let Some(v) = self.interface.logits_vocab {
             self.ensure_head(v)
                 .map_err(|e| TeacherError::Runtime(e.to_string()))?;
-        } else if self.head.is_none()
-            && self.opts.topk != TopKMode::Host
-            && !(self.opts.topk == TopKMode::Auto && self.opts.device == Device::Cpu)
-        {
+        } else if self.opts.topk.uses_onnx(self.opts.device) {
             return Err(TeacherError::Runtime(
                 "the model's logits have a dynamic vocab dimension; the ONNX top-k head needs it fixed: use --topk host".into(),
             ));
