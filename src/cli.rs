@@ -40,6 +40,9 @@ pub enum Command {
     /// Evaluate a trained student on a cache (CE, perplexity, KL to the teacher, top-1
     /// agreement) or on a corpus (CE, perplexity).
     Eval(EvalArgs),
+    /// Export a trained student as an ONNX model with the teacher interface (input_ids,
+    /// attention_mask -> logits), so it can be a teacher itself.
+    ExportOnnx(ExportOnnxArgs),
     /// Train a byte-level BPE tokenizer.json on a corpus (for demos and small experiments).
     TrainTokenizer(TrainTokenizerArgs),
     /// Write a tiny random ONNX causal LM with the teacher interface (for demos and tests).
@@ -249,6 +252,19 @@ pub struct EvalArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ExportOnnxArgs {
+    /// A run directory written by `train` (OUT/<student>).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Where to write the .onnx file (its tokenizer is RUN_DIR/checkpoint/tokenizer.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store the weights as float16 (half the file; computed in float32, logits float32).
+    #[arg(long)]
+    pub fp16: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// The cache directory.
     pub cache_dir: PathBuf,
@@ -392,6 +408,20 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
+        Command::ExportOnnx(args) => {
+            let run = crate::student::checkpoint::RunCheckpoint::open(&args.checkpoint)?;
+            let bytes = crate::onnx::llama::llama_onnx(&run.student, &run.weights()?, args.fp16)?;
+            crate::util::write_atomic(&args.out, &bytes)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            tracing::info!(
+                "wrote {} ({} parameters, {:.1} MiB); its tokenizer: {}",
+                args.out.display(),
+                run.student.num_params(),
+                bytes.len() as f64 / (1 << 20) as f64,
+                run.dir.join("tokenizer.json").display()
+            );
+            Ok(0)
+        }
         Command::Verify(args) => {
             let r = verify::verify(&args.cache_dir)?;
             let mut out = std::io::stdout().lock();
@@ -619,25 +649,11 @@ fn run_train(args: TrainArgs) -> anyhow::Result<i32> {
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<i32> {
     use crate::cache::reader::Cache;
-    use crate::student::checkpoint::{load_hf, read_safetensors};
-    use crate::student::config::StudentConfig;
-    use crate::student::model::Llama;
-    let ckpt = args.checkpoint.join("checkpoint");
-    let tc: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(ckpt.join("train_config.json"))
-            .with_context(|| format!("{} is not a run directory written by `logitcache train` (no checkpoint/train_config.json)", args.checkpoint.display()))?,
-    )?;
-    let student: StudentConfig = serde_json::from_value(tc["student"].clone())
-        .context("checkpoint/train_config.json has no valid `student`")?;
-    let tcfg: train::TrainConfig = serde_json::from_value(tc["train"].clone())
-        .context("checkpoint/train_config.json has no valid `train`")?;
-    let weights = read_safetensors(&ckpt.join("model.safetensors"))?;
-    let dev = Default::default();
-    let model = load_hf(
-        Llama::<burn::backend::Flex>::init(&student, 0, &dev),
-        &weights,
-        &ckpt.join("model.safetensors"),
-    )?;
+    use crate::student::checkpoint::RunCheckpoint;
+    let run = RunCheckpoint::open(&args.checkpoint)?;
+    let ckpt = run.dir.clone();
+    let tcfg = run.train.clone();
+    let model = run.model::<burn::backend::Flex>(&Default::default())?;
     let metrics = if let Some(dir) = &args.cache {
         let cache = Cache::open(dir)?;
         cache.check_tokenizer(&ckpt.join("tokenizer.json"))?;

@@ -32,7 +32,10 @@ fn tiny(tied: bool) -> StudentConfig {
 }
 
 /// Random HF weights (f64) for `cfg`, with names and shapes from the model itself.
-fn random_weights(cfg: &StudentConfig, seed: u64) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+pub(crate) fn random_weights(
+    cfg: &StudentConfig,
+    seed: u64,
+) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
     let model = Llama::<B>::init(cfg, 0, &Default::default());
     let mut s = seed | 1;
     let mut r = move || {
@@ -54,7 +57,9 @@ fn random_weights(cfg: &StudentConfig, seed: u64) -> HashMap<String, (Vec<usize>
         .collect()
 }
 
-fn to_f32(w: &HashMap<String, (Vec<usize>, Vec<f64>)>) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+pub(crate) fn to_f32(
+    w: &HashMap<String, (Vec<usize>, Vec<f64>)>,
+) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     w.iter()
         .map(|(n, (s, v))| {
             (

@@ -5,6 +5,7 @@ mod util;
 mod cache_format;
 mod correctness;
 mod errors;
+mod export;
 mod llama_ref;
 mod losses;
 mod resume;

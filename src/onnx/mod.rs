@@ -1,8 +1,10 @@
 //! Writing ONNX models from Rust: the protobuf messages, a graph builder, the toy teachers
-//! used by tests and the demo, and the top-k head used after a teacher on a GPU.
+//! used by tests and the demo, and the top-k head used after a teacher on a GPU, and
+//! the exporter of trained students.
 
 pub mod builder;
 pub mod head;
+pub mod llama;
 pub mod proto;
 pub mod toy;
 

@@ -197,3 +197,52 @@ pub fn load_hf<B: Backend>(
         None => Ok(model),
     }
 }
+
+/// A run directory's checkpoint: where it is, the student and the training config.
+#[derive(Debug, Clone)]
+pub struct RunCheckpoint {
+    /// `RUN_DIR/checkpoint`.
+    pub dir: std::path::PathBuf,
+    pub student: super::config::StudentConfig,
+    pub train: super::train::TrainConfig,
+}
+
+impl RunCheckpoint {
+    /// Opens `run_dir` (a directory written by `logitcache train`, i.e. `OUT/<student>`).
+    pub fn open(run_dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let dir = run_dir.join("checkpoint");
+        let bytes = std::fs::read(dir.join("train_config.json")).with_context(|| {
+            format!(
+                "{} is not a run directory written by `logitcache train` (no checkpoint/train_config.json); pass OUT/<student>",
+                run_dir.display()
+            )
+        })?;
+        let tc: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}/train_config.json is damaged", dir.display()))?;
+        let student = serde_json::from_value(tc["student"].clone())
+            .context("checkpoint/train_config.json has no valid `student`")?;
+        let train = serde_json::from_value(tc["train"].clone())
+            .context("checkpoint/train_config.json has no valid `train`")?;
+        Ok(RunCheckpoint {
+            dir,
+            student,
+            train,
+        })
+    }
+
+    /// The student's weights by Hugging Face name.
+    pub fn weights(&self) -> Result<HashMap<String, HfTensor>, CheckpointError> {
+        read_safetensors(&self.dir.join("model.safetensors"))
+    }
+
+    /// The model on backend `B`.
+    pub fn model<B: Backend>(&self, dev: &B::Device) -> Result<Llama<B>, CheckpointError> {
+        let w = self.weights()?;
+        load_hf(
+            Llama::<B>::init(&self.student, 0, dev),
+            &w,
+            &self.dir.join("model.safetensors"),
+        )
+    }
+}

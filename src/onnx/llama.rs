@@ -1,0 +1,269 @@
+//! A trained student as an ONNX model with the interface the teacher stage consumes
+//! (`input_ids`, `attention_mask` → `logits` f32 `[batch, seq, vocab]`), built from its
+//! Hugging Face weights with the same [`GraphBuilder`] as the toy teachers and the top-k head.
+//!
+//! The graph follows [`crate::student::model::Llama`] op for op: position ids are derived
+//! from the mask as Hugging Face does (`cumsum(mask) - 1`, clipped at 0), rotary embeddings
+//! use the `rotate_half` layout, masked attention scores are *replaced* by -1e9 (as burn's
+//! `mask_fill`), grouped-query heads are repeated, the MLP is SwiGLU. With `fp16` the
+//! weights are stored as float16 (half the file) and cast to float32 inside the graph, so
+//! the CPU execution provider runs it and the logits stay float32.
+
+use super::builder::{Dim, GraphBuilder, attr_int, attr_ints, tensor_raw};
+use super::proto::data_type;
+use crate::student::checkpoint::HfTensor;
+use crate::student::config::StudentConfig;
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the checkpoint has no tensor {0}; it does not match its config.json")]
+    Missing(String),
+    #[error("tensor {name} has shape {got:?}, the config says {want:?}")]
+    Shape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+}
+
+struct Weights<'a> {
+    src: &'a HashMap<String, HfTensor>,
+    fp16: bool,
+}
+
+impl Weights<'_> {
+    fn get(&self, name: &str, want: &[usize]) -> Result<&HfTensor, ExportError> {
+        let t = self
+            .src
+            .get(name)
+            .ok_or_else(|| ExportError::Missing(name.into()))?;
+        if t.0 != want {
+            return Err(ExportError::Shape {
+                name: name.into(),
+                got: t.0.clone(),
+                want: want.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Adds `values` (shape `dims`) as an initializer, float16 + Cast when asked.
+    fn add(&self, g: &mut GraphBuilder, name: &str, dims: &[usize], values: &[f32]) -> String {
+        let d: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
+        if self.fp16 {
+            let raw = values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect();
+            let h = g.init(tensor_raw(name, data_type::FLOAT16, &d, raw));
+            g.node("Cast", &[&h], vec![attr_int("to", data_type::FLOAT as i64)])
+        } else {
+            g.init_f32(name, &d, values)
+        }
+    }
+
+    /// A vector (norm weight) as is.
+    fn vector(&self, g: &mut GraphBuilder, name: &str, n: usize) -> Result<String, ExportError> {
+        let (_, v) = self.get(name, &[n])?;
+        Ok(self.add(g, name, &[n], v))
+    }
+
+    /// A Hugging Face `[out, in]` projection as an `[in, out]` MatMul operand.
+    fn proj(
+        &self,
+        g: &mut GraphBuilder,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<String, ExportError> {
+        let (_, v) = self.get(name, &[out, inp])?;
+        let mut t = vec![0f32; v.len()];
+        for o in 0..out {
+            for i in 0..inp {
+                t[i * out + o] = v[o * inp + i];
+            }
+        }
+        Ok(self.add(g, name, &[inp, out], &t))
+    }
+}
+
+/// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) * w`.
+fn rms_norm(g: &mut GraphBuilder, x: &str, w: &str, eps: &str) -> String {
+    let sq = g.node("Mul", &[x, x], vec![]);
+    let ms = g.node(
+        "ReduceMean",
+        &[&sq],
+        vec![attr_ints("axes", &[-1]), attr_int("keepdims", 1)],
+    );
+    let ms = g.node("Add", &[&ms, eps], vec![]);
+    let r = g.node("Sqrt", &[&ms], vec![]);
+    let r = g.node("Reciprocal", &[&r], vec![]);
+    let y = g.node("Mul", &[x, &r], vec![]);
+    g.node("Mul", &[&y, w], vec![])
+}
+
+/// `[b, l, n·hd]` → `[b, n, l, hd]`.
+fn heads(g: &mut GraphBuilder, x: &str, n: usize, hd: usize) -> String {
+    let shape = g.init_i64("heads_shape", &[4], &[0, 0, n as i64, hd as i64]);
+    let r = g.node("Reshape", &[x, &shape], vec![]);
+    g.node("Transpose", &[&r], vec![attr_ints("perm", &[0, 2, 1, 3])])
+}
+
+/// `x·cos + rotate_half(x)·sin` on `[b, h, l, hd]`.
+fn rope(g: &mut GraphBuilder, x: &str, cos: &str, sin: &str, hd: usize) -> String {
+    let split = g.init_i64("rope_split", &[2], &[hd as i64 / 2; 2]);
+    let halves = g.node_n("Split", &[x, &split], 2, vec![attr_int("axis", -1)]);
+    let neg = g.node("Neg", &[&halves[1]], vec![]);
+    let rot = g.node("Concat", &[&neg, &halves[0]], vec![attr_int("axis", -1)]);
+    let a = g.node("Mul", &[x, cos], vec![]);
+    let b = g.node("Mul", &[&rot, sin], vec![]);
+    g.node("Add", &[&a, &b], vec![])
+}
+
+/// Builds the ONNX model of a student from its Hugging Face weights (as
+/// [`crate::student::checkpoint::read_safetensors`] returns them).
+pub fn llama_onnx(
+    cfg: &StudentConfig,
+    weights: &HashMap<String, HfTensor>,
+    fp16: bool,
+) -> Result<Vec<u8>, ExportError> {
+    let w = Weights { src: weights, fp16 };
+    let (d, v, im) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
+    let kv = nkv * hd;
+    let mut g = GraphBuilder::new("logitcache_student");
+    g.metadata("logitcache.student", &cfg.name);
+    g.metadata("logitcache.params", &cfg.num_params().to_string());
+    g.metadata(
+        "logitcache.weights",
+        if fp16 { "float16" } else { "float32" },
+    );
+    let bs = [Dim::sym("batch_size"), Dim::sym("sequence_length")];
+    let ids = g.input("input_ids", data_type::INT64, &bs);
+    let mask = g.input("attention_mask", data_type::INT64, &bs);
+
+    let (_, emb_v) = w.get("model.embed_tokens.weight", &[v, d])?;
+    let embed = w.add(&mut g, "model.embed_tokens.weight", &[v, d], emb_v);
+    let mut x = g.node("Gather", &[&embed, &ids], vec![attr_int("axis", 0)]);
+
+    // Positions (HF): cumsum(mask) - 1, clipped at 0.
+    let axis1 = g.init_i64("axis1", &[], &[1]);
+    let one_i = g.init_i64("one_i", &[], &[1]);
+    let zero_i = g.init_i64("zero_i", &[], &[0]);
+    let pos = g.node("CumSum", &[&mask, &axis1], vec![]);
+    let pos = g.node("Sub", &[&pos, &one_i], vec![]);
+    let pos = g.node("Max", &[&pos, &zero_i], vec![]);
+    let pos = g.node(
+        "Cast",
+        &[&pos],
+        vec![attr_int("to", data_type::FLOAT as i64)],
+    );
+    let axes_last = g.init_i64("axes_last", &[1], &[-1]);
+    let pos = g.node("Unsqueeze", &[&pos, &axes_last], vec![]);
+    let half = hd / 2;
+    let inv: Vec<f32> = (0..hd)
+        .map(|j| (1.0 / cfg.rope_theta.powf(2.0 * (j % half) as f64 / hd as f64)) as f32)
+        .collect();
+    let inv = g.init_f32("rope_inv_freq", &[hd as i64], &inv);
+    let ang = g.node("Mul", &[&pos, &inv], vec![]);
+    let axes1 = g.init_i64("axes1", &[1], &[1]);
+    let cos = g.node("Cos", &[&ang], vec![]);
+    let cos = g.node("Unsqueeze", &[&cos, &axes1], vec![]);
+    let sin = g.node("Sin", &[&ang], vec![]);
+    let sin = g.node("Unsqueeze", &[&sin, &axes1], vec![]);
+
+    // Mask [b, 1, l, l]: true where the key is in the future or padding.
+    let shape = g.node("Shape", &[&ids], vec![]);
+    let len = g.node("Gather", &[&shape, &one_i], vec![attr_int("axis", 0)]);
+    let range = g.node("Range", &[&zero_i, &len, &one_i], vec![]);
+    let axes0 = g.init_i64("axes0", &[1], &[0]);
+    let rows = g.node("Unsqueeze", &[&range, &axes_last], vec![]);
+    let cols = g.node("Unsqueeze", &[&range, &axes0], vec![]);
+    let future = g.node("Greater", &[&cols, &rows], vec![]);
+    let pad = g.node("Equal", &[&mask, &zero_i], vec![]);
+    let axes12 = g.init_i64("axes12", &[2], &[1, 2]);
+    let pad = g.node("Unsqueeze", &[&pad, &axes12], vec![]);
+    let blocked = g.node("Or", &[&future, &pad], vec![]);
+    let neg_big = g.init_f32("neg_big", &[], &[-1e9]);
+    let scale = g.init_f32("attn_scale", &[], &[1.0 / (hd as f32).sqrt()]);
+    let merge = g.init_i64("merge_shape", &[3], &[0, 0, d as i64]);
+    let rep = nh / nkv;
+    let rep_shape = g.init_i64("rep_shape", &[4], &[0, nh as i64, -1, hd as i64]);
+    let axes2 = g.init_i64("axes2", &[1], &[2]);
+    let eps = g.init_f32("rms_eps", &[], &[cfg.rms_norm_eps as f32]);
+
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let ln1 = w.vector(&mut g, &format!("{p}.input_layernorm.weight"), d)?;
+        let ln2 = w.vector(&mut g, &format!("{p}.post_attention_layernorm.weight"), d)?;
+        let wq = w.proj(&mut g, &format!("{p}.self_attn.q_proj.weight"), d, d)?;
+        let wk = w.proj(&mut g, &format!("{p}.self_attn.k_proj.weight"), kv, d)?;
+        let wv = w.proj(&mut g, &format!("{p}.self_attn.v_proj.weight"), kv, d)?;
+        let wo = w.proj(&mut g, &format!("{p}.self_attn.o_proj.weight"), d, d)?;
+        let wg = w.proj(&mut g, &format!("{p}.mlp.gate_proj.weight"), im, d)?;
+        let wu = w.proj(&mut g, &format!("{p}.mlp.up_proj.weight"), im, d)?;
+        let wd = w.proj(&mut g, &format!("{p}.mlp.down_proj.weight"), d, im)?;
+
+        let h = rms_norm(&mut g, &x, &ln1, &eps);
+        let q = g.node("MatMul", &[&h, &wq], vec![]);
+        let k = g.node("MatMul", &[&h, &wk], vec![]);
+        let vv = g.node("MatMul", &[&h, &wv], vec![]);
+        let q = heads(&mut g, &q, nh, hd);
+        let mut k = heads(&mut g, &k, nkv, hd);
+        let mut vv = heads(&mut g, &vv, nkv, hd);
+        let q = rope(&mut g, &q, &cos, &sin, hd);
+        k = rope(&mut g, &k, &cos, &sin, hd);
+        if rep > 1 {
+            // [b, kv, l, hd] → [b, kv, rep, l, hd] → [b, heads, l, hd]
+            for t in [&mut k, &mut vv] {
+                let u = g.node("Unsqueeze", &[t.as_str(), &axes2], vec![]);
+                let copies: Vec<&str> = (0..rep).map(|_| u.as_str()).collect();
+                let c = g.node("Concat", &copies, vec![attr_int("axis", 2)]);
+                *t = g.node("Reshape", &[&c, &rep_shape], vec![]);
+            }
+        }
+        let kt = g.node("Transpose", &[&k], vec![attr_ints("perm", &[0, 1, 3, 2])]);
+        let s = g.node("MatMul", &[&q, &kt], vec![]);
+        let s = g.node("Mul", &[&s, &scale], vec![]);
+        let s = g.node("Where", &[&blocked, &neg_big, &s], vec![]);
+        let a = g.node("Softmax", &[&s], vec![attr_int("axis", -1)]);
+        let o = g.node("MatMul", &[&a, &vv], vec![]);
+        let o = g.node("Transpose", &[&o], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let o = g.node("Reshape", &[&o, &merge], vec![]);
+        let o = g.node("MatMul", &[&o, &wo], vec![]);
+        x = g.node("Add", &[&x, &o], vec![]);
+
+        let h = rms_norm(&mut g, &x, &ln2, &eps);
+        let gate = g.node("MatMul", &[&h, &wg], vec![]);
+        let sg = g.node("Sigmoid", &[&gate], vec![]);
+        let gate = g.node("Mul", &[&gate, &sg], vec![]);
+        let up = g.node("MatMul", &[&h, &wu], vec![]);
+        let m = g.node("Mul", &[&gate, &up], vec![]);
+        let m = g.node("MatMul", &[&m, &wd], vec![]);
+        x = g.node("Add", &[&x, &m], vec![]);
+    }
+    let nw = w.vector(&mut g, "model.norm.weight", d)?;
+    let x = rms_norm(&mut g, &x, &nw, &eps);
+    let head = if cfg.tie_word_embeddings {
+        g.node("Transpose", &[&embed], vec![attr_ints("perm", &[1, 0])])
+    } else {
+        w.proj(&mut g, "lm_head.weight", v, d)?
+    };
+    let logits = g.node("MatMul", &[&x, &head], vec![]);
+    g.output_as(
+        &logits,
+        "logits",
+        data_type::FLOAT,
+        &[
+            Dim::sym("batch_size"),
+            Dim::sym("sequence_length"),
+            Dim::Fixed(v as i64),
+        ],
+    );
+    Ok(g.to_bytes())
+}
