@@ -43,6 +43,14 @@ pub enum Command {
     /// Export a trained student as an ONNX model with the teacher interface (input_ids,
     /// attention_mask -> logits), so it can be a teacher itself.
     ExportOnnx(ExportOnnxArgs),
+    /// Run a pipeline file end to end: tokenizer, teachers (pretrained and exported when
+    /// needed), one cache per teacher, every student from every cache plus CE baselines,
+    /// results, the law fit and report.md. Finished steps are skipped; rerun after an
+    /// interruption to continue.
+    Run(RunArgs),
+    /// Fit the law of capacity gap to results (results.csv or results.json from `run`):
+    /// the best teacher per student size and a linear fit of optimal teacher vs student params.
+    Law(LawArgs),
     /// Train a byte-level BPE tokenizer.json on a corpus (for demos and small experiments).
     TrainTokenizer(TrainTokenizerArgs),
     /// Write a tiny random ONNX causal LM with the teacher interface (for demos and tests).
@@ -265,6 +273,52 @@ pub struct ExportOnnxArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline file (see pipelines/demo.toml).
+    pub pipeline: PathBuf,
+    /// Output directory (overrides the file's `out`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// ONNX Runtime library (default: ORT_DYLIB_PATH, then the folder `make setup` fills).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Progress display of each step: bar, json or off.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Off)]
+    pub progress: ProgressMode,
+}
+
+#[derive(Debug, Args)]
+pub struct LawArgs {
+    /// results.csv or results.json written by `logitcache run`.
+    pub results: PathBuf,
+    /// The metric that ranks teachers: eval_loss, eval_ppl (lower is better), eval_kl, eval_top1.
+    #[arg(long, default_value = "eval_loss")]
+    pub metric: String,
+    /// Print the predicted optimal teacher size for a student of this many parameters
+    /// (e.g. 350000, 1.5M, 3B).
+    #[arg(long)]
+    pub predict: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `1.5M` → 1 500 000; plain numbers and exponents too.
+fn parse_count(s: &str) -> anyhow::Result<f64> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1e3),
+        Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('B') | Some('G') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v * mult),
+        _ => anyhow::bail!("--predict {s}: not a parameter count; write e.g. 350000, 1.5M or 3B"),
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// The cache directory.
     pub cache_dir: PathBuf,
@@ -408,6 +462,51 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Train(args) => run_train(args),
         Command::Eval(args) => run_eval(args),
+        Command::Run(args) => {
+            let p = crate::pipeline::Pipeline::load(&args.pipeline, args.out.as_deref())?;
+            let report = crate::pipeline::run(
+                &p,
+                &crate::pipeline::RunOptions {
+                    ort_lib: args.ort_lib,
+                    progress: args.progress,
+                },
+            )?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", std::fs::read_to_string(&report)?)?;
+            writeln!(out, "report: {}", report.display())?;
+            Ok(0)
+        }
+        Command::Law(args) => {
+            let rows = crate::law::read_results(&args.results)?;
+            let f = crate::law::fit(&rows, &args.metric)?;
+            let predict = args
+                .predict
+                .as_deref()
+                .map(parse_count)
+                .transpose()?
+                .map(|s| (s, f.predict(s)));
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                let mut v = serde_json::to_value(&f)?;
+                if let Some((s, (t, se))) = predict {
+                    v["prediction"] = serde_json::json!({"student_params": s, "teacher_params": t, "stderr": se, "ci95": se * f.t95()});
+                }
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                write!(out, "{}", crate::law::describe(&f))?;
+                if let Some((s, (t, se))) = predict {
+                    writeln!(
+                        out,
+                        "predicted optimal teacher for a {} student: {} ± {} (1 s.e.; 95% interval ± {})",
+                        crate::law::human(s),
+                        crate::law::human(t),
+                        crate::law::human(se),
+                        crate::law::human(se * f.t95())
+                    )?;
+                }
+            }
+            Ok(0)
+        }
         Command::ExportOnnx(args) => {
             let run = crate::student::checkpoint::RunCheckpoint::open(&args.checkpoint)?;
             let bytes = crate::onnx::llama::llama_onnx(&run.student, &run.weights()?, args.fp16)?;

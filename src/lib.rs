@@ -6,8 +6,10 @@
 
 pub mod cache;
 pub mod cli;
+pub mod law;
 pub mod loss;
 pub mod onnx;
+pub mod pipeline;
 pub mod progress;
 pub mod student;
 pub mod teacher;

@@ -92,7 +92,7 @@ impl StudentConfig {
             + if self.tie_word_embeddings { 0 } else { v * d }
     }
 
-    fn from_file(name: &str, f: StudentFile, cache_vocab: usize) -> Result<Self, ConfigError> {
+    pub fn from_file(name: &str, f: StudentFile, cache_vocab: usize) -> Result<Self, ConfigError> {
         let c = StudentConfig {
             name: name.to_string(),
             hidden_size: f.hidden_size,

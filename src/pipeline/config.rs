@@ -1,0 +1,438 @@
+//! The pipeline file (`pipelines/*.toml`): corpus and tokenizer, teachers (ONNX files, or
+//! architectures trained first with CE and exported), cache parameters, students and their
+//! training settings. Paths are relative to the pipeline file. Unknown keys are refused.
+
+use crate::loss::KdLoss;
+use crate::student::config::{StudentConfig, StudentFile};
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Shown in the report.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Output directory (default: `<pipeline file stem>-out` beside the file).
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    /// Threads for training and the teacher (default: all cores).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    pub data: DataSection,
+    #[serde(default)]
+    pub cache: CacheSection,
+    pub train: TrainSection,
+    /// Settings for teachers trained by the pipeline (default: `train`'s, with CE).
+    #[serde(default)]
+    pub teacher_train: Option<TrainSection>,
+    #[serde(rename = "teacher", default)]
+    pub teachers: Vec<TeacherEntry>,
+    #[serde(rename = "student", default)]
+    pub students: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub corpus: Vec<PathBuf>,
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// An existing tokenizer.json; without it a byte-level BPE tokenizer is trained.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary of the trained tokenizer.
+    #[serde(default = "default_vocab")]
+    pub tokenizer_vocab_size: usize,
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// Held-out fraction (by seq_id hash); every run is evaluated on the same sequences.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+}
+
+fn default_text_field() -> String {
+    crate::teacher::DEFAULT_TEXT_FIELD.into()
+}
+fn default_vocab() -> usize {
+    2048
+}
+fn default_seq_len() -> usize {
+    128
+}
+fn default_eval_fraction() -> f64 {
+    0.05
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    #[serde(default = "default_k")]
+    pub top_k: usize,
+    #[serde(default = "default_cache_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    #[serde(default = "default_shard_size")]
+    pub shard_size: usize,
+}
+
+fn default_k() -> usize {
+    64
+}
+fn default_cache_batch() -> usize {
+    8
+}
+fn default_temperature() -> f32 {
+    1.0
+}
+fn default_shard_size() -> usize {
+    512
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            top_k: default_k(),
+            batch_size: default_cache_batch(),
+            temperature: default_temperature(),
+            shard_size: default_shard_size(),
+        }
+    }
+}
+
+/// Training settings shared by every run of a kind (the `train` flags of the same names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub steps: usize,
+    #[serde(default = "default_train_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    #[serde(default)]
+    pub warmup: Option<usize>,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    #[serde(default = "default_loss")]
+    pub loss: KdLoss,
+    #[serde(default = "one")]
+    pub kd_weight: f64,
+    #[serde(default)]
+    pub ce_weight: f64,
+    #[serde(default = "half")]
+    pub jsd_beta: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Evaluations per run (spread evenly; the last is at the final step).
+    #[serde(default = "default_evals")]
+    pub evals: usize,
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Also train every student with CE only (the baseline KD must beat).
+    #[serde(default = "yes")]
+    pub ce_baseline: bool,
+}
+
+fn default_train_batch() -> usize {
+    8
+}
+fn default_lr() -> f64 {
+    crate::student::train::DEFAULT_LR
+}
+fn default_wd() -> f64 {
+    0.01
+}
+fn default_clip() -> f64 {
+    crate::student::train::DEFAULT_GRAD_CLIP
+}
+fn default_loss() -> KdLoss {
+    KdLoss::Fkl
+}
+fn one() -> f64 {
+    1.0
+}
+fn half() -> f64 {
+    0.5
+}
+fn default_evals() -> usize {
+    5
+}
+fn default_eval_batches() -> usize {
+    20
+}
+fn yes() -> bool {
+    true
+}
+
+/// A model architecture: `config = "preset:micro" | "file.toml"`, or inline `arch = {...}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub config: Option<String>,
+    #[serde(default)]
+    pub arch: Option<StudentFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherEntry {
+    pub name: String,
+    /// An existing ONNX teacher (it must use the pipeline's tokenizer).
+    #[serde(default)]
+    pub onnx: Option<PathBuf>,
+    /// Its parameter count for the law (default: counted from the ONNX initializers).
+    #[serde(default)]
+    pub params: Option<u64>,
+    /// Or an architecture the pipeline pretrains with CE and exports.
+    #[serde(default)]
+    pub config: Option<String>,
+    #[serde(default)]
+    pub arch: Option<StudentFile>,
+    /// CE pretraining steps (default: `teacher_train.steps`).
+    #[serde(default)]
+    pub steps: Option<usize>,
+}
+
+/// What kind of teacher an entry is.
+#[derive(Debug, Clone)]
+pub enum TeacherSource {
+    Onnx { path: PathBuf, params: Option<u64> },
+    Train { arch: StudentConfig, steps: usize },
+}
+
+/// A loaded, checked pipeline with absolute paths.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub path: PathBuf,
+    pub name: String,
+    pub out: PathBuf,
+    pub file: PipelineFile,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn arch_of(
+    base: &Path,
+    what: &str,
+    name: Option<&str>,
+    config: &Option<String>,
+    arch: &Option<StudentFile>,
+    vocab: usize,
+) -> anyhow::Result<StudentConfig> {
+    let mut c = match (config, arch) {
+        (Some(_), Some(_)) => bail!("{what}: give `config` or `arch`, not both"),
+        (None, None) => bail!(
+            "{what}: no architecture; give `config = \"preset:micro\"` (or a TOML file) or an inline `arch = {{ hidden_size = …, … }}`"
+        ),
+        (Some(spec), None) => {
+            let spec = if spec.ends_with(".toml") {
+                resolve(base, Path::new(spec)).display().to_string()
+            } else {
+                spec.clone()
+            };
+            StudentConfig::load(&spec, vocab)?
+        }
+        (None, Some(f)) => StudentConfig::from_file(name.unwrap_or("model"), f.clone(), vocab)?,
+    };
+    if let Some(n) = name {
+        c.name = n.to_string();
+    }
+    Ok(c)
+}
+
+impl Pipeline {
+    /// Reads and checks `path`; `out` overrides the file's output directory.
+    pub fn load(path: &Path, out: Option<&Path>) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        let mut file: PipelineFile = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("pipeline file {} is not valid: {e}", path.display()))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .canonicalize()?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".into());
+        let out = match (out, &file.out) {
+            (Some(o), _) => o.to_path_buf(),
+            (None, Some(o)) => resolve(&base, o),
+            (None, None) => base.join(format!("{stem}-out")),
+        };
+        for c in &mut file.data.corpus {
+            *c = resolve(&base, c);
+        }
+        if let Some(t) = &mut file.data.tokenizer {
+            *t = resolve(&base, t);
+        }
+        for t in &mut file.teachers {
+            if let Some(o) = &mut t.onnx {
+                *o = resolve(&base, o);
+            }
+            if let Some(c) = &mut t.config
+                && c.ends_with(".toml")
+            {
+                *c = resolve(&base, Path::new(c)).display().to_string();
+            }
+        }
+        for s in &mut file.students {
+            if let Some(c) = &mut s.config
+                && c.ends_with(".toml")
+            {
+                *c = resolve(&base, Path::new(c)).display().to_string();
+            }
+        }
+        let p = Pipeline {
+            path: path.to_path_buf(),
+            name: file.name.clone().unwrap_or(stem),
+            out,
+            file,
+        };
+        p.check()?;
+        Ok(p)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let f = &self.file;
+        let what = self.path.display();
+        if f.data.corpus.is_empty() {
+            bail!("{what}: [data] corpus is empty; list the corpus files or directories");
+        }
+        for c in &f.data.corpus {
+            if !c.exists() {
+                bail!("{what}: corpus {} does not exist", c.display());
+            }
+        }
+        if let Some(t) = &f.data.tokenizer
+            && !t.is_file()
+        {
+            bail!("{what}: tokenizer {} does not exist", t.display());
+        }
+        if !(0.0 < f.data.eval_fraction && f.data.eval_fraction < 1.0) {
+            bail!(
+                "{what}: [data] eval_fraction must be in (0, 1): every run is compared on the held-out split"
+            );
+        }
+        if f.teachers.is_empty() {
+            bail!("{what}: no [[teacher]]; add at least one (an `onnx` file or an architecture)");
+        }
+        if f.students.is_empty() {
+            bail!("{what}: no [[student]]; add at least one");
+        }
+        if f.train.loss == KdLoss::Ce {
+            bail!(
+                "{what}: [train] loss = \"ce\" would ignore the teachers; use a distillation loss (the CE baseline is `ce_baseline = true`)"
+            );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for t in &f.teachers {
+            if t.name == "ce" || !names.insert(t.name.clone()) {
+                bail!(
+                    "{what}: teacher name `{}` is used twice or reserved (`ce` names the baselines)",
+                    t.name
+                );
+            }
+            if t.name.is_empty() || t.name.contains(['/', '\\']) {
+                bail!(
+                    "{what}: teacher name `{}` must be a plain file name",
+                    t.name
+                );
+            }
+            match (&t.onnx, t.config.is_some() || t.arch.is_some()) {
+                (Some(_), true) => bail!(
+                    "{what}: teacher {}: give `onnx` or an architecture, not both",
+                    t.name
+                ),
+                (None, false) => bail!(
+                    "{what}: teacher {}: give `onnx = \"model.onnx\"` or an architecture to pretrain (`config` or `arch`)",
+                    t.name
+                ),
+                (Some(o), false) if !o.is_file() => {
+                    bail!("{what}: teacher {}: {} does not exist", t.name, o.display())
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The teachers, architectures resolved against the tokenizer's vocabulary.
+    pub fn teachers(&self, vocab: usize) -> anyhow::Result<Vec<(String, TeacherSource)>> {
+        let tt = self.teacher_train();
+        self.file
+            .teachers
+            .iter()
+            .map(|t| {
+                let src = match &t.onnx {
+                    Some(p) => TeacherSource::Onnx {
+                        path: p.clone(),
+                        params: t.params,
+                    },
+                    None => TeacherSource::Train {
+                        arch: arch_of(
+                            &self.path,
+                            &format!("teacher {}", t.name),
+                            Some(&t.name),
+                            &t.config,
+                            &t.arch,
+                            vocab,
+                        )?,
+                        steps: t.steps.unwrap_or(tt.steps),
+                    },
+                };
+                Ok((t.name.clone(), src))
+            })
+            .collect()
+    }
+
+    /// The students, named (entry name, else the config's name), names unique.
+    pub fn students(&self, vocab: usize) -> anyhow::Result<Vec<StudentConfig>> {
+        let mut out: Vec<StudentConfig> = Vec::new();
+        for (i, s) in self.file.students.iter().enumerate() {
+            let c = arch_of(
+                &self.path,
+                &format!("student {}", i + 1),
+                s.name.as_deref(),
+                &s.config,
+                &s.arch,
+                vocab,
+            )?;
+            if out.iter().any(|o| o.name == c.name) {
+                bail!(
+                    "{}: two students are named `{}`; give each a `name`",
+                    self.path.display(),
+                    c.name
+                );
+            }
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// Settings for pretraining teachers.
+    pub fn teacher_train(&self) -> TrainSection {
+        self.file
+            .teacher_train
+            .clone()
+            .unwrap_or_else(|| self.file.train.clone())
+    }
+}

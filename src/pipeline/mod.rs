@@ -1,0 +1,557 @@
+//! `logitcache run PIPELINE.toml`: the whole job in order — tokenizer, the token data,
+//! each teacher (pretrained with CE and exported when not given as ONNX), one cache per
+//! teacher, every student distilled from every cache plus the CE-only baselines, then the
+//! results, the law fit and the report.
+//!
+//! Each step's directory carries a stamp (`.logitcache-step.json`) with the fingerprint of
+//! everything the step depends on (input hashes and parameters, including the fingerprints
+//! of the steps before it). A step whose stamp says `done` with the same fingerprint, and
+//! whose output checks out, is skipped; one whose fingerprint changed is rebuilt, and so is
+//! everything downstream of it, but nothing else. A step interrupted midway (`running`)
+//! continues: caches resume shard by shard, training resumes from its last checkpoint.
+//!
+//! CE-only runs (teacher pretraining, baselines) need only tokens: they read them from a
+//! k = 1 cache of a tiny generated model (`OUT/data`), built in seconds, so that every run
+//! — distilled or not — sees the same windows and is evaluated on the same held-out
+//! sequences (the split is by `seq_id`, which depends only on the corpus, the tokenizer and
+//! `seq_len`).
+
+pub mod config;
+pub mod report;
+
+use crate::cache::reader::Cache;
+use crate::law::{ResultRow, fit, read_results};
+use crate::loss::{KdLoss, LossConfig};
+use crate::onnx::{ToyLmSpec, toy_lm};
+use crate::progress::ProgressMode;
+use crate::student::checkpoint::RunCheckpoint;
+use crate::student::config::StudentConfig;
+use crate::student::train::{TrainConfig, train_student};
+use crate::teacher::backend::{Device, PaddingSide, TopKMode};
+use crate::teacher::{self, TeacherConfig};
+use crate::util::{sha256_bytes, sha256_file, write_atomic};
+use anyhow::{Context, bail};
+pub use config::{Pipeline, TeacherSource, TrainSection};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const STAMP: &str = ".logitcache-step.json";
+
+/// Options of `run` that are not in the pipeline file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub ort_lib: Option<PathBuf>,
+    pub progress: ProgressMode,
+}
+
+/// What a step found on disk.
+#[derive(Debug, PartialEq)]
+enum StepState {
+    Done,
+    Resume,
+    Fresh,
+}
+
+fn fingerprint(v: &serde_json::Value) -> String {
+    sha256_bytes(v.to_string().as_bytes())
+}
+
+fn stamp(dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(dir.join(STAMP)).ok()?).ok()
+}
+
+/// Decides what to do with step directory `dir` for fingerprint `fp`, clearing it when its
+/// contents belong to other parameters.
+fn state(dir: &Path, fp: &str, what: &str) -> anyhow::Result<StepState> {
+    match stamp(dir) {
+        Some(s) if s["fingerprint"] == fp && s["state"] == "done" => Ok(StepState::Done),
+        Some(s) if s["fingerprint"] == fp && s["state"] == "running" => {
+            tracing::info!("{what}: continuing an interrupted run");
+            Ok(StepState::Resume)
+        }
+        other => {
+            if dir.exists() {
+                tracing::info!(
+                    "{what}: {}; rebuilding {}",
+                    if other.is_some() {
+                        "its inputs or parameters changed"
+                    } else {
+                        "no record of how it was made"
+                    },
+                    dir.display()
+                );
+                std::fs::remove_dir_all(dir)
+                    .with_context(|| format!("clearing {}", dir.display()))?;
+            }
+            Ok(StepState::Fresh)
+        }
+    }
+}
+
+fn mark(dir: &Path, fp: &str, state: &str, inputs: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_atomic(
+        &dir.join(STAMP),
+        serde_json::to_string_pretty(
+            &json!({"state": state, "fingerprint": fp, "inputs": inputs}),
+        )?
+        .as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// A completed step's record for the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TeacherInfo {
+    pub name: String,
+    pub params: u64,
+    pub onnx: PathBuf,
+    pub cache: PathBuf,
+    /// Held-out CE of a pretrained teacher (none for given ONNX files).
+    pub eval_loss: Option<f64>,
+}
+
+/// Parameter count of an ONNX model: the elements of its initializers.
+pub fn onnx_params(path: &Path) -> anyhow::Result<u64> {
+    use prost::Message;
+    let bytes = std::fs::read(path)?;
+    let m = crate::onnx::proto::ModelProto::decode(bytes.as_slice())
+        .with_context(|| format!("{} is not an ONNX model", path.display()))?;
+    let g = m.graph.unwrap_or_default();
+    Ok(g.initializer
+        .iter()
+        .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
+        .sum())
+}
+
+struct Runner<'a> {
+    p: &'a Pipeline,
+    opts: &'a RunOptions,
+    threads: usize,
+    step: usize,
+    steps: usize,
+    t0: Instant,
+}
+
+impl Runner<'_> {
+    fn header(&mut self, what: &str) {
+        self.step += 1;
+        tracing::info!(
+            "[{}/{}] {what}  ({:.0} s)",
+            self.step,
+            self.steps,
+            self.t0.elapsed().as_secs_f64()
+        );
+    }
+
+    fn train_config(
+        &self,
+        t: &TrainSection,
+        cache: &Path,
+        tokenizer: &Path,
+        out: &Path,
+        ce: bool,
+    ) -> TrainConfig {
+        let warmup = t.warmup.unwrap_or(t.steps / 10);
+        let evals = t.evals.max(1);
+        TrainConfig {
+            cache: cache.to_path_buf(),
+            tokenizer: tokenizer.to_path_buf(),
+            out: out.to_path_buf(),
+            steps: t.steps,
+            batch_size: t.batch_size,
+            grad_accum: 1,
+            lr: t.lr,
+            min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
+            warmup,
+            weight_decay: t.weight_decay,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: t.grad_clip,
+            loss: LossConfig {
+                kind: if ce { KdLoss::Ce } else { t.loss },
+                kd_weight: t.kd_weight,
+                ce_weight: t.ce_weight,
+                temperature: self.p.file.cache.temperature as f64,
+                jsd_beta: t.jsd_beta,
+            },
+            seed: t.seed,
+            eval_every: (t.steps / evals).max(1),
+            eval_batches: t.eval_batches,
+            eval_fraction: self.p.file.data.eval_fraction,
+            save_every: (t.steps / 4).max(1),
+            log_every: (t.steps / 50).max(1),
+            loss_chunk: crate::student::train::DEFAULT_LOSS_CHUNK,
+            device: "cpu".into(),
+            progress: Some(self.opts.progress),
+            stop_after: None,
+        }
+    }
+
+    /// Trains `arch` from `cache` into `out/<arch.name>` unless done; returns the run dir.
+    fn train(
+        &mut self,
+        what: &str,
+        arch: &StudentConfig,
+        cfg: &TrainConfig,
+        upstream: &str,
+    ) -> anyhow::Result<(PathBuf, String)> {
+        let run = cfg.out.join(&arch.name);
+        let inputs = json!({"upstream": upstream, "student": arch, "train": cfg});
+        let fp = fingerprint(&inputs);
+        let st = state(&run, &fp, what)?;
+        let valid = st == StepState::Done
+            && run.join("checkpoint/model.safetensors").is_file()
+            && last_eval(&run).is_some();
+        if valid {
+            tracing::info!("{what}: done before, skipped");
+            return Ok((run, fp));
+        }
+        if st == StepState::Done {
+            std::fs::remove_dir_all(&run)?;
+        }
+        let resume = st == StepState::Resume && run.join("checkpoint/state/trainer.json").is_file();
+        if !resume && run.exists() {
+            std::fs::remove_dir_all(&run)?;
+        }
+        mark(&run, &fp, "running", &inputs)?;
+        let cache = Cache::open(&cfg.cache)?;
+        tracing::info!(
+            "{what}: {} parameters, {} steps",
+            arch.num_params(),
+            cfg.steps
+        );
+        let r = train_student(&cache, arch, cfg, resume)?;
+        tracing::info!(
+            "{what}: {:.0} tokens/s, eval loss {}",
+            r.tokens_per_s,
+            r.eval
+                .as_ref()
+                .map(|e| format!("{:.4}", e.eval_loss))
+                .unwrap_or("-".into())
+        );
+        mark(&run, &fp, "done", &inputs)?;
+        Ok((run, fp))
+    }
+
+    /// Builds the cache of `model` into `dir` unless done; returns its fingerprint.
+    fn cache(
+        &mut self,
+        what: &str,
+        model: &Path,
+        tokenizer: &Path,
+        dir: &Path,
+        top_k: usize,
+        upstream: &str,
+    ) -> anyhow::Result<String> {
+        let d = &self.p.file.data;
+        let c = &self.p.file.cache;
+        let inputs = json!({
+            "upstream": upstream, "model_sha256": sha256_file(model)?.0, "top_k": top_k,
+            "seq_len": d.seq_len, "batch_size": c.batch_size, "temperature": c.temperature,
+            "shard_size": c.shard_size, "text_field": d.text_field, "skip_bad_rows": d.skip_bad_rows,
+        });
+        let fp = fingerprint(&inputs);
+        let st = state(dir, &fp, what)?;
+        if st == StepState::Done {
+            match crate::cache::verify::verify(dir) {
+                Ok(r) if r.ok => {
+                    tracing::info!("{what}: done before and verified, skipped");
+                    return Ok(fp);
+                }
+                Ok(r) => tracing::warn!(
+                    "{what}: the cache fails verification ({}); rebuilding",
+                    r.problems.join("; ")
+                ),
+                Err(e) => tracing::warn!("{what}: the cache cannot be read ({e}); rebuilding"),
+            }
+            std::fs::remove_dir_all(dir)?;
+        }
+        mark(dir, &fp, "running", &inputs)?;
+        let cfg = TeacherConfig {
+            model: model.to_path_buf(),
+            tokenizer: tokenizer.to_path_buf(),
+            corpus: d.corpus.clone(),
+            out: dir.to_path_buf(),
+            top_k,
+            seq_len: d.seq_len,
+            batch_size: c.batch_size,
+            temperature: c.temperature,
+            text_field: d.text_field.clone(),
+            skip_bad_rows: d.skip_bad_rows,
+            device: Device::Cpu,
+            threads: self.threads,
+            shard_size: c.shard_size,
+            padding_side: PaddingSide::Right,
+            topk: TopKMode::Auto,
+            ort_lib: self.opts.ort_lib.clone(),
+            progress: self.opts.progress,
+            ..Default::default()
+        };
+        cfg.validate()?;
+        let s = teacher::run(&cfg)?;
+        if !s.complete {
+            bail!("{what}: the cache in {} is incomplete", dir.display());
+        }
+        tracing::info!(
+            "{what}: {} tokens, {:.0} tokens/s",
+            s.tokens,
+            s.tokens_per_s
+        );
+        mark(dir, &fp, "done", &inputs)?;
+        Ok(fp)
+    }
+}
+
+/// Held-out metrics of a run's final evaluation (the last `eval_loss` line).
+pub fn last_eval(run: &Path) -> Option<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .ok()?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("eval_loss").is_some())
+        .next_back()
+}
+
+/// Runs the pipeline; returns the path of `report.md`.
+pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
+    let f = &p.file;
+    let out = &p.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(out.join(".logitcache-run.lock"))
+        .with_context(|| format!("cannot write in {}", out.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another `logitcache run` is using {}; wait for it, or pass another --out",
+            out.display()
+        );
+    }
+    let threads = f.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+    let n_t = f.teachers.len();
+    let n_s = f.students.len();
+    let trained = f.teachers.iter().filter(|t| t.onnx.is_none()).count();
+    let mut r = Runner {
+        p,
+        opts,
+        threads,
+        step: 0,
+        steps: 2 + 2 * trained + n_t + n_t * n_s + if f.train.ce_baseline { n_s } else { 0 },
+        t0: Instant::now(),
+    };
+
+    // 1. Tokenizer.
+    r.header("tokenizer");
+    let corpus_hashes: Vec<(String, String)> = f
+        .data
+        .corpus
+        .iter()
+        .map(|c| corpus_sha(c).map(|h| (c.display().to_string(), h)))
+        .collect::<anyhow::Result<_>>()?;
+    let tok_dir = out.join("tokenizer");
+    let tokenizer = tok_dir.join("tokenizer.json");
+    let tok_inputs = match &f.data.tokenizer {
+        Some(t) => json!({"given": sha256_file(t)?.0}),
+        None => {
+            json!({"corpus": corpus_hashes, "vocab_size": f.data.tokenizer_vocab_size, "text_field": f.data.text_field})
+        }
+    };
+    let tok_fp = fingerprint(&tok_inputs);
+    if state(&tok_dir, &tok_fp, "tokenizer")? == StepState::Done && tokenizer.is_file() {
+        tracing::info!("tokenizer: done before, skipped");
+    } else {
+        mark(&tok_dir, &tok_fp, "running", &tok_inputs)?;
+        match &f.data.tokenizer {
+            Some(t) => {
+                std::fs::copy(t, &tokenizer)?;
+            }
+            None => {
+                let texts = teacher::corpus::read_texts(&f.data.corpus, &f.data.text_field)?;
+                crate::tokenizer::train_bpe(&texts, f.data.tokenizer_vocab_size, &tokenizer)?;
+            }
+        }
+        mark(&tok_dir, &tok_fp, "done", &tok_inputs)?;
+    }
+    let vocab = crate::tokenizer::load(&tokenizer)?.vocab_size;
+    let data_up = fingerprint(&json!({"tokenizer": tok_fp, "corpus": corpus_hashes}));
+
+    // 2. Token data for CE runs: a k = 1 cache of a tiny generated model.
+    r.header("token data for CE runs");
+    let data_dir = out.join("data");
+    let data_model = out.join("tokenizer/data-model.onnx");
+    write_atomic(
+        &data_model,
+        &toy_lm(&ToyLmSpec {
+            vocab,
+            hidden: 4,
+            max_positions: f.data.seq_len.max(2),
+            ..Default::default()
+        }),
+    )?;
+    let data_fp = r.cache(
+        "token data",
+        &data_model,
+        &tokenizer,
+        &data_dir,
+        1,
+        &data_up,
+    )?;
+
+    let teachers = p.teachers(vocab)?;
+    let students = p.students(vocab)?;
+    let tt = p.teacher_train();
+
+    // 3. Teachers and their caches.
+    let mut infos = Vec::new();
+    for (name, src) in &teachers {
+        let tdir = out.join("teachers").join(name);
+        let (onnx, params, eval_loss, up) = match src {
+            TeacherSource::Onnx { path, params } => {
+                let n = match params {
+                    Some(n) => *n,
+                    None => onnx_params(path)?,
+                };
+                (path.clone(), n, None, sha256_file(path)?.0)
+            }
+            TeacherSource::Train { arch, steps } => {
+                r.header(&format!("teacher {name}: pretraining with CE"));
+                let mut t = tt.clone();
+                t.steps = *steps;
+                let cfg = r.train_config(&t, &data_dir, &tokenizer, &tdir.join("run"), true);
+                let (run, fp) = r.train(&format!("teacher {name}"), arch, &cfg, &data_fp)?;
+                r.header(&format!("teacher {name}: export to ONNX"));
+                let onnx = tdir.join("model.onnx");
+                let stamp_ok = stamp(&tdir).is_some_and(|s| s["fingerprint"] == fp.as_str());
+                if !(stamp_ok && onnx.is_file()) {
+                    let ck = RunCheckpoint::open(&run)?;
+                    write_atomic(
+                        &onnx,
+                        &crate::onnx::llama::llama_onnx(&ck.student, &ck.weights()?, false)?,
+                    )?;
+                    write_atomic(
+                        &tdir.join(STAMP),
+                        json!({"state": "done", "fingerprint": fp})
+                            .to_string()
+                            .as_bytes(),
+                    )?;
+                }
+                let e = last_eval(&run).and_then(|v| v["eval_loss"].as_f64());
+                (onnx, arch.num_params() as u64, e, fp)
+            }
+        };
+        r.header(&format!("cache of teacher {name}"));
+        let cdir = out.join("caches").join(name);
+        let cfp = r.cache(
+            &format!("cache {name}"),
+            &onnx,
+            &tokenizer,
+            &cdir,
+            f.cache.top_k,
+            &fingerprint(&json!({"data": data_up, "teacher": up})),
+        )?;
+        infos.push((
+            TeacherInfo {
+                name: name.clone(),
+                params,
+                onnx,
+                cache: cdir,
+                eval_loss,
+            },
+            cfp,
+        ));
+    }
+
+    // 4. Students: distilled from every teacher, and the CE baseline.
+    let mut rows = Vec::new();
+    for s in &students {
+        for (t, cfp) in &infos {
+            r.header(&format!("student {} from teacher {}", s.name, t.name));
+            let cfg = r.train_config(
+                &f.train,
+                &t.cache,
+                &tokenizer,
+                &out.join("runs").join(&t.name),
+                false,
+            );
+            let (run, _) = r.train(&format!("{} <- {}", s.name, t.name), s, &cfg, cfp)?;
+            rows.push(row(&t.name, Some(t.params), s, &run, cfg.steps)?);
+        }
+        if f.train.ce_baseline {
+            r.header(&format!("student {} with CE only", s.name));
+            let cfg = r.train_config(&f.train, &data_dir, &tokenizer, &out.join("runs/ce"), true);
+            let (run, _) = r.train(&format!("{} (CE)", s.name), s, &cfg, &data_fp)?;
+            let mut rw = row("ce", None, s, &run, cfg.steps)?;
+            // KL and top-1 of a CE run are against the data model: meaningless.
+            rw.eval_kl = None;
+            rw.eval_top1 = None;
+            rows.push(rw);
+        }
+    }
+
+    // 5. Results, the law, the report.
+    let results = out.join("results.json");
+    write_atomic(
+        &results,
+        serde_json::to_string_pretty(&json!({"rows": rows}))?.as_bytes(),
+    )?;
+    write_atomic(
+        &out.join("results.csv"),
+        crate::law::to_csv(&rows).as_bytes(),
+    )?;
+    let rows = read_results(&results)?;
+    let law = fit(&rows, "eval_loss");
+    let teachers: Vec<TeacherInfo> = infos.into_iter().map(|(t, _)| t).collect();
+    let report = report::write(p, &teachers, &rows, &law, out)?;
+    tracing::info!(
+        "pipeline {} finished in {:.0} s: {}",
+        p.name,
+        r.t0.elapsed().as_secs_f64(),
+        report.display()
+    );
+    Ok(report)
+}
+
+fn row(
+    teacher: &str,
+    tp: Option<u64>,
+    s: &StudentConfig,
+    run: &Path,
+    steps: usize,
+) -> anyhow::Result<ResultRow> {
+    let e = last_eval(run).with_context(|| format!("{} has no evaluation", run.display()))?;
+    let num = |k: &str| e[k].as_f64();
+    Ok(ResultRow {
+        teacher: teacher.into(),
+        teacher_params: tp,
+        student: s.name.clone(),
+        student_params: s.num_params() as u64,
+        eval_loss: num("eval_loss").context("eval_loss")?,
+        eval_ppl: num("eval_ppl").context("eval_ppl")?,
+        eval_kl: num("eval_kl"),
+        eval_top1: num("eval_top1"),
+        steps: steps as u64,
+        run_dir: run.display().to_string(),
+    })
+}
+
+/// sha256 over a corpus path (a file, or every file of a directory in sorted order).
+fn corpus_sha(path: &Path) -> anyhow::Result<String> {
+    let files = teacher::corpus::discover(&[path.to_path_buf()])?;
+    let mut all = String::new();
+    for f in files {
+        all.push_str(&f.sha256);
+    }
+    Ok(sha256_bytes(all.as_bytes()))
+}

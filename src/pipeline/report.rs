@@ -1,0 +1,487 @@
+//! `report.md` and its pictures (PNG via plotters; text drawn with the committed DejaVu
+//! Sans Mono, so no system font library is needed): student eval loss vs teacher size per
+//! student, held-out loss curves, and the law fit.
+
+use super::{Pipeline, TeacherInfo};
+use crate::law::{LawError, LawFit, ResultRow, describe, human};
+use anyhow::anyhow;
+use plotters::prelude::*;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+static FONT: &[u8] = include_bytes!("DejaVuSansMono.ttf");
+
+fn fonts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+            .map_err(|_| ())
+            .expect("the committed font parses");
+    });
+}
+
+fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("drawing the report: {e}")
+}
+
+fn color(i: usize) -> RGBColor {
+    const C: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ];
+    C[i % C.len()]
+}
+
+fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in vals {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.08).max(1e-3);
+    (lo - pad, hi + pad)
+}
+
+/// Student eval loss vs teacher params (log axis), one line per student, CE-only level as
+/// a horizontal line of the same colour.
+fn plot_loss_vs_teacher(
+    path: &Path,
+    teachers: &[TeacherInfo],
+    rows: &[ResultRow],
+) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let tp: Vec<f64> = teachers.iter().map(|t| t.params as f64).collect();
+    let (xlo, xhi) = (
+        tp.iter().cloned().fold(f64::INFINITY, f64::min) / 1.3,
+        tp.iter().cloned().fold(0.0, f64::max) * 1.3,
+    );
+    let (ylo, yhi) = range(rows.iter().map(|r| r.eval_loss));
+    let mut chart = ChartBuilder::on(&root)
+        .caption("student held-out loss vs teacher size", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((xlo..xhi).log_scale(), ylo..yhi)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("teacher parameters")
+        .y_desc("student eval loss (CE, nats)")
+        .x_label_formatter(&|v| human(*v))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    let mut students: Vec<(u64, String)> = rows
+        .iter()
+        .map(|r| (r.student_params, r.student.clone()))
+        .collect();
+    students.sort();
+    students.dedup();
+    for (i, (_, s)) in students.iter().enumerate() {
+        let c = color(i);
+        let mut pts: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| &r.student == s)
+            .filter_map(|r| Some((r.teacher_params? as f64, r.eval_loss)))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(err)?
+            .label(format!("{s} (KD)"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
+            .map_err(err)?;
+        if let Some(ce) = rows
+            .iter()
+            .find(|r| &r.student == s && r.teacher_params.is_none())
+        {
+            chart
+                .draw_series(LineSeries::new(
+                    vec![(xlo, ce.eval_loss), (xhi, ce.eval_loss)],
+                    c.mix(0.5).stroke_width(1),
+                ))
+                .map_err(err)?
+                .label(format!("{s} (CE only)"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.mix(0.5).stroke_width(1))
+                });
+        }
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// Held-out loss over training steps, one panel per student, one line per teacher (+ CE).
+fn plot_curves(path: &Path, teachers: &[TeacherInfo], rows: &[ResultRow]) -> anyhow::Result<()> {
+    let mut students: Vec<(u64, String)> = rows
+        .iter()
+        .map(|r| (r.student_params, r.student.clone()))
+        .collect();
+    students.sort();
+    students.dedup();
+    let n = students.len().max(1);
+    let root = BitMapBackend::new(path, (420 * n as u32, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let panels = root.split_evenly((1, n));
+    let mut order: Vec<String> = teachers.iter().map(|t| t.name.clone()).collect();
+    order.push("ce".into());
+    for ((_, s), area) in students.iter().zip(panels.iter()) {
+        let curves: Vec<(usize, Vec<(f64, f64)>)> = rows
+            .iter()
+            .filter(|r| &r.student == s)
+            .map(|r| {
+                let idx = order.iter().position(|t| *t == r.teacher).unwrap_or(0);
+                let pts = std::fs::read_to_string(PathBuf::from(&r.run_dir).join("metrics.jsonl"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter_map(|v| Some((v["step"].as_f64()?, v.get("eval_loss")?.as_f64()?)))
+                    .collect();
+                (idx, pts)
+            })
+            .collect();
+        let (ylo, yhi) = range(curves.iter().flat_map(|c| c.1.iter().map(|p| p.1)));
+        let xhi = curves
+            .iter()
+            .flat_map(|c| c.1.iter().map(|p| p.0))
+            .fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{s}: held-out loss"), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..xhi, ylo..yhi)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(err)?;
+        for (idx, pts) in curves {
+            let c = if order[idx] == "ce" {
+                BLACK
+            } else {
+                color(idx)
+            };
+            let name = order[idx].clone();
+            chart
+                .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+                .map_err(err)?
+                .label(if name == "ce" {
+                    "CE only".to_string()
+                } else {
+                    format!("teacher {name}")
+                })
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// Optimal teacher vs student params with the fitted line and the paper's 2.5·S.
+fn plot_law(path: &Path, f: &LawFit) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, (800, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let xs: Vec<f64> = f.best.iter().map(|b| b.student_params as f64).collect();
+    let ys: Vec<f64> = f.best.iter().map(|b| b.teacher_params as f64).collect();
+    let xhi = xs.iter().cloned().fold(0.0, f64::max) * 1.15;
+    let yhi = ys
+        .iter()
+        .cloned()
+        .fold(0.0, f64::max)
+        .max(f.slope * xhi + f.intercept)
+        .max(2.5 * xhi)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "optimal teacher vs student: T* = {:.2}·S {} {} (R² {:.2})",
+                f.slope,
+                if f.intercept < 0.0 { "-" } else { "+" },
+                human(f.intercept.abs()),
+                f.r2
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..xhi, 0.0..yhi)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("student parameters")
+        .y_desc("best teacher parameters")
+        .x_label_formatter(&|v| human(*v))
+        .y_label_formatter(&|v| human(*v))
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(err)?;
+    let c = color(0);
+    chart
+        .draw_series(
+            xs.iter()
+                .zip(&ys)
+                .map(|(x, y)| Circle::new((*x, *y), 6, c.filled())),
+        )
+        .map_err(err)?
+        .label("best teacher in the grid")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 5, c.filled()));
+    let r = color(3);
+    chart
+        .draw_series(LineSeries::new(
+            vec![(0.0, f.intercept), (xhi, f.slope * xhi + f.intercept)],
+            r.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label("least-squares fit")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], r.stroke_width(2)));
+    let g = RGBColor(120, 120, 120);
+    chart
+        .draw_series(LineSeries::new(
+            vec![(0.0, 0.0), (xhi, 2.5 * xhi)],
+            g.stroke_width(1),
+        ))
+        .map_err(err)?
+        .label("paper: T* = 2.5·S")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], g.stroke_width(1)));
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// Writes `report.md` and `plots/*.png` into `out`; returns the report's path.
+pub fn write(
+    p: &Pipeline,
+    teachers: &[TeacherInfo],
+    rows: &[ResultRow],
+    law: &Result<LawFit, LawError>,
+    out: &Path,
+) -> anyhow::Result<PathBuf> {
+    fonts();
+    let plots = out.join("plots");
+    std::fs::create_dir_all(&plots)?;
+    plot_loss_vs_teacher(&plots.join("loss_vs_teacher.png"), teachers, rows)?;
+    plot_curves(&plots.join("curves.png"), teachers, rows)?;
+    let law_png = plots.join("law.png");
+    let _ = std::fs::remove_file(&law_png);
+    if let Ok(f) = law {
+        plot_law(&law_png, f)?;
+    }
+
+    let mut students: Vec<(u64, String)> = rows
+        .iter()
+        .map(|r| (r.student_params, r.student.clone()))
+        .collect();
+    students.sort();
+    students.dedup();
+    let mut ts: Vec<&TeacherInfo> = teachers.iter().collect();
+    ts.sort_by_key(|t| t.params);
+    let get = |s: &str, t: Option<&str>| {
+        rows.iter().find(|r| {
+            r.student == s
+                && t.map_or(r.teacher_params.is_none(), |t| {
+                    r.teacher == t && r.teacher_params.is_some()
+                })
+        })
+    };
+    let f = &p.file;
+    let mut md = String::new();
+    writeln!(md, "# logitcache report: {}\n", p.name)?;
+    writeln!(
+        md,
+        "Corpus: {}. Windows of {} tokens, {:.0}% held out (by `seq_id`): every number below is the next-token cross-entropy (nats) on the same held-out tokens. Caches: top-{} at T = {}. Students: {} steps of {} windows, loss `{:?}`.\n",
+        f.data
+            .corpus
+            .iter()
+            .map(|c| c
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned())
+            .collect::<Vec<_>>()
+            .join(", "),
+        f.data.seq_len,
+        f.data.eval_fraction * 100.0,
+        f.cache.top_k,
+        f.cache.temperature,
+        f.train.steps,
+        f.train.batch_size,
+        f.train.loss,
+    )?;
+    writeln!(
+        md,
+        "## Teachers\n\n| teacher | params | held-out loss | source |\n|---|---|---|---|"
+    )?;
+    for t in &ts {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            t.name,
+            human(t.params as f64),
+            t.eval_loss.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+            if t.eval_loss.is_some() {
+                "pretrained with CE by this pipeline"
+            } else {
+                "given ONNX file"
+            }
+        )?;
+    }
+    writeln!(
+        md,
+        "\n## Student eval loss by teacher (lower is better; **bold** = best teacher for that student)\n"
+    )?;
+    let mut head = "| student | params |".to_string();
+    let mut rule = "|---|---|".to_string();
+    for t in &ts {
+        head += &format!(" {} ({}) |", t.name, human(t.params as f64));
+        rule += "---|";
+    }
+    head += " CE only |";
+    rule += "---|";
+    writeln!(md, "{head}\n{rule}")?;
+    let mut gap = 0;
+    let (mut kd_wins, mut kd_pairs) = (0, 0);
+    let mut best_vs_ce = Vec::new();
+    for (sp, s) in &students {
+        let best = ts
+            .iter()
+            .filter_map(|t| get(s, Some(&t.name)).map(|r| (t, r.eval_loss)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let mut line = format!("| {s} | {} |", human(*sp as f64));
+        let ce = get(s, None).map(|r| r.eval_loss);
+        for t in &ts {
+            match get(s, Some(&t.name)) {
+                Some(r) => {
+                    let bold = best.is_some_and(|b| b.0.name == t.name);
+                    line += &if bold {
+                        format!(" **{:.4}** |", r.eval_loss)
+                    } else {
+                        format!(" {:.4} |", r.eval_loss)
+                    };
+                    if let Some(c) = ce {
+                        kd_pairs += 1;
+                        kd_wins += (r.eval_loss < c) as usize;
+                    }
+                }
+                None => line += " - |",
+            }
+        }
+        line += &ce.map(|c| format!(" {c:.4} |")).unwrap_or(" - |".into());
+        writeln!(md, "{line}")?;
+        if let Some((bt, bl)) = best {
+            if ts.last().is_some_and(|l| l.name != bt.name) {
+                gap += 1;
+            }
+            if let Some(c) = ce {
+                best_vs_ce.push(format!(
+                    "{s}: best KD {bl:.4} ({}) vs CE {c:.4} ({:+.4})",
+                    bt.name,
+                    bl - c
+                ));
+            }
+        }
+    }
+    writeln!(
+        md,
+        "\n![student loss vs teacher size](plots/loss_vs_teacher.png)\n"
+    )?;
+    writeln!(md, "## Does this family show a capacity gap?\n")?;
+    let n = students.len();
+    if gap > 0 {
+        writeln!(
+            md,
+            "Yes, in part: for {gap} of {n} student sizes the best teacher is **not** the largest one — a larger teacher gave a worse student."
+        )?;
+    } else {
+        writeln!(
+            md,
+            "No: every student size is best with the largest teacher of the grid. Within this grid a larger teacher always helped; the optimum, if there is one, lies beyond it."
+        )?;
+    }
+    writeln!(md, "\n## The law of capacity gap\n")?;
+    match law {
+        Ok(fit) => {
+            writeln!(md, "{}", describe(fit))?;
+            let (t, se) = fit.predict(
+                fit.best
+                    .last()
+                    .map(|b| b.student_params as f64 * 2.0)
+                    .unwrap_or(0.0),
+            );
+            writeln!(
+                md,
+                "For comparison the paper reports T* ≈ 2.5·S. Prediction for a student twice the largest here: {} ± {} (1 s.e.; 95% interval ± {}).\n\n![law fit](plots/law.png)\n",
+                human(t),
+                human(se),
+                human(se * fit.t95())
+            )?;
+        }
+        Err(e) => writeln!(md, "No fit: {e}.\n")?,
+    }
+    writeln!(
+        md,
+        "## Distillation vs CE only (same student, steps and data)\n"
+    )?;
+    if kd_pairs > 0 {
+        writeln!(
+            md,
+            "KD beat the CE-only baseline in {kd_wins} of {kd_pairs} (teacher, student) pairs.\n"
+        )?;
+        for l in best_vs_ce {
+            writeln!(md, "- {l}")?;
+        }
+    } else {
+        writeln!(md, "No CE baseline was trained (`ce_baseline = false`).")?;
+    }
+    writeln!(
+        md,
+        "\n## Training curves\n\n![held-out loss during training](plots/curves.png)\n"
+    )?;
+    writeln!(
+        md,
+        "Files: `results.csv` / `results.json` (one row per run; `logitcache law {}` refits), `runs/<teacher>/<student>/` (checkpoints, metrics.jsonl), `caches/<teacher>/`, `teachers/<name>/model.onnx`.",
+        out.join("results.csv").display()
+    )?;
+    let path = out.join("report.md");
+    crate::util::write_atomic(&path, md.as_bytes())?;
+    Ok(path)
+}
