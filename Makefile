@@ -63,7 +63,7 @@ bench: setup pycheck-setup
 DEMO_OUT := demo-out
 demo: setup
 	$(CARGO) build --release
-	bash pipelines/demo.sh target/release/logitcache $(DEMO_OUT)
+	target/release/logitcache run pipelines/demo.toml --out $(DEMO_OUT)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

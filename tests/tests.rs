@@ -8,6 +8,7 @@ mod errors;
 mod export;
 mod llama_ref;
 mod losses;
+mod pipeline;
 mod resume;
 mod stream;
 mod student;

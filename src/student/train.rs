@@ -398,6 +398,7 @@ fn save_checkpoint<O: Optimizer<Llama<CpuBackend>, CpuBackend>>(
     std::fs::rename(&tmp, &dst)?;
     crate::util::sync_dir(run)?;
     let _ = std::fs::remove_dir_all(&old);
+    crate::util::failpoint("checkpoint-saved");
     Ok(())
 }
 

@@ -1,0 +1,315 @@
+//! `logitcache run` on a tiny pipeline (a given toy ONNX teacher, two teachers pretrained and
+//! exported by the pipeline, three students, CE baselines): everything is produced, a rerun
+//! skips everything, a changed parameter rebuilds exactly what depends on it, and a run
+//! killed midway (twice) continues to the same results as a straight run. Also `law` on
+//! the results and the pipeline file's errors.
+
+use crate::util::*;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn pipeline_text(steps: usize, top_k: usize) -> String {
+    format!(
+        r#"
+name = "tiny"
+threads = 2
+[data]
+corpus = ["{corpus}"]
+tokenizer = "{tok}"
+seq_len = 32
+eval_fraction = 0.1
+[cache]
+top_k = {top_k}
+shard_size = 64
+[train]
+steps = {steps}
+batch_size = 4
+lr = 3e-3
+evals = 2
+eval_batches = 3
+[teacher_train]
+steps = 10
+batch_size = 4
+lr = 3e-3
+evals = 1
+eval_batches = 3
+[[teacher]]
+name = "toy"
+onnx = "{toy}"
+[[teacher]]
+name = "ta"
+arch = {{ hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 4, intermediate_size = 64, tie_word_embeddings = true }}
+[[teacher]]
+name = "tb"
+config = "tb.toml"
+[[student]]
+name = "s1"
+arch = {{ hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 2, intermediate_size = 32, tie_word_embeddings = true }}
+[[student]]
+name = "s2"
+arch = {{ hidden_size = 24, num_hidden_layers = 1, num_attention_heads = 2, intermediate_size = 48, tie_word_embeddings = true }}
+[[student]]
+config = "preset:nano"
+"#,
+        corpus = corpus(300).display(),
+        tok = tokenizer().display(),
+        toy = plain_model().display(),
+    )
+}
+
+/// A pipeline file in `dir` (with its `tb.toml` beside it).
+fn write_pipeline(dir: &Path, steps: usize, top_k: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("tb.toml"),
+        "hidden_size = 48\nnum_hidden_layers = 2\nnum_attention_heads = 4\nintermediate_size = 96\ntie_word_embeddings = true\n",
+    )
+    .unwrap();
+    let p = dir.join("tiny.toml");
+    std::fs::write(&p, pipeline_text(steps, top_k)).unwrap();
+    p
+}
+
+fn run_pipeline(p: &Path, out: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut e = vec![("RUST_LOG", "info")];
+    e.extend_from_slice(env);
+    run_env(
+        &["run", p.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &e,
+    )
+}
+
+/// The straight run every other test compares with: (out dir, its first results.csv).
+fn baseline() -> &'static (PathBuf, String) {
+    static B: OnceLock<(PathBuf, String)> = OnceLock::new();
+    B.get_or_init(|| {
+        let dir = shared_dir().join("pl-base");
+        let p = write_pipeline(&dir, 6, 8);
+        let out = dir.join("out");
+        assert_ok(&run_pipeline(&p, &out, &[]));
+        let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+        (out, csv)
+    })
+}
+
+/// `results.csv` without the run_dir column (which names the output directory).
+fn results_without_dirs(csv: &str) -> Vec<String> {
+    csv.lines()
+        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .collect()
+}
+
+fn count(s: &str, what: &str) -> usize {
+    s.matches(what).count()
+}
+
+#[test]
+fn run_produces_everything_and_reruns_only_what_changed() {
+    let (out, csv) = baseline();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 1 + 3 * 4, "{csv}");
+    for s in ["s1", "s2", "nano"] {
+        for t in ["toy", "ta", "tb", "ce"] {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with(&format!("{t},")) && l.contains(&format!(",{s},"))),
+                "no row for {s} <- {t}:\n{csv}"
+            );
+        }
+    }
+    // The exported teachers were the teacher stage's models, and every cache verifies.
+    for t in ["toy", "ta", "tb"] {
+        let cache = out.join("caches").join(t);
+        assert_ok(&run(&["verify", cache.to_str().unwrap()]));
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(cache.join("manifest.json")).unwrap()).unwrap();
+        let model = if t == "toy" {
+            plain_model()
+        } else {
+            out.join("teachers").join(t).join("model.onnx")
+        };
+        let (sha, _) = logitcache::util::sha256_file(&model).unwrap();
+        assert_eq!(m["model"]["sha256"], sha.as_str(), "{t}");
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for s in [
+        "# logitcache report: tiny",
+        "## Student eval loss by teacher",
+        "## Does this family show a capacity gap?",
+        "## The law of capacity gap",
+        "KD beat the CE-only baseline in",
+        "plots/loss_vs_teacher.png",
+    ] {
+        assert!(report.contains(s), "report lacks {s:?}:\n{report}");
+    }
+    for png in ["loss_vs_teacher.png", "curves.png"] {
+        let b = std::fs::read(out.join("plots").join(png)).unwrap();
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{png}");
+    }
+    // `law` agrees with the report: the same fit, or the same refusal.
+    let law = run(&["law", out.join("results.csv").to_str().unwrap()]);
+    if report.contains("No fit:") {
+        assert_eq!(law.status.code(), Some(2));
+    } else {
+        assert_ok(&law);
+        let fit_line = stdout(&law)
+            .lines()
+            .find(|l| l.starts_with("fit: T*"))
+            .unwrap()
+            .to_string();
+        assert!(report.contains(&fit_line), "{fit_line}\n{report}");
+    }
+
+    // A rerun does nothing: 19 steps skipped (tokenizer, data, 2 teachers, 3 caches, 12 runs).
+    let p = out.parent().unwrap().join("tiny.toml");
+    let ckpt = out.join("runs/ta/s1/checkpoint/model.safetensors");
+    let before = std::fs::metadata(&ckpt).unwrap().modified().unwrap();
+    let o = run_pipeline(&p, out, &[]);
+    assert_ok(&o);
+    let err = stderr(&o);
+    assert_eq!(count(&err, "skipped"), 19, "{err}");
+    assert_eq!(count(&err, "rebuilding"), 0, "{err}");
+    assert_eq!(
+        std::fs::metadata(&ckpt).unwrap().modified().unwrap(),
+        before
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("results.csv")).unwrap(),
+        *csv
+    );
+
+    // More student steps: only the 12 student runs are redone.
+    write_pipeline(out.parent().unwrap(), 7, 8);
+    let o = run_pipeline(&p, out, &[]);
+    assert_ok(&o);
+    let err = stderr(&o);
+    assert_eq!(count(&err, "skipped"), 7, "{err}");
+    assert_eq!(count(&err, "rebuilding"), 12, "{err}");
+
+    // Another k: the 3 caches and the 9 distilled runs; teachers and CE baselines stay.
+    write_pipeline(out.parent().unwrap(), 7, 6);
+    let o = run_pipeline(&p, out, &[]);
+    assert_ok(&o);
+    let err = stderr(&o);
+    assert_eq!(count(&err, "rebuilding"), 12, "{err}");
+    assert_eq!(count(&err, "skipped"), 7, "{err}");
+    for s in [
+        "s1 (CE): done before",
+        "teacher ta: done before",
+        "token data: done before",
+    ] {
+        assert!(err.contains(s), "{s}: {err}");
+    }
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("caches/ta/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["params"]["top_k"], 6);
+}
+
+#[test]
+fn a_run_killed_midway_continues_to_the_same_results() {
+    let (_, want) = baseline();
+    let dir = shared_dir().join("pl-killed");
+    let p = write_pipeline(&dir, 6, 8);
+    let out = dir.join("out");
+    // Killed after teacher ta's third checkpoint (step 6 of 10); then, resumed, after the
+    // second checkpoint of the first student run.
+    for fp in ["checkpoint-saved:3", "checkpoint-saved:9"] {
+        let o = run_pipeline(&p, &out, &[("LOGITCACHE_FAILPOINT", fp)]);
+        assert_eq!(
+            o.status.code(),
+            None,
+            "{fp}: expected SIGKILL\n{}",
+            stderr(&o)
+        );
+    }
+    assert!(!out.join("results.csv").exists());
+    let o = run_pipeline(&p, &out, &[]);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("continuing an interrupted run"),
+        "{}",
+        stderr(&o)
+    );
+    let got = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(results_without_dirs(&got), results_without_dirs(want));
+}
+
+#[test]
+fn law_and_pipeline_errors_are_clear() {
+    let dir = shared_dir().join("pl-errors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = pipeline_text(6, 8);
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown-key",
+            "\n[extra]\nx = 1\n",
+            &["is not valid", "unknown field `extra`"],
+        ),
+        ("no-teacher", "", &["no [[teacher]]"]),
+        (
+            "both",
+            "\n[[teacher]]\nname = \"tc\"\nonnx = \"x.onnx\"\nconfig = \"preset:nano\"\n",
+            &["teacher tc: give `onnx` or an architecture, not both"],
+        ),
+        (
+            "dup",
+            "\n[[teacher]]\nname = \"ta\"\nconfig = \"preset:nano\"\n",
+            &["teacher name `ta` is used twice"],
+        ),
+        (
+            "missing-onnx",
+            "\n[[teacher]]\nname = \"tz\"\nonnx = \"nowhere.onnx\"\n",
+            &["teacher tz", "nowhere.onnx does not exist"],
+        ),
+    ];
+    for (name, extra, frags) in cases {
+        let text = if *name == "no-teacher" {
+            base.split("[[teacher]]").next().unwrap().to_string()
+                + "[[student]]\nconfig = \"preset:nano\"\n"
+        } else {
+            base.clone() + extra
+        };
+        let p = dir.join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let o = run(&[
+            "run",
+            p.to_str().unwrap(),
+            "--out",
+            dir.join("o").to_str().unwrap(),
+        ]);
+        assert_fails(&o, frags);
+    }
+    // law: too few student sizes, bad --predict, unreadable file.
+    let csv = dir.join("two.csv");
+    std::fs::write(
+        &csv,
+        "teacher,teacher_params,student,student_params,eval_loss\na,10,s,5,3.0\nb,20,s,5,2.9\na,10,u,7,3.0\nb,20,u,7,3.1\n",
+    )
+    .unwrap();
+    assert_fails(
+        &run(&["law", csv.to_str().unwrap()]),
+        &["at least 3 student sizes", "have 2"],
+    );
+    std::fs::write(
+        &csv,
+        "teacher,teacher_params,student,student_params,eval_loss\na,10,s,5,3.0\nb,20,s,5,2.9\na,10,u,7,3.0\nb,20,u,7,3.1\na,10,v,9,3.0\nb,20,v,9,3.1\n",
+    )
+    .unwrap();
+    let o = run(&["law", csv.to_str().unwrap(), "--predict", "8"]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("predicted optimal teacher for a 8 student"),
+        "{}",
+        stdout(&o)
+    );
+    assert_fails(
+        &run(&["law", csv.to_str().unwrap(), "--predict", "big"]),
+        &["--predict big: not a parameter count"],
+    );
+    assert_fails(
+        &run(&["law", dir.join("none.csv").to_str().unwrap()]),
+        &["cannot read results", "none.csv"],
+    );
+}
