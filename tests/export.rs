@@ -115,3 +115,45 @@ fn exported_logits_equal_burns_forward() {
     let d = max_diff(&cfg(false, 2), true, &batch, 7);
     assert!(d > 0.0 && d < 0.05, "fp16 export: max |ORT - burn| = {d}");
 }
+
+#[test]
+fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
+    let (out, _) = crate::pipeline::baseline();
+    let run_dir = out.join("runs/ta/s1");
+    let dir = shared_dir().join("export-cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f32_path = dir.join("s1.onnx");
+    let f16_path = dir.join("s1-fp16.onnx");
+    for (p, extra) in [(&f32_path, None), (&f16_path, Some("--fp16"))] {
+        let mut a = vec![
+            "export-onnx",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--out",
+            p.to_str().unwrap(),
+        ];
+        a.extend(extra);
+        assert_ok(&run(&a));
+    }
+    let (a, b) = (
+        std::fs::metadata(&f32_path).unwrap().len(),
+        std::fs::metadata(&f16_path).unwrap().len(),
+    );
+    assert!(b * 10 < a * 6, "fp16 file {b} bytes vs f32 {a}");
+    // The exported student as a teacher (its tokenizer is the test tokenizer).
+    let cache = dir.join("cache");
+    assert_ok(&run_strings(&teacher_args(&f32_path, &cache, 40)));
+    assert_ok(&run(&["verify", cache.to_str().unwrap()]));
+    // Not a run directory: a clear error.
+    assert_fails(
+        &run(&[
+            "export-onnx",
+            "--checkpoint",
+            dir.to_str().unwrap(),
+            "--out",
+            dir.join("x.onnx").to_str().unwrap(),
+        ]),
+        &["is not a run directory written by `logitcache train`"],
+    );
+    assert!(!dir.join("x.onnx").exists());
+}

@@ -80,7 +80,7 @@ fn run_pipeline(p: &Path, out: &Path, env: &[(&str, &str)]) -> std::process::Out
 }
 
 /// The straight run every other test compares with: (out dir, its first results.csv).
-fn baseline() -> &'static (PathBuf, String) {
+pub(crate) fn baseline() -> &'static (PathBuf, String) {
     static B: OnceLock<(PathBuf, String)> = OnceLock::new();
     B.get_or_init(|| {
         let dir = shared_dir().join("pl-base");

@@ -202,13 +202,24 @@ pub struct TeacherEntry {
     /// CE pretraining steps (default: `teacher_train.steps`).
     #[serde(default)]
     pub steps: Option<usize>,
+    /// Peak learning rate of its pretraining (default: `teacher_train.lr`); larger models
+    /// usually want a smaller one.
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 /// What kind of teacher an entry is.
 #[derive(Debug, Clone)]
 pub enum TeacherSource {
-    Onnx { path: PathBuf, params: Option<u64> },
-    Train { arch: StudentConfig, steps: usize },
+    Onnx {
+        path: PathBuf,
+        params: Option<u64>,
+    },
+    Train {
+        arch: StudentConfig,
+        steps: usize,
+        lr: f64,
+    },
 }
 
 /// A loaded, checked pipeline with absolute paths.
@@ -397,6 +408,7 @@ impl Pipeline {
                             vocab,
                         )?,
                         steps: t.steps.unwrap_or(tt.steps),
+                        lr: t.lr.unwrap_or(tt.lr),
                     },
                 };
                 Ok((t.name.clone(), src))

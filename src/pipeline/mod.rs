@@ -311,8 +311,7 @@ pub fn last_eval(run: &Path) -> Option<serde_json::Value> {
         .ok()?
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("eval_loss").is_some())
-        .next_back()
+        .rfind(|v| v.get("eval_loss").is_some())
 }
 
 /// Runs the pipeline; returns the path of `report.md`.
@@ -425,10 +424,11 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                 };
                 (path.clone(), n, None, sha256_file(path)?.0)
             }
-            TeacherSource::Train { arch, steps } => {
+            TeacherSource::Train { arch, steps, lr } => {
                 r.header(&format!("teacher {name}: pretraining with CE"));
                 let mut t = tt.clone();
                 t.steps = *steps;
+                t.lr = *lr;
                 let cfg = r.train_config(&t, &data_dir, &tokenizer, &tdir.join("run"), true);
                 let (run, fp) = r.train(&format!("teacher {name}"), arch, &cfg, &data_fp)?;
                 r.header(&format!("teacher {name}: export to ONNX"));

@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 
 static FONT: &[u8] = include_bytes!("DejaVuSansMono.ttf");
 
+/// Differences in held-out loss below this (nats) are not called a capacity gap: one run
+/// per cell with one seed cannot separate them from noise.
+pub const NOISE_NATS: f64 = 0.02;
+
 fn fonts() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -378,7 +382,7 @@ pub fn write(
     head += " CE only |";
     rule += "---|";
     writeln!(md, "{head}\n{rule}")?;
-    let mut gap = 0;
+    let (mut gap, mut close) = (Vec::new(), Vec::new());
     let (mut kd_wins, mut kd_pairs) = (0, 0);
     let mut best_vs_ce = Vec::new();
     for (sp, s) in &students {
@@ -408,8 +412,21 @@ pub fn write(
         line += &ce.map(|c| format!(" {c:.4} |")).unwrap_or(" - |".into());
         writeln!(md, "{line}")?;
         if let Some((bt, bl)) = best {
-            if ts.last().is_some_and(|l| l.name != bt.name) {
-                gap += 1;
+            if let Some(largest) = ts.last().filter(|l| l.name != bt.name)
+                && let Some(lr) = get(s, Some(&largest.name))
+            {
+                let margin = lr.eval_loss - bl;
+                if margin >= NOISE_NATS {
+                    gap.push(format!(
+                        "{s} is best with {} ({:.4} nats better than with the largest, {})",
+                        bt.name, margin, largest.name
+                    ));
+                } else {
+                    close.push(format!(
+                        "{s} is best with {}, but only {:.4} nats ahead of the largest ({})",
+                        bt.name, margin, largest.name
+                    ));
+                }
             }
             if let Some(c) = ce {
                 best_vs_ce.push(format!(
@@ -426,10 +443,18 @@ pub fn write(
     )?;
     writeln!(md, "## Does this family show a capacity gap?\n")?;
     let n = students.len();
-    if gap > 0 {
+    if !gap.is_empty() {
         writeln!(
             md,
-            "Yes, in part: for {gap} of {n} student sizes the best teacher is **not** the largest one — a larger teacher gave a worse student."
+            "Yes, for {} of {n} student sizes: a smaller teacher gave a clearly better student ({}).",
+            gap.len(),
+            gap.join("; ")
+        )?;
+    } else if !close.is_empty() {
+        writeln!(
+            md,
+            "Not clearly. {}: a margin under {NOISE_NATS} nats, within what one seed can move. The other student sizes are best with the largest teacher. Within this grid a larger teacher helped or made no measurable difference; an optimum, if there is one, lies at or beyond the largest teacher.",
+            close.join("; ")
         )?;
     } else {
         writeln!(
@@ -437,6 +462,20 @@ pub fn write(
             "No: every student size is best with the largest teacher of the grid. Within this grid a larger teacher always helped; the optimum, if there is one, lies beyond it."
         )?;
     }
+    let pretrained: Vec<&&TeacherInfo> = ts.iter().filter(|t| t.eval_loss.is_some()).collect();
+    if pretrained
+        .windows(2)
+        .any(|w| w[1].eval_loss.unwrap_or(0.0) >= w[0].eval_loss.unwrap_or(0.0))
+    {
+        writeln!(
+            md,
+            "\nCaution: the pretrained teachers' own held-out losses do not fall with size (table above), so a larger teacher here is not simply a stronger one — it is under-trained for its size. A \"capacity gap\" read from this grid mixes size with teacher quality; train the teachers longer to separate them."
+        )?;
+    }
+    writeln!(
+        md,
+        "\nEach cell is one run with one seed; differences of a few hundredths of a nat can be noise (the law below is fitted to the best cell regardless)."
+    )?;
     writeln!(md, "\n## The law of capacity gap\n")?;
     match law {
         Ok(fit) => {
@@ -464,7 +503,8 @@ pub fn write(
     if kd_pairs > 0 {
         writeln!(
             md,
-            "KD beat the CE-only baseline in {kd_wins} of {kd_pairs} (teacher, student) pairs.\n"
+            "Distilled runs minimise {} x KD ({:?}) + {} x CE; the baseline minimises CE alone. KD beat the CE-only baseline in {kd_wins} of {kd_pairs} (teacher, student) pairs.\n",
+            f.train.kd_weight, f.train.loss, f.train.ce_weight
         )?;
         for l in best_vs_ce {
             writeln!(md, "- {l}")?;

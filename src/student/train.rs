@@ -424,6 +424,34 @@ pub fn peak_rss_mib() -> f64 {
     u.ru_maxrss as f64 / 1024.0
 }
 
+/// Warns when the cache's top-k holds little of the teacher's mass: with the tail as one
+/// outcome and no CE term, the student learns nothing about which tail token comes next.
+/// Looks at the first shard only.
+fn warn_if_tail_heavy(cache: &Cache) {
+    let Some(first) = cache.manifest.shards.first() else {
+        return;
+    };
+    let Ok(rows) = cache.read_shard(first) else {
+        return;
+    };
+    if rows.tail_logprob.is_empty() {
+        return;
+    }
+    let mass = rows
+        .tail_logprob
+        .iter()
+        .map(|&t| 1.0 - (t as f64).exp())
+        .sum::<f64>()
+        / rows.tail_logprob.len() as f64;
+    if mass < 0.9 {
+        tracing::warn!(
+            "the teacher's top-{} holds only {:.0}% of its probability mass on average (first shard); with --ce-weight 0 the student never learns which of the other tokens are likely, and can end up worse than CE alone: add --ce-weight 1 (the usual recipe) or build the cache with a larger --top-k",
+            cache.manifest.params.top_k,
+            mass * 100.0
+        );
+    }
+}
+
 /// Trains one student from `cache` into `cfg.out/<student name>`.
 pub fn train_student(
     cache: &Cache,
@@ -453,6 +481,9 @@ pub fn train_student(
             m.params.temperature,
             cfg.loss.temperature
         );
+    }
+    if cfg.loss.kind != KdLoss::Ce && cfg.loss.ce_weight == 0.0 {
+        warn_if_tail_heavy(cache);
     }
     let run = cfg.out.join(&student.name);
     let ckpt = run.join("checkpoint");
