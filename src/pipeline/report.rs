@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 static FONT: &[u8] = include_bytes!("DejaVuSansMono.ttf");
 
 /// Differences in held-out loss below this (nats) are not called a capacity gap: one run
-/// per cell with one seed cannot separate them from noise.
-pub const NOISE_NATS: f64 = 0.02;
+/// per cell with one seed cannot separate them from noise. Measured on the demo: the same
+/// (teacher, student) cell moved by up to 0.07 nats across seeds 0-2, and the difference
+/// between two teachers for one student at a fixed seed ranged over 0.03 nats.
+pub const NOISE_NATS: f64 = 0.03;
 
 fn fonts() {
     static ONCE: std::sync::Once = std::sync::Once::new();
