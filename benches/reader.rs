@@ -70,9 +70,12 @@ fn main() {
     })
     .unwrap();
     let cache = Cache::open(&out).unwrap();
+    // The first pass also hashes every shard (sha256 against the manifest, once per file and
+    // process); later passes, like every evaluation pass of a training run, only decode.
     let mut best = f64::INFINITY;
+    let mut first = f64::NAN;
     let mut positions = 0usize;
-    for _ in 0..rounds {
+    for _ in 0..rounds + 1 {
         let t0 = Instant::now();
         positions = 0;
         let s = Stream::start(
@@ -87,7 +90,12 @@ fn main() {
         for b in s {
             positions += b.unwrap().tokens();
         }
-        best = best.min(t0.elapsed().as_secs_f64());
+        let secs = t0.elapsed().as_secs_f64();
+        if first.is_nan() {
+            first = secs;
+        } else {
+            best = best.min(secs);
+        }
     }
     let python = std::env::var("LOGITCACHE_PYTHON")
         .map(PathBuf::from)
@@ -106,7 +114,8 @@ fn main() {
         "{}",
         serde_json::json!({
             "bench": "reader", "k": 64, "positions": positions, "bytes": cache.manifest.totals.bytes,
-            "stream_positions_per_s": rate, "pyarrow_positions_per_s": py_rate, "ratio_vs_pyarrow": rate / py_rate,
+            "stream_positions_per_s": rate, "stream_first_pass_positions_per_s": positions as f64 / first,
+            "pyarrow_positions_per_s": py_rate, "ratio_vs_pyarrow": rate / py_rate,
         })
     );
 }

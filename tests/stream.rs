@@ -183,6 +183,19 @@ fn damaged_or_incomplete_caches_are_refused_naming_the_shard() {
     }
     std::fs::copy(src.join("manifest.json"), dir.join("manifest.json")).unwrap();
     let cache = Cache::open(&dir).unwrap();
+    // Read once intact: the shards are hashed and remembered by this process...
+    let cfg = StreamConfig {
+        shuffle: false,
+        epochs: Some(1),
+        ..Default::default()
+    };
+    assert!(
+        Stream::start(&cache, cfg.clone())
+            .unwrap()
+            .all(|b| b.is_ok())
+    );
+    // ...and a shard changed afterwards (same inode, new mtime) is hashed again.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     let victim = dir.join(&cache.manifest.shards[2].file);
     let mut bytes = std::fs::read(&victim).unwrap();
     let mid = bytes.len() / 2;

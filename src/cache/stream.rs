@@ -132,18 +132,35 @@ pub struct MappedShard {
     path: PathBuf,
     bytes: Bytes,
     meta: ArrowReaderMetadata,
+    /// (device, inode, length, mtime s, mtime ns) of the mapped file.
+    identity: (u64, u64, u64, i64, i64),
 }
+
+/// Shards this process has already hashed: (file identity, sha256). Every evaluation pass
+/// starts a stream over the same shards; hashing them again each time would cost as much
+/// as decoding them. A shard replaced (new inode) or rewritten (new length or mtime) is
+/// hashed again.
+static VERIFIED: std::sync::Mutex<Vec<((u64, u64, u64, i64, i64), String)>> =
+    std::sync::Mutex::new(Vec::new());
 
 impl MappedShard {
     /// Checks the mapped bytes against the manifest's sha256 (a flipped byte inside a
-    /// compressed page could otherwise decode to wrong values silently).
+    /// compressed page could otherwise decode to wrong values silently). Done once per
+    /// file and process (see [`VERIFIED`]).
     pub fn verify(&self, sha256: &str) -> Result<(), ReadError> {
+        let key = (self.identity, sha256.to_string());
+        if VERIFIED.lock().map(|v| v.contains(&key)).unwrap_or(false) {
+            return Ok(());
+        }
         let found = crate::util::sha256_bytes(&self.bytes);
         if found != sha256 {
             return Err(ReadError::Corrupt {
                 path: self.path.clone(),
                 what: format!("sha256 {found} does not match the manifest's {sha256}"),
             });
+        }
+        if let Ok(mut v) = VERIFIED.lock() {
+            v.push(key);
         }
         Ok(())
     }
@@ -162,6 +179,14 @@ impl MappedShard {
             what,
         };
         let file = open_shard(path)?;
+        let identity = {
+            use std::os::unix::fs::MetadataExt;
+            let md = file.metadata().map_err(|e| ReadError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+            (md.dev(), md.ino(), md.len(), md.mtime(), md.mtime_nsec())
+        };
         // SAFETY: forwarded to the caller (see `# Safety`).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ReadError::Io {
             path: path.to_path_buf(),
@@ -175,6 +200,7 @@ impl MappedShard {
             path: path.to_path_buf(),
             bytes,
             meta,
+            identity,
         })
     }
 
