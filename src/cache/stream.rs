@@ -132,16 +132,17 @@ pub struct MappedShard {
     path: PathBuf,
     bytes: Bytes,
     meta: ArrowReaderMetadata,
-    /// (device, inode, length, mtime s, mtime ns) of the mapped file.
-    identity: (u64, u64, u64, i64, i64),
+    identity: FileIdentity,
 }
 
 /// Shards this process has already hashed: (file identity, sha256). Every evaluation pass
 /// starts a stream over the same shards; hashing them again each time would cost as much
 /// as decoding them. A shard replaced (new inode) or rewritten (new length or mtime) is
 /// hashed again.
-static VERIFIED: std::sync::Mutex<Vec<((u64, u64, u64, i64, i64), String)>> =
-    std::sync::Mutex::new(Vec::new());
+static VERIFIED: std::sync::Mutex<Vec<(FileIdentity, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// (device, inode, length, mtime s, mtime ns) of a mapped file.
+type FileIdentity = (u64, u64, u64, i64, i64);
 
 impl MappedShard {
     /// Checks the mapped bytes against the manifest's sha256 (a flipped byte inside a
