@@ -106,6 +106,15 @@ fn count(s: &str, what: &str) -> usize {
 #[test]
 fn run_produces_everything_and_reruns_only_what_changed() {
     let (out, csv) = baseline();
+    let resolved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("pipeline.resolved.json")).unwrap())
+            .unwrap();
+    assert_eq!(resolved["name"], "tiny");
+    assert_eq!(resolved["file"]["cache"]["temperature"], 1.0, "{resolved}");
+    assert_eq!(
+        resolved["file"]["teacher"][2]["config"],
+        out.parent().unwrap().join("tb.toml").display().to_string()
+    );
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 1 + 3 * 4, "{csv}");
     for s in ["s1", "s2", "nano"] {

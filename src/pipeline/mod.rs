@@ -331,6 +331,15 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
             out.display()
         );
     }
+    // The resolved pipeline (absolute paths, defaults filled in) beside its outputs.
+    write_atomic(
+        &out.join("pipeline.resolved.json"),
+        serde_json::to_string_pretty(&json!({
+            "pipeline": p.path, "name": p.name, "out": out, "file": f,
+            "logitcache_version": env!("CARGO_PKG_VERSION"),
+        }))?
+        .as_bytes(),
+    )?;
     let threads = f.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

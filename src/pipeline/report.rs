@@ -520,7 +520,7 @@ pub fn write(
     )?;
     writeln!(
         md,
-        "Files: `results.csv` / `results.json` (one row per run; `logitcache law {}` refits), `runs/<teacher>/<student>/` (checkpoints, metrics.jsonl), `caches/<teacher>/`, `teachers/<name>/model.onnx`.",
+        "Files: `results.csv` / `results.json` (one row per run; `logitcache law {}` refits), `pipeline.resolved.json` (the pipeline with every default filled in), `runs/<teacher>/<student>/` (checkpoints, metrics.jsonl), `caches/<teacher>/`, `teachers/<name>/model.onnx`.",
         out.join("results.csv").display()
     )?;
     let path = out.join("report.md");
