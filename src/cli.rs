@@ -165,16 +165,16 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = train::DEFAULT_WARMUP)]
     pub warmup: usize,
     /// AdamW weight decay (PyTorch default).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = train::DEFAULT_WEIGHT_DECAY)]
     pub weight_decay: f64,
     /// AdamW beta1.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = train::DEFAULT_BETA1)]
     pub beta1: f64,
     /// AdamW beta2.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = train::DEFAULT_BETA2)]
     pub beta2: f64,
     /// AdamW epsilon (PyTorch default).
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = train::DEFAULT_EPS)]
     pub eps: f64,
     /// Clip the global gradient norm to this (0 = no clipping).
     #[arg(long, default_value_t = train::DEFAULT_GRAD_CLIP)]

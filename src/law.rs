@@ -123,6 +123,8 @@ pub struct Best {
     pub at_smallest: bool,
     /// The same student's CE-only result, when the results have one.
     pub ce_value: Option<f64>,
+    /// How many teachers this student was distilled from.
+    pub teachers: usize,
 }
 
 /// The fitted law.
@@ -266,8 +268,9 @@ pub fn to_csv(rows: &[ResultRow]) -> String {
     s
 }
 
-/// Finds each student size's best teacher by `metric` and fits the line through them.
-pub fn fit(rows: &[ResultRow], metric: &str) -> Result<LawFit, LawError> {
+/// Each student's best teacher by `metric` (students in order of size). Needs one teacher
+/// per student, not a fit's worth: the report uses it for any grid.
+pub fn best_per_student(rows: &[ResultRow], metric: &str) -> Result<Vec<Best>, LawError> {
     let higher = METRICS
         .iter()
         .find(|m| m.0 == metric)
@@ -281,76 +284,68 @@ pub fn fit(rows: &[ResultRow], metric: &str) -> Result<LawFit, LawError> {
         .collect();
     students.sort();
     students.dedup();
-    let sizes: std::collections::BTreeSet<u64> = students.iter().map(|s| s.0).collect();
-    if sizes.len() < 3 {
-        return Err(LawError::TooFewStudents(
-            sizes.len(),
-            students
-                .iter()
-                .map(|s| s.1.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        ));
-    }
-    let largest = rows
-        .iter()
-        .filter_map(|r| r.teacher_params)
-        .max()
-        .unwrap_or(0);
-    let smallest = rows
-        .iter()
-        .filter_map(|r| r.teacher_params)
-        .min()
-        .unwrap_or(0);
+    let teacher_params = || rows.iter().filter_map(|r| r.teacher_params);
+    let largest = teacher_params().max().unwrap_or(0);
+    let smallest = teacher_params().min().unwrap_or(0);
     let mut best = Vec::new();
-    for (sp, name) in &students {
-        let mine: Vec<(usize, &ResultRow)> = rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.student_params == *sp && r.student == *name)
-            .collect();
-        let kd: Vec<&(usize, &ResultRow)> = mine
-            .iter()
-            .filter(|(_, r)| r.teacher_params.is_some())
-            .collect();
-        let teachers: std::collections::BTreeSet<u64> =
-            kd.iter().filter_map(|(_, r)| r.teacher_params).collect();
-        if teachers.len() < 2 {
-            return Err(LawError::TooFewTeachers(name.clone()));
-        }
+    for (sp, name) in students {
+        let mine = || {
+            rows.iter()
+                .enumerate()
+                .filter(|(_, r)| r.student_params == sp && r.student == name)
+        };
         let mut top: Option<(f64, &ResultRow)> = None;
-        for (i, r) in &kd {
+        let mut teachers = std::collections::BTreeSet::new();
+        for (i, r) in mine().filter(|(_, r)| r.teacher_params.is_some()) {
             let v = r
                 .metric(metric)
                 .filter(|v| v.is_finite())
-                .ok_or_else(|| LawError::BadValue(*i, metric.into()))?;
+                .ok_or_else(|| LawError::BadValue(i, metric.into()))?;
+            teachers.insert(r.teacher_params);
             if top.is_none_or(|(b, _)| better(v, b)) {
                 top = Some((v, r));
             }
         }
-        let (value, r) = top.expect("at least two teachers");
-        let tp = r.teacher_params.expect("kd row");
+        let (value, r) = top.expect("the student has a distilled row: this is a bug");
+        let tp = r.teacher_params.expect("a distilled row: this is a bug");
         best.push(Best {
             student: name.clone(),
-            student_params: *sp,
+            student_params: sp,
             teacher: r.teacher.clone(),
             teacher_params: tp,
             value,
             at_largest: tp == largest,
             at_smallest: tp == smallest,
-            ce_value: mine
-                .iter()
+            ce_value: mine()
                 .find(|(_, r)| r.teacher_params.is_none())
                 .and_then(|(_, r)| r.metric(metric)),
+            teachers: teachers.len(),
         });
     }
+    Ok(best)
+}
+
+/// Finds each student size's best teacher by `metric` and fits the line through them.
+pub fn fit(rows: &[ResultRow], metric: &str) -> Result<LawFit, LawError> {
+    let best = best_per_student(rows, metric)?;
+    let sizes: std::collections::BTreeSet<u64> = best.iter().map(|b| b.student_params).collect();
+    if sizes.len() < 3 {
+        return Err(LawError::TooFewStudents(
+            sizes.len(),
+            best.iter()
+                .map(|b| b.student.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    if let Some(b) = best.iter().find(|b| b.teachers < 2) {
+        return Err(LawError::TooFewTeachers(b.student.clone()));
+    }
     if best.iter().all(|b| b.at_largest) {
-        let t = rows
-            .iter()
-            .find(|r| r.teacher_params == Some(largest))
-            .map(|r| r.teacher.clone())
-            .unwrap_or_default();
-        return Err(LawError::NoInteriorOptimum(t, largest));
+        return Err(LawError::NoInteriorOptimum(
+            best[0].teacher.clone(),
+            best[0].teacher_params,
+        ));
     }
     let n = best.len() as f64;
     let xs: Vec<f64> = best.iter().map(|b| b.student_params as f64).collect();

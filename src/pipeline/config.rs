@@ -148,7 +148,7 @@ fn default_lr() -> f64 {
     crate::student::train::DEFAULT_LR
 }
 fn default_wd() -> f64 {
-    0.01
+    crate::student::train::DEFAULT_WEIGHT_DECAY
 }
 fn default_clip() -> f64 {
     crate::student::train::DEFAULT_GRAD_CLIP

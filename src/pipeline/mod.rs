@@ -166,9 +166,9 @@ impl Runner<'_> {
             min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
             warmup,
             weight_decay: t.weight_decay,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+            beta1: crate::student::train::DEFAULT_BETA1,
+            beta2: crate::student::train::DEFAULT_BETA2,
+            eps: crate::student::train::DEFAULT_EPS,
             grad_clip: t.grad_clip,
             loss: LossConfig {
                 kind: if ce { KdLoss::Ce } else { t.loss },
@@ -305,13 +305,19 @@ impl Runner<'_> {
     }
 }
 
-/// Held-out metrics of a run's final evaluation (the last `eval_loss` line).
-pub fn last_eval(run: &Path) -> Option<serde_json::Value> {
+/// A run's evaluation records (the `metrics.jsonl` lines with `eval_loss`), in order.
+pub fn evals(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
-        .ok()?
+        .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .rfind(|v| v.get("eval_loss").is_some())
+        .filter(|v| v.get("eval_loss").is_some())
+        .collect()
+}
+
+/// Held-out metrics of a run's final evaluation.
+pub fn last_eval(run: &Path) -> Option<serde_json::Value> {
+    evals(run).pop()
 }
 
 /// Runs the pipeline; returns the path of `report.md`.
@@ -442,19 +448,15 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                 let (run, fp) = r.train(&format!("teacher {name}"), arch, &cfg, &data_fp)?;
                 r.header(&format!("teacher {name}: export to ONNX"));
                 let onnx = tdir.join("model.onnx");
-                let stamp_ok = stamp(&tdir).is_some_and(|s| s["fingerprint"] == fp.as_str());
-                if !(stamp_ok && onnx.is_file()) {
+                let exported = stamp(&tdir)
+                    .is_some_and(|s| s["fingerprint"] == fp.as_str() && s["state"] == "done");
+                if !(exported && onnx.is_file()) {
                     let ck = RunCheckpoint::open(&run)?;
                     write_atomic(
                         &onnx,
                         &crate::onnx::llama::llama_onnx(&ck.student, &ck.weights()?, false)?,
                     )?;
-                    write_atomic(
-                        &tdir.join(STAMP),
-                        json!({"state": "done", "fingerprint": fp})
-                            .to_string()
-                            .as_bytes(),
-                    )?;
+                    mark(&tdir, &fp, "done", &json!({"run": run}))?;
                 }
                 let e = last_eval(&run).and_then(|v| v["eval_loss"].as_f64());
                 (onnx, arch.num_params() as u64, e, fp)

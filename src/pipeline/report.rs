@@ -44,6 +44,17 @@ fn color(i: usize) -> RGBColor {
     C[i % C.len()]
 }
 
+/// The students of the results, smallest first.
+fn students(rows: &[ResultRow]) -> Vec<String> {
+    let mut s: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|r| (r.student_params, r.student.as_str()))
+        .collect();
+    s.sort();
+    s.dedup();
+    s.into_iter().map(|(_, n)| n.to_string()).collect()
+}
+
 fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for v in vals {
@@ -87,13 +98,8 @@ fn plot_loss_vs_teacher(
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(err)?;
-    let mut students: Vec<(u64, String)> = rows
-        .iter()
-        .map(|r| (r.student_params, r.student.clone()))
-        .collect();
-    students.sort();
-    students.dedup();
-    for (i, (_, s)) in students.iter().enumerate() {
+    let students = students(rows);
+    for (i, s) in students.iter().enumerate() {
         let c = color(i);
         let mut pts: Vec<(f64, f64)> = rows
             .iter()
@@ -139,29 +145,22 @@ fn plot_loss_vs_teacher(
 
 /// Held-out loss over training steps, one panel per student, one line per teacher (+ CE).
 fn plot_curves(path: &Path, teachers: &[TeacherInfo], rows: &[ResultRow]) -> anyhow::Result<()> {
-    let mut students: Vec<(u64, String)> = rows
-        .iter()
-        .map(|r| (r.student_params, r.student.clone()))
-        .collect();
-    students.sort();
-    students.dedup();
+    let students = students(rows);
     let n = students.len().max(1);
     let root = BitMapBackend::new(path, (420 * n as u32, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let panels = root.split_evenly((1, n));
     let mut order: Vec<String> = teachers.iter().map(|t| t.name.clone()).collect();
     order.push("ce".into());
-    for ((_, s), area) in students.iter().zip(panels.iter()) {
+    for (s, area) in students.iter().zip(panels.iter()) {
         let curves: Vec<(usize, Vec<(f64, f64)>)> = rows
             .iter()
             .filter(|r| &r.student == s)
             .map(|r| {
                 let idx = order.iter().position(|t| *t == r.teacher).unwrap_or(0);
-                let pts = std::fs::read_to_string(PathBuf::from(&r.run_dir).join("metrics.jsonl"))
-                    .unwrap_or_default()
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .filter_map(|v| Some((v["step"].as_f64()?, v.get("eval_loss")?.as_f64()?)))
+                let pts = super::evals(Path::new(&r.run_dir))
+                    .iter()
+                    .filter_map(|v| Some((v["step"].as_f64()?, v["eval_loss"].as_f64()?)))
                     .collect();
                 (idx, pts)
             })
@@ -313,12 +312,7 @@ pub fn write(
         plot_law(&law_png, f)?;
     }
 
-    let mut students: Vec<(u64, String)> = rows
-        .iter()
-        .map(|r| (r.student_params, r.student.clone()))
-        .collect();
-    students.sort();
-    students.dedup();
+    let students = students(rows);
     let mut ts: Vec<&TeacherInfo> = teachers.iter().collect();
     ts.sort_by_key(|t| t.params);
     let get = |s: &str, t: Option<&str>| {
@@ -387,17 +381,14 @@ pub fn write(
     let (mut gap, mut close) = (Vec::new(), Vec::new());
     let (mut kd_wins, mut kd_pairs) = (0, 0);
     let mut best_vs_ce = Vec::new();
-    for (sp, s) in &students {
-        let best = ts
-            .iter()
-            .filter_map(|t| get(s, Some(&t.name)).map(|r| (t, r.eval_loss)))
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        let mut line = format!("| {s} | {} |", human(*sp as f64));
-        let ce = get(s, None).map(|r| r.eval_loss);
+    for best in &crate::law::best_per_student(rows, "eval_loss")? {
+        let (s, bl, bt) = (&best.student, best.value, &best.teacher);
+        let mut line = format!("| {s} | {} |", human(best.student_params as f64));
+        let ce = best.ce_value;
         for t in &ts {
             match get(s, Some(&t.name)) {
                 Some(r) => {
-                    let bold = best.is_some_and(|b| b.0.name == t.name);
+                    let bold = *bt == t.name;
                     line += &if bold {
                         format!(" **{:.4}** |", r.eval_loss)
                     } else {
@@ -413,30 +404,27 @@ pub fn write(
         }
         line += &ce.map(|c| format!(" {c:.4} |")).unwrap_or(" - |".into());
         writeln!(md, "{line}")?;
-        if let Some((bt, bl)) = best {
-            if let Some(largest) = ts.last().filter(|l| l.name != bt.name)
-                && let Some(lr) = get(s, Some(&largest.name))
-            {
-                let margin = lr.eval_loss - bl;
-                if margin >= NOISE_NATS {
-                    gap.push(format!(
-                        "{s} is best with {} ({:.4} nats better than with the largest, {})",
-                        bt.name, margin, largest.name
-                    ));
-                } else {
-                    close.push(format!(
-                        "{s} is best with {}, but only {:.4} nats ahead of the largest ({})",
-                        bt.name, margin, largest.name
-                    ));
-                }
-            }
-            if let Some(c) = ce {
-                best_vs_ce.push(format!(
-                    "{s}: best KD {bl:.4} ({}) vs CE {c:.4} ({:+.4})",
-                    bt.name,
-                    bl - c
+        if let Some(largest) = ts.last().filter(|l| l.name != *bt)
+            && let Some(lr) = get(s, Some(&largest.name))
+        {
+            let margin = lr.eval_loss - bl;
+            if margin >= NOISE_NATS {
+                gap.push(format!(
+                    "{s} is best with {bt} ({margin:.4} nats better than with the largest, {})",
+                    largest.name
+                ));
+            } else {
+                close.push(format!(
+                    "{s} is best with {bt}, but only {margin:.4} nats ahead of the largest ({})",
+                    largest.name
                 ));
             }
+        }
+        if let Some(c) = ce {
+            best_vs_ce.push(format!(
+                "{s}: best KD {bl:.4} ({bt}) vs CE {c:.4} ({:+.4})",
+                bl - c
+            ));
         }
     }
     writeln!(

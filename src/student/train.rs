@@ -33,6 +33,11 @@ pub const DEFAULT_STEPS: usize = 1000;
 pub const DEFAULT_BATCH_SIZE: usize = 8;
 pub const DEFAULT_WARMUP: usize = 100;
 pub const DEFAULT_GRAD_CLIP: f64 = 1.0;
+/// AdamW defaults of PyTorch (burn's differ: eps 1e-5, weight decay 1e-4).
+pub const DEFAULT_BETA1: f64 = 0.9;
+pub const DEFAULT_BETA2: f64 = 0.999;
+pub const DEFAULT_EPS: f64 = 1e-8;
+pub const DEFAULT_WEIGHT_DECAY: f64 = 0.01;
 pub const DEFAULT_EVAL_FRACTION: f64 = 0.02;
 /// Positions per loss chunk (0 = whole batch at once).
 pub const DEFAULT_LOSS_CHUNK: usize = 1024;
