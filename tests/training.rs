@@ -244,30 +244,29 @@ fn one_cache_many_students_and_bad_inputs() {
         &["cannot resume from", "optim.mpk is damaged"],
     );
     // Student TOMLs.
-    let unknown = student_toml(
-        "unknown",
-        "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\nhidden_dim = 3\n",
-    );
-    assert_fails(
-        &run_strings(&train_args(&fresh, &[unknown.to_str().unwrap()], 1, &[])),
-        &["unknown field `hidden_dim`"],
-    );
-    let heads = student_toml(
-        "heads",
-        "hidden_size = 30\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\n",
-    );
-    assert_fails(
-        &run_strings(&train_args(&fresh, &[heads.to_str().unwrap()], 1, &[])),
-        &["hidden_size 30 is not divisible by num_attention_heads 4"],
-    );
-    let small = student_toml(
-        "smallvocab",
-        "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\nvocab_size = 100\n",
-    );
-    assert_fails(
-        &run_strings(&train_args(&fresh, &[small.to_str().unwrap()], 1, &[])),
-        &["has vocab_size 100 but the cache's token ids go up to 399"],
-    );
+    for (name, body, fragment) in [
+        (
+            "unknown",
+            "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\nhidden_dim = 3\n",
+            "unknown field `hidden_dim`",
+        ),
+        (
+            "heads",
+            "hidden_size = 30\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\n",
+            "hidden_size 30 is not divisible by num_attention_heads 4",
+        ),
+        (
+            "smallvocab",
+            "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\nvocab_size = 100\n",
+            "has vocab_size 100 but the cache's token ids go up to 399",
+        ),
+    ] {
+        let toml = student_toml(name, body);
+        assert_fails(
+            &run_strings(&train_args(&fresh, &[toml.to_str().unwrap()], 1, &[])),
+            &[fragment],
+        );
+    }
     // Another tokenizer than the cache's.
     let other = shared_dir().join("train-other-tokenizer.json");
     let mut tj: serde_json::Value =
