@@ -7,7 +7,8 @@
 //! teacher.
 //!
 //! Run: `cargo bench --bench e2e` (needs `make setup`). Knobs (env): E2E_DOCS (default 160),
-//! E2E_HIDDEN (512), E2E_LAYERS (4), E2E_ROUNDS (3), E2E_THREADS (2).
+//! E2E_HIDDEN (512), E2E_LAYERS (4), E2E_ROUNDS (3), E2E_THREADS (2). Also reports process CPU
+//! seconds and minor page faults per phase (the teacher phase includes its start-up).
 
 use logitcache::onnx::{ToyLmSpec, toy_lm};
 use logitcache::progress::ProgressMode;
@@ -128,26 +129,33 @@ fn main() {
         ..Default::default()
     };
     let (mut t_bare, mut t_cache, mut t_steady) = (vec![], vec![], vec![]);
+    // CPU seconds and minor page faults of the whole process (all threads) per phase.
+    let (mut u_bare, mut u_cache) = (vec![], vec![]);
     let mut bytes = [0u64; 2];
     for r in 0..rounds {
         // A fresh session each round, as each `teacher` run has one (ONNX Runtime plans
         // memory per input shape on first sight; a reused session would have an unfair edge).
         let mut bare = open();
         let t0 = Instant::now();
+        let u0 = usage();
         for b in &batches {
             bare_run(&mut bare, b).unwrap();
         }
         t_bare.push(t0.elapsed().as_secs_f64());
+        u_bare.push(usage().since(u0));
         for (i, k) in [64usize, 128].into_iter().enumerate() {
             if r > 0 && k == 128 {
                 continue;
             }
             let out = dir.path().join(format!("cache-{k}-{r}"));
             let t0 = Instant::now();
+            let u0 = usage();
             let s = run(&cfg(k, &out)).unwrap();
+            let u = usage().since(u0);
             let m = logitcache::cache::manifest::Manifest::load(&out).unwrap();
             if k == 64 {
                 t_cache.push(t0.elapsed().as_secs_f64());
+                u_cache.push(u);
                 // Per-shard time: teacher batches + top-k + writing, without start-up.
                 t_steady.push(m.shards.iter().map(|s| s.seconds).sum::<f64>());
             }
@@ -156,6 +164,8 @@ fn main() {
         }
     }
     let (b, c, st) = (median(t_bare), median(t_cache), median(t_steady));
+    let cpu = |u: &[Usage]| median(u.iter().map(|u| u.cpu_s).collect());
+    let faults = |u: &[Usage]| median(u.iter().map(|u| u.minor_faults).collect());
     println!(
         "{}",
         serde_json::json!({
@@ -165,10 +175,39 @@ fn main() {
             "bare_ort_s": b, "teacher_s": c,
             "bare_tokens_per_s": tokens as f64 / b, "teacher_tokens_per_s": tokens as f64 / c,
             "overhead_ratio": c / b,
+            "bare_cpu_s": cpu(&u_bare), "teacher_cpu_s": cpu(&u_cache),
+            "bare_minor_faults": faults(&u_bare), "teacher_minor_faults": faults(&u_cache),
             "startup_s": c - st,
             "steady_overhead_ratio": st / b,
             "bytes_per_token_k64": bytes[0] as f64 / tokens as f64,
             "bytes_per_token_k128": bytes[1] as f64 / tokens as f64,
         })
     );
+}
+
+/// Process CPU time and minor page faults (getrusage; all threads).
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    cpu_s: f64,
+    minor_faults: f64,
+}
+
+impl Usage {
+    fn since(self, start: Usage) -> Usage {
+        Usage {
+            cpu_s: self.cpu_s - start.cpu_s,
+            minor_faults: self.minor_faults - start.minor_faults,
+        }
+    }
+}
+
+fn usage() -> Usage {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    Usage {
+        cpu_s: t(u.ru_utime) + t(u.ru_stime),
+        minor_faults: u.ru_minflt as f64,
+    }
 }
