@@ -66,6 +66,24 @@ impl ShardRows {
         }
     }
 
+    /// Empty rows with room for `rows` windows of `positions` tokens in all (no regrowth
+    /// while a shard is filled).
+    pub fn with_capacity(k: usize, rows: usize, positions: usize) -> Self {
+        let mut offsets = Vec::with_capacity(rows + 1);
+        offsets.push(0);
+        ShardRows {
+            k,
+            seq_ids: Vec::with_capacity(rows),
+            doc_ids: Vec::with_capacity(rows),
+            window_index: Vec::with_capacity(rows),
+            offsets,
+            input_ids: Vec::with_capacity(positions),
+            topk_ids: Vec::with_capacity(positions * k),
+            topk_logprobs: Vec::with_capacity(positions * k),
+            tail_logprob: Vec::with_capacity(positions),
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.seq_ids.len()
     }

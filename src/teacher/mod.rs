@@ -314,8 +314,10 @@ fn compute_shard(
     let mut order: Vec<usize> = (0..work.windows.len()).collect();
     // Longest first, stable in seq_id: deterministic batches with little padding.
     order.sort_by_key(|&i| std::cmp::Reverse(work.windows[i].tokens.len()));
-    type WindowResult = Option<(Vec<u32>, Vec<f32>, Vec<f32>)>;
-    let mut results: Vec<WindowResult> = vec![None; work.windows.len()];
+    // Each window's place in the batch outputs: (batch, first position, positions). The
+    // rows are then written once, in seq_id order, straight from those outputs.
+    let mut place: Vec<Option<(usize, usize, usize)>> = vec![None; work.windows.len()];
+    let mut outputs = Vec::with_capacity(work.windows.len().div_ceil(cfg.batch_size));
     let mut computed = 0u64;
     for chunk in order.chunks(cfg.batch_size) {
         let toks: Vec<&[u32]> = chunk
@@ -338,26 +340,24 @@ fn compute_shard(
         })?;
         let mut at = 0usize;
         for (j, &i) in chunk.iter().enumerate() {
-            let n = batch.lengths[j];
-            results[i] = Some((
-                out.ids[at * k..(at + n) * k].to_vec(),
-                out.logprobs[at * k..(at + n) * k].to_vec(),
-                out.tail_logprob[at..at + n].to_vec(),
-            ));
-            at += n;
+            place[i] = Some((outputs.len(), at, batch.lengths[j]));
+            at += batch.lengths[j];
         }
+        outputs.push(out);
     }
-    let mut rows = ShardRows::new(k);
-    for (w, r) in work.windows.iter().zip(results) {
-        let (ids, lps, tail) = r.expect("every window computed: this is a bug");
+    let positions: usize = work.windows.iter().map(|w| w.tokens.len()).sum();
+    let mut rows = ShardRows::with_capacity(k, work.windows.len(), positions);
+    for (w, p) in work.windows.iter().zip(place) {
+        let (b, at, n) = p.expect("every window computed: this is a bug");
+        let out = &outputs[b];
         rows.push(&WindowTopK {
             seq_id: w.seq_id,
             doc_id: w.doc_id,
             window_index: w.window_index,
             input_ids: &w.tokens,
-            topk_ids: &ids,
-            topk_logprobs: &lps,
-            tail_logprob: &tail,
+            topk_ids: &out.ids[at * k..(at + n) * k],
+            topk_logprobs: &out.logprobs[at * k..(at + n) * k],
+            tail_logprob: &out.tail_logprob[at..at + n],
         });
     }
     Ok((rows, computed))
