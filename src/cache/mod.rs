@@ -4,6 +4,7 @@
 pub mod inspect;
 pub mod lock;
 pub mod manifest;
+mod pages;
 pub mod reader;
 pub mod schema;
 pub mod stream;

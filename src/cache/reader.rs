@@ -196,3 +196,40 @@ pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), 
     }
     Ok(())
 }
+
+/// [`append_batch`] for a batch without the top-k columns (the fast reader fills
+/// `topk_ids`/`topk_logprobs` from the pages, see `pages`).
+pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
+    let col = |name: &str| {
+        b.column_by_name(name)
+            .ok_or_else(|| format!("no column {name}"))
+    };
+    let seq = col(COL_SEQ_ID)?.as_primitive::<UInt64Type>();
+    let doc = col(COL_DOC_ID)?.as_primitive::<UInt64Type>();
+    let win = col(COL_WINDOW_INDEX)?.as_primitive::<UInt32Type>();
+    let ids = col(COL_INPUT_IDS)?.as_list::<i32>();
+    let tail = col(COL_TAIL_LOGPROB)?.as_list::<i32>();
+    for a in [ids as &dyn Array, tail, seq, doc, win] {
+        if a.null_count() > 0 {
+            return Err("unexpected nulls".into());
+        }
+    }
+    if ids.value_offsets() != tail.value_offsets() {
+        return Err("per-position columns have different lengths".into());
+    }
+    let (s, e) = (
+        ids.value_offsets()[0] as usize,
+        ids.value_offsets()[b.num_rows()] as usize,
+    );
+    let base = rows.input_ids.len() as i32 - ids.value_offsets()[0];
+    rows.seq_ids.extend_from_slice(seq.values());
+    rows.doc_ids.extend_from_slice(doc.values());
+    rows.window_index.extend_from_slice(win.values());
+    rows.input_ids
+        .extend_from_slice(&ids.values().as_primitive::<UInt32Type>().values()[s..e]);
+    rows.tail_logprob
+        .extend_from_slice(&tail.values().as_primitive::<Float32Type>().values()[s..e]);
+    rows.offsets
+        .extend(ids.value_offsets()[1..].iter().map(|&o| o + base));
+    Ok(())
+}

@@ -9,11 +9,13 @@
 //! rows of this rank already emitted in the group) is all a checkpoint needs to resume at the
 //! same place.
 
-use super::reader::{Cache, ReadError, append_batch, open_shard};
-use super::schema::check_schema;
+use super::pages;
+use super::reader::{Cache, ReadError, append_batch, append_per_position, open_shard};
+use super::schema::{COL_TOPK_IDS, COL_TOPK_LOGPROBS, check_schema};
 use super::writer::ShardRows;
 use crate::onnx::toy::SplitMix;
 use bytes::Bytes;
+use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
@@ -209,12 +211,65 @@ impl MappedShard {
         self.meta.metadata().num_row_groups()
     }
 
-    /// Decodes one row group.
+    /// Decodes one row group: the top-k columns straight from their pages when they have
+    /// the layout our writer produces (see `pages`), else everything through Arrow.
     pub fn decode(&self, row_group: usize, k: usize) -> Result<ShardRows, ReadError> {
-        let corrupt = |what: String| ReadError::Corrupt {
+        if let Some(rows) = self.decode_fast(row_group, k)? {
+            return Ok(rows);
+        }
+        self.decode_arrow(row_group, k)
+    }
+
+    fn corrupt(&self, what: String) -> ReadError {
+        ReadError::Corrupt {
             path: self.path.clone(),
             what,
+        }
+    }
+
+    fn decode_fast(&self, row_group: usize, k: usize) -> Result<Option<ShardRows>, ReadError> {
+        let md = self.meta.metadata();
+        let schema = md.file_metadata().schema_descr();
+        let leaf = |name: &str| {
+            (0..schema.num_columns()).find(|&i| schema.column(i).path().parts()[0] == name)
         };
+        let (Some(ids_leaf), Some(lp_leaf)) = (leaf(COL_TOPK_IDS), leaf(COL_TOPK_LOGPROBS)) else {
+            return Ok(None);
+        };
+        let others = (0..schema.num_columns()).filter(|&i| i != ids_leaf && i != lp_leaf);
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
+            self.bytes.clone(),
+            self.meta.clone(),
+        )
+        .with_row_groups(vec![row_group])
+        .with_projection(ProjectionMask::leaves(schema, others))
+        .with_batch_size(1 << 16)
+        .build()
+        .map_err(|e| self.corrupt(e.to_string()))?;
+        let mut rows = ShardRows::new(k);
+        for b in reader {
+            let b =
+                b.map_err(|e| self.corrupt(format!("cannot decode row group {row_group} ({e})")))?;
+            append_per_position(&mut rows, &b).map_err(|e| self.corrupt(e))?;
+        }
+        let rg = md.row_group(row_group);
+        let (n, values) = (rg.num_rows() as usize, rows.positions() * k);
+        let pages_err = |e: String| self.corrupt(format!("row group {row_group}: {e}"));
+        let ids = pages::leaf_values::<u32>(&self.bytes, rg.column(ids_leaf), n, values)
+            .map_err(pages_err)?;
+        let lps = pages::leaf_values::<half::f16>(&self.bytes, rg.column(lp_leaf), n, values)
+            .map_err(pages_err)?;
+        let (Some(ids), Some(lps)) = (ids, lps) else {
+            return Ok(None);
+        };
+        rows.topk_ids = ids;
+        rows.topk_logprobs = lps;
+        Ok(Some(rows))
+    }
+
+    /// Decodes one row group with the generic Arrow reader.
+    fn decode_arrow(&self, row_group: usize, k: usize) -> Result<ShardRows, ReadError> {
+        let corrupt = |what: String| self.corrupt(what);
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
             self.bytes.clone(),
             self.meta.clone(),
@@ -524,4 +579,128 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> Train
         out.tail_logprob[o..o + n].copy_from_slice(&r.tail_logprob[s..e]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::schema::shard_schema_with_metadata;
+    use crate::cache::writer::{WindowTopK, writer_properties};
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::Encoding;
+    use parquet::file::properties::{WriterProperties, WriterVersion};
+    use parquet::schema::types::ColumnPath;
+
+    /// Windows of 1..=40 positions with arbitrary ids and log-probs, k = 5.
+    fn rows() -> ShardRows {
+        let k = 5;
+        let mut rng = SplitMix::new(7);
+        let mut rows = ShardRows::new(k);
+        for w in 0..300u64 {
+            let n = 1 + (rng.next_u64() % 40) as usize;
+            let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % 70_000) as u32).collect();
+            let topk: Vec<u32> = (0..n * k)
+                .map(|_| (rng.next_u64() % 70_000) as u32)
+                .collect();
+            let lps: Vec<f32> = (0..n * k)
+                .map(|_| -((rng.next_u64() % 10_000) as f32) / 500.0)
+                .collect();
+            let tail: Vec<f32> = (0..n).map(|i| -(i as f32) - 0.5).collect();
+            rows.push(&WindowTopK {
+                seq_id: w,
+                doc_id: w / 3,
+                window_index: (w % 3) as u32,
+                input_ids: &ids,
+                topk_ids: &topk,
+                topk_logprobs: &lps,
+                tail_logprob: &tail,
+            });
+        }
+        rows
+    }
+
+    fn write(path: &Path, rows: &ShardRows, props: WriterProperties) -> MappedShard {
+        let schema = Arc::new(shard_schema_with_metadata(rows.k, 70_000, "x", 0));
+        let mut w = ArrowWriter::try_new(
+            std::fs::File::create(path).unwrap(),
+            schema.clone(),
+            Some(props),
+        )
+        .unwrap();
+        w.write(&rows.to_record_batch(schema)).unwrap();
+        w.close().unwrap();
+        // SAFETY: the test's own file, not modified while mapped.
+        unsafe { MappedShard::open(path, rows.k).unwrap() }
+    }
+
+    /// The row groups of a shard decoded one by one, concatenated.
+    fn concat(k: usize, parts: impl Iterator<Item = ShardRows>) -> ShardRows {
+        let mut all = ShardRows::new(k);
+        for r in parts {
+            let base = *all.offsets.last().unwrap();
+            all.seq_ids.extend(&r.seq_ids);
+            all.doc_ids.extend(&r.doc_ids);
+            all.window_index.extend(&r.window_index);
+            all.offsets.extend(r.offsets[1..].iter().map(|o| o + base));
+            all.input_ids.extend(&r.input_ids);
+            all.topk_ids.extend(&r.topk_ids);
+            all.topk_logprobs.extend(&r.topk_logprobs);
+            all.tail_logprob.extend(&r.tail_logprob);
+        }
+        all
+    }
+
+    #[test]
+    fn fast_page_decoding_equals_the_arrow_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = rows();
+        let k = want.k;
+        // Our writer's settings (data pages v1), and the same with v2 pages and small
+        // pages (rows spanning page boundaries).
+        let v2 = writer_properties(3, 64)
+            .into_builder()
+            .set_writer_version(WriterVersion::PARQUET_2_0)
+            .set_data_page_row_count_limit(7)
+            .set_data_page_size_limit(1000)
+            .build();
+        for (name, props) in [("v1", writer_properties(3, 64)), ("v2", v2)] {
+            let shard = write(&dir.path().join(name), &want, props);
+            let groups = 0..shard.row_groups();
+            assert!(groups.len() > 1, "{name}");
+            let fast = groups.clone().map(|g| {
+                let r = shard.decode_fast(g, k).unwrap();
+                r.expect("the fast path takes this layout")
+            });
+            assert_eq!(concat(k, fast), want, "{name}");
+            let arrow = groups.map(|g| shard.decode_arrow(g, k).unwrap());
+            assert_eq!(concat(k, arrow), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn other_encodings_fall_back_to_the_arrow_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = rows();
+        let k = want.k;
+        let path = |p: &[&str]| ColumnPath::new(p.iter().map(|s| s.to_string()).collect());
+        // Caches written before BYTE_STREAM_SPLIT ids (DELTA_BINARY_PACKED), and one with
+        // dictionary pages.
+        let delta = writer_properties(3, 64)
+            .into_builder()
+            .set_column_encoding(
+                path(&["topk_ids", "list", "item", "list", "item"]),
+                Encoding::DELTA_BINARY_PACKED,
+            )
+            .build();
+        let dict = writer_properties(3, 64)
+            .into_builder()
+            .set_dictionary_enabled(true)
+            .build();
+        for (name, props) in [("delta", delta), ("dict", dict)] {
+            let shard = write(&dir.path().join(name), &want, props);
+            assert!(shard.decode_fast(0, k).unwrap().is_none(), "{name}");
+            let got = (0..shard.row_groups()).map(|g| shard.decode(g, k).unwrap());
+            assert_eq!(concat(k, got), want, "{name}");
+        }
+    }
 }

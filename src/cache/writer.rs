@@ -169,9 +169,12 @@ pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProper
             path(&[COL_INPUT_IDS, "list", "item"]),
             Encoding::DELTA_BINARY_PACKED,
         )
+        // Top-k ids are in probability order, not id order: deltas do not help, while
+        // split bytes give zstd the (mostly constant) high bytes as runs, and the training
+        // reader copies them out of the pages directly (`cache::pages`).
         .set_column_encoding(
             path(&[COL_TOPK_IDS, "list", "item", "list", "item"]),
-            Encoding::DELTA_BINARY_PACKED,
+            Encoding::BYTE_STREAM_SPLIT,
         )
         .set_column_encoding(
             path(&[COL_TOPK_LOGPROBS, "list", "item", "list", "item"]),

@@ -1,0 +1,238 @@
+//! The fast path of the training reader: the two top-k columns decoded straight from their
+//! Parquet pages.
+//!
+//! `topk_ids` and `topk_logprobs` carry `k` values per position, so they are almost all of
+//! a shard. They are `list<fixed_size_list<…, k>>` with no nulls and no empty lists: every
+//! definition level is the maximum, and the repetition levels only restate what the
+//! per-position count (`input_ids`) and `k` already say. arrow-rs's generic nested-list
+//! readers still decode two levels per value and rebuild the nesting; here the level blocks
+//! are checked (definition levels: one RLE run of the maximum) and skipped, and the values
+//! are copied out of PLAIN or BYTE_STREAM_SPLIT pages.
+//!
+//! Anything else (a dictionary page, another encoding, a bit-packed definition run, counts
+//! that do not add up) returns `None`, and the caller decodes the row group with the
+//! generic Arrow reader instead: the fast path never guesses.
+
+use bytes::Bytes;
+use half::f16;
+use parquet::basic::{Encoding, Type as PhysicalType};
+use parquet::column::page::{Page, PageReader};
+use parquet::file::metadata::ColumnChunkMetaData;
+use parquet::file::serialized_reader::SerializedPageReader;
+use std::sync::Arc;
+
+/// Values of one leaf column chunk, decoded from its pages: `Ok(None)` when the chunk is
+/// not in the layout this fast path handles, `Err` when the bytes themselves are broken.
+pub(crate) fn leaf_values<T: Leaf>(
+    file: &Bytes,
+    chunk: &ColumnChunkMetaData,
+    rows: usize,
+    expected: usize,
+) -> Result<Option<Vec<T>>, String> {
+    let desc = chunk.column_descr();
+    if chunk.column_type() != T::PHYSICAL
+        || (T::PHYSICAL == PhysicalType::FIXED_LEN_BYTE_ARRAY
+            && desc.type_length() as usize != T::WIDTH)
+    {
+        return Ok(None);
+    }
+    let (max_def, max_rep) = (desc.max_def_level(), desc.max_rep_level());
+    let mut pages = SerializedPageReader::new(Arc::new(file.clone()), chunk, rows, None)
+        .map_err(|e| e.to_string())?;
+    let mut out: Vec<T> = Vec::with_capacity(expected);
+    while let Some(page) = pages.get_next_page().map_err(|e| e.to_string())? {
+        let (values, n, encoding) = match &page {
+            Page::DataPage {
+                buf,
+                num_values,
+                encoding,
+                def_level_encoding,
+                rep_level_encoding,
+                ..
+            } => {
+                if (max_rep > 0 && *rep_level_encoding != Encoding::RLE)
+                    || (max_def > 0 && *def_level_encoding != Encoding::RLE)
+                {
+                    return Ok(None);
+                }
+                let n = *num_values as usize;
+                let mut at = 0usize;
+                if max_rep > 0 {
+                    let (_, end) = prefixed(buf, at)?;
+                    at = end;
+                }
+                if max_def > 0 {
+                    let (levels, end) = prefixed(buf, at)?;
+                    if !all_max(&buf[levels..end], max_def, n) {
+                        return Ok(None);
+                    }
+                    at = end;
+                }
+                (&buf[at..], n, *encoding)
+            }
+            Page::DataPageV2 {
+                buf,
+                num_values,
+                encoding,
+                num_nulls,
+                def_levels_byte_len,
+                rep_levels_byte_len,
+                ..
+            } => {
+                let n = *num_values as usize;
+                let (r, d) = (*rep_levels_byte_len as usize, *def_levels_byte_len as usize);
+                if *num_nulls != 0 || r + d > buf.len() {
+                    return Ok(None);
+                }
+                if max_def > 0 && !all_max(&buf[r..r + d], max_def, n) {
+                    return Ok(None);
+                }
+                (&buf[r + d..], n, *encoding)
+            }
+            Page::DictionaryPage { .. } => return Ok(None),
+        };
+        if out.len() + n > expected || values.len() != n * T::WIDTH {
+            return Ok(None);
+        }
+        match encoding {
+            Encoding::PLAIN => out.extend(values.chunks_exact(T::WIDTH).map(T::from_le)),
+            Encoding::BYTE_STREAM_SPLIT => unsplit(values, n, &mut out),
+            _ => return Ok(None),
+        }
+    }
+    Ok((out.len() == expected).then_some(out))
+}
+
+/// A `u32` length prefix at `at` (levels of a v1 data page): the block's `(start, end)`.
+fn prefixed(buf: &[u8], at: usize) -> Result<(usize, usize), String> {
+    let len = buf
+        .get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or("a data page ends inside its level block")?;
+    let end = at + 4 + len;
+    if end > buf.len() {
+        return Err("a data page's level block runs past the page".into());
+    }
+    Ok((at + 4, end))
+}
+
+/// Whether RLE/bit-packed hybrid `levels` are `n` copies of `max` in RLE runs only (what a
+/// writer emits for a column with no nulls and no empty lists).
+fn all_max(levels: &[u8], max: i16, n: usize) -> bool {
+    let width = (16 - (max as u16).leading_zeros()).div_ceil(8) as usize;
+    let (mut at, mut seen) = (0usize, 0usize);
+    while seen < n {
+        let mut header = 0u64;
+        let mut shift = 0;
+        loop {
+            let Some(&b) = levels.get(at) else {
+                return false;
+            };
+            at += 1;
+            header |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return false;
+            }
+        }
+        if header & 1 == 1 {
+            return false; // a bit-packed run: the levels vary
+        }
+        let Some(v) = levels.get(at..at + width) else {
+            return false;
+        };
+        let value = v
+            .iter()
+            .rev()
+            .fold(0u32, |acc, &b| (acc << 8) | u32::from(b));
+        if value != max as u32 {
+            return false;
+        }
+        at += width;
+        seen += (header >> 1) as usize;
+    }
+    seen == n
+}
+
+/// Undoes BYTE_STREAM_SPLIT: byte `b` of value `i` sits at `b * n + i`.
+fn unsplit<T: Leaf>(values: &[u8], n: usize, out: &mut Vec<T>) {
+    if n == 0 {
+        return;
+    }
+    let streams: Vec<&[u8]> = values.chunks_exact(n).take(T::WIDTH).collect();
+    out.reserve(n);
+    match T::WIDTH {
+        2 => out.extend(
+            streams[0][..n]
+                .iter()
+                .zip(&streams[1][..n])
+                .map(|(&a, &b)| T::from_le(&[a, b])),
+        ),
+        _ => out.extend((0..n).map(|i| {
+            let mut word = [0u8; 4];
+            for (w, s) in word.iter_mut().zip(&streams) {
+                *w = s[i];
+            }
+            T::from_le(&word[..T::WIDTH])
+        })),
+    }
+}
+
+/// A leaf value type of the fast path.
+pub(crate) trait Leaf: Sized {
+    const PHYSICAL: PhysicalType;
+    const WIDTH: usize;
+    fn from_le(b: &[u8]) -> Self;
+}
+
+impl Leaf for u32 {
+    const PHYSICAL: PhysicalType = PhysicalType::INT32;
+    const WIDTH: usize = 4;
+    fn from_le(b: &[u8]) -> Self {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl Leaf for f16 {
+    const PHYSICAL: PhysicalType = PhysicalType::FIXED_LEN_BYTE_ARRAY;
+    const WIDTH: usize = 2;
+    fn from_le(b: &[u8]) -> Self {
+        f16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rle_levels_all_max() {
+        // One RLE run of 300 copies of 2 (header varint 600 = [0xd8, 0x04], value byte 2).
+        assert!(all_max(&[0xd8, 0x04, 2], 2, 300));
+        // Two runs adding up.
+        assert!(all_max(&[0x0a, 2, 0x04, 2], 2, 7));
+        // Wrong value, wrong count, a bit-packed run, truncated input.
+        assert!(!all_max(&[0xd8, 0x04, 1], 2, 300));
+        assert!(!all_max(&[0xd8, 0x04, 2], 2, 301));
+        assert!(!all_max(&[0x03, 0xff], 2, 8));
+        assert!(!all_max(&[0xd8], 2, 300));
+    }
+
+    #[test]
+    fn byte_stream_split_round_trip() {
+        let vals: Vec<u32> = vec![1, 0x0102_0304, 31999, u32::MAX];
+        let n = vals.len();
+        let mut split = vec![0u8; n * 4];
+        for (i, v) in vals.iter().enumerate() {
+            for (b, byte) in v.to_le_bytes().iter().enumerate() {
+                split[b * n + i] = *byte;
+            }
+        }
+        let mut out: Vec<u32> = Vec::new();
+        unsplit(&split, n, &mut out);
+        assert_eq!(out, vals);
+    }
+}
