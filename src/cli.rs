@@ -223,7 +223,8 @@ pub struct TrainArgs {
     /// `--resume` with the same flags continues exactly.
     #[arg(long)]
     pub stop_after: Option<usize>,
-    /// Training device (cpu; GPU training is not built yet).
+    /// Training device: cpu, cuda or cuda:N (GPU N; needs a build with `--features cuda`
+    /// and an NVIDIA driver, checked before training starts).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Threads for the CPU backend (default: all cores).

@@ -289,8 +289,19 @@ fn one_cache_many_students_and_bad_inputs() {
         &run_strings(&train_args(&fresh, &["nano"], 1, &["--temperature", "2"])),
         &["--temperature 2 differs from the cache's 1"],
     );
+    // A GPU: without the `cuda` feature the build says how to get one; with it, this
+    // GPU-less machine's missing driver is named (src/student/device.rs).
+    let gpu_error = if cfg!(feature = "cuda") {
+        "libcuda.so.1 cannot be loaded"
+    } else {
+        "rebuild with `cargo build --release --features cuda`"
+    };
     assert_fails(
         &run_strings(&train_args(&fresh, &["nano"], 1, &["--device", "cuda:0"])),
-        &["GPU training is not built yet"],
+        &["--device cuda:0", gpu_error],
+    );
+    assert_fails(
+        &run_strings(&train_args(&fresh, &["nano"], 1, &["--device", "gpu"])),
+        &["--device gpu: expected cpu, cuda or cuda:N"],
     );
 }

@@ -2,5 +2,6 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod model;
 pub mod train;

@@ -9,6 +9,7 @@
 
 use super::checkpoint::save_safetensors;
 use super::config::StudentConfig;
+use super::device::TrainDevice;
 use super::model::Llama;
 use crate::cache::reader::Cache;
 use crate::cache::stream::{Cursor, Split, Stream, StreamConfig, TrainBatch};
@@ -20,6 +21,7 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -99,12 +101,7 @@ impl TrainConfig {
         if !(self.loss.jsd_beta > 0.0 && self.loss.jsd_beta < 1.0) {
             bail!("--jsd-beta must be in (0, 1)");
         }
-        if self.device != "cpu" {
-            bail!(
-                "--device {}: GPU training is not built yet (the student stage runs on the CPU backend); use --device cpu",
-                self.device
-            );
-        }
+        TrainDevice::parse(&self.device)?;
         Ok(())
     }
 
@@ -175,16 +172,16 @@ fn inputs<B: Backend>(b: &TrainBatch, dev: &B::Device) -> (Tensor<B, 2, Int>, Te
 /// run `chunk` positions at a time, each with its own backward pass, so the `[positions,
 /// vocab]` logits never exist whole; the trunk then gets the summed gradient of its output
 /// through one more backward pass (of `sum(h · dL/dh)`).
-pub fn loss_and_grads(
-    model: &Llama<CpuBackend>,
+pub fn loss_and_grads<B: AutodiffBackend>(
+    model: &Llama<B>,
     b: &TrainBatch,
     cfg: &LossConfig,
     chunk: usize,
     scale: f64,
 ) -> (f64, f64, f64, GradientsParams) {
-    let dev = Default::default();
-    let (ids, mask) = inputs::<CpuBackend>(b, &dev);
-    let t = to_targets::<CpuBackend>(b, &dev);
+    let dev = model.embed_tokens.device();
+    let (ids, mask) = inputs::<B>(b, &dev);
+    let t = to_targets::<B>(b, &dev);
     let n = b.batch * b.len;
     let counts = (
         b.mask.iter().map(|&m| m as f64).sum::<f64>(),
@@ -205,8 +202,8 @@ pub fn loss_and_grads(
         return (total, kd, ce, GradientsParams::from_grads(grads, model));
     }
     let hd = h.clone().detach().require_grad();
-    let mut acc = GradientsAccumulator::<Llama<CpuBackend>>::new();
-    let mut dh: Option<Tensor<Flex, 2>> = None;
+    let mut acc = GradientsAccumulator::<Llama<B>>::new();
+    let mut dh: Option<Tensor<B::InnerBackend, 2>> = None;
     let (mut total, mut kd, mut ce) = (0.0, 0.0, 0.0);
     let mut start = 0;
     while start < n {
@@ -227,7 +224,7 @@ pub fn loss_and_grads(
         start += len;
     }
     if let Some(g) = dh {
-        let surrogate = (h * Tensor::<CpuBackend, 2>::from_inner(g)).sum();
+        let surrogate = (h * Tensor::<B, 2>::from_inner(g)).sum();
         acc.accumulate(
             model,
             GradientsParams::from_grads(surrogate.backward(), model),
@@ -241,9 +238,9 @@ struct SquaredNorm<'a> {
     sum: f64,
 }
 
-impl ModuleVisitor<CpuBackend> for SquaredNorm<'_> {
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<CpuBackend, D>>) {
-        if let Some(g) = self.grads.get::<Flex, D>(p.id) {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
             self.sum += g.square().sum().into_scalar().elem::<f64>();
         }
     }
@@ -254,18 +251,18 @@ struct ScaleGrads<'a> {
     factor: f64,
 }
 
-impl ModuleVisitor<CpuBackend> for ScaleGrads<'_> {
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<CpuBackend, D>>) {
-        if let Some(g) = self.grads.remove::<Flex, D>(p.id) {
+impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(p.id) {
             self.grads
-                .register::<Flex, D>(p.id, g.mul_scalar(self.factor));
+                .register::<B::InnerBackend, D>(p.id, g.mul_scalar(self.factor));
         }
     }
 }
 
 /// Clips the gradients to global L2 norm `max` (PyTorch `clip_grad_norm_`); returns the
 /// norm before clipping.
-fn clip_global(model: &Llama<CpuBackend>, grads: &mut GradientsParams, max: f64) -> f64 {
+fn clip_global<B: AutodiffBackend>(model: &Llama<B>, grads: &mut GradientsParams, max: f64) -> f64 {
     let mut n = SquaredNorm { grads, sum: 0.0 };
     model.visit(&mut n);
     let norm = n.sum.sqrt();
@@ -350,9 +347,9 @@ pub fn evaluate<B: Backend>(
 
 type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
 
-fn save_checkpoint<O: Optimizer<Llama<CpuBackend>, CpuBackend>>(
+fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
     run: &Path,
-    model: &Llama<CpuBackend>,
+    model: &Llama<B>,
     optim: &O,
     student: &StudentConfig,
     cfg: &TrainConfig,
@@ -377,9 +374,9 @@ fn save_checkpoint<O: Optimizer<Llama<CpuBackend>, CpuBackend>>(
         serde_json::to_vec_pretty(&serde_json::json!({"train": cfg, "student": student}))?,
     )?;
     let rec = Rec::new();
-    Recorder::<CpuBackend>::record(&rec, model.clone().into_record(), tmp.join("state/model"))
+    Recorder::<B>::record(&rec, model.clone().into_record(), tmp.join("state/model"))
         .map_err(|e| anyhow::anyhow!("saving the model state: {e}"))?;
-    Recorder::<CpuBackend>::record(&rec, optim.to_record(), tmp.join("state/optim"))
+    Recorder::<B>::record(&rec, optim.to_record(), tmp.join("state/optim"))
         .map_err(|e| anyhow::anyhow!("saving the optimizer state: {e}"))?;
     std::fs::write(
         tmp.join("state/trainer.json"),
@@ -457,12 +454,47 @@ fn warn_if_tail_heavy(cache: &Cache) {
     }
 }
 
-/// Trains one student from `cache` into `cfg.out/<student name>`.
+/// Trains one student from `cache` into `cfg.out/<student name>`, on `cfg.device`.
 pub fn train_student(
     cache: &Cache,
     student: &StudentConfig,
     cfg: &TrainConfig,
     resume: bool,
+) -> anyhow::Result<RunResult> {
+    match TrainDevice::parse(&cfg.device)? {
+        TrainDevice::Cpu => {
+            train_on::<CpuBackend>(cache, student, cfg, resume, &Default::default())
+        }
+        TrainDevice::Cuda(index) => {
+            #[cfg(feature = "cuda")]
+            {
+                super::device::check_cuda(index)?;
+                train_on::<GpuBackend>(
+                    cache,
+                    student,
+                    cfg,
+                    resume,
+                    &burn::backend::cuda::CudaDevice::new(index),
+                )
+            }
+            #[cfg(not(feature = "cuda"))]
+            bail!(
+                "--device cuda:{index}: this build of logitcache has no GPU training; rebuild with `cargo build --release --features cuda`"
+            )
+        }
+    }
+}
+
+/// The GPU training backend (CUDA, found at run time).
+#[cfg(feature = "cuda")]
+pub type GpuBackend = Autodiff<burn::backend::Cuda>;
+
+fn train_on<B: AutodiffBackend>(
+    cache: &Cache,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+    resume: bool,
+    dev: &B::Device,
 ) -> anyhow::Result<RunResult> {
     let m = &cache.manifest;
     cache.check_tokenizer(&cfg.tokenizer)?;
@@ -492,14 +524,13 @@ pub fn train_student(
     }
     let run = cfg.out.join(&student.name);
     let ckpt = run.join("checkpoint");
-    let dev = Default::default();
     let adamw = AdamWConfig::new()
         .with_beta_1(cfg.beta1 as f32)
         .with_beta_2(cfg.beta2 as f32)
         .with_epsilon(cfg.eps as f32)
         .with_weight_decay(cfg.weight_decay as f32);
-    let mut optim = adamw.init::<CpuBackend, Llama<CpuBackend>>();
-    let mut model = Llama::<CpuBackend>::init(student, cfg.seed, &dev);
+    let mut optim = adamw.init::<B, Llama<B>>();
+    let mut model = Llama::<B>::init(student, cfg.seed, dev);
     let mut state = TrainerState {
         step: 0,
         cursor: Cursor::default(),
@@ -522,10 +553,10 @@ pub fn train_student(
         state = serde_json::from_slice(&std::fs::read(ckpt.join("state/trainer.json"))?)
             .map_err(|e| bad("state/trainer.json", e.to_string()))?;
         let rec = Rec::new();
-        let mrec = Recorder::<CpuBackend>::load(&rec, ckpt.join("state/model"), &dev)
+        let mrec = Recorder::<B>::load(&rec, ckpt.join("state/model"), dev)
             .map_err(|e| bad("state/model.mpk", e.to_string()))?;
         model = model.load_record(mrec);
-        let orec = Recorder::<CpuBackend>::load(&rec, ckpt.join("state/optim"), &dev)
+        let orec = Recorder::<B>::load(&rec, ckpt.join("state/optim"), dev)
             .map_err(|e| bad("state/optim.mpk", e.to_string()))?;
         optim = optim.load_record(orec);
         if state.step > cfg.steps {
@@ -599,7 +630,7 @@ pub fn train_student(
         }
         Ok(())
     };
-    let run_eval = |model: &Llama<CpuBackend>, metrics: &mut std::fs::File, step: usize| {
+    let run_eval = |model: &Llama<B>, metrics: &mut std::fs::File, step: usize| {
         let e = evaluate(
             &model.valid(),
             cache,
@@ -619,7 +650,7 @@ pub fn train_student(
     let mut window = (Instant::now(), 0u64);
     let stop = cfg.stop_after.unwrap_or(cfg.steps).min(cfg.steps);
     while state.step < stop {
-        let mut acc = GradientsAccumulator::<Llama<CpuBackend>>::new();
+        let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let (mut total, mut kd, mut ce) = (0.0, 0.0, 0.0);
         for _ in 0..cfg.grad_accum {
             let b = stream
