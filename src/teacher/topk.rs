@@ -3,10 +3,12 @@
 //!
 //! Three passes over the row, each written so the compiler vectorises it:
 //! 1. max and a finiteness check;
-//! 2. a threshold scan that keeps a small candidate buffer (most values fail one compare);
-//! 3. one `exp` per value (a Cephes-style polynomial, rel. error ~1e-7) summed twice: over all
-//!    values (the partition function) and over the values outside the top-k (the tail), so the
-//!    tail is a direct sum and keeps its precision even when it is 1e-9 of the mass.
+//! 2. a threshold scan that keeps a small candidate buffer (most values fail one compare)
+//!    for the top k + 1;
+//! 3. one `exp` per value (a Cephes-style polynomial, rel. error ~1e-7), summed over the
+//!    values outside the top-k relative to the largest of them (the (k+1)-th value). The tail
+//!    is thus a direct sum that keeps its precision whether it is 1e-9 or 1e-200 of the mass;
+//!    the partition function is the top-k's k exps (in f64) plus that tail.
 //!
 //! Ties are broken by the lower token id, so the result equals a full stable sort by
 //! (logit descending, id ascending).
@@ -112,42 +114,34 @@ fn max_and_poison(row: &[f32]) -> (f32, f32) {
     (m, poison.iter().sum())
 }
 
-/// Sum of exp((x - max) * scale) over the row, and over the values below `kth`, and the
-/// number of values equal to `kth`. The exps
-/// are an element-wise map (vectorised by the loop vectoriser); the sums run in 8 lanes.
+/// Sum of exp((x - reference) * scale) over the values below `kth`. The exps, masked to the
+/// values below `kth`, are an element-wise map and the sum runs in 8 lanes: both loops
+/// vectorise (a sum with a branch per element, or an integer count beside it, does not).
 #[inline(always)]
-fn exp_sums(row: &[f32], max: f32, scale: f32, kth: f32) -> (f64, f64, u32) {
+fn exp_sum_below(row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
     const CHUNK: usize = 1024;
-    let mut equal = [0u32; 8];
     let mut es = [0.0f32; CHUNK];
-    let (mut all_total, mut below_total) = (0.0f64, 0.0f64);
+    let mut total = 0.0f64;
     for chunk in row.chunks(CHUNK) {
         let es = &mut es[..chunk.len()];
         for (e, &x) in es.iter_mut().zip(chunk) {
-            *e = exp_nonpos((x - max) * scale);
+            // Values from `kth` up are the top-k's (or ties with it, counted by the caller):
+            // masked out, their exp argument clamped so it cannot overflow.
+            let v = exp_nonpos(((x - reference) * scale).min(0.0));
+            *e = if x < kth { v } else { 0.0 };
         }
-        let mut all = [0.0f32; 8];
-        let mut below = [0.0f32; 8];
-        let mut lanes = es.chunks_exact(8).zip(chunk.chunks_exact(8));
-        for (e, x) in &mut lanes {
+        let mut lanes = [0.0f32; 8];
+        let mut blocks = es.chunks_exact(8);
+        for e in &mut blocks {
             let e: &[f32; 8] = e.try_into().expect("chunks of 8: this is a bug");
-            let x: &[f32; 8] = x.try_into().expect("chunks of 8: this is a bug");
             for j in 0..8 {
-                all[j] += e[j];
-                below[j] += if x[j] < kth { e[j] } else { 0.0 };
-                equal[j] += (x[j] == kth) as u32;
+                lanes[j] += e[j];
             }
         }
-        let done = chunk.len() / 8 * 8;
-        for (e, &x) in es[done..].iter().zip(&chunk[done..]) {
-            all[0] += e;
-            below[0] += if x < kth { *e } else { 0.0 };
-            equal[0] += (x == kth) as u32;
-        }
-        all_total += all.iter().map(|&v| v as f64).sum::<f64>();
-        below_total += below.iter().map(|&v| v as f64).sum::<f64>();
+        lanes[0] += blocks.remainder().iter().sum::<f32>();
+        total += lanes.iter().map(|&v| v as f64).sum::<f64>();
     }
-    (all_total, below_total, equal.iter().sum())
+    total
 }
 
 // The same loops compiled for AVX2 + FMA, chosen at run time when the CPU has them (the
@@ -160,8 +154,8 @@ fn max_and_poison_avx2(row: &[f32]) -> (f32, f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn exp_sums_avx2(row: &[f32], max: f32, scale: f32, kth: f32) -> (f64, f64, u32) {
-    exp_sums(row, max, scale, kth)
+fn exp_sum_below_avx2(row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
+    exp_sum_below(row, reference, scale, kth)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -179,13 +173,13 @@ fn dispatch_max(row: &[f32]) -> (f32, f32) {
     max_and_poison(row)
 }
 
-fn dispatch_sums(row: &[f32], max: f32, scale: f32, kth: f32) -> (f64, f64, u32) {
+fn dispatch_sum(row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { exp_sums_avx2(row, max, scale, kth) };
+        return unsafe { exp_sum_below_avx2(row, reference, scale, kth) };
     }
-    exp_sums(row, max, scale, kth)
+    exp_sum_below(row, reference, scale, kth)
 }
 
 impl TopK {
@@ -214,19 +208,21 @@ impl TopK {
             });
         }
 
-        // Pass 2: threshold scan. Later equal values have higher ids and lose the tie, so a
-        // strict `>` is exact.
+        // Pass 2: threshold scan for the k best values and, unless k is the whole row, the
+        // best one outside them (the reference of the tail sum). Later equal values have
+        // higher ids and lose the tie, so a strict `>` is exact.
+        let keep = if k < row.len() { k + 1 } else { k };
         let cand = &mut scratch.cand;
         cand.clear();
-        let cap = (2 * k).max(k + 32);
+        let cap = (2 * keep).max(keep + 32);
         let mut thr = f32::NEG_INFINITY;
         let push = |cand: &mut Vec<(f32, u32)>, thr: &mut f32, i: usize, x: f32| {
             if x > *thr {
                 cand.push((x, i as u32));
                 if cand.len() == cap {
-                    cand.select_nth_unstable_by(k - 1, better);
-                    cand.truncate(k);
-                    *thr = cand[k - 1].0;
+                    cand.select_nth_unstable_by(keep - 1, better);
+                    cand.truncate(keep);
+                    *thr = cand[keep - 1].0;
                 }
             }
         };
@@ -246,44 +242,41 @@ impl TopK {
         for (j, &x) in blocks.remainder().iter().enumerate() {
             push(cand, &mut thr, done + j, x);
         }
-        if cand.len() > k {
-            cand.select_nth_unstable_by(k - 1, better);
-            cand.truncate(k);
+        if cand.len() > keep {
+            cand.select_nth_unstable_by(keep - 1, better);
+            cand.truncate(keep);
         }
         cand.sort_unstable_by(better);
-        let kth_val = cand[k - 1].0;
-
-        // Pass 3: partition function and tail, both as direct sums of exp(x - max).
         let scale = self.inv_temperature;
-        let (all_total, mut below_total, equal) = dispatch_sums(row, max, scale, kth_val);
-        // Values equal to the k-th value but not chosen (higher ids) are outside the top-k too.
-        let ties_out = equal as usize - cand.iter().filter(|c| c.0 == kth_val).count();
-        if ties_out > 0 {
-            below_total += ties_out as f64 * exp_nonpos((kth_val - max) * scale) as f64;
-        }
-
-        let log_z = all_total.ln();
-        for (j, &(x, id)) in cand.iter().enumerate() {
+        // The top-k's scaled logits relative to the max (the first is 0).
+        let top = |j: usize| ((cand[j].0 - max) * scale) as f64;
+        let top_sum: f64 = (0..k).map(|j| top(j).exp()).sum();
+        let log_tail = if keep == k {
+            f64::NEG_INFINITY
+        } else {
+            // Pass 3: the tail as a direct sum of exp(x - r) over the values outside the
+            // top-k, r the largest of them: every term is at most 1 and r's own is 1, so the
+            // sum never underflows, however peaked the row (a tail of e^-200 stays exact).
+            let kth = cand[k - 1].0;
+            let r = cand[k].0;
+            let below = dispatch_sum(row, r, scale, kth);
+            // Values equal to the k-th but not chosen (higher ids) are outside the top-k
+            // too; there are some only when r ties with the k-th, and each weighs exp(0).
+            let ties_out = if r == kth {
+                row.iter().filter(|&&x| x == kth).count()
+                    - cand[..k].iter().filter(|c| c.0 == kth).count()
+            } else {
+                0
+            };
+            ((r - max) * scale) as f64 + (below + ties_out as f64).ln()
+        };
+        // log Z relative to the max: top_sum >= 1, and log_tail <= ln(row length).
+        let log_z = (top_sum + log_tail.exp()).ln();
+        for (j, &(_, id)) in cand[..k].iter().enumerate() {
             ids[j] = id;
-            logprobs[j] = (((x - max) * scale) as f64 - log_z) as f32;
+            logprobs[j] = (top(j) - log_z) as f32;
         }
-        if below_total > 0.0 {
-            return Ok((below_total.ln() - log_z) as f32);
-        }
-        if k == row.len() {
-            return Ok(f32::NEG_INFINITY);
-        }
-        // Every value outside the top-k is below e^-87 of the max (a very peaked row): the
-        // fast exp flushed them to 0. Their log-sum-exp in f64 keeps the tail exact.
-        let chosen: std::collections::HashSet<u32> = cand.iter().map(|c| c.1).collect();
-        let rest = row
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !chosen.contains(&(*i as u32)))
-            .map(|(_, &x)| (x - max) as f64 * scale as f64);
-        let m = rest.clone().fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + rest.map(|v| (v - m).exp()).sum::<f64>().ln();
-        Ok((lse - log_z) as f32)
+        Ok((log_tail - log_z) as f32)
     }
 }
 
@@ -299,8 +292,16 @@ pub fn reference_topk(row: &[f32], k: usize, temperature: f64) -> (Vec<u32>, Vec
     order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
     let ids: Vec<u32> = order[..k].iter().map(|&i| i as u32).collect();
     let lps: Vec<f64> = order[..k].iter().map(|&i| scaled[i] - log_z).collect();
-    let tail: f64 = order[k..].iter().map(|&i| scaled[i].exp()).sum::<f64>();
-    (ids, lps, tail.ln() - log_z)
+    // The tail's log-sum-exp relative to its own largest term, so it stays finite (and
+    // exact) however far below the max the tail lies.
+    let rest: Vec<f64> = order[k..].iter().map(|&i| scaled[i]).collect();
+    let m = rest.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let tail = if rest.is_empty() {
+        f64::NEG_INFINITY
+    } else {
+        m + rest.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+    };
+    (ids, lps, tail - log_z)
 }
 
 #[cfg(test)]
@@ -358,6 +359,28 @@ mod tests {
     }
 
     #[test]
+    fn tail_beyond_the_range_of_f32_exp_stays_exact() {
+        // One logit 200 above the rest: every tail term is e^-200 of the max, below f32's
+        // smallest number, yet the tail's log is an ordinary f32.
+        let mut row = vec![0.0f32; 1000];
+        row[7] = 200.0;
+        row[8] = 0.5;
+        let mut s = TopKScratch::default();
+        let (mut ids, mut lp) = ([0u32; 1], [0f32; 1]);
+        let tail = TopK {
+            k: 1,
+            inv_temperature: 1.0,
+        }
+        .row(&row, &mut s, &mut ids, &mut lp)
+        .unwrap();
+        let (_, _, rtail) = reference_topk(&row, 1, 1.0);
+        // reference: ln(998 + e^0.5) - 200 ≈ -193.0917 (the top-1 log-prob is ~ -1e-84 ≈ 0)
+        assert!((rtail - (-193.0917)).abs() < 1e-3, "{rtail}");
+        assert!((tail as f64 - rtail).abs() < 1e-4, "{tail} vs {rtail}");
+        assert_eq!((ids[0], lp[0]), (7, 0.0));
+    }
+
+    #[test]
     fn full_k_has_empty_tail_and_nonfinite_is_reported() {
         let row = [0.5f32, -1.0, 2.0];
         let mut s = TopKScratch::default();
@@ -384,9 +407,15 @@ mod tests {
             k in 1usize..80,
             t in 0.25f64..4.0,
             quantise in any::<bool>(),
+            peak in prop::option::of((0usize..600, 0.0f32..300.0)),
         ) {
-            // Quantising creates many ties.
-            let row: Vec<f32> = if quantise { row.iter().map(|v| v.round()).collect() } else { row };
+            // Quantising creates many ties; a peak far above the rest makes tails that the
+            // f32 exp cannot represent term by term.
+            let mut row: Vec<f32> = if quantise { row.iter().map(|v| v.round()).collect() } else { row };
+            if let Some((at, height)) = peak {
+                let n = row.len();
+                row[at % n] += height;
+            }
             let k = k.min(row.len());
             let mut s = TopKScratch::default();
             let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
