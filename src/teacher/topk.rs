@@ -2,9 +2,9 @@
 //! top-k.
 //!
 //! Three passes over the row, each written so the compiler vectorises it:
-//! 1. max and a finiteness check;
-//! 2. a threshold scan that keeps a small candidate buffer (most values fail one compare)
-//!    for the top k + 1;
+//! 1. block maxima and a finiteness check;
+//! 2. a threshold scan that keeps a small candidate buffer for the top k + 1, starting from
+//!    a threshold the block maxima guarantee (most values fail one compare);
 //! 3. one `exp` per value (a Cephes-style polynomial, rel. error ~1e-7), summed over the
 //!    values outside the top-k relative to the largest of them (the (k+1)-th value). The tail
 //!    is thus a direct sum that keeps its precision whether it is 1e-9 or 1e-200 of the mass;
@@ -37,6 +37,8 @@ pub struct NonFinite {
 pub struct TopKScratch {
     cand: Vec<(f32, u32)>,
     f32_row: Vec<f32>,
+    /// Maxima of the row's blocks of [`MAX_BLOCK`] values.
+    block_max: Vec<f32>,
 }
 
 impl TopKScratch {
@@ -90,28 +92,36 @@ fn exp_nonpos(x: f32) -> f32 {
     if tiny { 0.0 } else { y * pow2n }
 }
 
-/// Max and a poison sum (NaN iff the row holds a NaN or an infinity), in 8 independent lanes
-/// so the loop vectorises.
+/// Values per block of pass 1's block maxima.
+const MAX_BLOCK: usize = 64;
+
+/// The maxima of the row's blocks of [`MAX_BLOCK`] values (into `block_max`) and a poison
+/// sum (NaN iff the row holds a NaN or an infinity), in 8 independent lanes so the loop
+/// vectorises.
 #[inline(always)]
-fn max_and_poison(row: &[f32]) -> (f32, f32) {
-    let mut max = [f32::NEG_INFINITY; 8];
+fn block_max_and_poison(row: &[f32], block_max: &mut Vec<f32>) -> f32 {
+    block_max.clear();
     let mut poison = [0.0f32; 8];
-    let mut lanes = row.chunks_exact(8);
-    for c in &mut lanes {
-        let c: &[f32; 8] = c.try_into().expect("chunks of 8: this is a bug");
-        for j in 0..8 {
-            max[j] = if c[j] > max[j] { c[j] } else { max[j] };
-            poison[j] += c[j] * 0.0;
+    for block in row.chunks(MAX_BLOCK) {
+        let mut max = [f32::NEG_INFINITY; 8];
+        let mut lanes = block.chunks_exact(8);
+        for c in &mut lanes {
+            let c: &[f32; 8] = c.try_into().expect("chunks of 8: this is a bug");
+            for j in 0..8 {
+                max[j] = if c[j] > max[j] { c[j] } else { max[j] };
+                poison[j] += c[j] * 0.0;
+            }
         }
+        for &x in lanes.remainder() {
+            max[0] = if x > max[0] { x } else { max[0] };
+            poison[0] += x * 0.0;
+        }
+        block_max.push(
+            max.iter()
+                .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a }),
+        );
     }
-    for &x in lanes.remainder() {
-        max[0] = if x > max[0] { x } else { max[0] };
-        poison[0] += x * 0.0;
-    }
-    let m = max
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    (m, poison.iter().sum())
+    poison.iter().sum()
 }
 
 /// Sum of exp((x - reference) * scale) over the values below `kth`. The exps, masked to the
@@ -148,8 +158,8 @@ fn exp_sum_below(row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
 // portable build targets SSE2 only).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn max_and_poison_avx2(row: &[f32]) -> (f32, f32) {
-    max_and_poison(row)
+fn block_max_and_poison_avx2(row: &[f32], block_max: &mut Vec<f32>) -> f32 {
+    block_max_and_poison(row, block_max)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -164,13 +174,13 @@ fn has_avx2() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
-fn dispatch_max(row: &[f32]) -> (f32, f32) {
+fn dispatch_max(row: &[f32], block_max: &mut Vec<f32>) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { max_and_poison_avx2(row) };
+        return unsafe { block_max_and_poison_avx2(row, block_max) };
     }
-    max_and_poison(row)
+    block_max_and_poison(row, block_max)
 }
 
 fn dispatch_sum(row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
@@ -199,7 +209,11 @@ impl TopK {
             "top-k arguments checked by the caller: this is a bug"
         );
         // Pass 1: max and finiteness (x * 0 is NaN exactly for NaN and +-inf).
-        let (max, poison) = dispatch_max(row);
+        let poison = dispatch_max(row, &mut scratch.block_max);
+        let max = scratch
+            .block_max
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
         if poison.is_nan() || !max.is_finite() {
             let index = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Err(NonFinite {
@@ -215,7 +229,20 @@ impl TopK {
         let cand = &mut scratch.cand;
         cand.clear();
         let cap = (2 * keep).max(keep + 32);
-        let mut thr = f32::NEG_INFINITY;
+        // Start from the keep-th largest block maximum m (of the first 16·keep blocks, which
+        // bounds the cost of finding it): those keep maxima are distinct values >= m, so
+        // every one of the keep best is >= m too. Only values >= m are scanned in (a few
+        // times keep instead of ~keep·ln(row / keep) pushes and sorts).
+        let bm = &mut scratch.block_max;
+        bm.truncate(16 * keep);
+        let mut thr = if bm.len() > keep {
+            let (_, m, _) = bm.select_nth_unstable_by(keep - 1, |a, b| {
+                b.partial_cmp(a).expect("finite maxima: this is a bug")
+            });
+            m.next_down()
+        } else {
+            f32::NEG_INFINITY
+        };
         let push = |cand: &mut Vec<(f32, u32)>, thr: &mut f32, i: usize, x: f32| {
             if x > *thr {
                 cand.push((x, i as u32));
@@ -359,6 +386,33 @@ mod tests {
     }
 
     #[test]
+    fn block_maxima_threshold_keeps_ties_at_the_boundary() {
+        // 4096 values in 64 blocks, each block's max equal (3.0): the k-th largest block
+        // maximum is itself the k-th value, tied 64 times; the lowest ids must win.
+        let row: Vec<f32> = (0..4096)
+            .map(|i| {
+                if i % 64 == 5 {
+                    3.0
+                } else {
+                    (i % 7) as f32 * 0.1
+                }
+            })
+            .collect();
+        let mut s = TopKScratch::default();
+        let (mut ids, mut lp) = ([0u32; 10], [0f32; 10]);
+        let tail = TopK {
+            k: 10,
+            inv_temperature: 1.0,
+        }
+        .row(&row, &mut s, &mut ids, &mut lp)
+        .unwrap();
+        let (rids, _, rtail) = reference_topk(&row, 10, 1.0);
+        assert_eq!(ids.to_vec(), rids);
+        assert_eq!(ids[9], 9 * 64 + 5);
+        assert!((tail as f64 - rtail).abs() < 1e-5, "{tail} vs {rtail}");
+    }
+
+    #[test]
     fn tail_beyond_the_range_of_f32_exp_stays_exact() {
         // One logit 200 above the rest: every tail term is e^-200 of the max, below f32's
         // smallest number, yet the tail's log is an ordinary f32.
@@ -403,7 +457,8 @@ mod tests {
     proptest! {
         #[test]
         fn matches_full_sort(
-            row in prop::collection::vec(-20.0f32..20.0, 1..600),
+            // Up to 47 blocks of 64: rows long enough that the block-maxima threshold is used.
+            row in prop::collection::vec(-20.0f32..20.0, 1..3000),
             k in 1usize..80,
             t in 0.25f64..4.0,
             quantise in any::<bool>(),
