@@ -36,6 +36,12 @@ pub fn shared_dir() -> &'static Path {
         .path()
 }
 
+/// A number no other call in this process gets (for temporary file names).
+pub fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The first `n` documents of the committed demo corpus, as a JSONL file.
 pub fn corpus(n: usize) -> PathBuf {
     let path = shared_dir().join(format!("corpus-{n}.jsonl"));
@@ -43,7 +49,9 @@ pub fn corpus(n: usize) -> PathBuf {
         let text =
             std::fs::read_to_string(Path::new(ROOT).join("pipelines/demo/fortunes.jsonl")).unwrap();
         let lines: Vec<&str> = text.lines().take(n).collect();
-        let tmp = path.with_extension("part");
+        // Tests run in parallel threads: each writes its own temporary file, and the
+        // renames (same content) replace each other atomically.
+        let tmp = path.with_extension(format!("part-{}", unique()));
         std::fs::write(&tmp, lines.join("\n") + "\n").unwrap();
         std::fs::rename(tmp, &path).unwrap();
     }
@@ -70,7 +78,7 @@ pub fn tokenizer() -> PathBuf {
 pub fn model(name: &str, spec: &ToyLmSpec) -> PathBuf {
     let path = shared_dir().join(format!("{name}.onnx"));
     if !path.exists() {
-        let tmp = path.with_extension(format!("part-{}", std::process::id()));
+        let tmp = path.with_extension(format!("part-{}", unique()));
         std::fs::write(&tmp, toy_lm(spec)).unwrap();
         std::fs::rename(tmp, &path).unwrap();
     }
