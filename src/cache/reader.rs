@@ -135,65 +135,49 @@ pub fn read_shard_file(path: &Path, k: usize) -> Result<ShardRows, ReadError> {
 
 pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
     let k = rows.k;
-    let col = |name: &str| {
+    let list = |name: &str| {
         b.column_by_name(name)
+            .map(|c| c.as_list::<i32>())
             .ok_or_else(|| format!("no column {name}"))
     };
-    let seq = col(COL_SEQ_ID)?.as_primitive::<UInt64Type>();
-    let doc = col(COL_DOC_ID)?.as_primitive::<UInt64Type>();
-    let win = col(COL_WINDOW_INDEX)?.as_primitive::<UInt32Type>();
-    let ids = col(COL_INPUT_IDS)?.as_list::<i32>();
-    let tk = col(COL_TOPK_IDS)?.as_list::<i32>();
-    let tl = col(COL_TOPK_LOGPROBS)?.as_list::<i32>();
-    let tail = col(COL_TAIL_LOGPROB)?.as_list::<i32>();
-    for a in [ids as &dyn Array, tk, tl, tail, seq, doc, win] {
-        if a.null_count() > 0 {
-            return Err("unexpected nulls".into());
-        }
+    let (ids, tk, tl) = (
+        list(COL_INPUT_IDS)?,
+        list(COL_TOPK_IDS)?,
+        list(COL_TOPK_LOGPROBS)?,
+    );
+    if tk.null_count() > 0 || tl.null_count() > 0 {
+        return Err("unexpected nulls".into());
     }
-    let id_vals = ids.values().as_primitive::<UInt32Type>().values();
-    let tk_vals = tk
-        .values()
-        .as_fixed_size_list()
-        .values()
-        .as_primitive::<UInt32Type>()
-        .values();
-    let tl_vals = tl
-        .values()
-        .as_fixed_size_list()
-        .values()
-        .as_primitive::<Float16Type>()
-        .values();
-    let tail_vals = tail.values().as_primitive::<Float32Type>().values();
-    for r in 0..b.num_rows() {
-        let (s, e) = (
-            ids.value_offsets()[r] as usize,
-            ids.value_offsets()[r + 1] as usize,
-        );
-        let n = e - s;
-        let same = |l: &arrow_array::ListArray| {
-            let o = l.value_offsets();
-            (o[r + 1] - o[r]) as usize == n
-        };
-        if !(same(tk) && same(tl) && same(tail)) {
-            return Err(format!(
-                "row {r}: per-position columns have different lengths"
-            ));
-        }
-        let ts = tk.value_offsets()[r] as usize;
-        let ls = tl.value_offsets()[r] as usize;
-        let fs = tail.value_offsets()[r] as usize;
-        rows.seq_ids.push(seq.value(r));
-        rows.doc_ids.push(doc.value(r));
-        rows.window_index.push(win.value(r));
-        rows.input_ids.extend_from_slice(&id_vals[s..e]);
-        rows.topk_ids
-            .extend_from_slice(&tk_vals[ts * k..(ts + n) * k]);
-        rows.topk_logprobs
-            .extend_from_slice(&tl_vals[ls * k..(ls + n) * k]);
-        rows.tail_logprob.extend_from_slice(&tail_vals[fs..fs + n]);
-        rows.offsets.push(rows.input_ids.len() as i32);
+    let lengths = |l: &arrow_array::ListArray| {
+        l.value_offsets()
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .collect::<Vec<_>>()
+    };
+    if lengths(tk) != lengths(ids) || lengths(tl) != lengths(ids) {
+        return Err("per-position columns have different lengths".into());
     }
+    append_per_position(rows, b)?;
+    let span = |l: &arrow_array::ListArray| {
+        let o = l.value_offsets();
+        (o[0] as usize * k, o[b.num_rows()] as usize * k)
+    };
+    let (s, e) = span(tk);
+    rows.topk_ids.extend_from_slice(
+        &tk.values()
+            .as_fixed_size_list()
+            .values()
+            .as_primitive::<UInt32Type>()
+            .values()[s..e],
+    );
+    let (s, e) = span(tl);
+    rows.topk_logprobs.extend_from_slice(
+        &tl.values()
+            .as_fixed_size_list()
+            .values()
+            .as_primitive::<Float16Type>()
+            .values()[s..e],
+    );
     Ok(())
 }
 
