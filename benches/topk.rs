@@ -1,8 +1,9 @@
 //! Top-k + log-softmax throughput (rows/s) of the host reduction, one thread, at the vocab
-//! sizes of common teachers. Run: `cargo bench --bench topk`.
+//! sizes of common teachers, for each kernel this CPU runs (the teacher uses the last one
+//! listed). Run: `cargo bench --bench topk`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use logitcache::teacher::topk::{TopK, TopKScratch};
+use logitcache::teacher::topk::{Kernel, TopK, TopKScratch};
 
 /// Logits shaped like a language model's: a few large values over a Gaussian bulk.
 fn logits(rows: usize, vocab: usize) -> Vec<f32> {
@@ -29,26 +30,28 @@ fn bench(c: &mut Criterion) {
     for vocab in [32_000usize, 152_064] {
         let data = logits(ROWS, vocab);
         for k in [32usize, 64, 128] {
-            group.throughput(Throughput::Elements(ROWS as u64));
-            group.bench_with_input(
-                BenchmarkId::new(format!("V{vocab}"), format!("k{k}")),
-                &k,
-                |b, &k| {
-                    let t = TopK {
-                        k,
-                        inv_temperature: 1.0,
-                    };
-                    let mut s = TopKScratch::default();
-                    let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
-                    b.iter(|| {
-                        let mut acc = 0f32;
-                        for row in data.chunks(vocab) {
-                            acc += t.row(row, &mut s, &mut ids, &mut lp).unwrap();
-                        }
-                        acc
-                    })
-                },
-            );
+            for kernel in Kernel::available() {
+                group.throughput(Throughput::Elements(ROWS as u64));
+                group.bench_with_input(
+                    BenchmarkId::new(format!("V{vocab}"), format!("k{k}/{}", kernel.name())),
+                    &k,
+                    |b, &k| {
+                        let t = TopK {
+                            k,
+                            inv_temperature: 1.0,
+                        };
+                        let mut s = TopKScratch::default();
+                        let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
+                        b.iter(|| {
+                            let mut acc = 0f32;
+                            for row in data.chunks(vocab) {
+                                acc += t.row_with(kernel, row, &mut s, &mut ids, &mut lp).unwrap();
+                            }
+                            acc
+                        })
+                    },
+                );
+            }
         }
     }
     group.finish();

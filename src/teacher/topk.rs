@@ -1,14 +1,19 @@
 //! Top-k + log-softmax of one row of logits on the host, with the exact log-mass outside the
 //! top-k.
 //!
-//! Three passes over the row, each written so the compiler vectorises it:
-//! 1. block maxima and a finiteness check;
+//! Three passes over the row:
+//! 1. block maxima (blocks of 64) and a finiteness check;
 //! 2. a threshold scan that keeps a small candidate buffer for the top k + 1, starting from
-//!    a threshold the block maxima guarantee (most values fail one compare);
+//!    a threshold the block maxima guarantee; blocks whose maximum is below the threshold are
+//!    skipped unread, and in the rest only values above it cost a branch;
 //! 3. one `exp` per value (a Cephes-style polynomial, rel. error ~1e-7), summed over the
 //!    values outside the top-k relative to the largest of them (the (k+1)-th value). The tail
 //!    is thus a direct sum that keeps its precision whether it is 1e-9 or 1e-200 of the mass;
 //!    the partition function is the top-k's k exps (in f64) plus that tail.
+//!
+//! Passes 1 and 3 come in three [`Kernel`]s, chosen at run time: portable Rust (SSE2), the
+//! same loops compiled for AVX2 + FMA, and AVX-512 intrinsics. All give the same ids; the
+//! tests check each against a full sort.
 //!
 //! Ties are broken by the lower token id, so the result equals a full stable sort by
 //! (logit descending, id ascending).
@@ -35,10 +40,13 @@ pub struct NonFinite {
 /// Reusable buffers for [`TopK::row`] (one per thread).
 #[derive(Debug, Default)]
 pub struct TopKScratch {
-    cand: Vec<(f32, u32)>,
+    /// Packed candidates (see [`pack`]).
+    cand: Vec<u64>,
     f32_row: Vec<f32>,
     /// Maxima of the row's blocks of [`MAX_BLOCK`] values.
     block_max: Vec<f32>,
+    /// The block maxima the threshold is selected from (reordered by the selection).
+    selected: Vec<f32>,
 }
 
 impl TopKScratch {
@@ -57,12 +65,26 @@ pub struct TopK {
     pub inv_temperature: f32,
 }
 
+/// A candidate (value, id) packed so that ascending `u64` order is descending value, then
+/// ascending id: selecting and sorting then compare plain integers. The value's key is its
+/// bits made order-preserving (sign flipped for positives, all bits for negatives); -0.0 is
+/// made +0.0 first, so the two zeros tie as `f32` comparison says.
 #[inline(always)]
-fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
-    // Descending value, then ascending id.
-    b.0.partial_cmp(&a.0)
-        .expect("candidates are finite: this is a bug")
-        .then(a.1.cmp(&b.1))
+fn pack(x: f32, id: u32) -> u64 {
+    let b = (x + 0.0).to_bits();
+    let key = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+    ((!key as u64) << 32) | id as u64
+}
+
+#[inline(always)]
+fn unpack(c: u64) -> (f32, u32) {
+    let key = !((c >> 32) as u32);
+    let b = if key >> 31 == 1 {
+        key & 0x7fff_ffff
+    } else {
+        !key
+    };
+    (f32::from_bits(b), c as u32)
 }
 
 /// exp(x) for x <= 0, vectorisable (Cephes `expf` polynomial, magic-number rounding).
@@ -168,28 +190,213 @@ fn exp_sum_below_avx2(row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 
     exp_sum_below(row, reference, scale, kth)
 }
 
+/// AVX-512 versions written with intrinsics: 16 lanes, mask registers for the "below the
+/// k-th" test and the row's end, and `vscalefps` for the 2^n of the exp (no integer
+/// tricks). On CPUs with full-width AVX-512 units (AMD Zen 5, Intel server cores) they do
+/// twice the work per instruction of the AVX2 loops.
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+mod avx512 {
+    use super::MAX_BLOCK;
+    use std::arch::x86_64::*;
+
+    /// exp(t) for t in [-87, 0]: the same polynomial as `exp_nonpos`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp_nonpos(t: __m512) -> __m512 {
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(t, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), t);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_fmadd_ps(
+            p,
+            _mm512_mul_ps(r, r),
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        _mm512_scalef_ps(y, n)
+    }
+
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_nonpos_for_tests(t: __m512) -> __m512 {
+        exp_nonpos(t)
+    }
+
+    /// Adds exp((x - reference) * scale) of the lanes of `x` selected by `valid`, that are
+    /// below `kth` and whose exp argument is at least -87 (the rest are 0, as in the
+    /// portable `exp_nonpos`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn add_exp_below(
+        acc: __m512,
+        x: __m512,
+        valid: __mmask16,
+        reference: __m512,
+        scale: __m512,
+        kth: __m512,
+    ) -> __m512 {
+        let t = _mm512_min_ps(
+            _mm512_mul_ps(_mm512_sub_ps(x, reference), scale),
+            _mm512_setzero_ps(),
+        );
+        let below = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(valid, x, kth);
+        let keep = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(below, t, _mm512_set1_ps(-87.0));
+        let t = _mm512_max_ps(t, _mm512_set1_ps(-87.0));
+        _mm512_mask_add_ps(acc, keep, acc, exp_nonpos(t))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_sum_below(row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
+        let (vr, vs, vk) = (
+            _mm512_set1_ps(reference),
+            _mm512_set1_ps(scale),
+            _mm512_set1_ps(kth),
+        );
+        let mut total = 0.0f64;
+        // f32 lanes summed per chunk of 1024 values, chunks summed in f64 (as the portable
+        // loop does).
+        for chunk in row.chunks(1024) {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut quads = chunk.chunks_exact(64);
+            for q in &mut quads {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: q holds 64 values, so lanes 16·j .. 16·j + 16 are in bounds.
+                    let x = unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * j)) };
+                    *a = add_exp_below(*a, x, 0xffff, vr, vs, vk);
+                }
+            }
+            for c in quads.remainder().chunks(16) {
+                let valid: __mmask16 = ((1u32 << c.len()) - 1) as u16;
+                // SAFETY: the masked load reads only the c.len() lanes that are in bounds.
+                let x = unsafe { _mm512_maskz_loadu_ps(valid, c.as_ptr()) };
+                acc[0] = add_exp_below(acc[0], x, valid, vr, vs, vk);
+            }
+            let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            total += _mm512_reduce_add_ps(s) as f64;
+        }
+        total
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn block_max_and_poison(row: &[f32], block_max: &mut Vec<f32>) -> f32 {
+        block_max.clear();
+        let zero = _mm512_setzero_ps();
+        let mut poison = zero;
+        let mut blocks = row.chunks_exact(MAX_BLOCK);
+        for b in &mut blocks {
+            // SAFETY: a block holds 64 values: four loads of 16 stay in bounds.
+            let x = unsafe {
+                let p = b.as_ptr();
+                [
+                    _mm512_loadu_ps(p),
+                    _mm512_loadu_ps(p.add(16)),
+                    _mm512_loadu_ps(p.add(32)),
+                    _mm512_loadu_ps(p.add(48)),
+                ]
+            };
+            // x * 0 is NaN exactly for NaN and +-inf.
+            for v in x {
+                poison = _mm512_fmadd_ps(v, zero, poison);
+            }
+            let m = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+            block_max.push(_mm512_reduce_max_ps(m));
+        }
+        let mut p = _mm512_reduce_add_ps(poison);
+        let rest = blocks.remainder();
+        if !rest.is_empty() {
+            block_max.push(rest.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
+            p += rest.iter().map(|x| x * 0.0).sum::<f32>();
+        }
+        p
+    }
 }
 
-fn dispatch_max(row: &[f32], block_max: &mut Vec<f32>) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { block_max_and_poison_avx2(row, block_max) };
-    }
-    block_max_and_poison(row, block_max)
+/// Which compiled version of the vectorised passes runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Plain Rust, vectorised by the compiler for the build target (SSE2 on x86-64).
+    Portable,
+    /// The same loops compiled for AVX2 + FMA.
+    Avx2,
+    /// AVX-512F intrinsics.
+    Avx512,
 }
 
-fn dispatch_sum(row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { exp_sum_below_avx2(row, reference, scale, kth) };
+impl Kernel {
+    /// The fastest kernel this CPU runs (detected once).
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            Kernel::available()
+                .last()
+                .copied()
+                .unwrap_or(Kernel::Portable)
+        })
     }
-    exp_sum_below(row, reference, scale, kth)
+
+    /// Every kernel this CPU runs, slowest first (for tests and benchmarks).
+    pub fn available() -> Vec<Kernel> {
+        let mut v = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Kernel::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                v.push(Kernel::Avx512);
+            }
+        }
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+        }
+    }
+
+    fn block_max(self, row: &[f32], block_max: &mut Vec<f32>) -> f32 {
+        match self {
+            // SAFETY (both): `available` listed this kernel, so the CPU has its features;
+            // a `Kernel` from elsewhere is checked again here.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => unsafe {
+                block_max_and_poison_avx2(row, block_max)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 if is_x86_feature_detected!("avx512f") => unsafe {
+                avx512::block_max_and_poison(row, block_max)
+            },
+            _ => block_max_and_poison(row, block_max),
+        }
+    }
+
+    fn exp_sum(self, row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
+        match self {
+            // SAFETY: as in `block_max`.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => unsafe {
+                exp_sum_below_avx2(row, reference, scale, kth)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 if is_x86_feature_detected!("avx512f") => unsafe {
+                avx512::exp_sum_below(row, reference, scale, kth)
+            },
+            _ => exp_sum_below(row, reference, scale, kth),
+        }
+    }
 }
 
 impl TopK {
@@ -203,15 +410,33 @@ impl TopK {
         ids: &mut [u32],
         logprobs: &mut [f32],
     ) -> Result<f32, NonFinite> {
+        self.row_with(Kernel::best(), row, scratch, ids, logprobs)
+    }
+
+    /// [`TopK::row`] with a chosen kernel (every kernel gives the same ids; log-probs agree
+    /// to f32 rounding).
+    pub fn row_with(
+        &self,
+        kernel: Kernel,
+        row: &[f32],
+        scratch: &mut TopKScratch,
+        ids: &mut [u32],
+        logprobs: &mut [f32],
+    ) -> Result<f32, NonFinite> {
         let k = self.k;
         assert!(
             k >= 1 && k <= row.len() && ids.len() == k && logprobs.len() == k,
             "top-k arguments checked by the caller: this is a bug"
         );
-        // Pass 1: max and finiteness (x * 0 is NaN exactly for NaN and +-inf).
-        let poison = dispatch_max(row, &mut scratch.block_max);
-        let max = scratch
-            .block_max
+        let TopKScratch {
+            cand,
+            block_max,
+            selected,
+            ..
+        } = scratch;
+        // Pass 1: block maxima and finiteness (x * 0 is NaN exactly for NaN and +-inf).
+        let poison = kernel.block_max(row, block_max);
+        let max = block_max
             .iter()
             .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
         if poison.is_nan() || !max.is_finite() {
@@ -226,57 +451,65 @@ impl TopK {
         // best one outside them (the reference of the tail sum). Later equal values have
         // higher ids and lose the tie, so a strict `>` is exact.
         let keep = if k < row.len() { k + 1 } else { k };
-        let cand = &mut scratch.cand;
         cand.clear();
         let cap = (2 * keep).max(keep + 32);
         // Start from the keep-th largest block maximum m (of the first 16·keep blocks, which
         // bounds the cost of finding it): those keep maxima are distinct values >= m, so
         // every one of the keep best is >= m too. Only values >= m are scanned in (a few
         // times keep instead of ~keep·ln(row / keep) pushes and sorts).
-        let bm = &mut scratch.block_max;
-        bm.truncate(16 * keep);
-        let mut thr = if bm.len() > keep {
-            let (_, m, _) = bm.select_nth_unstable_by(keep - 1, |a, b| {
+        selected.clear();
+        selected.extend_from_slice(&block_max[..block_max.len().min(16 * keep)]);
+        let mut thr = if selected.len() > keep {
+            let (_, m, _) = selected.select_nth_unstable_by(keep - 1, |a, b| {
                 b.partial_cmp(a).expect("finite maxima: this is a bug")
             });
             m.next_down()
         } else {
             f32::NEG_INFINITY
         };
-        let push = |cand: &mut Vec<(f32, u32)>, thr: &mut f32, i: usize, x: f32| {
+        let push = |cand: &mut Vec<u64>, thr: &mut f32, i: usize, x: f32| {
             if x > *thr {
-                cand.push((x, i as u32));
+                cand.push(pack(x, i as u32));
                 if cand.len() == cap {
-                    cand.select_nth_unstable_by(keep - 1, better);
+                    cand.select_nth_unstable(keep - 1);
                     cand.truncate(keep);
-                    *thr = cand[keep - 1].0;
+                    *thr = unpack(cand[keep - 1]).0;
                 }
             }
         };
-        // Blocks of 16 are first tested as a whole (a vectorised count), so the common case
-        // costs one branch per 16 values.
-        const BLOCK: usize = 16;
-        let mut blocks = row.chunks_exact(BLOCK);
-        for (b, c) in (&mut blocks).enumerate() {
-            let c: &[f32; BLOCK] = c.try_into().expect("chunks of 16: this is a bug");
-            if c.iter().map(|&x| (x > thr) as u32).sum::<u32>() > 0 {
-                for (j, &x) in c.iter().enumerate() {
-                    push(cand, &mut thr, b * BLOCK + j, x);
+        // A block whose maximum is not above the threshold holds nothing to push: skipped
+        // unread. In the others, each run of 16 is compared at once into a bit mask, so
+        // only the values above the threshold cost a branch.
+        const RUN: usize = 16;
+        for (b, &bmax) in block_max.iter().enumerate() {
+            if bmax <= thr {
+                continue;
+            }
+            let start = b * MAX_BLOCK;
+            let block = &row[start..(start + MAX_BLOCK).min(row.len())];
+            for (r, c) in block.chunks(RUN).enumerate() {
+                // The run's values above the threshold as a bit mask, visited bit by bit
+                // (`push` tests each again: the threshold may rise on the way).
+                let mut above = c
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |m, (j, &x)| m | (((x > thr) as u32) << j));
+                while above != 0 {
+                    let j = above.trailing_zeros() as usize;
+                    above &= above - 1;
+                    push(cand, &mut thr, start + r * RUN + j, c[j]);
                 }
             }
         }
-        let done = row.len() / BLOCK * BLOCK;
-        for (j, &x) in blocks.remainder().iter().enumerate() {
-            push(cand, &mut thr, done + j, x);
-        }
         if cand.len() > keep {
-            cand.select_nth_unstable_by(keep - 1, better);
+            cand.select_nth_unstable(keep - 1);
             cand.truncate(keep);
         }
-        cand.sort_unstable_by(better);
+        cand.sort_unstable();
+        let value = |j: usize| unpack(cand[j]).0;
         let scale = self.inv_temperature;
         // The top-k's scaled logits relative to the max (the first is 0).
-        let top = |j: usize| ((cand[j].0 - max) * scale) as f64;
+        let top = |j: usize| ((value(j) - max) * scale) as f64;
         let top_sum: f64 = (0..k).map(|j| top(j).exp()).sum();
         let log_tail = if keep == k {
             f64::NEG_INFINITY
@@ -284,14 +517,14 @@ impl TopK {
             // Pass 3: the tail as a direct sum of exp(x - r) over the values outside the
             // top-k, r the largest of them: every term is at most 1 and r's own is 1, so the
             // sum never underflows, however peaked the row (a tail of e^-200 stays exact).
-            let kth = cand[k - 1].0;
-            let r = cand[k].0;
-            let below = dispatch_sum(row, r, scale, kth);
+            let kth = value(k - 1);
+            let r = value(k);
+            let below = kernel.exp_sum(row, r, scale, kth);
             // Values equal to the k-th but not chosen (higher ids) are outside the top-k
             // too; there are some only when r ties with the k-th, and each weighs exp(0).
             let ties_out = if r == kth {
                 row.iter().filter(|&&x| x == kth).count()
-                    - cand[..k].iter().filter(|c| c.0 == kth).count()
+                    - (0..k).filter(|&j| value(j) == kth).count()
             } else {
                 0
             };
@@ -299,8 +532,8 @@ impl TopK {
         };
         // log Z relative to the max: top_sum >= 1, and log_tail <= ln(row length).
         let log_z = (top_sum + log_tail.exp()).ln();
-        for (j, &(_, id)) in cand[..k].iter().enumerate() {
-            ids[j] = id;
+        for (j, &c) in cand[..k].iter().enumerate() {
+            ids[j] = unpack(c).1;
             logprobs[j] = (top(j) - log_z) as f32;
         }
         Ok((log_tail - log_z) as f32)
@@ -347,6 +580,96 @@ mod tests {
                 assert!((a - b).abs() <= 2e-7 * b, "x={x}: {a} vs {b}");
             }
             x += 0.0137;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_exp_matches_std() {
+        if !Kernel::available().contains(&Kernel::Avx512) {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let xs: Vec<f32> = (0..6400)
+            .map(|i| -87.0 + i as f32 * (87.0 / 6400.0))
+            .collect();
+        for c in xs.chunks(16) {
+            let mut out = [0f32; 16];
+            // SAFETY: AVX-512F is present (checked above); the chunks hold 16 values.
+            unsafe {
+                let e = avx512::exp_nonpos_for_tests(_mm512_loadu_ps(c.as_ptr()));
+                _mm512_storeu_ps(out.as_mut_ptr(), e);
+            }
+            for (&x, &a) in c.iter().zip(&out) {
+                let b = x.exp();
+                assert!((a - b).abs() <= 2e-7 * b, "x={x}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_agree_on_sums_and_maxima() {
+        // Rows with a NaN or an infinity are caught by every kernel's pass 1; the exp sums
+        // agree with the portable loop to f32 rounding, including rows that end mid-vector.
+        for len in [1usize, 15, 16, 17, 63, 64, 65, 1000, 1024, 1025, 3000] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.7)
+                .collect();
+            let mut want_max = Vec::new();
+            let want_p = block_max_and_poison(&row, &mut want_max);
+            let kth = row[len / 2];
+            let want = exp_sum_below(&row, 35.0, 1.3, kth);
+            for kernel in Kernel::available() {
+                let mut got_max = Vec::new();
+                assert_eq!(
+                    kernel.block_max(&row, &mut got_max),
+                    want_p,
+                    "{kernel:?} {len}"
+                );
+                assert_eq!(got_max, want_max, "{kernel:?} {len}");
+                let got = kernel.exp_sum(&row, 35.0, 1.3, kth);
+                assert!(
+                    (got - want).abs() <= 1e-6 * want,
+                    "{kernel:?} {len}: {got} vs {want}"
+                );
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut r = row.clone();
+                    r[len - 1] = bad;
+                    assert!(
+                        kernel.block_max(&r, &mut got_max).is_nan(),
+                        "{kernel:?} {len} {bad}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_candidates_order_as_value_then_id() {
+        let vals = [
+            -f32::MAX,
+            -3.5,
+            -1e-30,
+            -0.0,
+            0.0,
+            1e-30,
+            2.0,
+            2.0,
+            f32::MAX,
+        ];
+        let mut c: Vec<u64> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| pack(x, i as u32))
+            .collect();
+        c.reverse();
+        c.sort_unstable();
+        let got: Vec<(f32, u32)> = c.iter().map(|&c| unpack(c)).collect();
+        // Descending value; equal values (2.0, and the two zeros) by ascending id.
+        let ids: Vec<u32> = got.iter().map(|g| g.1).collect();
+        assert_eq!(ids, [8, 6, 7, 5, 3, 4, 2, 1, 0]);
+        for (x, id) in got {
+            assert_eq!(x, vals[id as usize]);
         }
     }
 
@@ -472,19 +795,22 @@ mod tests {
                 row[at % n] += height;
             }
             let k = k.min(row.len());
-            let mut s = TopKScratch::default();
-            let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
-            let tail = TopK { k, inv_temperature: (1.0 / t) as f32 }
-                .row(&row, &mut s, &mut ids, &mut lp).unwrap();
             let (rids, rlp, rtail) = reference_topk(&row, k, t);
-            prop_assert_eq!(&ids, &rids);
-            for (a, b) in lp.iter().zip(&rlp) {
-                prop_assert!((*a as f64 - b).abs() < 2e-5 * (1.0 + b.abs()), "{} vs {}", a, b);
-            }
-            if rtail.is_finite() {
-                prop_assert!((tail as f64 - rtail).abs() < 1e-4 * (1.0 + rtail.abs()), "{} vs {}", tail, rtail);
-            } else {
-                prop_assert!(tail == f32::NEG_INFINITY);
+            // Every kernel this CPU runs, each against the reference.
+            for kernel in Kernel::available() {
+                let mut s = TopKScratch::default();
+                let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
+                let tail = TopK { k, inv_temperature: (1.0 / t) as f32 }
+                    .row_with(kernel, &row, &mut s, &mut ids, &mut lp).unwrap();
+                prop_assert_eq!(&ids, &rids, "{:?}", kernel);
+                for (a, b) in lp.iter().zip(&rlp) {
+                    prop_assert!((*a as f64 - b).abs() < 2e-5 * (1.0 + b.abs()), "{:?}: {} vs {}", kernel, a, b);
+                }
+                if rtail.is_finite() {
+                    prop_assert!((tail as f64 - rtail).abs() < 1e-4 * (1.0 + rtail.abs()), "{:?}: {} vs {}", kernel, tail, rtail);
+                } else {
+                    prop_assert!(tail == f32::NEG_INFINITY, "{:?}", kernel);
+                }
             }
         }
     }
