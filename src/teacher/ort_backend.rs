@@ -12,7 +12,6 @@ use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
-use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -344,7 +343,8 @@ pub struct OrtTeacher {
     interface: ModelInterface,
     opts: OrtOptions,
     device_mem: MemoryInfo<'static>,
-    pool: rayon::ThreadPool,
+    /// Top-k buffers, one per thread.
+    scratch: Vec<TopKScratch>,
     /// Seconds in `session.run` and in the host top-k (host path only).
     seconds: (f64, f64),
 }
@@ -383,17 +383,16 @@ impl OrtTeacher {
             ),
         }
         .map_err(rt)?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(opts.threads)
-            .build()
-            .map_err(rt)?;
+        let scratch = (0..opts.threads.max(1))
+            .map(|_| TopKScratch::default())
+            .collect();
         Ok(OrtTeacher {
             session,
             head: None,
             interface,
             opts,
             device_mem,
-            pool,
+            scratch,
             seconds: (0.0, 0.0),
         })
     }
@@ -563,43 +562,82 @@ impl OrtTeacher {
                 k,
                 inv_temperature: 1.0 / self.opts.temperature,
             };
-            let mut reduce = |data_f32: Option<&[f32]>, data_f16: Option<&[half::f16]>| {
-                self.pool.install(|| {
-                    out.ids
-                        .par_chunks_mut(k)
-                        .zip(out.logprobs.par_chunks_mut(k))
-                        .zip(out.tail_logprob.par_iter_mut())
-                        .zip(rows.par_iter())
-                        .try_for_each_init(
-                            TopKScratch::default,
-                            |scratch, (((ids, lps), tail), &(i, p, r))| {
-                                let row: &[f32] = match (data_f32, data_f16) {
-                                    (Some(d), _) => &d[r * v..r * v + vocab],
-                                    (None, Some(d)) => {
-                                        let buf = scratch.f32_buffer(vocab);
-                                        half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                                            &d[r * v..r * v + vocab],
-                                            buf,
-                                        );
-                                        // Reborrow through a raw pointer: `buf` lives in `scratch`, which
-                                        // `row` must not keep borrowed while `scratch` is passed on.
-                                        let (ptr, len) = (buf.as_ptr(), buf.len());
-                                        // SAFETY: the buffer is not resized until the next row.
-                                        unsafe { std::slice::from_raw_parts(ptr, len) }
-                                    }
-                                    _ => unreachable!(),
-                                };
-                                *tail = topk.row(row, scratch, ids, lps).map_err(|nf| {
-                                    TeacherError::NonFinite {
-                                        window: i,
-                                        position: p,
-                                        token: nf.index,
-                                        value: nf.value,
-                                    }
-                                })?;
-                                Ok(())
-                            },
+            // One contiguous range of rows per thread, the first on this thread: scoped
+            // threads that end with the batch, so nothing spins or yields on the cores
+            // while ONNX Runtime runs the next batch (a rayon pool's idle workers do).
+            let per = rows.len().div_ceil(self.opts.threads.max(1)).max(1);
+            let reduce_rows = |data_f32: Option<&[f32]>,
+                               data_f16: Option<&[half::f16]>,
+                               rows: &[(usize, usize, usize)],
+                               ids: &mut [u32],
+                               lps: &mut [f32],
+                               tails: &mut [f32],
+                               scratch: &mut TopKScratch|
+             -> Result<(), TeacherError> {
+                for (j, &(i, p, r)) in rows.iter().enumerate() {
+                    let row: &[f32] = match (data_f32, data_f16) {
+                        (Some(d), _) => &d[r * v..r * v + vocab],
+                        (None, Some(d)) => {
+                            let buf = scratch.f32_buffer(vocab);
+                            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                                &d[r * v..r * v + vocab],
+                                buf,
+                            );
+                            // Reborrow through a raw pointer: `buf` lives in `scratch`, which
+                            // `row` must not keep borrowed while `scratch` is passed on.
+                            let (ptr, len) = (buf.as_ptr(), buf.len());
+                            // SAFETY: the buffer is not resized until the next row.
+                            unsafe { std::slice::from_raw_parts(ptr, len) }
+                        }
+                        _ => unreachable!(),
+                    };
+                    tails[j] = topk
+                        .row(
+                            row,
+                            scratch,
+                            &mut ids[j * k..(j + 1) * k],
+                            &mut lps[j * k..(j + 1) * k],
                         )
+                        .map_err(|nf| TeacherError::NonFinite {
+                            window: i,
+                            position: p,
+                            token: nf.index,
+                            value: nf.value,
+                        })?;
+                }
+                Ok(())
+            };
+            let scratch = &mut self.scratch;
+            let mut reduce = |data_f32: Option<&[f32]>, data_f16: Option<&[half::f16]>| {
+                std::thread::scope(|scope| {
+                    let mut parts = rows
+                        .chunks(per)
+                        .zip(out.ids.chunks_mut(per * k))
+                        .zip(out.logprobs.chunks_mut(per * k))
+                        .zip(out.tail_logprob.chunks_mut(per))
+                        .zip(scratch.iter_mut());
+                    let first = parts.next();
+                    let others: Vec<_> = parts
+                        .map(|((((rs, ids), lps), tails), sc)| {
+                            scope.spawn(move || {
+                                reduce_rows(data_f32, data_f16, rs, ids, lps, tails, sc)
+                            })
+                        })
+                        .collect();
+                    // The first range's error wins: it names the earliest bad position.
+                    let mut result = match first {
+                        Some(((((rs, ids), lps), tails), sc)) => {
+                            reduce_rows(data_f32, data_f16, rs, ids, lps, tails, sc)
+                        }
+                        None => Ok(()),
+                    };
+                    for h in others {
+                        let r = h.join().expect("top-k thread panicked: this is a bug");
+                        if result.is_ok() {
+                            result = r;
+                        }
+                    }
+                    result
                 })
             };
             if f16 {
