@@ -16,7 +16,7 @@ use arrow_schema::DataType;
 use half::f16;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -183,6 +183,25 @@ pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProper
         .set_column_encoding(
             path(&[COL_TAIL_LOGPROB, "list", "item"]),
             Encoding::BYTE_STREAM_SPLIT,
+        )
+        // Min/max statistics of the per-position values prune nothing (every page spans
+        // the vocabulary and the log-prob range) and cost a compare per value: only the
+        // per-window columns (`seq_id`, ...) keep them.
+        .set_column_statistics_enabled(
+            path(&[COL_INPUT_IDS, "list", "item"]),
+            EnabledStatistics::None,
+        )
+        .set_column_statistics_enabled(
+            path(&[COL_TOPK_IDS, "list", "item", "list", "item"]),
+            EnabledStatistics::None,
+        )
+        .set_column_statistics_enabled(
+            path(&[COL_TOPK_LOGPROBS, "list", "item", "list", "item"]),
+            EnabledStatistics::None,
+        )
+        .set_column_statistics_enabled(
+            path(&[COL_TAIL_LOGPROB, "list", "item"]),
+            EnabledStatistics::None,
         )
         .build()
 }
