@@ -70,3 +70,32 @@ pub fn failpoint(point: &str) {
         }
     }
 }
+
+/// Lowers the calling thread's scheduling priority (Linux `nice` 10; elsewhere nothing).
+/// For the teacher's tokenising and writing threads: where the teacher keeps every core
+/// busy they run in its gaps instead of preempting one of its threads, which would stall
+/// the others at the next barrier; on spare cores they run as before.
+pub fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours; on
+    // failure the thread keeps its priority, which is harmless.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+/// CPU seconds the calling thread has used (Linux and other Unixes; 0 where unknown).
+pub fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc == 0 {
+        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    } else {
+        0.0
+    }
+}

@@ -125,6 +125,7 @@ pub struct ShardEntry {
     pub device: String,
     pub batch_size: usize,
     pub topk: String,
+    /// Wall time of the shard's teacher batches and top-k, plus the writer's CPU time for it.
     pub seconds: f64,
 }
 

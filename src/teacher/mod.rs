@@ -447,18 +447,39 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     let _lock = CacheLock::acquire(&cfg.out, cfg.worker_index, cfg.num_workers)?;
 
     let library = ort_backend::resolve_library(cfg.ort_lib.as_deref())?;
-    let mut teacher = ort_backend::OrtTeacher::open(
-        &cfg.model,
-        ort_backend::OrtOptions {
-            library,
-            device: cfg.device,
-            threads: cfg.threads,
-            topk: cfg.topk,
-            k: cfg.top_k,
-            temperature: cfg.temperature,
-            vocab: tok.vocab_size,
-        },
-    )?;
+    // The model and tokenizer are hashed (for the manifest) on a second thread while ONNX
+    // Runtime loads the model: both read the same file, and the session's set-up is
+    // mostly single-threaded.
+    let t_session = Instant::now();
+    let (opened, hashed) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| -> anyhow::Result<_> {
+            let t = Instant::now();
+            let model = sha256_file(&cfg.model)
+                .with_context(|| format!("reading {}", cfg.model.display()))?;
+            let tok = sha256_file(&cfg.tokenizer)
+                .with_context(|| format!("reading {}", cfg.tokenizer.display()))?;
+            Ok((model, tok, t.elapsed().as_secs_f64()))
+        });
+        let opened = ort_backend::OrtTeacher::open(
+            &cfg.model,
+            ort_backend::OrtOptions {
+                library,
+                device: cfg.device,
+                threads: cfg.threads,
+                topk: cfg.topk,
+                k: cfg.top_k,
+                temperature: cfg.temperature,
+                vocab: tok.vocab_size,
+            },
+        );
+        let hashed = hashing
+            .join()
+            .expect("hashing thread panicked: this is a bug");
+        (opened, hashed)
+    });
+    let mut teacher = opened?;
+    let ((model_sha, model_bytes), (tok_sha, _), hash_s) = hashed?;
+    let session_s = t_session.elapsed().as_secs_f64();
     let iface = teacher.interface().clone();
     if let Some(v) = iface.logits_vocab {
         if v < tok.vocab_size {
@@ -483,10 +504,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
         );
     }
 
-    let (model_sha, model_bytes) =
-        sha256_file(&cfg.model).with_context(|| format!("reading {}", cfg.model.display()))?;
-    let (tok_sha, _) = sha256_file(&cfg.tokenizer)
-        .with_context(|| format!("reading {}", cfg.tokenizer.display()))?;
+    let t_plan = Instant::now();
     let mut fresh = Manifest {
         format: crate::cache::manifest::FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
@@ -609,6 +627,11 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     }
     let already = owned.len() as u64 - wanted.len() as u64;
     tracing::info!(
+        "start-up: {:.2} s (session {session_s:.2} s, with the model and tokenizer hashed beside it in {hash_s:.2} s; plan and shard check {:.2} s)",
+        started.elapsed().as_secs_f64(),
+        t_plan.elapsed().as_secs_f64()
+    );
+    tracing::info!(
         "plan: {} documents, {} windows, {} tokens in {} shards; worker {}/{} owns {}, {} already done",
         plan.documents,
         plan.sequences,
@@ -645,9 +668,12 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
         };
         let worker_name = format!("{}/{}", cfg.worker_index, cfg.num_workers);
         let result = std::thread::scope(|scope| -> anyhow::Result<()> {
-            let producer =
-                scope.spawn(|| produce_shards(&files, cfg, &tok, &plan, &wanted, work_tx));
+            let producer = scope.spawn(|| {
+                crate::util::lower_thread_priority();
+                produce_shards(&files, cfg, &tok, &plan, &wanted, work_tx)
+            });
             let writer = scope.spawn(|| {
+                crate::util::lower_thread_priority();
                 write_loop(
                     write_rx,
                     &cfg.out,
@@ -683,8 +709,9 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     progress.finish();
     if let Some((model_s, topk_s)) = teacher.timing() {
         tracing::info!(
-            "teacher time: {model_s:.2} s in the model, {topk_s:.2} s in top-k + log-softmax ({:.1}% of the model time)",
-            100.0 * topk_s / model_s.max(1e-9)
+            "teacher time: {model_s:.2} s in the model, {topk_s:.2} s in top-k + log-softmax ({:.1}% of the model time; {} kernel)",
+            100.0 * topk_s / model_s.max(1e-9),
+            topk::Kernel::best().name()
         );
     }
     let final_manifest = Manifest::load(&cfg.out)?;
@@ -737,7 +764,9 @@ fn write_loop(
     progress: &Progress,
 ) -> anyhow::Result<()> {
     for (rows, index, computed, seconds) in rx {
-        let t0 = Instant::now();
+        // The writer runs at a lower priority and may wait for the cores: its share of the
+        // shard's time is the CPU it used, not the wall time.
+        let cpu0 = crate::util::thread_cpu_seconds();
         let rel = shard_file_name(index);
         let written = write_shard(&out.join(&rel), index, &rows, opts).with_context(|| {
             format!(
@@ -758,7 +787,7 @@ fn write_loop(
             device: cfg.device.to_string(),
             batch_size: cfg.batch_size,
             topk: topk.to_string(),
-            seconds: seconds + t0.elapsed().as_secs_f64(),
+            seconds: seconds + (crate::util::thread_cpu_seconds() - cpu0),
         };
         let (done, total) = {
             let _m = ManifestLock::acquire(out)?;
