@@ -346,17 +346,23 @@ impl Kernel {
 
     /// Every kernel this CPU runs, slowest first (for tests and benchmarks).
     pub fn available() -> Vec<Kernel> {
-        let mut v = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                v.push(Kernel::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                v.push(Kernel::Avx512);
-            }
+        [Kernel::Portable, Kernel::Avx2, Kernel::Avx512]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU has the kernel's instructions (the one place they are detected).
+    pub fn runs_here(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[allow(unreachable_patterns)]
+            _ => false,
         }
-        v
     }
 
     pub fn name(self) -> &'static str {
@@ -369,14 +375,14 @@ impl Kernel {
 
     fn block_max(self, row: &[f32], block_max: &mut Vec<f32>) -> f32 {
         match self {
-            // SAFETY (both): `available` listed this kernel, so the CPU has its features;
-            // a `Kernel` from elsewhere is checked again here.
+            // SAFETY (both): `runs_here` checked that the CPU has the kernel's features; a
+            // kernel it does not run falls back to the portable loop.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => unsafe {
+            Kernel::Avx2 if self.runs_here() => unsafe {
                 block_max_and_poison_avx2(row, block_max)
             },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 if is_x86_feature_detected!("avx512f") => unsafe {
+            Kernel::Avx512 if self.runs_here() => unsafe {
                 avx512::block_max_and_poison(row, block_max)
             },
             _ => block_max_and_poison(row, block_max),
@@ -387,11 +393,11 @@ impl Kernel {
         match self {
             // SAFETY: as in `block_max`.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => unsafe {
+            Kernel::Avx2 if self.runs_here() => unsafe {
                 exp_sum_below_avx2(row, reference, scale, kth)
             },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 if is_x86_feature_detected!("avx512f") => unsafe {
+            Kernel::Avx512 if self.runs_here() => unsafe {
                 avx512::exp_sum_below(row, reference, scale, kth)
             },
             _ => exp_sum_below(row, reference, scale, kth),
