@@ -562,9 +562,9 @@ impl OrtTeacher {
                 k,
                 inv_temperature: 1.0 / self.opts.temperature,
             };
-            // One contiguous range of rows per thread, the first on this thread: scoped
-            // threads that end with the batch, so nothing spins or yields on the cores
-            // while ONNX Runtime runs the next batch (a rayon pool's idle workers do).
+            // One contiguous range of rows per thread, on scoped threads that end with the
+            // batch, so nothing spins or yields on the cores while ONNX Runtime runs the next
+            // batch (a rayon pool's idle workers do).
             let per = rows.len().div_ceil(self.opts.threads.max(1)).max(1);
             let reduce_rows = |data_f32: Option<&[f32]>,
                                data_f16: Option<&[half::f16]>,
@@ -610,34 +610,23 @@ impl OrtTeacher {
             let scratch = &mut self.scratch;
             let mut reduce = |data_f32: Option<&[f32]>, data_f16: Option<&[half::f16]>| {
                 std::thread::scope(|scope| {
-                    let mut parts = rows
+                    let threads: Vec<_> = rows
                         .chunks(per)
                         .zip(out.ids.chunks_mut(per * k))
                         .zip(out.logprobs.chunks_mut(per * k))
                         .zip(out.tail_logprob.chunks_mut(per))
-                        .zip(scratch.iter_mut());
-                    let first = parts.next();
-                    let others: Vec<_> = parts
+                        .zip(scratch.iter_mut())
                         .map(|((((rs, ids), lps), tails), sc)| {
                             scope.spawn(move || {
                                 reduce_rows(data_f32, data_f16, rs, ids, lps, tails, sc)
                             })
                         })
                         .collect();
-                    // The first range's error wins: it names the earliest bad position.
-                    let mut result = match first {
-                        Some(((((rs, ids), lps), tails), sc)) => {
-                            reduce_rows(data_f32, data_f16, rs, ids, lps, tails, sc)
-                        }
-                        None => Ok(()),
-                    };
-                    for h in others {
-                        let r = h.join().expect("top-k thread panicked: this is a bug");
-                        if result.is_ok() {
-                            result = r;
-                        }
-                    }
-                    result
+                    // Joined in order, so the first error names the earliest bad position.
+                    threads
+                        .into_iter()
+                        .map(|t| t.join().expect("top-k thread panicked: this is a bug"))
+                        .fold(Ok(()), Result::and)
                 })
             };
             if f16 {
