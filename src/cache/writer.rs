@@ -157,52 +157,36 @@ impl ShardRows {
 /// Parquet writer settings for shards.
 pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProperties {
     let path = |parts: &[&str]| ColumnPath::new(parts.iter().map(|s| s.to_string()).collect());
-    WriterProperties::builder()
+    let list = ["list", "item"];
+    let nested = ["list", "item", "list", "item"];
+    // The per-position columns (Parquet leaf path and encoding). Top-k ids are in
+    // probability order, not id order: deltas do not help, while split bytes give zstd the
+    // (mostly constant) high bytes as runs, and the training reader copies them out of the
+    // pages directly (`cache::pages`).
+    let per_position: [(&str, &[&str], Encoding); 4] = [
+        (COL_INPUT_IDS, &list, Encoding::DELTA_BINARY_PACKED),
+        (COL_TOPK_IDS, &nested, Encoding::BYTE_STREAM_SPLIT),
+        (COL_TOPK_LOGPROBS, &nested, Encoding::BYTE_STREAM_SPLIT),
+        (COL_TAIL_LOGPROB, &list, Encoding::BYTE_STREAM_SPLIT),
+    ];
+    let builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(zstd_level)
                 .expect("zstd level validated by the caller: this is a bug"),
         ))
         .set_max_row_group_row_count(Some(row_group_rows))
         .set_dictionary_enabled(false)
-        .set_column_encoding(path(&[COL_SEQ_ID]), Encoding::DELTA_BINARY_PACKED)
-        .set_column_encoding(
-            path(&[COL_INPUT_IDS, "list", "item"]),
-            Encoding::DELTA_BINARY_PACKED,
-        )
-        // Top-k ids are in probability order, not id order: deltas do not help, while
-        // split bytes give zstd the (mostly constant) high bytes as runs, and the training
-        // reader copies them out of the pages directly (`cache::pages`).
-        .set_column_encoding(
-            path(&[COL_TOPK_IDS, "list", "item", "list", "item"]),
-            Encoding::BYTE_STREAM_SPLIT,
-        )
-        .set_column_encoding(
-            path(&[COL_TOPK_LOGPROBS, "list", "item", "list", "item"]),
-            Encoding::BYTE_STREAM_SPLIT,
-        )
-        .set_column_encoding(
-            path(&[COL_TAIL_LOGPROB, "list", "item"]),
-            Encoding::BYTE_STREAM_SPLIT,
-        )
-        // Min/max statistics of the per-position values prune nothing (every page spans
-        // the vocabulary and the log-prob range) and cost a compare per value: only the
-        // per-window columns (`seq_id`, ...) keep them.
-        .set_column_statistics_enabled(
-            path(&[COL_INPUT_IDS, "list", "item"]),
-            EnabledStatistics::None,
-        )
-        .set_column_statistics_enabled(
-            path(&[COL_TOPK_IDS, "list", "item", "list", "item"]),
-            EnabledStatistics::None,
-        )
-        .set_column_statistics_enabled(
-            path(&[COL_TOPK_LOGPROBS, "list", "item", "list", "item"]),
-            EnabledStatistics::None,
-        )
-        .set_column_statistics_enabled(
-            path(&[COL_TAIL_LOGPROB, "list", "item"]),
-            EnabledStatistics::None,
-        )
+        .set_column_encoding(path(&[COL_SEQ_ID]), Encoding::DELTA_BINARY_PACKED);
+    per_position
+        .into_iter()
+        .fold(builder, |b, (column, leaf, encoding)| {
+            let p = path(&[&[column][..], leaf].concat());
+            // Min/max statistics of per-position values prune nothing (every page spans
+            // the vocabulary and the log-prob range) and cost a compare per value: only
+            // the per-window columns (`seq_id`, ...) keep them.
+            b.set_column_encoding(p.clone(), encoding)
+                .set_column_statistics_enabled(p, EnabledStatistics::None)
+        })
         .build()
 }
 
