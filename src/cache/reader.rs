@@ -149,36 +149,33 @@ pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), 
         return Err("unexpected nulls".into());
     }
     let lengths = |l: &arrow_array::ListArray| {
-        l.value_offsets()
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .collect::<Vec<_>>()
+        let o = l.value_offsets();
+        o.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
     };
-    if lengths(tk) != lengths(ids) || lengths(tl) != lengths(ids) {
+    let positions = lengths(ids);
+    if lengths(tk) != positions || lengths(tl) != positions {
         return Err("per-position columns have different lengths".into());
     }
     append_per_position(rows, b)?;
-    let span = |l: &arrow_array::ListArray| {
-        let o = l.value_offsets();
-        (o[0] as usize * k, o[b.num_rows()] as usize * k)
-    };
-    let (s, e) = span(tk);
-    rows.topk_ids.extend_from_slice(
-        &tk.values()
-            .as_fixed_size_list()
-            .values()
-            .as_primitive::<UInt32Type>()
-            .values()[s..e],
-    );
-    let (s, e) = span(tl);
-    rows.topk_logprobs.extend_from_slice(
-        &tl.values()
-            .as_fixed_size_list()
-            .values()
-            .as_primitive::<Float16Type>()
-            .values()[s..e],
-    );
+    rows.topk_ids
+        .extend_from_slice(topk_values::<UInt32Type>(tk, k));
+    rows.topk_logprobs
+        .extend_from_slice(topk_values::<Float16Type>(tl, k));
     Ok(())
+}
+
+/// The values of a `list<fixed_size_list<T, k>>` column's rows, flattened.
+fn topk_values<T: arrow_array::ArrowPrimitiveType>(
+    l: &arrow_array::ListArray,
+    k: usize,
+) -> &[T::Native] {
+    let o = l.value_offsets();
+    let (s, e) = (o[0] as usize * k, o[o.len() - 1] as usize * k);
+    &l.values()
+        .as_fixed_size_list()
+        .values()
+        .as_primitive::<T>()
+        .values()[s..e]
 }
 
 /// [`append_batch`] for a batch without the top-k columns (the fast reader fills
