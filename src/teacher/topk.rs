@@ -45,8 +45,9 @@ pub struct TopKScratch {
     f32_row: Vec<f32>,
     /// Maxima of the row's blocks of [`MAX_BLOCK`] values.
     block_max: Vec<f32>,
-    /// The block maxima the threshold is selected from (reordered by the selection).
-    selected: Vec<f32>,
+    /// The block maxima the threshold is selected from, as packed keys (reordered by the
+    /// selection).
+    selected: Vec<u32>,
 }
 
 impl TopKScratch {
@@ -112,6 +113,23 @@ fn exp_nonpos(x: f32) -> f32 {
     let n_int = t.to_bits().wrapping_sub(MAGIC.to_bits());
     let pow2n = f32::from_bits(n_int.wrapping_add(127) << 23);
     if tiny { 0.0 } else { y * pow2n }
+}
+
+/// The largest of `v` (-inf if empty), in 8 independent lanes so it vectorises.
+#[inline(always)]
+fn max_of(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 /// Values per block of pass 1's block maxima.
@@ -452,9 +470,7 @@ impl TopK {
         } = scratch;
         // Pass 1: block maxima and finiteness (x * 0 is NaN exactly for NaN and +-inf).
         let poison = kernel.block_max(row, block_max);
-        let max = block_max
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        let max = max_of(block_max);
         if poison.is_nan() || !max.is_finite() {
             let index = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Err(NonFinite {
@@ -473,13 +489,17 @@ impl TopK {
         // bounds the cost of finding it): those keep maxima are distinct values >= m, so
         // every one of the keep best is >= m too. Only values >= m are scanned in (a few
         // times keep instead of ~keep·ln(row / keep) pushes and sorts).
+        // The maxima are compared as packed keys (plain integers, ascending = descending
+        // value), not through `partial_cmp`.
         selected.clear();
-        selected.extend_from_slice(&block_max[..block_max.len().min(16 * keep)]);
+        selected.extend(
+            block_max[..block_max.len().min(16 * keep)]
+                .iter()
+                .map(|&m| (pack(m, 0) >> 32) as u32),
+        );
         let mut thr = if selected.len() > keep {
-            let (_, m, _) = selected.select_nth_unstable_by(keep - 1, |a, b| {
-                b.partial_cmp(a).expect("finite maxima: this is a bug")
-            });
-            m.next_down()
+            let (_, m, _) = selected.select_nth_unstable(keep - 1);
+            unpack((*m as u64) << 32).0.next_down()
         } else {
             f32::NEG_INFINITY
         };
