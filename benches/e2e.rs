@@ -5,8 +5,10 @@
 //! `overhead_ratio_with_open` counts the bare side's session load too (what a plain
 //! inference job also pays); `steady_overhead_ratio` uses the per-shard
 //! times recorded in the manifest (teacher batches + top-k + writing), the cost that scales
-//! with the corpus. Also reports cache bytes per token at k = 64 and k = 128 on a 32k-vocab
-//! teacher.
+//! with the corpus. The `paired_*` ratios are the medians (and ranges) of each round's own
+//! ratio, teacher over the bare loop run just before it: on a shared machine whose speed
+//! drifts between rounds they are the figures to quote. Also reports cache bytes per token
+//! at k = 64 and k = 128 on a 32k-vocab teacher.
 //!
 //! Run: `cargo bench --bench e2e` (needs `make setup`). Knobs (env): E2E_DOCS (default 160),
 //! E2E_HIDDEN (512), E2E_LAYERS (4), E2E_ROUNDS (3), E2E_THREADS (2). Also reports process CPU
@@ -171,8 +173,32 @@ fn main() {
             bytes[i] = m.totals.bytes;
         }
     }
-    let (b, c, st) = (median(t_bare), median(t_cache), median(t_steady));
-    let bo = median(t_open_bare);
+    // Each round's ratios, paired: this VM's speed drifts by more than the cache costs
+    // over a few seconds, and a ratio of two runs back to back cancels the slow part of it.
+    let paired = |num: &[f64], den: &[f64]| -> Vec<f64> {
+        num.iter().zip(den).map(|(n, d)| n / d).collect()
+    };
+    let steady_r = paired(&t_steady, &t_bare);
+    let with_open_den: Vec<f64> = t_bare
+        .iter()
+        .zip(&t_open_bare)
+        .map(|(b, o)| b + o)
+        .collect();
+    let with_open_r = paired(&t_cache, &with_open_den);
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| {
+                (l.min(x), h.max(x))
+            });
+        [lo, hi]
+    };
+    let (b, c, st) = (
+        median(t_bare.clone()),
+        median(t_cache.clone()),
+        median(t_steady.clone()),
+    );
+    let bo = median(t_open_bare.clone());
     let cpu = |u: &[Usage]| median(u.iter().map(|u| u.cpu_s).collect());
     let faults = |u: &[Usage]| median(u.iter().map(|u| u.minor_faults).collect());
     println!(
@@ -190,6 +216,10 @@ fn main() {
             "bare_minor_faults": faults(&u_bare), "teacher_minor_faults": faults(&u_cache),
             "startup_s": c - st,
             "steady_overhead_ratio": st / b,
+            "paired_steady_ratio": median(steady_r.clone()),
+            "paired_steady_ratio_range": spread(&steady_r),
+            "paired_ratio_with_open": median(with_open_r.clone()),
+            "paired_ratio_with_open_range": spread(&with_open_r),
             "bytes_per_token_k64": bytes[0] as f64 / tokens as f64,
             "bytes_per_token_k128": bytes[1] as f64 / tokens as f64,
         })
