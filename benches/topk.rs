@@ -28,6 +28,86 @@ fn logits(rows: usize, vocab: usize) -> Vec<f32> {
         .collect()
 }
 
+/// One thread's reduction: the top-k, the kernel, and the buffers it reuses row to row.
+struct Reducer {
+    t: TopK,
+    kernel: Kernel,
+    scratch: TopKScratch,
+    ids: Vec<u32>,
+    lp: Vec<f32>,
+}
+
+impl Reducer {
+    fn new(k: usize, kernel: Kernel) -> Reducer {
+        Reducer {
+            t: TopK {
+                k,
+                inv_temperature: 1.0,
+            },
+            kernel,
+            scratch: TopKScratch::default(),
+            ids: vec![0; k],
+            lp: vec![0.0; k],
+        }
+    }
+
+    /// Reduces every row of `rows` (`vocab` values each); returns the sum of the tails, so
+    /// the work cannot be optimised away.
+    fn rows(&mut self, rows: &[f32], vocab: usize) -> f32 {
+        rows.chunks(vocab)
+            .map(|row| {
+                self.t
+                    .row_with(
+                        self.kernel,
+                        row,
+                        &mut self.scratch,
+                        &mut self.ids,
+                        &mut self.lp,
+                    )
+                    .unwrap()
+            })
+            .sum()
+    }
+}
+
+/// Walks `data` (rows of `vocab` values) `batch` rows at a time, wrapping at the end: in a
+/// buffer far larger than L3, each batch is rows the caches have long dropped.
+struct Walk<'a> {
+    data: &'a [f32],
+    vocab: usize,
+    batch: usize,
+    next: usize,
+}
+
+impl<'a> Walk<'a> {
+    fn next_batch(&mut self) -> &'a [f32] {
+        let total = self.data.len() / self.vocab / self.batch * self.batch;
+        let rows = &self.data[self.next * self.vocab..(self.next + self.batch) * self.vocab];
+        self.next = (self.next + self.batch) % total;
+        rows
+    }
+}
+
+/// Runs `f` on each half of `rows` on its own scoped thread with its own state, as the
+/// teacher splits a batch; returns the sum of the two results.
+fn on_two_threads<S: Send>(
+    rows: &[f32],
+    vocab: usize,
+    state: &mut [S; 2],
+    f: impl Fn(&[f32], &mut S) -> f32 + Sync,
+) -> f32 {
+    let half = rows.len() / vocab / 2 * vocab;
+    let f = &f;
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = [&rows[..half], &rows[half..]]
+            .into_iter()
+            .zip(state.iter_mut())
+            .map(|(rows, s)| scope.spawn(move || f(rows, s)))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    })
+}
+
 fn bench(c: &mut Criterion) {
     const ROWS: usize = 64;
     let mut group = c.benchmark_group("topk_log_softmax");
@@ -37,23 +117,11 @@ fn bench(c: &mut Criterion) {
         for k in [32usize, 64, 128] {
             for kernel in Kernel::available() {
                 group.throughput(Throughput::Elements(ROWS as u64));
-                group.bench_with_input(
+                group.bench_function(
                     BenchmarkId::new(format!("V{vocab}"), format!("k{k}/{}", kernel.name())),
-                    &k,
-                    |b, &k| {
-                        let t = TopK {
-                            k,
-                            inv_temperature: 1.0,
-                        };
-                        let mut s = TopKScratch::default();
-                        let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
-                        b.iter(|| {
-                            let mut acc = 0f32;
-                            for row in data.chunks(vocab) {
-                                acc += t.row_with(kernel, row, &mut s, &mut ids, &mut lp).unwrap();
-                            }
-                            acc
-                        })
+                    |b| {
+                        let mut r = Reducer::new(k, kernel);
+                        b.iter(|| r.rows(&data, vocab))
                     },
                 );
             }
@@ -67,28 +135,20 @@ fn bench(c: &mut Criterion) {
         let rows = (256 << 20) / (4 * vocab);
         // The same 64 rows over and over: their values do not matter to the caches.
         let data = logits(ROWS, vocab).repeat(rows.div_ceil(ROWS));
+        let walk = |batch| Walk {
+            data: &data,
+            vocab,
+            batch,
+            next: 0,
+        };
         let k = 64;
         for kernel in Kernel::available() {
             group.throughput(Throughput::Elements(ROWS as u64));
             group.bench_function(
                 BenchmarkId::new(format!("V{vocab}"), format!("k{k}/{}", kernel.name())),
                 |b| {
-                    let t = TopK {
-                        k,
-                        inv_temperature: 1.0,
-                    };
-                    let mut s = TopKScratch::default();
-                    let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
-                    let mut next = 0usize;
-                    b.iter(|| {
-                        let mut acc = 0f32;
-                        let start = next * vocab;
-                        for row in data[start..start + ROWS * vocab].chunks(vocab) {
-                            acc += t.row_with(kernel, row, &mut s, &mut ids, &mut lp).unwrap();
-                        }
-                        next = (next + ROWS) % (data.len() / vocab);
-                        acc
-                    })
+                    let (mut r, mut w) = (Reducer::new(k, kernel), walk(ROWS));
+                    b.iter(|| r.rows(w.next_batch(), vocab))
                 },
             );
         }
@@ -103,33 +163,11 @@ fn bench(c: &mut Criterion) {
                 format!("k{k}/{}/2threads", kernel.name()),
             ),
             |b| {
-                let t = TopK {
-                    k,
-                    inv_temperature: 1.0,
-                };
-                let mut scratch = [TopKScratch::default(), TopKScratch::default()];
-                let total = data.len() / vocab / BATCH * BATCH;
-                let mut next = 0usize;
+                let mut reducers = [Reducer::new(k, kernel), Reducer::new(k, kernel)];
+                let mut w = walk(BATCH);
                 b.iter(|| {
-                    let rows = &data[next * vocab..(next + BATCH) * vocab];
-                    next = (next + BATCH) % total;
-                    std::thread::scope(|scope| {
-                        let hs: Vec<_> = rows
-                            .chunks(BATCH / 2 * vocab)
-                            .zip(scratch.iter_mut())
-                            .map(|(half, s)| {
-                                scope.spawn(move || {
-                                    let (mut ids, mut lp) = (vec![0u32; k], vec![0f32; k]);
-                                    let mut acc = 0f32;
-                                    for row in half.chunks(vocab) {
-                                        acc +=
-                                            t.row_with(kernel, row, s, &mut ids, &mut lp).unwrap();
-                                    }
-                                    acc
-                                })
-                            })
-                            .collect();
-                        hs.into_iter().map(|h| h.join().unwrap()).sum::<f32>()
+                    on_two_threads(w.next_batch(), vocab, &mut reducers, |rows, r| {
+                        r.rows(rows, vocab)
                     })
                 })
             },
@@ -139,19 +177,8 @@ fn bench(c: &mut Criterion) {
         group.bench_function(
             BenchmarkId::new(format!("V{vocab}"), "read_only/2threads"),
             |b| {
-                let total = data.len() / vocab / BATCH * BATCH;
-                let mut next = 0usize;
-                b.iter(|| {
-                    let rows = &data[next * vocab..(next + BATCH) * vocab];
-                    next = (next + BATCH) % total;
-                    std::thread::scope(|scope| {
-                        let hs: Vec<_> = rows
-                            .chunks(BATCH / 2 * vocab)
-                            .map(|half| scope.spawn(move || sum(half)))
-                            .collect();
-                        hs.into_iter().map(|h| h.join().unwrap()).sum::<f32>()
-                    })
-                })
+                let mut w = walk(BATCH);
+                b.iter(|| on_two_threads(w.next_batch(), vocab, &mut [(), ()], |rows, _| sum(rows)))
             },
         );
     }
