@@ -29,7 +29,8 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -193,14 +194,10 @@ fn main() {
             });
         [lo, hi]
     };
-    let (b, c, st) = (
-        median(t_bare.clone()),
-        median(t_cache.clone()),
-        median(t_steady.clone()),
-    );
-    let bo = median(t_open_bare.clone());
-    let cpu = |u: &[Usage]| median(u.iter().map(|u| u.cpu_s).collect());
-    let faults = |u: &[Usage]| median(u.iter().map(|u| u.minor_faults).collect());
+    let (b, c, st) = (median(&t_bare), median(&t_cache), median(&t_steady));
+    let bo = median(&t_open_bare);
+    let cpu = |u: &[Usage]| median(&u.iter().map(|u| u.cpu_s).collect::<Vec<_>>());
+    let faults = |u: &[Usage]| median(&u.iter().map(|u| u.minor_faults).collect::<Vec<_>>());
     println!(
         "{}",
         serde_json::json!({
@@ -216,9 +213,9 @@ fn main() {
             "bare_minor_faults": faults(&u_bare), "teacher_minor_faults": faults(&u_cache),
             "startup_s": c - st,
             "steady_overhead_ratio": st / b,
-            "paired_steady_ratio": median(steady_r.clone()),
+            "paired_steady_ratio": median(&steady_r),
             "paired_steady_ratio_range": spread(&steady_r),
-            "paired_ratio_with_open": median(with_open_r.clone()),
+            "paired_ratio_with_open": median(&with_open_r),
             "paired_ratio_with_open_range": spread(&with_open_r),
             "bytes_per_token_k64": bytes[0] as f64 / tokens as f64,
             "bytes_per_token_k128": bytes[1] as f64 / tokens as f64,
