@@ -63,7 +63,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let all = logitcache::teacher::corpus::read_texts(
+    let all = logitcache::corpus::read_texts(
         &[root.join("pipelines/demo/fortunes.jsonl")],
         "text",
     )

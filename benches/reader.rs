@@ -32,7 +32,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().take(docs).collect();
-    let all: Vec<String> = logitcache::teacher::corpus::read_texts(
+    let all: Vec<String> = logitcache::corpus::read_texts(
         &[root.join("pipelines/demo/fortunes.jsonl")],
         "text",
     )

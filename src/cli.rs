@@ -609,7 +609,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     args.vocab_size
                 );
             }
-            let texts = teacher::corpus::read_texts(&args.corpus, &args.text_field)?;
+            let texts = crate::corpus::read_texts(&args.corpus, &args.text_field)?;
             if texts.is_empty() {
                 anyhow::bail!("the corpus has no text; check --corpus and --text-field");
             }

@@ -6,11 +6,13 @@
 
 pub mod cache;
 pub mod cli;
+pub mod corpus;
 pub mod law;
 pub mod loss;
 pub mod onnx;
 pub mod pipeline;
 pub mod progress;
+pub mod rng;
 pub mod student;
 pub mod teacher;
 pub mod tokenizer;

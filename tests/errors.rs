@@ -310,7 +310,7 @@ fn bad_rows_are_named_or_skipped_and_counted() {
 fn parquet_corpus_and_wrong_text_field() {
     use arrow_array::{RecordBatch, StringArray, UInt32Array};
     use std::sync::Arc;
-    let texts = logitcache::teacher::corpus::read_texts(&[corpus(20)], "text").unwrap();
+    let texts = logitcache::corpus::read_texts(&[corpus(20)], "text").unwrap();
     let schema = Arc::new(arrow_schema::Schema::new(vec![
         arrow_schema::Field::new("id", arrow_schema::DataType::UInt32, false),
         arrow_schema::Field::new("content", arrow_schema::DataType::Utf8, false),

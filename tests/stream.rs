@@ -3,7 +3,8 @@
 
 use crate::util::*;
 use logitcache::cache::reader::Cache;
-use logitcache::cache::stream::{Cursor, Split, Stream, StreamConfig, TrainBatch, is_eval};
+use logitcache::cache::stream::{Cursor, Split, Stream, StreamConfig, TrainBatch};
+use logitcache::rng::is_eval;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::OnceLock;

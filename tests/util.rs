@@ -63,7 +63,7 @@ pub fn tokenizer() -> PathBuf {
     static TOK: OnceLock<PathBuf> = OnceLock::new();
     TOK.get_or_init(|| {
         let path = shared_dir().join("tokenizer.json");
-        let texts = logitcache::teacher::corpus::read_texts(&[corpus(800)], "text").unwrap();
+        let texts = logitcache::corpus::read_texts(&[corpus(800)], "text").unwrap();
         logitcache::tokenizer::train_bpe(&texts, VOCAB, &path).unwrap();
         assert_eq!(
             logitcache::tokenizer::load(&path).unwrap().vocab_size,

@@ -5,7 +5,7 @@
 //! blank), so a hand edit is detected; it is only ever replaced atomically.
 
 use super::schema::FORMAT_VERSION;
-use crate::teacher::corpus::CorpusFile;
+use crate::corpus::CorpusFile;
 use crate::util::{sha256_bytes, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

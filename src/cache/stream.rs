@@ -13,7 +13,7 @@ use super::pages;
 use super::reader::{Cache, ReadError, append_batch, append_per_position, open_shard};
 use super::schema::{COL_TOPK_IDS, COL_TOPK_LOGPROBS, check_schema};
 use super::writer::ShardRows;
-use crate::onnx::toy::SplitMix;
+use crate::rng::{is_eval, mix, permutation};
 use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
@@ -41,13 +41,6 @@ pub enum Split {
     Eval,
     /// Every sequence.
     All,
-}
-
-/// Whether `seq_id` is held out for evaluation at `fraction` (a hash, so stable across
-/// caches of the same corpus and independent of order).
-pub fn is_eval(seq_id: u64, fraction: f64) -> bool {
-    let mut h = SplitMix::new(seq_id ^ 0x5eed_e7a1);
-    ((h.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < fraction
 }
 
 /// Position in the stream; saved in checkpoints.
@@ -352,31 +345,6 @@ impl Iterator for Stream {
         self.next_batch()
     }
 }
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        drop(self.rx.take()); // the producer's next send fails and it returns
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn permutation(n: usize, seed: u64) -> Vec<usize> {
-    let mut p: Vec<usize> = (0..n).collect();
-    let mut rng = SplitMix::new(seed);
-    for i in (1..n).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        p.swap(i, j);
-    }
-    p
-}
-
-fn mix(a: u64, b: u64, c: u64) -> u64 {
-    let mut r = SplitMix::new(a ^ b.rotate_left(21) ^ c.rotate_left(42));
-    r.next_u64()
-}
-
 fn produce(
     shards: Vec<MappedShard>,
     shas: Vec<String>,
@@ -585,6 +553,7 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> Train
 mod tests {
     use super::*;
     use crate::cache::schema::shard_schema_with_metadata;
+    use crate::rng::SplitMix;
     use crate::cache::writer::{WindowTopK, writer_properties};
     use parquet::arrow::ArrowWriter;
     use parquet::basic::Encoding;

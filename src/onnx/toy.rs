@@ -10,6 +10,7 @@
 
 use super::builder::{Dim, GraphBuilder, attr_int, attr_ints};
 use super::proto::data_type;
+use crate::rng::SplitMix;
 
 /// How a toy model is deliberately broken (for tests of the teacher's input checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,29 +65,6 @@ impl Default for ToyLmSpec {
             ffn_layers: 0,
             fault: ToyFault::None,
         }
-    }
-}
-
-/// SplitMix64: a tiny deterministic generator, enough for reproducible weights.
-pub(crate) struct SplitMix(u64);
-
-impl SplitMix {
-    pub(crate) fn new(seed: u64) -> Self {
-        SplitMix(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    pub(crate) fn next_f32(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    pub(crate) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next_f32() * scale).collect()
     }
 }
 

@@ -392,7 +392,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                 std::fs::copy(t, &tokenizer)?;
             }
             None => {
-                let texts = teacher::corpus::read_texts(&f.data.corpus, &f.data.text_field)?;
+                let texts = crate::corpus::read_texts(&f.data.corpus, &f.data.text_field)?;
                 crate::tokenizer::train_bpe(&texts, f.data.tokenizer_vocab_size, &tokenizer)?;
             }
         }
@@ -559,7 +559,7 @@ fn row(
 
 /// sha256 over a corpus path (a file, or every file of a directory in sorted order).
 fn corpus_sha(path: &Path) -> anyhow::Result<String> {
-    let files = teacher::corpus::discover(&[path.to_path_buf()])?;
+    let files = crate::corpus::discover(&[path.to_path_buf()])?;
     let mut all = String::new();
     for f in files {
         all.push_str(&f.sha256);

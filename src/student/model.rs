@@ -7,7 +7,7 @@
 //! names (see [`hf_name`]).
 
 use super::config::StudentConfig;
-use crate::onnx::toy::SplitMix;
+use crate::rng::SplitMix;
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};

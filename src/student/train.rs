@@ -765,10 +765,10 @@ pub fn evaluate_corpus<B: Backend>(
             model.vocab_size()
         );
     }
-    let files = crate::teacher::corpus::discover(corpus)?;
+    let files = crate::corpus::discover(corpus)?;
     let mut windows: Vec<Vec<u32>> = Vec::new();
     let need = max_batches.max(1) * 8;
-    crate::teacher::corpus::for_each_document(&files, text_field, false, |_, text| {
+    crate::corpus::for_each_document(&files, text_field, false, |_, text| {
         if windows.len() < need {
             let enc = tok
                 .tokenizer

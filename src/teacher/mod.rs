@@ -10,7 +10,6 @@
 //! the cache's content.
 
 pub mod backend;
-pub mod corpus;
 pub mod ort_backend;
 pub mod topk;
 
@@ -28,7 +27,7 @@ use crate::tokenizer::LoadedTokenizer;
 use crate::util::{failpoint, sha256_file};
 use anyhow::{Context, bail};
 use backend::{Batch, Device, PaddingSide, TeacherBackend, TeacherError, TopKMode};
-use corpus::CorpusFile;
+use crate::corpus::{self, CorpusFile};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
