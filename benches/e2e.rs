@@ -63,11 +63,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let all = logitcache::corpus::read_texts(
-        &[root.join("pipelines/demo/fortunes.jsonl")],
-        "text",
-    )
-    .unwrap();
+    let all = logitcache::corpus::read_texts(&[root.join("pipelines/demo/fortunes.jsonl")], "text")
+        .unwrap();
     let corpus = dir.path().join("corpus.jsonl");
     std::fs::write(&corpus, lines[..docs].join("\n")).unwrap();
     let tok_path = dir.path().join("tokenizer.json");
@@ -114,7 +111,7 @@ fn main() {
         library: lib.clone(),
         device: Device::Cpu,
         threads,
-        topk: TopKMode::Host,
+        topk_on: TopKMode::Host,
         k: 64,
         temperature: 1.0,
         vocab,

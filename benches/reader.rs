@@ -32,14 +32,12 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("pipelines/demo/fortunes.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().take(docs).collect();
-    let all: Vec<String> = logitcache::corpus::read_texts(
-        &[root.join("pipelines/demo/fortunes.jsonl")],
-        "text",
-    )
-    .unwrap()
-    .into_iter()
-    .take(docs)
-    .collect();
+    let all: Vec<String> =
+        logitcache::corpus::read_texts(&[root.join("pipelines/demo/fortunes.jsonl")], "text")
+            .unwrap()
+            .into_iter()
+            .take(docs)
+            .collect();
     let corpus = dir.path().join("c.jsonl");
     std::fs::write(&corpus, lines.join("\n")).unwrap();
     let tok = dir.path().join("tok.json");

@@ -3,9 +3,9 @@
 //! (position). Run: `cargo bench --bench shard_write`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use logitcache::cache::rows::{ShardRows, WindowTopK};
 use logitcache::cache::writer::{
-    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardRows, ShardWriteOptions, WindowTopK,
-    write_shard,
+    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriteOptions, write_shard,
 };
 
 fn rows(windows: usize, len: usize, k: usize, vocab: u32) -> ShardRows {

@@ -97,7 +97,7 @@ pub struct TeacherArgs {
     pub skip_bad_rows: bool,
     /// Where the teacher runs: cpu, cuda[:N] or tensorrt[:N]. A GPU device is used or the run
     /// fails; there is no silent CPU fallback.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value_t = Device::Cpu)]
     pub device: Device,
     /// Threads for ONNX Runtime and the top-k (default: all cores).
     #[arg(long)]
@@ -116,9 +116,10 @@ pub struct TeacherArgs {
     #[arg(long, value_enum, default_value_t = PaddingSide::Right)]
     pub padding_side: PaddingSide,
     /// Where top-k runs: host (Rust, full logits copied to the host), onnx (a top-k head on
-    /// the teacher's device), auto (host on cpu, onnx on a GPU).
-    #[arg(long, value_enum, default_value_t = TopKMode::Auto)]
-    pub topk: TopKMode,
+    /// the teacher's device), auto (host on cpu, onnx on a GPU). `--topk` is an old name of
+    /// this flag.
+    #[arg(long = "topk-on", alias = "topk", value_enum, default_value_t = TopKMode::Auto)]
+    pub topk_on: TopKMode,
     /// zstd level of the shards (1-22).
     #[arg(long, default_value_t = crate::cache::writer::DEFAULT_ZSTD_LEVEL)]
     pub zstd_level: i32,
@@ -424,7 +425,7 @@ impl TeacherArgs {
             num_workers,
             shard_size: self.shard_size,
             padding_side: self.padding_side,
-            topk: self.topk,
+            topk_on: self.topk_on,
             ort_lib: self.ort_lib.filter(|p| !p.as_os_str().is_empty()),
             progress: self.progress,
             zstd_level: self.zstd_level,

@@ -17,3 +17,4 @@ pub mod student;
 pub mod teacher;
 pub mod tokenizer;
 pub mod util;
+pub mod windows;

@@ -99,7 +99,10 @@ mod tests {
         assert_eq!(at(0.02), GOLDEN_EVAL_2PCT);
         assert_eq!(at(0.25), GOLDEN_EVAL_25PCT);
         // Count over a larger range (a moved hash would move this too).
-        assert_eq!((0..100_000).filter(|&s| is_eval(s, 0.05)).count(), GOLDEN_EVAL_5PCT_COUNT);
+        assert_eq!(
+            (0..100_000).filter(|&s| is_eval(s, 0.05)).count(),
+            GOLDEN_EVAL_5PCT_COUNT
+        );
     }
 
     #[test]
@@ -118,7 +121,8 @@ mod tests {
     const GOLDEN_SPLITMIX_12345: u64 = 12929068707531143761;
     const GOLDEN_F32_1: u32 = 1062420464;
     const GOLDEN_EVAL_2PCT: &[u64] = &[40];
-    const GOLDEN_EVAL_25PCT: &[u64] = &[3, 6, 7, 12, 13, 15, 21, 29, 32, 40, 45, 52, 53, 55, 56, 58];
+    const GOLDEN_EVAL_25PCT: &[u64] =
+        &[3, 6, 7, 12, 13, 15, 21, 29, 32, 40, 45, 52, 53, 55, 56, 58];
     const GOLDEN_EVAL_5PCT_COUNT: usize = 4910;
     const GOLDEN_PERM_10_0: &[usize] = &[8, 7, 6, 5, 3, 9, 2, 4, 1, 0];
     const GOLDEN_PERM_10_42: &[usize] = &[2, 3, 9, 7, 5, 8, 6, 4, 0, 1];

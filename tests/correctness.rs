@@ -22,7 +22,7 @@ fn check_cache_against_reference(model: &Path, cache_dir: &Path, temperature: f6
             library: ort_lib(),
             device: Device::Cpu,
             threads: 1,
-            topk: TopKMode::Host,
+            topk_on: TopKMode::Host,
             k,
             temperature: temperature as f32,
             vocab: VOCAB,

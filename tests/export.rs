@@ -43,7 +43,7 @@ fn max_diff(cfg: &StudentConfig, fp16: bool, batch: &Batch, seed: u64) -> f64 {
             library: ort_lib(),
             device: Device::Cpu,
             threads: 1,
-            topk: TopKMode::Host,
+            topk_on: TopKMode::Host,
             k: 4,
             temperature: 1.0,
             vocab: cfg.vocab_size,

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use logitcache::cache::reader::Cache;
-use logitcache::cache::writer::ShardRows;
+use logitcache::cache::rows::ShardRows;
 use logitcache::onnx::{ToyLmSpec, toy_lm};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -187,16 +187,7 @@ pub fn all_rows(dir: &Path) -> ShardRows {
     let cache = Cache::open(dir).unwrap();
     let mut all = ShardRows::new(cache.manifest.params.top_k);
     for s in &cache.manifest.shards {
-        let r = cache.read_shard(s).unwrap();
-        let base = *all.offsets.last().unwrap();
-        all.seq_ids.extend(&r.seq_ids);
-        all.doc_ids.extend(&r.doc_ids);
-        all.window_index.extend(&r.window_index);
-        all.offsets.extend(r.offsets[1..].iter().map(|o| o + base));
-        all.input_ids.extend(&r.input_ids);
-        all.topk_ids.extend(&r.topk_ids);
-        all.topk_logprobs.extend(&r.topk_logprobs);
-        all.tail_logprob.extend(&r.tail_logprob);
+        all.extend(&cache.read_shard(s).unwrap());
     }
     all
 }

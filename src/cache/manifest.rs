@@ -4,9 +4,11 @@
 //! The manifest carries a `checksum` (sha256 of its own canonical JSON with the checksum
 //! blank), so a hand edit is detected; it is only ever replaced atomically.
 
+use super::rows::LogprobDtype;
 use super::schema::FORMAT_VERSION;
 use crate::corpus::CorpusFile;
 use crate::util::{sha256_bytes, write_atomic};
+pub use crate::windows::Plan;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -60,7 +62,7 @@ pub struct CacheParams {
     pub shard_size: usize,
     pub skip_bad_rows: bool,
     /// Element type of `topk_logprobs`.
-    pub logprob_dtype: String,
+    pub logprob_dtype: LogprobDtype,
 }
 
 /// One model input or output as ONNX Runtime reports it.
@@ -95,19 +97,6 @@ pub struct TokenizerInfo {
     pub vocab_size: usize,
 }
 
-/// What the corpus turns into; fixed for a given (corpus, tokenizer, seq_len, shard_size).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Plan {
-    pub documents: u64,
-    pub sequences: u64,
-    pub tokens: u64,
-    pub shards: u64,
-    pub empty_documents: u64,
-    pub bad_rows_skipped: u64,
-    pub bad_row_examples: Vec<String>,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardEntry {
@@ -129,7 +118,7 @@ pub struct ShardEntry {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Totals {
     pub shards: u64,
@@ -165,6 +154,30 @@ pub fn shard_file_name(index: u64) -> String {
 }
 
 impl Manifest {
+    /// A manifest for a new cache of this format version: no plan yet, no shards. The
+    /// teacher fills in the plan, then [`Manifest::store`] seals it.
+    pub fn new(
+        params: CacheParams,
+        model: ModelInfo,
+        tokenizer: TokenizerInfo,
+        corpus: Vec<CorpusFile>,
+    ) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            logitcache_version: env!("CARGO_PKG_VERSION").into(),
+            params,
+            vocab_size: tokenizer.vocab_size,
+            model,
+            tokenizer,
+            corpus,
+            plan: Plan::default(),
+            shards: vec![],
+            totals: Totals::default(),
+            checksum: String::new(),
+        }
+    }
+
     fn canonical_checksum(&self) -> String {
         let mut m = self.clone();
         m.checksum = String::new();

@@ -3,15 +3,9 @@
 //! same checks.
 
 use super::manifest::{Manifest, ManifestError, ShardEntry};
-use super::schema::{
-    COL_DOC_ID, COL_INPUT_IDS, COL_SEQ_ID, COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROBS,
-    COL_WINDOW_INDEX, check_schema,
-};
-use super::writer::ShardRows;
+use super::rows::{ShardRows, append_batch};
+use super::schema::check_schema;
 use crate::util::sha256_file;
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Float16Type, Float32Type, UInt32Type, UInt64Type};
-use arrow_array::{Array, RecordBatch};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::path::{Path, PathBuf};
 
@@ -131,86 +125,4 @@ pub fn read_shard_file(path: &Path, k: usize) -> Result<ShardRows, ReadError> {
         append_batch(&mut rows, &batch).map_err(corrupt)?;
     }
     Ok(rows)
-}
-
-pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
-    let k = rows.k;
-    let list = |name: &str| {
-        b.column_by_name(name)
-            .map(|c| c.as_list::<i32>())
-            .ok_or_else(|| format!("no column {name}"))
-    };
-    let (ids, tk, tl) = (
-        list(COL_INPUT_IDS)?,
-        list(COL_TOPK_IDS)?,
-        list(COL_TOPK_LOGPROBS)?,
-    );
-    if tk.null_count() > 0 || tl.null_count() > 0 {
-        return Err("unexpected nulls".into());
-    }
-    let lengths = |l: &arrow_array::ListArray| {
-        let o = l.value_offsets();
-        o.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
-    };
-    let positions = lengths(ids);
-    if lengths(tk) != positions || lengths(tl) != positions {
-        return Err("per-position columns have different lengths".into());
-    }
-    append_per_position(rows, b)?;
-    rows.topk_ids
-        .extend_from_slice(topk_values::<UInt32Type>(tk, k));
-    rows.topk_logprobs
-        .extend_from_slice(topk_values::<Float16Type>(tl, k));
-    Ok(())
-}
-
-/// The values of a `list<fixed_size_list<T, k>>` column's rows, flattened.
-fn topk_values<T: arrow_array::ArrowPrimitiveType>(
-    l: &arrow_array::ListArray,
-    k: usize,
-) -> &[T::Native] {
-    let o = l.value_offsets();
-    let (s, e) = (o[0] as usize * k, o[o.len() - 1] as usize * k);
-    &l.values()
-        .as_fixed_size_list()
-        .values()
-        .as_primitive::<T>()
-        .values()[s..e]
-}
-
-/// [`append_batch`] for a batch without the top-k columns (the fast reader fills
-/// `topk_ids`/`topk_logprobs` from the pages, see `pages`).
-pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
-    let col = |name: &str| {
-        b.column_by_name(name)
-            .ok_or_else(|| format!("no column {name}"))
-    };
-    let seq = col(COL_SEQ_ID)?.as_primitive::<UInt64Type>();
-    let doc = col(COL_DOC_ID)?.as_primitive::<UInt64Type>();
-    let win = col(COL_WINDOW_INDEX)?.as_primitive::<UInt32Type>();
-    let ids = col(COL_INPUT_IDS)?.as_list::<i32>();
-    let tail = col(COL_TAIL_LOGPROB)?.as_list::<i32>();
-    for a in [ids as &dyn Array, tail, seq, doc, win] {
-        if a.null_count() > 0 {
-            return Err("unexpected nulls".into());
-        }
-    }
-    if ids.value_offsets() != tail.value_offsets() {
-        return Err("per-position columns have different lengths".into());
-    }
-    let (s, e) = (
-        ids.value_offsets()[0] as usize,
-        ids.value_offsets()[b.num_rows()] as usize,
-    );
-    let base = rows.input_ids.len() as i32 - ids.value_offsets()[0];
-    rows.seq_ids.extend_from_slice(seq.values());
-    rows.doc_ids.extend_from_slice(doc.values());
-    rows.window_index.extend_from_slice(win.values());
-    rows.input_ids
-        .extend_from_slice(&ids.values().as_primitive::<UInt32Type>().values()[s..e]);
-    rows.tail_logprob
-        .extend_from_slice(&tail.values().as_primitive::<Float32Type>().values()[s..e]);
-    rows.offsets
-        .extend(ids.value_offsets()[1..].iter().map(|&o| o + base));
-    Ok(())
 }

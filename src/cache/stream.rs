@@ -10,9 +10,9 @@
 //! same place.
 
 use super::pages;
-use super::reader::{Cache, ReadError, append_batch, append_per_position, open_shard};
+use super::reader::{Cache, ReadError, open_shard};
+use super::rows::{ShardRows, append_batch, append_per_position};
 use super::schema::{COL_TOPK_IDS, COL_TOPK_LOGPROBS, check_schema};
-use super::writer::ShardRows;
 use crate::rng::{is_eval, mix, permutation};
 use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
@@ -345,6 +345,16 @@ impl Iterator for Stream {
         self.next_batch()
     }
 }
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        drop(self.rx.take()); // the producer's next send fails and it returns
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 fn produce(
     shards: Vec<MappedShard>,
     shas: Vec<String>,
@@ -552,9 +562,10 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> Train
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::rows::WindowTopK;
     use crate::cache::schema::shard_schema_with_metadata;
+    use crate::cache::writer::writer_properties;
     use crate::rng::SplitMix;
-    use crate::cache::writer::{WindowTopK, writer_properties};
     use parquet::arrow::ArrowWriter;
     use parquet::basic::Encoding;
     use parquet::file::properties::{WriterProperties, WriterVersion};
@@ -606,15 +617,7 @@ mod tests {
     fn concat(k: usize, parts: impl Iterator<Item = ShardRows>) -> ShardRows {
         let mut all = ShardRows::new(k);
         for r in parts {
-            let base = *all.offsets.last().unwrap();
-            all.seq_ids.extend(&r.seq_ids);
-            all.doc_ids.extend(&r.doc_ids);
-            all.window_index.extend(&r.window_index);
-            all.offsets.extend(r.offsets[1..].iter().map(|o| o + base));
-            all.input_ids.extend(&r.input_ids);
-            all.topk_ids.extend(&r.topk_ids);
-            all.topk_logprobs.extend(&r.topk_logprobs);
-            all.tail_logprob.extend(&r.tail_logprob);
+            all.extend(&r);
         }
         all
     }

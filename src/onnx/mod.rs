@@ -3,7 +3,6 @@
 //! the exporter of trained students.
 
 pub mod builder;
-pub mod head;
 pub mod llama;
 pub mod proto;
 pub mod toy;

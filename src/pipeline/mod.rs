@@ -17,17 +17,16 @@
 //! `seq_len`).
 
 pub mod config;
+pub mod data_model;
 pub mod report;
 
 use crate::cache::reader::Cache;
 use crate::law::{ResultRow, fit, read_results};
 use crate::loss::{KdLoss, LossConfig};
-use crate::onnx::{ToyLmSpec, toy_lm};
 use crate::progress::ProgressMode;
 use crate::student::checkpoint::RunCheckpoint;
 use crate::student::config::StudentConfig;
 use crate::student::train::{TrainConfig, train_student};
-use crate::teacher::backend::{Device, PaddingSide, TopKMode};
 use crate::teacher::{self, TeacherConfig};
 use crate::util::{sha256_bytes, sha256_file, write_atomic};
 use anyhow::{Context, bail};
@@ -237,10 +236,14 @@ impl Runner<'_> {
     }
 
     /// Builds the cache of `model` into `dir` unless done; returns its fingerprint.
+    /// `model_id` identifies the model in the fingerprint (its sha256, or the data model's
+    /// version and shape).
+    #[allow(clippy::too_many_arguments)]
     fn cache(
         &mut self,
         what: &str,
         model: &Path,
+        model_id: &str,
         tokenizer: &Path,
         dir: &Path,
         top_k: usize,
@@ -249,7 +252,7 @@ impl Runner<'_> {
         let d = &self.p.file.data;
         let c = &self.p.file.cache;
         let inputs = json!({
-            "upstream": upstream, "model_sha256": sha256_file(model)?.0, "top_k": top_k,
+            "upstream": upstream, "model_sha256": model_id, "top_k": top_k,
             "seq_len": d.seq_len, "batch_size": c.batch_size, "temperature": c.temperature,
             "shard_size": c.shard_size, "text_field": d.text_field, "skip_bad_rows": d.skip_bad_rows,
         });
@@ -281,11 +284,8 @@ impl Runner<'_> {
             temperature: c.temperature,
             text_field: d.text_field.clone(),
             skip_bad_rows: d.skip_bad_rows,
-            device: Device::Cpu,
             threads: self.threads,
             shard_size: c.shard_size,
-            padding_side: PaddingSide::Right,
-            topk: TopKMode::Auto,
             ort_lib: self.opts.ort_lib.clone(),
             progress: self.opts.progress,
             ..Default::default()
@@ -405,18 +405,14 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
     r.header("token data for CE runs");
     let data_dir = out.join("data");
     let data_model = out.join("tokenizer/data-model.onnx");
-    write_atomic(
-        &data_model,
-        &toy_lm(&ToyLmSpec {
-            vocab,
-            hidden: 4,
-            max_positions: f.data.seq_len.max(2),
-            ..Default::default()
-        }),
-    )?;
+    write_atomic(&data_model, &data_model::data_model(vocab))?;
     let data_fp = r.cache(
         "token data",
         &data_model,
+        &format!(
+            "logitcache data model v{} (vocab {vocab})",
+            data_model::DATA_MODEL_VERSION
+        ),
         &tokenizer,
         &data_dir,
         1,
@@ -467,6 +463,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
         let cfp = r.cache(
             &format!("cache {name}"),
             &onnx,
+            &sha256_file(&onnx)?.0,
             &tokenizer,
             &cdir,
             f.cache.top_k,

@@ -10,24 +10,24 @@
 //! the cache's content.
 
 pub mod backend;
+pub mod head;
+pub mod host_topk;
 pub mod ort_backend;
 pub mod topk;
 
 use crate::cache::lock::{CacheLock, ManifestLock};
 use crate::cache::manifest::{
-    CacheParams, Manifest, ModelInfo, Plan, ShardEntry, TokenizerInfo, shard_file_name,
+    CacheParams, Manifest, ModelInfo, ShardEntry, TokenizerInfo, shard_file_name,
 };
-use crate::cache::schema::FORMAT_VERSION;
+use crate::cache::rows::{LogprobDtype, ShardRows, WindowTopK};
 use crate::cache::writer::{
-    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardRows, ShardWriteOptions, WindowTopK,
-    write_shard,
+    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriteOptions, write_shard,
 };
 use crate::progress::{Progress, ProgressMode};
-use crate::tokenizer::LoadedTokenizer;
 use crate::util::{failpoint, sha256_file};
+use crate::windows::{ShardWork, WindowSpec, batch_order, make_plan, produce_shards};
 use anyhow::{Context, bail};
 use backend::{Batch, Device, PaddingSide, TeacherBackend, TeacherError, TopKMode};
-use crate::corpus::{self, CorpusFile};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -41,9 +41,6 @@ pub const DEFAULT_TEXT_FIELD: &str = "text";
 /// Windows per shard: at seq_len 512 and k 64 about 100 MB of Parquet, and the unit of
 /// resumption and of work split across workers.
 pub const DEFAULT_SHARD_SIZE: usize = 1024;
-/// Documents tokenised per `encode_batch` call.
-const TOKENIZE_CHUNK: usize = 512;
-
 /// Everything one `logitcache teacher` run needs, validated by [`TeacherConfig::validate`].
 #[derive(Debug, Clone)]
 pub struct TeacherConfig {
@@ -63,7 +60,8 @@ pub struct TeacherConfig {
     pub num_workers: usize,
     pub shard_size: usize,
     pub padding_side: PaddingSide,
-    pub topk: TopKMode,
+    /// Where top-k runs (`--topk-on`).
+    pub topk_on: TopKMode,
     pub ort_lib: Option<PathBuf>,
     pub progress: ProgressMode,
     pub zstd_level: i32,
@@ -90,7 +88,7 @@ impl Default for TeacherConfig {
             num_workers: 1,
             shard_size: DEFAULT_SHARD_SIZE,
             padding_side: PaddingSide::Right,
-            topk: TopKMode::Auto,
+            topk_on: TopKMode::Auto,
             ort_lib: None,
             progress: ProgressMode::Bar,
             zstd_level: DEFAULT_ZSTD_LEVEL,
@@ -99,6 +97,15 @@ impl Default for TeacherConfig {
 }
 
 impl TeacherConfig {
+    /// How this run cuts the corpus into windows.
+    pub fn window_spec(&self) -> WindowSpec {
+        WindowSpec {
+            seq_len: self.seq_len,
+            text_field: self.text_field.clone(),
+            skip_bad_rows: self.skip_bad_rows,
+        }
+    }
+
     /// Checks the values that need no file access.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.top_k == 0 {
@@ -158,150 +165,6 @@ pub struct RunSummary {
     pub complete: bool,
 }
 
-/// One window of one document.
-#[derive(Debug, Clone)]
-pub struct Window {
-    pub seq_id: u64,
-    pub doc_id: u64,
-    pub window_index: u32,
-    pub tokens: Vec<u32>,
-}
-
-/// The windows of one shard, in `seq_id` order.
-#[derive(Debug)]
-pub struct ShardWork {
-    pub index: u64,
-    pub windows: Vec<Window>,
-}
-
-/// Tokenises documents in chunks and calls `f(doc_id, tokens)` in order.
-fn tokenize_corpus(
-    files: &[CorpusFile],
-    cfg: &TeacherConfig,
-    tok: &LoadedTokenizer,
-    mut f: impl FnMut(u64, &[u32]) -> anyhow::Result<bool>,
-) -> anyhow::Result<(u64, corpus::SkipCounts)> {
-    let mut pending: Vec<String> = Vec::with_capacity(TOKENIZE_CHUNK);
-    let mut doc_id = 0u64;
-    let mut stop = false;
-    let mut flush =
-        |pending: &mut Vec<String>, doc_id: &mut u64, stop: &mut bool| -> anyhow::Result<()> {
-            if pending.is_empty() || *stop {
-                pending.clear();
-                return Ok(());
-            }
-            let encs = tok
-                .tokenizer
-                .encode_batch(pending.iter().map(|s| s.as_str()).collect::<Vec<_>>(), true)
-                .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
-            for e in encs {
-                if !f(*doc_id, e.get_ids())? {
-                    *stop = true;
-                    break;
-                }
-                *doc_id += 1;
-            }
-            pending.clear();
-            Ok(())
-        };
-    let skips = corpus::for_each_document(files, &cfg.text_field, cfg.skip_bad_rows, |_, text| {
-        pending.push(text);
-        if pending.len() == TOKENIZE_CHUNK {
-            flush(&mut pending, &mut doc_id, &mut stop)?;
-        }
-        Ok(())
-    })?;
-    flush(&mut pending, &mut doc_id, &mut stop)?;
-    Ok((doc_id, skips))
-}
-
-/// Pass 1: counts documents, windows and tokens.
-fn make_plan(
-    files: &[CorpusFile],
-    cfg: &TeacherConfig,
-    tok: &LoadedTokenizer,
-) -> anyhow::Result<Plan> {
-    let (mut windows, mut tokens) = (0u64, 0u64);
-    let (documents, skips) = tokenize_corpus(files, cfg, tok, |_, ids| {
-        windows += ids.len().div_ceil(cfg.seq_len) as u64;
-        tokens += ids.len() as u64;
-        Ok(true)
-    })?;
-    if tokens == 0 {
-        bail!(
-            "the corpus has no text ({} files, {} empty documents, {} bad rows skipped); check --corpus and --text-field `{}`",
-            files.len(),
-            skips.empty_documents,
-            skips.bad_rows,
-            cfg.text_field
-        );
-    }
-    Ok(Plan {
-        documents,
-        sequences: windows,
-        tokens,
-        shards: windows.div_ceil(cfg.shard_size as u64),
-        empty_documents: skips.empty_documents,
-        bad_rows_skipped: skips.bad_rows,
-        bad_row_examples: skips.examples,
-    })
-}
-
-/// Pass 2: sends the windows of every shard in `wanted` (ascending) to `tx`.
-fn produce_shards(
-    files: &[CorpusFile],
-    cfg: &TeacherConfig,
-    tok: &LoadedTokenizer,
-    plan: &Plan,
-    wanted: &BTreeSet<u64>,
-    tx: SyncSender<ShardWork>,
-) -> anyhow::Result<()> {
-    let shard_size = cfg.shard_size as u64;
-    let last = wanted.iter().next_back().copied();
-    let mut seq_id = 0u64;
-    let mut current: Option<ShardWork> = None;
-    let mut receiver_gone = false;
-    tokenize_corpus(files, cfg, tok, |doc_id, ids| {
-        for (w, chunk) in ids.chunks(cfg.seq_len).enumerate() {
-            let shard = seq_id / shard_size;
-            if wanted.contains(&shard) {
-                let work = current.get_or_insert_with(|| ShardWork {
-                    index: shard,
-                    windows: Vec::with_capacity(cfg.shard_size),
-                });
-                work.windows.push(Window {
-                    seq_id,
-                    doc_id,
-                    window_index: w as u32,
-                    tokens: chunk.to_vec(),
-                });
-                let end_of_shard =
-                    (seq_id + 1).is_multiple_of(shard_size) || seq_id + 1 == plan.sequences;
-                if end_of_shard && tx.send(current.take().expect("shard in progress")).is_err() {
-                    receiver_gone = true;
-                    return Ok(false);
-                }
-            }
-            seq_id += 1;
-        }
-        // Nothing after the last wanted shard is needed.
-        Ok(last.is_some_and(|l| seq_id < (l + 1) * shard_size))
-    })?;
-    if receiver_gone {
-        return Ok(());
-    }
-    let expected_end = last
-        .map(|l| ((l + 1) * shard_size).min(plan.sequences))
-        .unwrap_or(0);
-    if seq_id < expected_end || current.is_some() {
-        bail!(
-            "the corpus produced {seq_id} windows but the cache plan has {}: the corpus files or the tokenizer changed since the cache was planned",
-            plan.sequences
-        );
-    }
-    Ok(())
-}
-
 /// Runs the teacher over one shard's windows, batching windows of similar length.
 fn compute_shard(
     teacher: &mut dyn TeacherBackend,
@@ -310,15 +173,13 @@ fn compute_shard(
     pad_id: u32,
 ) -> anyhow::Result<(ShardRows, u64)> {
     let k = cfg.top_k;
-    let mut order: Vec<usize> = (0..work.windows.len()).collect();
-    // Longest first, stable in seq_id: deterministic batches with little padding.
-    order.sort_by_key(|&i| std::cmp::Reverse(work.windows[i].tokens.len()));
+    let lengths: Vec<usize> = work.windows.iter().map(|w| w.tokens.len()).collect();
     // Each window's place in the batch outputs: (batch, first position, positions). The
     // rows are then written once, in seq_id order, straight from those outputs.
     let mut place: Vec<Option<(usize, usize, usize)>> = vec![None; work.windows.len()];
     let mut outputs = Vec::with_capacity(work.windows.len().div_ceil(cfg.batch_size));
     let mut computed = 0u64;
-    for chunk in order.chunks(cfg.batch_size) {
+    for chunk in &batch_order(&lengths, cfg.batch_size) {
         let toks: Vec<&[u32]> = chunk
             .iter()
             .map(|&i| work.windows[i].tokens.as_slice())
@@ -405,22 +266,6 @@ pub fn workers_from_env(
     }
 }
 
-fn prepare_out_dir(out: &Path) -> anyhow::Result<()> {
-    if out.exists() && !out.is_dir() {
-        bail!(
-            "--out {} exists and is not a directory; choose a directory for the cache",
-            out.display()
-        );
-    }
-    std::fs::create_dir_all(out.join("shards")).with_context(|| {
-        format!(
-            "cannot create the cache directory {}; choose a writable --out",
-            out.display()
-        )
-    })?;
-    Ok(())
-}
-
 /// Runs the teacher stage.
 pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     cfg.validate()?;
@@ -441,8 +286,8 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             cfg.model.display()
         );
     }
-    let files = corpus::discover(&cfg.corpus)?;
-    prepare_out_dir(&cfg.out)?;
+    let files = crate::corpus::discover(&cfg.corpus)?;
+    crate::cache::dir::prepare(&cfg.out)?;
     let _lock = CacheLock::acquire(&cfg.out, cfg.worker_index, cfg.num_workers)?;
 
     let library = ort_backend::resolve_library(cfg.ort_lib.as_deref())?;
@@ -465,7 +310,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                 library,
                 device: cfg.device,
                 threads: cfg.threads,
-                topk: cfg.topk,
+                topk_on: cfg.topk_on,
                 k: cfg.top_k,
                 temperature: cfg.temperature,
                 vocab: tok.vocab_size,
@@ -504,60 +349,32 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     }
 
     let t_plan = Instant::now();
-    let mut fresh = Manifest {
-        format: crate::cache::manifest::FORMAT_NAME.into(),
-        format_version: FORMAT_VERSION,
-        logitcache_version: env!("CARGO_PKG_VERSION").into(),
-        params: CacheParams {
+    let mut fresh = Manifest::new(
+        CacheParams {
             top_k: cfg.top_k,
             seq_len: cfg.seq_len,
             temperature: cfg.temperature,
             text_field: cfg.text_field.clone(),
             shard_size: cfg.shard_size,
             skip_bad_rows: cfg.skip_bad_rows,
-            logprob_dtype: "float16".into(),
+            logprob_dtype: LogprobDtype::Float16,
         },
-        vocab_size: tok.vocab_size,
-        model: ModelInfo {
+        ModelInfo {
             path: cfg.model.clone(),
             sha256: model_sha,
             bytes: model_bytes,
             inputs: iface.inputs.clone(),
             outputs: iface.outputs.clone(),
-            logits_dtype: if iface.logits_f16 {
-                "float16"
-            } else {
-                "float32"
-            }
-            .into(),
+            logits_dtype: iface.logits.name().into(),
             logits_vocab: iface.logits_vocab.unwrap_or(tok.vocab_size),
         },
-        tokenizer: TokenizerInfo {
+        TokenizerInfo {
             path: cfg.tokenizer.clone(),
             sha256: tok_sha,
             vocab_size: tok.vocab_size,
         },
-        corpus: files.clone(),
-        plan: Plan {
-            documents: 0,
-            sequences: 0,
-            tokens: 0,
-            shards: 0,
-            empty_documents: 0,
-            bad_rows_skipped: 0,
-            bad_row_examples: vec![],
-        },
-        shards: vec![],
-        totals: crate::cache::manifest::Totals {
-            shards: 0,
-            sequences: 0,
-            tokens: 0,
-            computed_tokens: 0,
-            bytes: 0,
-            complete: false,
-        },
-        checksum: String::new(),
-    };
+        files.clone(),
+    );
 
     // Create or check the manifest under the directory-wide lock.
     let existing = {
@@ -574,16 +391,8 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                 Some(m)
             }
             Err(crate::cache::manifest::ManifestError::Missing { .. }) => {
-                let stray = std::fs::read_dir(cfg.out.join("shards"))?
-                    .filter_map(|e| e.ok())
-                    .any(|e| e.path().extension().is_some_and(|x| x == "parquet"));
-                if stray {
-                    bail!(
-                        "{} has shard files but no manifest.json; it is not a cache this run can resume: use an empty --out",
-                        cfg.out.display()
-                    );
-                }
-                fresh.plan = make_plan(&files, cfg, &tok)?;
+                crate::cache::dir::refuse_stray_shards(&cfg.out)?;
+                fresh.plan = make_plan(&files, &cfg.window_spec(), cfg.shard_size, &tok)?;
                 fresh
                     .store(&cfg.out)
                     .with_context(|| format!("writing the manifest in {}", cfg.out.display()))?;
@@ -596,16 +405,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     let plan = manifest.plan.clone();
 
     // Which shards this worker owns and still has to compute.
-    let mut done = BTreeSet::new();
-    for s in &manifest.shards {
-        let p = cfg.out.join(&s.file);
-        match sha256_file(&p) {
-            Ok((sha, n)) if sha == s.sha256 && n == s.bytes => {
-                done.insert(s.index);
-            }
-            _ => tracing::warn!("shard {} is missing or damaged; computing it again", s.file),
-        }
-    }
+    let done = crate::cache::dir::finished_shards(&cfg.out, &manifest);
     let owned: Vec<u64> = (0..plan.shards)
         .filter(|s| *s as usize % cfg.num_workers == cfg.worker_index)
         .collect();
@@ -615,14 +415,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
         .filter(|s| !done.contains(s))
         .collect();
     for &s in &wanted {
-        // Temporary files of ours from a killed run.
-        let target = cfg.out.join(shard_file_name(s));
-        let prefix = format!("{}.tmp-", target.file_name().unwrap().to_string_lossy());
-        for e in std::fs::read_dir(cfg.out.join("shards"))?.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        crate::cache::dir::remove_temporaries(&cfg.out, s)?;
     }
     let already = owned.len() as u64 - wanted.len() as u64;
     tracing::info!(
@@ -669,7 +462,15 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
         let result = std::thread::scope(|scope| -> anyhow::Result<()> {
             let producer = scope.spawn(|| {
                 crate::util::lower_thread_priority();
-                produce_shards(&files, cfg, &tok, &plan, &wanted, work_tx)
+                produce_shards(
+                    &files,
+                    &cfg.window_spec(),
+                    cfg.shard_size,
+                    &tok,
+                    &plan,
+                    &wanted,
+                    work_tx,
+                )
             });
             let writer = scope.spawn(|| {
                 crate::util::lower_thread_priority();
@@ -679,7 +480,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     &write_opts,
                     cfg,
                     &worker_name,
-                    cfg.topk.name(cfg.device),
+                    cfg.topk_on.name(cfg.device),
                     &progress,
                 )
             });

@@ -42,20 +42,11 @@ pub struct NonFinite {
 pub struct TopKScratch {
     /// Packed candidates (see [`pack`]).
     cand: Vec<u64>,
-    f32_row: Vec<f32>,
     /// Maxima of the row's blocks of [`MAX_BLOCK`] values.
     block_max: Vec<f32>,
     /// The block maxima the threshold is selected from, as packed keys (reordered by the
     /// selection).
     selected: Vec<u32>,
-}
-
-impl TopKScratch {
-    /// A buffer to convert an f16 row into before calling [`TopK::row`].
-    pub fn f32_buffer(&mut self, len: usize) -> &mut Vec<f32> {
-        self.f32_row.resize(len, 0.0);
-        &mut self.f32_row
-    }
 }
 
 /// The reduction's parameters.
@@ -463,7 +454,6 @@ impl TopK {
             cand,
             block_max,
             selected,
-            ..
         } = scratch;
         // Pass 1: block maxima and finiteness (x * 0 is NaN exactly for NaN and +-inf).
         let poison = kernel.block_max(row, block_max);

@@ -4,19 +4,25 @@
 //! `input_ids` and `attention_mask` (int64 [batch, seq]), optionally `position_ids`,
 //! `past_key_values.*` (fed empty) and `use_cache_branch` (fed false); output `logits`
 //! [batch, seq, vocab] in f32 or f16. Anything else is refused with a message naming it.
+//!
+//! Split by reason to change: `library` (finding and loading ONNX Runtime), `interface`
+//! (what the model's inputs and outputs must be), and here the session and the runner (feed
+//! a batch, reduce the logits with the host top-k or the device head).
+
+mod interface;
+mod library;
+
+pub use interface::{LogitsDtype, ModelInterface};
+pub use library::{ORT_LIB_NAME, environment, resolve_library};
 
 use super::backend::{Batch, BatchTopK, Device, TeacherBackend, TeacherError, TopKMode};
-use super::topk::{TopK, TopKScratch};
-use crate::cache::manifest::IoInfo;
+use super::host_topk::{HostTopK, Logits};
+use interface::{ExtraInput, check_interface};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynValue, Tensor};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-
-/// File name of the library `make setup` extracts into `.ort/`.
-pub const ORT_LIB_NAME: &str = "libonnxruntime.so.1.32.0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrtError {
@@ -42,261 +48,13 @@ fn rt(e: impl std::fmt::Display) -> OrtError {
     OrtError::Runtime(e.to_string())
 }
 
-/// Finds the ONNX Runtime library: `explicit` (from `--ort-lib` or `ORT_DYLIB_PATH`), else
-/// the `.ort/` folder `make setup` fills (next to the working directory or the source tree).
-pub fn resolve_library(explicit: Option<&Path>) -> Result<PathBuf, OrtError> {
-    if let Some(p) = explicit {
-        return if p.is_file() {
-            Ok(p.to_path_buf())
-        } else {
-            Err(OrtError::NoLibrary {
-                tried: format!(
-                    "{} (given by --ort-lib or ORT_DYLIB_PATH; not a file)",
-                    p.display()
-                ),
-            })
-        };
-    }
-    let candidates = [
-        PathBuf::from(".ort").join(ORT_LIB_NAME),
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(".ort")
-            .join(ORT_LIB_NAME),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| OrtError::NoLibrary {
-            tried: candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
-}
-
-static ENV: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();
-
-/// The process's one ONNX Runtime environment, loaded from `lib` on first use.
-pub fn environment(lib: &Path) -> Result<&'static ort::environment::Environment, OrtError> {
-    if let Some((_, env)) = ENV.get() {
-        return Ok(env);
-    }
-    let builder = ort::init_from(lib).map_err(|e| OrtError::Load {
-        path: lib.to_path_buf(),
-        why: e.to_string(),
-    })?;
-    let env = builder
-        .with_name("logitcache")
-        .build()
-        .map_err(|e| OrtError::Load {
-            path: lib.to_path_buf(),
-            why: e.to_string(),
-        })?;
-    Ok(&ENV.get_or_init(|| (lib.to_path_buf(), env)).1)
-}
-
-fn dtype_name(t: &TensorElementType) -> String {
-    match t {
-        TensorElementType::Float32 => "float32".into(),
-        TensorElementType::Float16 => "float16".into(),
-        TensorElementType::Int64 => "int64".into(),
-        TensorElementType::Bool => "bool".into(),
-        other => format!("{other}").to_lowercase(),
-    }
-}
-
-fn io_info(name: &str, vt: &ValueType) -> IoInfo {
-    match vt {
-        ValueType::Tensor {
-            ty,
-            shape,
-            dimension_symbols,
-        } => IoInfo {
-            name: name.to_string(),
-            dtype: dtype_name(ty),
-            shape: shape
-                .iter()
-                .zip(dimension_symbols.iter())
-                .map(|(d, s)| {
-                    if *d >= 0 {
-                        d.to_string()
-                    } else if s.is_empty() {
-                        "?".into()
-                    } else {
-                        s.clone()
-                    }
-                })
-                .collect(),
-        },
-        other => IoInfo {
-            name: name.to_string(),
-            dtype: format!("{other}"),
-            shape: vec![],
-        },
-    }
-}
-
-/// An input fed with a constant: empty past key/values, or `use_cache_branch = false`.
-#[derive(Debug, Clone)]
-enum ExtraInput {
-    /// Element type and dims; `-1` for batch (dim 0), `0` for other symbolic dims.
-    EmptyPast {
-        f16: bool,
-        dims: Vec<i64>,
-    },
-    False,
-}
-
-/// What the teacher model looks like, as read from the session.
-#[derive(Debug, Clone)]
-pub struct ModelInterface {
-    pub inputs: Vec<IoInfo>,
-    pub outputs: Vec<IoInfo>,
-    pub has_position_ids: bool,
-    pub logits_f16: bool,
-    /// Static size of the logits' last dimension, if declared.
-    pub logits_vocab: Option<usize>,
-    extras: Vec<(String, ExtraInput)>,
-}
-
-fn check_interface(session: &Session, path: &Path) -> Result<ModelInterface, OrtError> {
-    let bad = |why: String| OrtError::Interface {
-        path: path.to_path_buf(),
-        why,
-    };
-    let inputs: Vec<IoInfo> = session
-        .inputs()
-        .iter()
-        .map(|o| io_info(o.name(), o.dtype()))
-        .collect();
-    let outputs: Vec<IoInfo> = session
-        .outputs()
-        .iter()
-        .map(|o| io_info(o.name(), o.dtype()))
-        .collect();
-    let names = |v: &[IoInfo]| {
-        v.iter()
-            .map(|i| format!("{}: {} [{}]", i.name, i.dtype, i.shape.join(", ")))
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let mut has_ids = false;
-    let mut has_mask = false;
-    let mut has_position_ids = false;
-    let mut extras = Vec::new();
-    for o in session.inputs() {
-        let name = o.name();
-        let (ty, shape) = match o.dtype() {
-            ValueType::Tensor { ty, shape, .. } => (ty, shape),
-            other => return Err(bad(format!("input `{name}` is a {other}, not a tensor"))),
-        };
-        match name {
-            "input_ids" | "attention_mask" | "position_ids" => {
-                if *ty != TensorElementType::Int64 || shape.len() != 2 {
-                    return Err(bad(format!(
-                        "input `{name}` must be int64 [batch, sequence], found {} with rank {}",
-                        dtype_name(ty),
-                        shape.len()
-                    )));
-                }
-                match name {
-                    "input_ids" => has_ids = true,
-                    "attention_mask" => has_mask = true,
-                    _ => has_position_ids = true,
-                }
-            }
-            "use_cache_branch" => extras.push((name.to_string(), ExtraInput::False)),
-            n if n.starts_with("past_key_values.") || n.starts_with("past.") => {
-                let f16 = match ty {
-                    TensorElementType::Float32 => false,
-                    TensorElementType::Float16 => true,
-                    other => {
-                        return Err(bad(format!(
-                            "input `{n}` has type {}; past key/values must be float32 or float16",
-                            dtype_name(other)
-                        )));
-                    }
-                };
-                let dims = shape
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| {
-                        if i == 0 {
-                            -1
-                        } else if d < 0 {
-                            0
-                        } else {
-                            d
-                        }
-                    })
-                    .collect();
-                extras.push((n.to_string(), ExtraInput::EmptyPast { f16, dims }));
-            }
-            other => {
-                return Err(bad(format!(
-                    "unexpected input `{other}`; logitcache feeds input_ids, attention_mask, position_ids, past_key_values.* and use_cache_branch (model inputs: {})",
-                    names(&inputs)
-                )));
-            }
-        }
-    }
-    if !has_ids {
-        return Err(bad(format!(
-            "no `input_ids` input (model inputs: {}); export it with Optimum's text-generation task",
-            names(&inputs)
-        )));
-    }
-    if !has_mask {
-        return Err(bad(format!(
-            "no `attention_mask` input (model inputs: {}); logitcache pads batches and needs the mask; export with Optimum's text-generation task",
-            names(&inputs)
-        )));
-    }
-    let logits = session
-        .outputs()
-        .iter()
-        .find(|o| o.name() == "logits")
-        .ok_or_else(|| bad(format!("no `logits` output (model outputs: {}); export with Optimum's text-generation task", names(&outputs))))?;
-    let (ty, shape) = match logits.dtype() {
-        ValueType::Tensor { ty, shape, .. } => (ty, shape),
-        other => return Err(bad(format!("`logits` is a {other}, not a tensor"))),
-    };
-    if shape.len() != 3 {
-        return Err(bad(format!(
-            "`logits` must have rank 3 [batch, sequence, vocab], found rank {} [{}]",
-            shape.len(),
-            io_info("logits", logits.dtype()).shape.join(", ")
-        )));
-    }
-    let logits_f16 = match ty {
-        TensorElementType::Float32 => false,
-        TensorElementType::Float16 => true,
-        other => {
-            return Err(bad(format!(
-                "`logits` has type {}; float32 or float16 expected",
-                dtype_name(other)
-            )));
-        }
-    };
-    Ok(ModelInterface {
-        inputs,
-        outputs,
-        has_position_ids,
-        logits_f16,
-        logits_vocab: (shape[2] > 0).then_some(shape[2] as usize),
-        extras,
-    })
-}
-
 /// Settings for [`OrtTeacher::open`].
 #[derive(Debug, Clone)]
 pub struct OrtOptions {
     pub library: PathBuf,
     pub device: Device,
     pub threads: usize,
-    pub topk: TopKMode,
+    pub topk_on: TopKMode,
     pub k: usize,
     pub temperature: f32,
     /// The cache's vocabulary (the tokenizer's): logits beyond it are dropped.
@@ -343,8 +101,8 @@ pub struct OrtTeacher {
     interface: ModelInterface,
     opts: OrtOptions,
     device_mem: MemoryInfo<'static>,
-    /// Top-k buffers, one per thread.
-    scratch: Vec<TopKScratch>,
+    /// The host top-k (used when there is no head).
+    host: HostTopK,
     /// Seconds in `session.run` and in the host top-k (host path only).
     seconds: (f64, f64),
 }
@@ -383,16 +141,14 @@ impl OrtTeacher {
             ),
         }
         .map_err(rt)?;
-        let scratch = (0..opts.threads.max(1))
-            .map(|_| TopKScratch::default())
-            .collect();
+        let host = HostTopK::new(opts.k, opts.temperature, opts.threads);
         Ok(OrtTeacher {
             session,
             head: None,
             interface,
             opts,
             device_mem,
-            scratch,
+            host,
             seconds: (0.0, 0.0),
         })
     }
@@ -404,14 +160,14 @@ impl OrtTeacher {
     /// Fixes the vocabulary once it is known (after the interface check, or after the first
     /// batch for models with a dynamic vocab dim) and builds the top-k head if needed.
     fn ensure_head(&mut self, logits_vocab: usize) -> Result<(), OrtError> {
-        if self.opts.topk.uses_onnx(self.opts.device) && self.head.is_none() {
+        if self.opts.topk_on.uses_onnx(self.opts.device) && self.head.is_none() {
             let env = environment(&self.opts.library)?;
-            let bytes = crate::onnx::head::topk_head(
+            let bytes = super::head::topk_head(
                 logits_vocab,
                 self.opts.vocab,
                 self.opts.k,
                 self.opts.temperature,
-                self.interface.logits_f16,
+                self.interface.logits == LogitsDtype::Float16,
             );
             let head = session_for(env, &self.opts)?
                 .commit_from_memory(&bytes)
@@ -557,87 +313,18 @@ impl OrtTeacher {
                 .ok_or_else(|| err(&"no `logits` in the outputs"))?;
             let dims = logits.shape().to_vec();
             let v = check_logits_shape(&dims, batch, vocab)?;
-            let f16 = self.interface.logits_f16;
-            let topk = TopK {
-                k,
-                inv_temperature: 1.0 / self.opts.temperature,
-            };
-            // One contiguous range of rows per thread, on scoped threads that end with the
-            // batch, so nothing spins or yields on the cores while ONNX Runtime runs the next
-            // batch (a rayon pool's idle workers do).
-            let per = rows.len().div_ceil(self.opts.threads.max(1)).max(1);
-            let reduce_rows = |data_f32: Option<&[f32]>,
-                               data_f16: Option<&[half::f16]>,
-                               rows: &[(usize, usize, usize)],
-                               ids: &mut [u32],
-                               lps: &mut [f32],
-                               tails: &mut [f32],
-                               scratch: &mut TopKScratch|
-             -> Result<(), TeacherError> {
-                for (j, &(i, p, r)) in rows.iter().enumerate() {
-                    let row: &[f32] = match (data_f32, data_f16) {
-                        (Some(d), _) => &d[r * v..r * v + vocab],
-                        (None, Some(d)) => {
-                            let buf = scratch.f32_buffer(vocab);
-                            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                                &d[r * v..r * v + vocab],
-                                buf,
-                            );
-                            // Reborrow through a raw pointer: `buf` lives in `scratch`, which
-                            // `row` must not keep borrowed while `scratch` is passed on.
-                            let (ptr, len) = (buf.as_ptr(), buf.len());
-                            // SAFETY: the buffer is not resized until the next row.
-                            unsafe { std::slice::from_raw_parts(ptr, len) }
-                        }
-                        _ => unreachable!(),
-                    };
-                    tails[j] = topk
-                        .row(
-                            row,
-                            scratch,
-                            &mut ids[j * k..(j + 1) * k],
-                            &mut lps[j * k..(j + 1) * k],
-                        )
-                        .map_err(|nf| TeacherError::NonFinite {
-                            window: i,
-                            position: p,
-                            token: nf.index,
-                            value: nf.value,
-                        })?;
+            let logits = match self.interface.logits {
+                LogitsDtype::Float16 => Logits::F16(
+                    logits
+                        .try_extract_tensor::<half::f16>()
+                        .map_err(|e| err(&e))?
+                        .1,
+                ),
+                LogitsDtype::Float32 => {
+                    Logits::F32(logits.try_extract_tensor::<f32>().map_err(|e| err(&e))?.1)
                 }
-                Ok(())
             };
-            let scratch = &mut self.scratch;
-            let mut reduce = |data_f32: Option<&[f32]>, data_f16: Option<&[half::f16]>| {
-                std::thread::scope(|scope| {
-                    let threads: Vec<_> = rows
-                        .chunks(per)
-                        .zip(out.ids.chunks_mut(per * k))
-                        .zip(out.logprobs.chunks_mut(per * k))
-                        .zip(out.tail_logprob.chunks_mut(per))
-                        .zip(scratch.iter_mut())
-                        .map(|((((rs, ids), lps), tails), sc)| {
-                            scope.spawn(move || {
-                                reduce_rows(data_f32, data_f16, rs, ids, lps, tails, sc)
-                            })
-                        })
-                        .collect();
-                    // Joined in order, so the first error names the earliest bad position.
-                    threads
-                        .into_iter()
-                        .map(|t| t.join().expect("top-k thread panicked: this is a bug"))
-                        .fold(Ok(()), Result::and)
-                })
-            };
-            if f16 {
-                let (_, d) = logits
-                    .try_extract_tensor::<half::f16>()
-                    .map_err(|e| err(&e))?;
-                reduce(None, Some(d))?;
-            } else {
-                let (_, d) = logits.try_extract_tensor::<f32>().map_err(|e| err(&e))?;
-                reduce(Some(d), None)?;
-            }
+            self.host.reduce(logits, v, vocab, &rows, &mut out)?;
             self.seconds.1 += t1.elapsed().as_secs_f64();
         }
         Ok(out)
@@ -665,9 +352,9 @@ impl TeacherBackend for OrtTeacher {
         if let Some(v) = self.interface.logits_vocab {
             self.ensure_head(v)
                 .map_err(|e| TeacherError::Runtime(e.to_string()))?;
-        } else if self.opts.topk.uses_onnx(self.opts.device) {
+        } else if self.opts.topk_on.uses_onnx(self.opts.device) {
             return Err(TeacherError::Runtime(
-                "the model's logits have a dynamic vocab dimension; the ONNX top-k head needs it fixed: use --topk host".into(),
+                "the model's logits have a dynamic vocab dimension; the ONNX top-k head needs it fixed: use --topk-on host".into(),
             ));
         }
         self.run_inner(batch)
@@ -692,7 +379,7 @@ pub fn full_logits(
     let outputs = teacher.session.run(inputs).map_err(rt)?;
     let logits = &outputs["logits"];
     let dims: Vec<usize> = logits.shape().iter().map(|&d| d as usize).collect();
-    let data = if teacher.interface.logits_f16 {
+    let data = if teacher.interface.logits == LogitsDtype::Float16 {
         logits
             .try_extract_tensor::<half::f16>()
             .map_err(rt)?

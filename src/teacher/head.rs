@@ -9,8 +9,8 @@
 //!   computed as a log-sum-exp over the logits with the top-k set to -inf, so it has no
 //!   cancellation when the tail is tiny.
 
-use super::builder::{Dim, GraphBuilder, attr_int, attr_ints, tensor_f32};
-use super::proto::data_type;
+use crate::onnx::builder::{Dim, GraphBuilder, attr_int, attr_ints, tensor_f32};
+use crate::onnx::proto::data_type;
 
 /// Builds the head for `vocab` columns (of `logits_vocab` in the input), `k` and `temperature`.
 pub fn topk_head(
@@ -71,7 +71,7 @@ pub fn topk_head(
     let fill = g.node(
         "ConstantOfShape",
         &[&shape],
-        vec![super::builder::attr_tensor(
+        vec![crate::onnx::builder::attr_tensor(
             "value",
             tensor_f32("neg_inf", &[1], &[f32::NEG_INFINITY]),
         )],
