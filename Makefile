@@ -20,7 +20,7 @@ PYARROW_VERSION := 26.0.1
 
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: setup test check lint bench demo clean-demo pycheck-setup
+.PHONY: setup test lint bench demo clean-demo pycheck-setup
 
 setup: $(ORT_LIB)
 
@@ -48,12 +48,13 @@ pycheck-setup: $(VENV)/.pyarrow-$(PYARROW_VERSION)
 
 test: setup pycheck-setup
 	LOGITCACHE_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --all-targets
+	$(CARGO) test --doc
 	$(MAKE) --no-print-directory lint
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy --all-targets --features cuda,tensorrt -- -D warnings
+	$(CARGO) clippy --all-targets -- -D warnings -D clippy::undocumented_unsafe_blocks
+	$(CARGO) clippy --all-targets --features cuda,tensorrt -- -D warnings -D clippy::undocumented_unsafe_blocks
 
 bench: setup pycheck-setup
 	$(CARGO) bench --bench topk --bench shard_write --bench e2e

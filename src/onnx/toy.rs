@@ -12,7 +12,9 @@ use super::builder::{Dim, GraphBuilder, attr_int, attr_ints};
 use super::proto::data_type;
 use crate::rng::SplitMix;
 
-/// How a toy model is deliberately broken (for tests of the teacher's input checks).
+/// How a toy model is deliberately broken (for tests of the teacher's input checks; not part
+/// of the public API).
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ToyFault {
     #[default]

@@ -563,7 +563,9 @@ impl TopK {
     }
 }
 
-/// The same reduction by a full sort in f64: the independent reference the tests compare with.
+/// The same reduction by a full sort in f64: the independent reference the tests compare with
+/// (not part of the public API).
+#[doc(hidden)]
 pub fn reference_topk(row: &[f32], k: usize, temperature: f64) -> (Vec<u32>, Vec<f64>, f64) {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let scaled: Vec<f64> = row

@@ -370,7 +370,8 @@ impl TeacherBackend for OrtTeacher {
 }
 
 /// Runs the teacher on `batch` and returns its full logits as f32 [batch, len, V] (the
-/// reference path of the tests and the bare-inference benchmark).
+/// reference path of the tests and the bare-inference benchmark; not part of the public API).
+#[doc(hidden)]
 pub fn full_logits(
     teacher: &mut OrtTeacher,
     batch: &Batch,
@@ -393,7 +394,9 @@ pub fn full_logits(
     Ok((dims, data))
 }
 
-/// Runs the session only (no reduction), for the overhead benchmark.
+/// Runs the session only (no reduction), for the overhead benchmark (not part of the public
+/// API).
+#[doc(hidden)]
 pub fn bare_run(teacher: &mut OrtTeacher, batch: &Batch) -> Result<usize, OrtError> {
     let inputs = teacher.inputs(batch)?;
     let outputs = teacher.session.run(inputs).map_err(rt)?;
