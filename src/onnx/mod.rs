@@ -4,7 +4,6 @@
 
 pub mod builder;
 pub mod head;
-pub mod llama;
 pub mod proto;
 pub mod toy;
 
