@@ -207,6 +207,27 @@ mod tests {
     }
 
     #[test]
+    fn train_config_json_is_what_json_wrote_before() {
+        let file = TrainConfigFile {
+            train: TrainConfig {
+                cache: "c".into(),
+                tokenizer: "t.json".into(),
+                out: "o".into(),
+                device: crate::device::Device::Cuda(1),
+                ..Default::default()
+            },
+            student: StudentConfig::load("nano", 300).unwrap(),
+        };
+        let old = serde_json::json!({"train": file.train, "student": file.student});
+        let bytes = file.to_json().unwrap();
+        assert_eq!(bytes, serde_json::to_vec_pretty(&old).unwrap());
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains("\"device\": \"cuda:1\""), "{text}");
+        let back = TrainConfigFile::parse(&bytes, Path::new("train_config.json")).unwrap();
+        assert_eq!(back, file);
+    }
+
+    #[test]
     fn metrics_writer_keeps_lines_up_to_the_resumed_step() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunDir::new(dir.path());
