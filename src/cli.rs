@@ -2,10 +2,11 @@
 //! translation into validated configs.
 
 use crate::cache::{inspect, verify};
-use crate::loss::{KdLoss, LossConfig};
+use crate::device::parse_train_device;
+use crate::loss::{self, KdLoss, LossConfig};
 use crate::onnx::{ToyLmSpec, toy_lm};
 use crate::progress::ProgressMode;
-use crate::student::train;
+use crate::student::{self, config::TrainConfig};
 use crate::teacher::backend::{Device, PaddingSide, TopKMode};
 use crate::teacher::{self, TeacherConfig};
 use anyhow::Context;
@@ -148,74 +149,74 @@ pub struct TrainArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Optimizer steps.
-    #[arg(long, default_value_t = train::DEFAULT_STEPS)]
+    #[arg(long, default_value_t = student::config::DEFAULT_STEPS)]
     pub steps: usize,
     /// Sequences (cache windows) per micro-batch.
-    #[arg(long, default_value_t = train::DEFAULT_BATCH_SIZE)]
+    #[arg(long, default_value_t = student::config::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
     /// Micro-batches accumulated per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = student::config::DEFAULT_GRAD_ACCUM)]
     pub grad_accum: usize,
     /// Peak learning rate (AdamW).
-    #[arg(long, default_value_t = train::DEFAULT_LR)]
+    #[arg(long, default_value_t = student::config::DEFAULT_LR)]
     pub lr: f64,
     /// Final learning rate of the cosine schedule (default: lr / 10).
     #[arg(long)]
     pub min_lr: Option<f64>,
     /// Linear warmup steps.
-    #[arg(long, default_value_t = train::DEFAULT_WARMUP)]
+    #[arg(long, default_value_t = student::config::DEFAULT_WARMUP)]
     pub warmup: usize,
     /// AdamW weight decay (PyTorch default).
-    #[arg(long, default_value_t = train::DEFAULT_WEIGHT_DECAY)]
+    #[arg(long, default_value_t = student::config::DEFAULT_WEIGHT_DECAY)]
     pub weight_decay: f64,
     /// AdamW beta1.
-    #[arg(long, default_value_t = train::DEFAULT_BETA1)]
+    #[arg(long, default_value_t = student::config::DEFAULT_BETA1)]
     pub beta1: f64,
     /// AdamW beta2.
-    #[arg(long, default_value_t = train::DEFAULT_BETA2)]
+    #[arg(long, default_value_t = student::config::DEFAULT_BETA2)]
     pub beta2: f64,
     /// AdamW epsilon (PyTorch default).
-    #[arg(long, default_value_t = train::DEFAULT_EPS)]
+    #[arg(long, default_value_t = student::config::DEFAULT_EPS)]
     pub eps: f64,
     /// Clip the global gradient norm to this (0 = no clipping).
-    #[arg(long, default_value_t = train::DEFAULT_GRAD_CLIP)]
+    #[arg(long, default_value_t = student::config::DEFAULT_GRAD_CLIP)]
     pub grad_clip: f64,
     /// Distillation loss: fkl (KL with the tail as one outcome), fkl-topk, rkl, jsd, or ce
     /// (next-token cross-entropy only, no teacher).
-    #[arg(long, value_enum, default_value_t = KdLoss::Fkl)]
+    #[arg(long, value_enum, default_value_t = loss::DEFAULT_KIND)]
     pub loss: KdLoss,
     /// Weight of the distillation term (scaled by T²).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = loss::DEFAULT_KD_WEIGHT)]
     pub kd_weight: f64,
     /// Weight of the next-token cross-entropy term.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = loss::DEFAULT_CE_WEIGHT)]
     pub ce_weight: f64,
     /// Distillation temperature (must equal the cache's; default: the cache's).
     #[arg(long)]
     pub temperature: Option<f64>,
     /// β of the generalised JSD.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = loss::DEFAULT_JSD_BETA)]
     pub jsd_beta: f64,
     /// Seed for the initial weights and the data order.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = student::config::DEFAULT_SEED)]
     pub seed: u64,
     /// Evaluate on the held-out split every N steps (0 = only at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = student::config::DEFAULT_EVAL_EVERY)]
     pub eval_every: usize,
     /// Batches per evaluation.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = student::config::DEFAULT_EVAL_BATCHES)]
     pub eval_batches: usize,
     /// Fraction of sequences held out for evaluation (chosen by seq_id hash).
-    #[arg(long, default_value_t = train::DEFAULT_EVAL_FRACTION)]
+    #[arg(long, default_value_t = student::config::DEFAULT_EVAL_FRACTION)]
     pub eval_fraction: f64,
     /// Save a checkpoint every N steps (0 = only at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = student::config::DEFAULT_SAVE_EVERY)]
     pub save_every: usize,
     /// Write a metrics line every N steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = student::config::DEFAULT_LOG_EVERY)]
     pub log_every: usize,
     /// Positions per loss chunk, so [positions, vocab] logits never exist whole (0 = off).
-    #[arg(long, default_value_t = train::DEFAULT_LOSS_CHUNK)]
+    #[arg(long, default_value_t = student::config::DEFAULT_LOSS_CHUNK)]
     pub loss_chunk: usize,
     /// Continue each student's run from its checkpoint.
     #[arg(long)]
@@ -226,8 +227,8 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
     /// Training device: cpu, cuda or cuda:N (GPU N; needs a build with `--features cuda`
     /// and an NVIDIA driver, checked before training starts).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, default_value = "cpu", value_parser = parse_train_device)]
+    pub device: Device,
     /// Threads for the CPU backend (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -510,8 +511,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::ExportOnnx(args) => {
-            let run = crate::student::checkpoint::RunCheckpoint::open(&args.checkpoint)?;
-            let bytes = crate::onnx::llama::llama_onnx(&run.student, &run.weights()?, args.fp16)?;
+            let run = student::checkpoint::RunCheckpoint::open(&args.checkpoint)?;
+            let bytes = student::export::llama_onnx(&run.student, &run.weights()?, args.fp16)?;
             crate::util::write_atomic(&args.out, &bytes)
                 .with_context(|| format!("writing {}", args.out.display()))?;
             tracing::info!(
@@ -651,7 +652,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 
 fn run_train(args: TrainArgs) -> anyhow::Result<i32> {
     use crate::cache::reader::Cache;
-    use crate::student::config::StudentConfig;
+    use crate::student::arch::StudentConfig;
     if let Some(t) = args.threads {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
@@ -684,7 +685,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<i32> {
             );
         }
     }
-    let cfg = train::TrainConfig {
+    let cfg = TrainConfig {
         cache: args.cache.clone(),
         tokenizer,
         out: args.out.clone(),
@@ -692,7 +693,9 @@ fn run_train(args: TrainArgs) -> anyhow::Result<i32> {
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
         lr: args.lr,
-        min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+        min_lr: args
+            .min_lr
+            .unwrap_or_else(|| TrainConfig::default_min_lr(args.lr)),
         warmup: args.warmup,
         weight_decay: args.weight_decay,
         beta1: args.beta1,
@@ -713,14 +716,14 @@ fn run_train(args: TrainArgs) -> anyhow::Result<i32> {
         save_every: args.save_every,
         log_every: args.log_every,
         loss_chunk: args.loss_chunk,
-        device: args.device.clone(),
+        device: args.device,
         progress: Some(args.progress),
         stop_after: args.stop_after,
     };
     cfg.validate()?;
     for s in &students {
         tracing::info!("student {}: {} parameters", s.name, s.num_params());
-        let r = train::train_student(&cache, s, &cfg, args.resume)?;
+        let r = student::train::train_student(&cache, s, &cfg, args.resume)?;
         tracing::info!(
             "student {} done: {} steps, {} tokens, {:.0} tokens/s, final loss {:.4}{}, peak RSS {:.0} MiB -> {}",
             r.student,
@@ -758,7 +761,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<i32> {
     let metrics = if let Some(dir) = &args.cache {
         let cache = Cache::open(dir)?;
         cache.check_tokenizer(&ckpt.join("tokenizer.json"))?;
-        let e = train::evaluate(
+        let e = student::eval::evaluate(
             &model,
             &cache,
             tcfg.eval_fraction,
@@ -772,7 +775,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<i32> {
             .tokenizer
             .clone()
             .unwrap_or_else(|| ckpt.join("tokenizer.json"));
-        let e = train::evaluate_corpus(
+        let e = student::eval::evaluate_corpus(
             &model,
             &args.corpus,
             &args.text_field,

@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod cli;
 pub mod corpus;
+pub mod device;
 pub mod law;
 pub mod loss;
 pub mod onnx;

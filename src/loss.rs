@@ -17,6 +17,17 @@
 //! ce_weight · CE`, each averaged over its positions (`mask` for KD, `target_mask` for CE;
 //! empty masks give 0, not NaN). Shapes: logits [N, V], ids [N, k], log-probs [N, k],
 //! tail [N], masks [N], targets [N]; N is positions (batch × sequence, flattened).
+//!
+//! [`loss`] is what training differentiates; [`divergence`] is the per-position KD term
+//! alone, for a [`Divergence`] (the teacher-based kinds: `ce` has none, so asking for its
+//! divergence cannot be written).
+//!
+//! ```
+//! use logitcache::loss::{Divergence, KdLoss, LossConfig};
+//! let cfg = LossConfig { kind: KdLoss::Jsd, ..Default::default() };
+//! assert_eq!(cfg.divergence(), Some(Divergence::Jsd { beta: 0.5 }));
+//! assert_eq!(LossConfig { kind: KdLoss::Ce, ..cfg }.divergence(), None);
+//! ```
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -38,6 +49,17 @@ pub enum KdLoss {
     Ce,
 }
 
+/// The distillation loss when none is given: KL with the tail as one outcome.
+pub const DEFAULT_KIND: KdLoss = KdLoss::Fkl;
+/// Weight of the KD term (before T²): distillation only, by default.
+pub const DEFAULT_KD_WEIGHT: f64 = 1.0;
+/// Weight of the next-token CE term: off by default (`--ce-weight 1` is the usual mix).
+pub const DEFAULT_CE_WEIGHT: f64 = 0.0;
+/// Distillation temperature; `train` uses the cache's instead when none is given.
+pub const DEFAULT_TEMPERATURE: f64 = 1.0;
+/// β of the generalised JSD: 0.5 is the symmetric Jensen-Shannon divergence.
+pub const DEFAULT_JSD_BETA: f64 = 0.5;
+
 /// Loss settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LossConfig {
@@ -52,11 +74,40 @@ pub struct LossConfig {
 impl Default for LossConfig {
     fn default() -> Self {
         LossConfig {
-            kind: KdLoss::Fkl,
-            kd_weight: 1.0,
-            ce_weight: 0.0,
-            temperature: 1.0,
-            jsd_beta: 0.5,
+            kind: DEFAULT_KIND,
+            kd_weight: DEFAULT_KD_WEIGHT,
+            ce_weight: DEFAULT_CE_WEIGHT,
+            temperature: DEFAULT_TEMPERATURE,
+            jsd_beta: DEFAULT_JSD_BETA,
+        }
+    }
+}
+
+/// A divergence between the teacher's and the student's distributions: the [`KdLoss`]
+/// kinds that use the teacher (`ce` does not, so it has no value here).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Divergence {
+    /// KL(p ‖ q) over the k + 1 outcomes.
+    Fkl,
+    /// KL(p ‖ q) renormalised over the top-k ids.
+    FklTopk,
+    /// KL(q ‖ p) over the k + 1 outcomes.
+    Rkl,
+    /// β KL(p ‖ m) + (1-β) KL(q ‖ m), m = β p + (1-β) q.
+    Jsd { beta: f64 },
+}
+
+impl LossConfig {
+    /// The divergence of the KD term, `None` for `ce` (no teacher term).
+    pub fn divergence(&self) -> Option<Divergence> {
+        match self.kind {
+            KdLoss::Fkl => Some(Divergence::Fkl),
+            KdLoss::FklTopk => Some(Divergence::FklTopk),
+            KdLoss::Rkl => Some(Divergence::Rkl),
+            KdLoss::Jsd => Some(Divergence::Jsd {
+                beta: self.jsd_beta,
+            }),
+            KdLoss::Ce => None,
         }
     }
 }
@@ -100,47 +151,58 @@ fn logsumexp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     (x - m.clone()).exp().sum_dim(1).log() + m
 }
 
-/// Per-position divergence `[N, 1]` between the teacher and the student logits at T.
+/// Per-position divergence `kind` `[N, 1]` between the teacher (`t`) and the student
+/// `logits` [N, V] at `temperature` (not scaled by T²). Every [`Divergence`] is defined, so
+/// this never panics; get one from a config with [`LossConfig::divergence`].
 pub fn divergence<B: Backend>(
     logits: Tensor<B, 2>,
     t: &Targets<B>,
-    cfg: &LossConfig,
+    kind: Divergence,
+    temperature: f64,
 ) -> Tensor<B, 2> {
     let n = logits.dims()[0];
     // At T = 1 skip the division: it is a full [N, V] pass forward and backward.
-    let z = if cfg.temperature == 1.0 {
+    let z = if temperature == 1.0 {
         logits
     } else {
-        logits / cfg.temperature
+        logits / temperature
     };
     let lse = logsumexp(z.clone());
     let lq = z.clone().gather(1, t.topk_ids.clone()) - lse.clone();
     let lp = t.topk_logprobs.clone().clamp_min(LOG_ZERO);
     let lpt = t.tail_logprob.clone().clamp_min(LOG_ZERO).reshape([n, 1]);
-    if cfg.kind == KdLoss::FklTopk {
-        let lpn = lp.clone() - logsumexp(lp);
-        let lqn = lq.clone() - logsumexp(lq);
-        return (lpn.clone().exp() * (lpn - lqn)).sum_dim(1);
-    }
-    // The student's tail: log(1 − Σ q_top). Only [N, k] work (a masked log-sum-exp over
-    // [N, V] costs several full-vocabulary passes forward and backward); the floor keeps it
-    // finite when the student puts (almost) all its mass on the teacher's top-k.
-    let lqt = (lq.clone().exp().sum_dim(1).neg() + 1.0)
-        .clamp_min(TAIL_FLOOR)
-        .log();
-    let (p, pt) = (lp.clone().exp(), lpt.clone().exp());
-    // Positions whose teacher has no tail (k = V, or an underflowed tail) have no tail
-    // outcome: there the student's floored tail must not count.
-    let has_tail = lpt.clone().greater_elem(LOG_ZERO / 2.0).float();
-    let (qt, lqt) = (lqt.clone().exp() * has_tail.clone(), lqt);
-    match cfg.kind {
-        KdLoss::Fkl => (p * (lp - lq)).sum_dim(1) + pt * (lpt - lqt),
-        KdLoss::Rkl => {
+    // The tail terms, for the kinds that have the tail as an outcome. The student's tail:
+    // log(1 − Σ q_top). Only [N, k] work (a masked log-sum-exp over [N, V] costs several
+    // full-vocabulary passes forward and backward); the floor keeps it finite when the
+    // student puts (almost) all its mass on the teacher's top-k. Positions whose teacher
+    // has no tail (k = V, or an underflowed tail) have no tail outcome: there the student's
+    // floored tail must not count (`qt` is 0).
+    let tail = || {
+        let lqt = (lq.clone().exp().sum_dim(1).neg() + 1.0)
+            .clamp_min(TAIL_FLOOR)
+            .log();
+        let (p, pt) = (lp.clone().exp(), lpt.clone().exp());
+        let has_tail = lpt.clone().greater_elem(LOG_ZERO / 2.0).float();
+        let qt = lqt.clone().exp() * has_tail;
+        (p, pt, qt, lqt)
+    };
+    match kind {
+        Divergence::FklTopk => {
+            let lpn = lp.clone() - logsumexp(lp);
+            let lqn = lq.clone() - logsumexp(lq);
+            (lpn.clone().exp() * (lpn - lqn)).sum_dim(1)
+        }
+        Divergence::Fkl => {
+            let (p, pt, _, lqt) = tail();
+            (p * (lp - lq)).sum_dim(1) + pt * (lpt - lqt)
+        }
+        Divergence::Rkl => {
+            let (_, _, qt, lqt) = tail();
             let q = lq.clone().exp();
             (q * (lq - lp)).sum_dim(1) + qt * (lqt - lpt)
         }
-        KdLoss::Jsd => {
-            let b = cfg.jsd_beta;
+        Divergence::Jsd { beta: b } => {
+            let (p, pt, qt, lqt) = tail();
             let q = lq.clone().exp();
             let lm = (p.clone() * b + q.clone() * (1.0 - b))
                 .clamp_min(1e-30)
@@ -152,7 +214,6 @@ pub fn divergence<B: Backend>(
             let kl_qm = (q * (lq - lm)).sum_dim(1) + qt * (lqt - lmt);
             kl_pm * b + kl_qm * (1.0 - b)
         }
-        KdLoss::FklTopk | KdLoss::Ce => unreachable!("handled above"),
     }
 }
 
@@ -184,13 +245,15 @@ pub fn loss<B: Backend>(
     });
     let dev = logits.device();
     let zero = || Tensor::<B, 1>::zeros([1], &dev);
-    let use_kd = cfg.kind != KdLoss::Ce && cfg.kd_weight != 0.0;
+    let kd_kind = cfg.divergence().filter(|_| cfg.kd_weight != 0.0);
+    let use_kd = kd_kind.is_some();
     let use_ce = cfg.kind == KdLoss::Ce || cfg.ce_weight != 0.0;
-    let kd = if use_kd {
-        let d = divergence(logits.clone(), t, cfg).reshape([n]);
-        (d * t.mask.clone()).sum() / kd_count.max(1.0)
-    } else {
-        zero()
+    let kd = match kd_kind {
+        Some(kind) => {
+            let d = divergence(logits.clone(), t, kind, cfg.temperature).reshape([n]);
+            (d * t.mask.clone()).sum() / kd_count.max(1.0)
+        }
+        None => zero(),
     };
     let ce = if use_ce {
         let c = cross_entropy(logits, t.target_ids.clone()).reshape([n]);

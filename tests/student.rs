@@ -7,8 +7,8 @@ use crate::util::*;
 use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
+use logitcache::student::arch::StudentConfig;
 use logitcache::student::checkpoint::{hf_tensors, load_hf, read_safetensors, save_safetensors};
-use logitcache::student::config::StudentConfig;
 use logitcache::student::model::Llama;
 use std::collections::HashMap;
 

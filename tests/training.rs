@@ -290,7 +290,7 @@ fn one_cache_many_students_and_bad_inputs() {
         &["--temperature 2 differs from the cache's 1"],
     );
     // A GPU: without the `cuda` feature the build says how to get one; with it, this
-    // GPU-less machine's missing driver is named (src/student/device.rs).
+    // GPU-less machine's missing driver is named (src/device.rs).
     let gpu_error = if cfg!(feature = "cuda") {
         "libcuda.so.1 cannot be loaded"
     } else {

@@ -1,6 +1,6 @@
 //! A small ONNX graph builder: named inputs, initializers and nodes in, a serialized
 //! `ModelProto` out. Used for the test teachers, the top-k head that runs after a teacher on
-//! the device, and (later) the student exporter — one builder for all of them.
+//! the device, the pipeline's data model and the student exporter — one builder for all.
 //!
 //! ```
 //! use logitcache::onnx::{GraphBuilder, Dim, data_type};

@@ -1,9 +1,11 @@
-//! Writing ONNX models from Rust: the protobuf messages, a graph builder, the toy teachers
-//! used by tests and the demo, and the top-k head used after a teacher on a GPU, and
-//! the exporter of trained students.
+//! Writing ONNX models from Rust: the protobuf messages and a graph builder (infrastructure
+//! for the teacher's top-k head, the pipeline's data model and the student exporter, which
+//! live with their stages), and the toy teachers of the tests, the benches and
+//! `logitcache toy-teacher`.
+//!
+//! This module imports no stage: `teacher`, `student` and `pipeline` build on it.
 
 pub mod builder;
-pub mod llama;
 pub mod proto;
 pub mod toy;
 

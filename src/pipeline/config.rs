@@ -3,7 +3,7 @@
 //! training settings. Paths are relative to the pipeline file. Unknown keys are refused.
 
 use crate::loss::KdLoss;
-use crate::student::config::{StudentConfig, StudentFile};
+use crate::student::arch::{StudentConfig, StudentFile};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -145,13 +145,13 @@ fn default_train_batch() -> usize {
     8
 }
 fn default_lr() -> f64 {
-    crate::student::train::DEFAULT_LR
+    crate::student::config::DEFAULT_LR
 }
 fn default_wd() -> f64 {
-    crate::student::train::DEFAULT_WEIGHT_DECAY
+    crate::student::config::DEFAULT_WEIGHT_DECAY
 }
 fn default_clip() -> f64 {
-    crate::student::train::DEFAULT_GRAD_CLIP
+    crate::student::config::DEFAULT_GRAD_CLIP
 }
 fn default_loss() -> KdLoss {
     KdLoss::Fkl

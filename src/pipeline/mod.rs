@@ -24,9 +24,11 @@ use crate::cache::reader::Cache;
 use crate::law::{ResultRow, fit, read_results};
 use crate::loss::{KdLoss, LossConfig};
 use crate::progress::ProgressMode;
+use crate::student::arch::StudentConfig;
 use crate::student::checkpoint::RunCheckpoint;
-use crate::student::config::StudentConfig;
-use crate::student::train::{TrainConfig, train_student};
+use crate::student::config::TrainConfig;
+use crate::student::run_dir::RunDir;
+use crate::student::train::train_student;
 use crate::teacher::{self, TeacherConfig};
 use crate::util::{sha256_bytes, sha256_file, write_atomic};
 use anyhow::{Context, bail};
@@ -160,14 +162,12 @@ impl Runner<'_> {
             out: out.to_path_buf(),
             steps: t.steps,
             batch_size: t.batch_size,
-            grad_accum: 1,
             lr: t.lr,
-            min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
+            min_lr: t
+                .min_lr
+                .unwrap_or_else(|| TrainConfig::default_min_lr(t.lr)),
             warmup,
             weight_decay: t.weight_decay,
-            beta1: crate::student::train::DEFAULT_BETA1,
-            beta2: crate::student::train::DEFAULT_BETA2,
-            eps: crate::student::train::DEFAULT_EPS,
             grad_clip: t.grad_clip,
             loss: LossConfig {
                 kind: if ce { KdLoss::Ce } else { t.loss },
@@ -182,10 +182,9 @@ impl Runner<'_> {
             eval_fraction: self.p.file.data.eval_fraction,
             save_every: (t.steps / 4).max(1),
             log_every: (t.steps / 50).max(1),
-            loss_chunk: crate::student::train::DEFAULT_LOSS_CHUNK,
-            device: "cpu".into(),
             progress: Some(self.opts.progress),
-            stop_after: None,
+            // grad_accum, AdamW's betas and eps, loss_chunk, device (cpu), stop_after.
+            ..Default::default()
         }
     }
 
@@ -203,7 +202,7 @@ impl Runner<'_> {
         let st = state(&run, &fp, what)?;
         let valid = st == StepState::Done
             && run.join("checkpoint/model.safetensors").is_file()
-            && last_eval(&run).is_some();
+            && RunDir::new(&run).last_eval().is_some();
         if valid {
             tracing::info!("{what}: done before, skipped");
             return Ok((run, fp));
@@ -303,21 +302,6 @@ impl Runner<'_> {
         mark(dir, &fp, "done", &inputs)?;
         Ok(fp)
     }
-}
-
-/// A run's evaluation records (the `metrics.jsonl` lines with `eval_loss`), in order.
-pub fn evals(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("eval_loss").is_some())
-        .collect()
-}
-
-/// Held-out metrics of a run's final evaluation.
-pub fn last_eval(run: &Path) -> Option<serde_json::Value> {
-    evals(run).pop()
 }
 
 /// Runs the pipeline; returns the path of `report.md`.
@@ -450,11 +434,14 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                     let ck = RunCheckpoint::open(&run)?;
                     write_atomic(
                         &onnx,
-                        &crate::onnx::llama::llama_onnx(&ck.student, &ck.weights()?, false)?,
+                        &crate::student::export::llama_onnx(&ck.student, &ck.weights()?, false)?,
                     )?;
                     mark(&tdir, &fp, "done", &json!({"run": run}))?;
                 }
-                let e = last_eval(&run).and_then(|v| v["eval_loss"].as_f64());
+                let e = RunDir::new(&run)
+                    .last_eval()
+                    .map(|e| e.metrics.eval_loss)
+                    .filter(|l| l.is_finite());
                 (onnx, arch.num_params() as u64, e, fp)
             }
         };
@@ -538,17 +525,21 @@ fn row(
     run: &Path,
     steps: usize,
 ) -> anyhow::Result<ResultRow> {
-    let e = last_eval(run).with_context(|| format!("{} has no evaluation", run.display()))?;
-    let num = |k: &str| e[k].as_f64();
+    let e = RunDir::new(run)
+        .last_eval()
+        .with_context(|| format!("{} has no evaluation", run.display()))?
+        .metrics;
+    // A non-finite metric was written as null: absent, as for any JSON reader.
+    let num = |x: f64| x.is_finite().then_some(x);
     Ok(ResultRow {
         teacher: teacher.into(),
         teacher_params: tp,
         student: s.name.clone(),
         student_params: s.num_params() as u64,
-        eval_loss: num("eval_loss").context("eval_loss")?,
-        eval_ppl: num("eval_ppl").context("eval_ppl")?,
-        eval_kl: num("eval_kl"),
-        eval_top1: num("eval_top1"),
+        eval_loss: num(e.eval_loss).context("eval_loss")?,
+        eval_ppl: num(e.eval_ppl).context("eval_ppl")?,
+        eval_kl: num(e.eval_kl),
+        eval_top1: num(e.eval_top1),
         steps: steps as u64,
         run_dir: run.display().to_string(),
     })

@@ -4,6 +4,7 @@
 
 use super::{Pipeline, TeacherInfo};
 use crate::law::{LawError, LawFit, ResultRow, describe, human};
+use crate::student::run_dir::RunDir;
 use anyhow::anyhow;
 use plotters::prelude::*;
 use std::fmt::Write as _;
@@ -158,9 +159,11 @@ fn plot_curves(path: &Path, teachers: &[TeacherInfo], rows: &[ResultRow]) -> any
             .filter(|r| &r.student == s)
             .map(|r| {
                 let idx = order.iter().position(|t| *t == r.teacher).unwrap_or(0);
-                let pts = super::evals(Path::new(&r.run_dir))
+                let pts = RunDir::new(&r.run_dir)
+                    .evals()
                     .iter()
-                    .filter_map(|v| Some((v["step"].as_f64()?, v["eval_loss"].as_f64()?)))
+                    .map(|e| (e.step as f64, e.metrics.eval_loss))
+                    .filter(|p| p.1.is_finite())
                     .collect();
                 (idx, pts)
             })

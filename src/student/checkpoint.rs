@@ -1,12 +1,39 @@
-//! Student weights in Hugging Face `LlamaForCausalLM` layout: `model.safetensors` (metadata
-//! `format: pt`, names and `[out, in]` shapes as transformers expects) and back.
+//! A run's checkpoint: student weights in Hugging Face `LlamaForCausalLM` layout
+//! (`model.safetensors`, metadata `format: pt`, names and `[out, in]` shapes as
+//! transformers expects) and back, and the whole `RUN_DIR/checkpoint/` directory.
+//!
+//! `checkpoint/` holds the Hugging Face files (`model.safetensors`, `config.json`,
+//! `tokenizer.json`), `train_config.json` ([`super::run_dir::TrainConfigFile`]) and `state/`:
+//! the burn records of the model and optimizer and `trainer.json` ([`TrainerState`]: step,
+//! data cursor), from which a run resumes exactly. [`save_checkpoint`] writes it all to
+//! `checkpoint.tmp/` and renames it into place, so a crash leaves the previous checkpoint;
+//! every file error names its path.
+//!
+//! ```no_run
+//! use logitcache::student::checkpoint::RunCheckpoint;
+//! # fn main() -> anyhow::Result<()> {
+//! let run = RunCheckpoint::open("runs/micro".as_ref())?;
+//! let model = run.model::<burn::backend::Flex>(&Default::default())?;
+//! println!("{}: {} parameters", run.student.name, run.student.num_params());
+//! # Ok(())
+//! # }
+//! ```
 
+use super::arch::StudentConfig;
+use super::config::TrainConfig;
 use super::model::{Llama, hf_name};
-use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use super::run_dir::TrainConfigFile;
+use crate::cache::stream::Cursor;
+use anyhow::Context;
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::Optimizer;
 use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// `(shape, values)` of one tensor, in Hugging Face layout.
 pub type HfTensor = (Vec<usize>, Vec<f32>);
@@ -202,15 +229,14 @@ pub fn load_hf<B: Backend>(
 #[derive(Debug, Clone)]
 pub struct RunCheckpoint {
     /// `RUN_DIR/checkpoint`.
-    pub dir: std::path::PathBuf,
-    pub student: super::config::StudentConfig,
-    pub train: super::train::TrainConfig,
+    pub dir: PathBuf,
+    pub student: StudentConfig,
+    pub train: TrainConfig,
 }
 
 impl RunCheckpoint {
     /// Opens `run_dir` (a directory written by `logitcache train`, i.e. `OUT/<student>`).
     pub fn open(run_dir: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
         let dir = run_dir.join("checkpoint");
         let bytes = std::fs::read(dir.join("train_config.json")).with_context(|| {
             format!(
@@ -218,12 +244,8 @@ impl RunCheckpoint {
                 run_dir.display()
             )
         })?;
-        let tc: serde_json::Value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}/train_config.json is damaged", dir.display()))?;
-        let student = serde_json::from_value(tc["student"].clone())
-            .context("checkpoint/train_config.json has no valid `student`")?;
-        let train = serde_json::from_value(tc["train"].clone())
-            .context("checkpoint/train_config.json has no valid `train`")?;
+        let TrainConfigFile { train, student } =
+            TrainConfigFile::parse(&bytes, &dir.join("train_config.json"))?;
         Ok(RunCheckpoint {
             dir,
             student,
@@ -245,4 +267,129 @@ impl RunCheckpoint {
             &self.dir.join("model.safetensors"),
         )
     }
+}
+
+/// Trainer state saved in `checkpoint/state/trainer.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub step: usize,
+    pub cursor: Cursor,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes `run/checkpoint/` (see the module docs) for `model`, `optim` and `state`:
+/// everything goes to `run/checkpoint.tmp/`, is fsynced, and replaces the old checkpoint
+/// by renames.
+pub fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
+    run: &Path,
+    model: &Llama<B>,
+    optim: &O,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+    state: &TrainerState,
+) -> anyhow::Result<()> {
+    let tmp = run.join("checkpoint.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let state_dir = tmp.join("state");
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let inner = model.valid();
+    save_safetensors(&inner, &tmp.join("model.safetensors"))?;
+    let tok = crate::tokenizer::load(&cfg.tokenizer)?;
+    let bos = tok.tokenizer.token_to_id("<s>");
+    let eos = tok.tokenizer.token_to_id("</s>");
+    write_file(
+        &tmp.join("config.json"),
+        &serde_json::to_vec_pretty(&student.hf_config_json(bos, eos))?,
+    )?;
+    let tok_dst = tmp.join("tokenizer.json");
+    std::fs::copy(&cfg.tokenizer, &tok_dst).with_context(|| {
+        format!(
+            "copying {} to {}",
+            cfg.tokenizer.display(),
+            tok_dst.display()
+        )
+    })?;
+    let file = TrainConfigFile {
+        train: cfg.clone(),
+        student: student.clone(),
+    };
+    write_file(&tmp.join("train_config.json"), &file.to_json()?)?;
+    let rec = Rec::new();
+    let model_rec = state_dir.join("model");
+    Recorder::<B>::record(&rec, model.clone().into_record(), model_rec.clone()).map_err(|e| {
+        anyhow::anyhow!("saving the model state to {}.mpk: {e}", model_rec.display())
+    })?;
+    let optim_rec = state_dir.join("optim");
+    Recorder::<B>::record(&rec, optim.to_record(), optim_rec.clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "saving the optimizer state to {}.mpk: {e}",
+            optim_rec.display()
+        )
+    })?;
+    write_file(
+        &state_dir.join("trainer.json"),
+        &serde_json::to_vec_pretty(state)?,
+    )?;
+    for f in [
+        "model.safetensors",
+        "state/model.mpk",
+        "state/optim.mpk",
+        "state/trainer.json",
+        "config.json",
+    ] {
+        let path = tmp.join(f);
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", path.display()))?;
+    }
+    let dst = run.join("checkpoint");
+    let old = run.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dst.exists() {
+        std::fs::rename(&dst, &old)
+            .with_context(|| format!("moving {} to {}", dst.display(), old.display()))?;
+    }
+    std::fs::rename(&tmp, &dst)
+        .with_context(|| format!("moving {} to {}", tmp.display(), dst.display()))?;
+    crate::util::sync_dir(run).with_context(|| format!("syncing {}", run.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    crate::util::failpoint("checkpoint-saved");
+    Ok(())
+}
+
+/// Reads the training state of checkpoint `ckpt` (`RUN_DIR/checkpoint`) into `model` and
+/// `optim`, for `--resume`; a damaged file is named, with the way out.
+pub fn load_state<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
+    ckpt: &Path,
+    model: Llama<B>,
+    optim: O,
+    dev: &B::Device,
+) -> anyhow::Result<(Llama<B>, O, TrainerState)> {
+    let bad = |what: &str, e: String| {
+        anyhow::anyhow!(
+            "cannot resume from {}: {what} is damaged ({e}); delete the run directory to start over",
+            ckpt.display()
+        )
+    };
+    let trainer = ckpt.join("state/trainer.json");
+    let state: TrainerState = serde_json::from_slice(
+        &std::fs::read(&trainer).with_context(|| format!("reading {}", trainer.display()))?,
+    )
+    .map_err(|e| bad("state/trainer.json", e.to_string()))?;
+    let rec = Rec::new();
+    let mrec = Recorder::<B>::load(&rec, ckpt.join("state/model"), dev)
+        .map_err(|e| bad("state/model.mpk", e.to_string()))?;
+    let model = model.load_record(mrec);
+    let orec = Recorder::<B>::load(&rec, ckpt.join("state/optim"), dev)
+        .map_err(|e| bad("state/optim.mpk", e.to_string()))?;
+    let optim = optim.load_record(orec);
+    Ok((model, optim, state))
 }

@@ -1,233 +1,176 @@
-//! Student architecture: a Llama-style decoder sized by a TOML file whose keys are Hugging
-//! Face `LlamaConfig` names, or by a named preset.
+//! How a student is trained: [`TrainConfig`], with every default a `DEFAULT_*` constant
+//! (the `train` flags take theirs from here, and so does `logitcache run`).
 //!
-//! ```toml
-//! hidden_size = 256
-//! num_hidden_layers = 4
-//! num_attention_heads = 4
-//! num_key_value_heads = 2
-//! intermediate_size = 688
-//! # vocab_size = 32000        # default: the cache's vocabulary
-//! tie_word_embeddings = true
+//! The config is saved in each run directory's `checkpoint/train_config.json` (see
+//! [`super::run_dir`]) and hashed into pipeline fingerprints, so its serde form — field
+//! names, order and values — is part of the run format.
+//!
+//! ```
+//! use logitcache::student::config::TrainConfig;
+//! let cfg = TrainConfig {
+//!     cache: "cache/".into(),
+//!     tokenizer: "tokenizer.json".into(),
+//!     out: "runs/".into(),
+//!     steps: 200,
+//!     ..Default::default()
+//! };
+//! cfg.validate().unwrap();
+//! assert_eq!(cfg.lr_at(0), cfg.lr / cfg.warmup as f64);
 //! ```
 
+use crate::device::Device;
+use crate::loss::{KdLoss, LossConfig};
+use crate::progress::ProgressMode;
+use anyhow::bail;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::PathBuf;
 
-pub const DEFAULT_MAX_POSITION_EMBEDDINGS: usize = 2048;
-pub const DEFAULT_ROPE_THETA: f64 = 10_000.0;
-pub const DEFAULT_RMS_NORM_EPS: f64 = 1e-5;
+/// Optimizer steps.
+pub const DEFAULT_STEPS: usize = 1000;
+/// Sequences (cache windows) per micro-batch.
+pub const DEFAULT_BATCH_SIZE: usize = 8;
+/// Micro-batches accumulated per optimizer step.
+pub const DEFAULT_GRAD_ACCUM: usize = 1;
+/// Peak learning rate (AdamW).
+pub const DEFAULT_LR: f64 = 1e-3;
+/// The cosine schedule ends at `lr / DEFAULT_MIN_LR_DIVISOR` unless a `min_lr` is given.
+pub const DEFAULT_MIN_LR_DIVISOR: f64 = 10.0;
+/// Linear warmup steps.
+pub const DEFAULT_WARMUP: usize = 100;
+/// Global gradient-norm clip (0 = none).
+pub const DEFAULT_GRAD_CLIP: f64 = 1.0;
+/// AdamW defaults of PyTorch (burn's differ: eps 1e-5, weight decay 1e-4).
+pub const DEFAULT_BETA1: f64 = 0.9;
+/// AdamW β2 (PyTorch default).
+pub const DEFAULT_BETA2: f64 = 0.999;
+/// AdamW ε (PyTorch default).
+pub const DEFAULT_EPS: f64 = 1e-8;
+/// AdamW weight decay (PyTorch default).
+pub const DEFAULT_WEIGHT_DECAY: f64 = 0.01;
+/// Seed of the initial weights and the data order.
+pub const DEFAULT_SEED: u64 = 0;
+/// Evaluate every N steps (0 = only at the end).
+pub const DEFAULT_EVAL_EVERY: usize = 0;
+/// Batches per evaluation.
+pub const DEFAULT_EVAL_BATCHES: usize = 50;
+/// Fraction of sequences held out for evaluation (chosen by `seq_id` hash).
+pub const DEFAULT_EVAL_FRACTION: f64 = 0.02;
+/// Save a checkpoint every N steps (0 = only at the end).
+pub const DEFAULT_SAVE_EVERY: usize = 0;
+/// Write a metrics line every N steps.
+pub const DEFAULT_LOG_EVERY: usize = 10;
+/// Positions per loss chunk (0 = whole batch at once).
+pub const DEFAULT_LOSS_CHUNK: usize = 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read student config {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("student config {path} is not valid: {what}")]
-    Parse { path: String, what: String },
-    #[error("student config {name}: {what}")]
-    Invalid { name: String, what: String },
-    #[error("unknown student preset `{0}`; presets: {1}")]
-    UnknownPreset(String, String),
+/// Everything one `train` run needs (per student), saved as `train_config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub cache: PathBuf,
+    pub tokenizer: PathBuf,
+    pub out: PathBuf,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub grad_clip: f64,
+    pub loss: LossConfig,
+    pub seed: u64,
+    pub eval_every: usize,
+    pub eval_batches: usize,
+    pub eval_fraction: f64,
+    pub save_every: usize,
+    pub log_every: usize,
+    pub loss_chunk: usize,
+    /// `cpu` or `cuda:N`, saved as that text.
+    pub device: Device,
+    #[serde(skip)]
+    pub progress: Option<ProgressMode>,
+    /// Stop (with a checkpoint) after this step.
+    #[serde(skip)]
+    pub stop_after: Option<usize>,
 }
 
-/// The TOML file's contents (Hugging Face `LlamaConfig` keys; unknown keys are refused).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StudentFile {
-    pub hidden_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: Option<usize>,
-    pub intermediate_size: usize,
-    pub vocab_size: Option<usize>,
-    pub max_position_embeddings: Option<usize>,
-    pub rope_theta: Option<f64>,
-    pub rms_norm_eps: Option<f64>,
-    pub tie_word_embeddings: Option<bool>,
-}
-
-/// A resolved, validated student architecture.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StudentConfig {
-    /// File stem or preset name, used for run directories.
-    pub name: String,
-    pub hidden_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub intermediate_size: usize,
-    pub vocab_size: usize,
-    pub max_position_embeddings: usize,
-    pub rope_theta: f64,
-    pub rms_norm_eps: f64,
-    pub tie_word_embeddings: bool,
-}
-
-/// Named sizes (vocab from the cache): (name, hidden, layers, heads, kv heads, intermediate).
-pub const PRESETS: &[(&str, usize, usize, usize, usize, usize)] = &[
-    ("nano", 64, 2, 4, 2, 176),
-    ("micro", 128, 4, 4, 2, 344),
-    ("mini", 256, 4, 8, 4, 688),
-    ("small", 384, 6, 6, 2, 1024),
-    ("base", 512, 8, 8, 4, 1376),
-];
-
-impl StudentConfig {
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
-
-    /// Parameter count (embeddings included; the head counted once when tied).
-    pub fn num_params(&self) -> usize {
-        let (d, v, i) = (self.hidden_size, self.vocab_size, self.intermediate_size);
-        let kv = self.num_key_value_heads * self.head_dim();
-        let layer = d * d * 2 + 2 * d * kv + 3 * d * i + 2 * d;
-        v * d
-            + self.num_hidden_layers * layer
-            + d
-            + if self.tie_word_embeddings { 0 } else { v * d }
-    }
-
-    pub fn from_file(name: &str, f: StudentFile, cache_vocab: usize) -> Result<Self, ConfigError> {
-        let c = StudentConfig {
-            name: name.to_string(),
-            hidden_size: f.hidden_size,
-            num_hidden_layers: f.num_hidden_layers,
-            num_attention_heads: f.num_attention_heads,
-            num_key_value_heads: f.num_key_value_heads.unwrap_or(f.num_attention_heads),
-            intermediate_size: f.intermediate_size,
-            vocab_size: f.vocab_size.unwrap_or(cache_vocab),
-            max_position_embeddings: f
-                .max_position_embeddings
-                .unwrap_or(DEFAULT_MAX_POSITION_EMBEDDINGS),
-            rope_theta: f.rope_theta.unwrap_or(DEFAULT_ROPE_THETA),
-            rms_norm_eps: f.rms_norm_eps.unwrap_or(DEFAULT_RMS_NORM_EPS),
-            tie_word_embeddings: f.tie_word_embeddings.unwrap_or(false),
-        };
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// Checks the architecture is buildable.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |what: String| {
-            Err(ConfigError::Invalid {
-                name: self.name.clone(),
-                what,
-            })
-        };
-        for (k, v) in [
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("vocab_size", self.vocab_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if v == 0 {
-                return bad(format!("{k} must be at least 1"));
-            }
+impl Default for TrainConfig {
+    /// The `train` defaults, with empty `cache`, `tokenizer` and `out` paths to fill in.
+    fn default() -> Self {
+        TrainConfig {
+            cache: PathBuf::new(),
+            tokenizer: PathBuf::new(),
+            out: PathBuf::new(),
+            steps: DEFAULT_STEPS,
+            batch_size: DEFAULT_BATCH_SIZE,
+            grad_accum: DEFAULT_GRAD_ACCUM,
+            lr: DEFAULT_LR,
+            min_lr: TrainConfig::default_min_lr(DEFAULT_LR),
+            warmup: DEFAULT_WARMUP,
+            weight_decay: DEFAULT_WEIGHT_DECAY,
+            beta1: DEFAULT_BETA1,
+            beta2: DEFAULT_BETA2,
+            eps: DEFAULT_EPS,
+            grad_clip: DEFAULT_GRAD_CLIP,
+            loss: LossConfig::default(),
+            seed: DEFAULT_SEED,
+            eval_every: DEFAULT_EVAL_EVERY,
+            eval_batches: DEFAULT_EVAL_BATCHES,
+            eval_fraction: DEFAULT_EVAL_FRACTION,
+            save_every: DEFAULT_SAVE_EVERY,
+            log_every: DEFAULT_LOG_EVERY,
+            loss_chunk: DEFAULT_LOSS_CHUNK,
+            device: Device::Cpu,
+            progress: None,
+            stop_after: None,
         }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return bad(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}; choose heads that divide it",
-                self.hidden_size, self.num_attention_heads
-            ));
+    }
+}
+
+impl TrainConfig {
+    /// The final learning rate of the cosine schedule when none is given for peak `lr`.
+    pub fn default_min_lr(lr: f64) -> f64 {
+        lr / DEFAULT_MIN_LR_DIVISOR
+    }
+
+    /// Checks the settings before any work starts; errors name the flag to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("--steps, --batch-size and --grad-accum must be at least 1");
         }
-        if !self
-            .num_attention_heads
-            .is_multiple_of(self.num_key_value_heads)
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("--lr must be a finite number > 0 (got {})", self.lr);
+        }
+        if self.loss.temperature.is_nan() || self.loss.temperature <= 0.0 {
+            bail!("--temperature must be > 0");
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            bail!(
+                "--eval-fraction must be in [0, 1) (got {})",
+                self.eval_fraction
+            );
+        }
+        if self.loss.kind != KdLoss::Ce && self.loss.kd_weight == 0.0 && self.loss.ce_weight == 0.0
         {
-            return bad(format!(
-                "num_attention_heads {} is not divisible by num_key_value_heads {}",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
+            bail!("--kd-weight and --ce-weight are both 0: nothing to train on");
         }
-        if !self.head_dim().is_multiple_of(2) {
-            return bad(format!(
-                "head dimension {} (hidden_size / num_attention_heads) must be even for rotary embeddings",
-                self.head_dim()
-            ));
+        if !(self.loss.jsd_beta > 0.0 && self.loss.jsd_beta < 1.0) {
+            bail!("--jsd-beta must be in (0, 1)");
         }
-        if !(self.rope_theta > 0.0 && self.rms_norm_eps > 0.0) {
-            return bad("rope_theta and rms_norm_eps must be > 0".into());
-        }
+        self.device.check_trainable().map_err(anyhow::Error::msg)?;
         Ok(())
     }
 
-    /// Loads `spec`: a TOML path, or `preset:NAME` / a bare preset name.
-    pub fn load(spec: &str, cache_vocab: usize) -> Result<Self, ConfigError> {
-        let preset = spec.strip_prefix("preset:").unwrap_or(spec);
-        if let Some(&(name, d, l, h, kv, i)) = PRESETS.iter().find(|p| p.0 == preset) {
-            return Self::from_file(
-                name,
-                StudentFile {
-                    hidden_size: d,
-                    num_hidden_layers: l,
-                    num_attention_heads: h,
-                    num_key_value_heads: Some(kv),
-                    intermediate_size: i,
-                    vocab_size: None,
-                    max_position_embeddings: None,
-                    rope_theta: None,
-                    rms_norm_eps: None,
-                    tie_word_embeddings: Some(true),
-                },
-                cache_vocab,
-            );
+    /// Learning rate at `step` (0-based): linear warmup, then cosine to `min_lr`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
         }
-        let path = Path::new(spec);
-        if spec.starts_with("preset:") || (!path.exists() && !spec.ends_with(".toml")) {
-            return Err(ConfigError::UnknownPreset(
-                preset.to_string(),
-                PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", "),
-            ));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
-            path: spec.to_string(),
-            source: e,
-        })?;
-        let f: StudentFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: spec.to_string(),
-            what: e.to_string(),
-        })?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "student".into());
-        Self::from_file(&name, f, cache_vocab)
-    }
-
-    /// The Hugging Face `config.json` of a `LlamaForCausalLM` with this architecture.
-    pub fn hf_config_json(&self, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "intermediate_size": self.intermediate_size,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
-            "head_dim": self.head_dim(),
-            "initializer_range": 0.02,
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "torch_dtype": "float32",
-            "use_cache": true,
-        })
+        let span = (self.steps - self.warmup.min(self.steps)).max(1) as f64;
+        let t = ((step - self.warmup) as f64 / span).min(1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
     }
 }
 
@@ -235,64 +178,45 @@ impl StudentConfig {
 mod tests {
     use super::*;
 
-    fn write(text: &str) -> tempfile::NamedTempFile {
-        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
-        f
+    #[test]
+    fn defaults_are_the_documented_constants() {
+        let c = TrainConfig::default();
+        assert_eq!((c.steps, c.batch_size, c.grad_accum), (1000, 8, 1));
+        assert_eq!((c.lr, c.min_lr, c.warmup), (1e-3, 1e-3 / 10.0, 100));
+        assert_eq!(
+            (c.beta1, c.beta2, c.eps, c.weight_decay),
+            (0.9, 0.999, 1e-8, 0.01)
+        );
+        assert_eq!(
+            (c.grad_clip, c.seed, c.eval_every, c.eval_batches),
+            (1.0, 0, 0, 50)
+        );
+        assert_eq!((c.eval_fraction, c.save_every, c.log_every), (0.02, 0, 10));
+        assert_eq!((c.loss_chunk, c.device), (1024, Device::Cpu));
+        assert_eq!(c.loss, LossConfig::default());
     }
 
     #[test]
-    fn presets_and_files_load_and_count_params() {
-        let c = StudentConfig::load("micro", 1000).unwrap();
-        assert_eq!(
-            (c.hidden_size, c.vocab_size, c.num_key_value_heads),
-            (128, 1000, 2)
-        );
-        // 1000*128 + 4*(2*128*128 + 2*128*64 + 3*128*344 + 256) + 128
-        assert_eq!(
-            c.num_params(),
-            128_000 + 4 * (32_768 + 16_384 + 132_096 + 256) + 128
-        );
-        let f = write(
-            "hidden_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nintermediate_size = 128\nvocab_size = 500\n",
-        );
-        let c = StudentConfig::load(f.path().to_str().unwrap(), 1000).unwrap();
-        assert_eq!(
-            (c.vocab_size, c.num_key_value_heads, c.tie_word_embeddings),
-            (500, 4, false)
+    fn tensorrt_is_refused_for_training() {
+        let c = TrainConfig {
+            device: Device::TensorRt(0),
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--device tensorrt:0") && e.contains("cuda:N"),
+            "{e}"
         );
     }
 
     #[test]
-    fn bad_configs_say_what_is_wrong() {
-        let f = write(
-            "hidden_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nintermediate_size = 128\nhiden = 3\n",
-        );
-        let e = StudentConfig::load(f.path().to_str().unwrap(), 10)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("unknown field `hiden`"), "{e}");
-        let f = write(
-            "hidden_size = 100\nnum_hidden_layers = 2\nnum_attention_heads = 3\nintermediate_size = 128\n",
-        );
-        let e = StudentConfig::load(f.path().to_str().unwrap(), 10)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("hidden_size 100 is not divisible by num_attention_heads 3"),
-            "{e}"
-        );
-        let f = write(
-            "hidden_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 3\nintermediate_size = 128\n",
-        );
-        let e = StudentConfig::load(f.path().to_str().unwrap(), 10)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("not divisible by num_key_value_heads 3"), "{e}");
-        let e = StudentConfig::load("huge", 10).unwrap_err().to_string();
-        assert!(
-            e.contains("unknown student preset `huge`") && e.contains("micro"),
-            "{e}"
-        );
+    fn serde_form_keeps_the_device_as_text() {
+        let c = TrainConfig {
+            device: Device::Cuda(1),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["device"], "cuda:1");
+        assert_eq!(serde_json::from_value::<TrainConfig>(v).unwrap(), c);
     }
 }

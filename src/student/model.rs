@@ -6,7 +6,7 @@
 //! transposes them to Hugging Face's `[out, in]`. Parameter paths map one to one onto HF
 //! names (see [`hf_name`]).
 
-use super::config::StudentConfig;
+use super::arch::StudentConfig;
 use crate::rng::SplitMix;
 use burn::module::Param;
 use burn::prelude::*;

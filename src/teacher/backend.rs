@@ -1,49 +1,7 @@
 //! The teacher backend interface: a padded batch of windows in, the top-k of every real
 //! position out. The ONNX Runtime implementation is in [`super::ort_backend`].
 
-use std::fmt;
-use std::str::FromStr;
-
-/// Where the teacher runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda(i32),
-    TensorRt(i32),
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => write!(f, "cpu"),
-            Device::Cuda(n) => write!(f, "cuda:{n}"),
-            Device::TensorRt(n) => write!(f, "tensorrt:{n}"),
-        }
-    }
-}
-
-impl FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (name, idx) = match s.split_once(':') {
-            Some((n, i)) => (
-                n,
-                i.parse::<i32>().ok().filter(|v| *v >= 0).ok_or_else(|| {
-                    format!("device index in `{s}` is not a number ≥ 0; use e.g. cuda:0")
-                })?,
-            ),
-            None => (s, 0),
-        };
-        match name {
-            "cpu" if !s.contains(':') => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(idx)),
-            "tensorrt" | "trt" => Ok(Device::TensorRt(idx)),
-            _ => Err(format!(
-                "unknown device `{s}`; use cpu, cuda[:N] or tensorrt[:N]"
-            )),
-        }
-    }
-}
+pub use crate::device::Device;
 
 /// Where top-k + log-softmax is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -437,7 +437,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     let est_tokens = (plan.tokens * wanted.len() as u64)
         .checked_div(plan.shards)
         .unwrap_or(0);
-    let progress = Progress::new(cfg.progress, est_tokens, plan.shards, already);
+    let progress = Progress::shards(cfg.progress, est_tokens, plan.shards, already);
 
     let mut summary = RunSummary {
         shards_written: 0,
@@ -599,7 +599,18 @@ fn write_loop(
             (m.shards.len() as u64, m.plan.shards)
         };
         failpoint("manifest-updated");
-        progress.shard_done(&entry, done, total);
+        progress.shard_done(
+            &crate::progress::ShardReport {
+                index: entry.index,
+                file: &entry.file,
+                rows: entry.rows,
+                tokens: entry.tokens,
+                bytes: entry.bytes,
+                seconds: entry.seconds,
+            },
+            done,
+            total,
+        );
     }
     Ok(())
 }

@@ -1,18 +1,30 @@
 //! A trained student as an ONNX model with the interface the teacher stage consumes
 //! (`input_ids`, `attention_mask` → `logits` f32 `[batch, seq, vocab]`), built from its
 //! Hugging Face weights with the same [`GraphBuilder`] as the toy teachers and the top-k head.
+//! It lives with the student (it reads student types) and uses [`crate::onnx`] only as a
+//! graph-writing library, so `onnx` knows nothing of students.
 //!
-//! The graph follows [`crate::student::model::Llama`] op for op: position ids are derived
+//! ```no_run
+//! use logitcache::student::{checkpoint::RunCheckpoint, export::llama_onnx};
+//! # fn main() -> anyhow::Result<()> {
+//! let run = RunCheckpoint::open("runs/micro".as_ref())?;
+//! let bytes = llama_onnx(&run.student, &run.weights()?, false)?;
+//! std::fs::write("micro.onnx", bytes)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The graph follows [`super::model::Llama`] op for op: position ids are derived
 //! from the mask as Hugging Face does (`cumsum(mask) - 1`, clipped at 0), rotary embeddings
 //! use the `rotate_half` layout, masked attention scores are *replaced* by -1e9 (as burn's
 //! `mask_fill`), grouped-query heads are repeated, the MLP is SwiGLU. With `fp16` the
 //! weights are stored as float16 (half the file) and cast to float32 inside the graph, so
 //! the CPU execution provider runs it and the logits stay float32.
 
-use super::builder::{Dim, GraphBuilder, attr_int, attr_ints, tensor_raw};
-use super::proto::data_type;
-use crate::student::checkpoint::HfTensor;
-use crate::student::config::StudentConfig;
+use super::arch::StudentConfig;
+use super::checkpoint::HfTensor;
+use crate::onnx::builder::{Dim, GraphBuilder, attr_int, attr_ints, tensor_raw};
+use crate::onnx::proto::data_type;
 use std::collections::HashMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +134,7 @@ fn rope(g: &mut GraphBuilder, x: &str, cos: &str, sin: &str, hd: usize) -> Strin
 }
 
 /// Builds the ONNX model of a student from its Hugging Face weights (as
-/// [`crate::student::checkpoint::read_safetensors`] returns them).
+/// [`super::checkpoint::read_safetensors`] returns them).
 pub fn llama_onnx(
     cfg: &StudentConfig,
     weights: &HashMap<String, HfTensor>,

@@ -1,0 +1,208 @@
+//! Evaluating a student: on a cache's held-out split ([`evaluate`]: cross-entropy,
+//! perplexity, KL to the teacher, top-1 agreement) or on a plain corpus
+//! ([`evaluate_corpus`]: cross-entropy and perplexity).
+//!
+//! ```no_run
+//! use logitcache::cache::reader::Cache;
+//! use logitcache::student::{checkpoint::RunCheckpoint, eval::evaluate};
+//! # fn main() -> anyhow::Result<()> {
+//! let run = RunCheckpoint::open("runs/micro".as_ref())?;
+//! let model = run.model::<burn::backend::Flex>(&Default::default())?;
+//! let cache = Cache::open("cache/".as_ref())?;
+//! let t = &run.train;
+//! let m = evaluate(&model, &cache, t.eval_fraction, t.batch_size, 50, &t.loss)?;
+//! println!("held-out loss {:.4}, top-1 {:.3}", m.eval_loss, m.eval_top1);
+//! # Ok(())
+//! # }
+//! ```
+
+use super::data::{inputs, targets};
+use super::model::Llama;
+use crate::cache::reader::Cache;
+use crate::cache::stream::{Split, Stream, StreamConfig, TrainBatch};
+use crate::loss::{Divergence, LossConfig, divergence};
+use anyhow::bail;
+use burn::prelude::*;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Metrics of an evaluation pass (the `eval_*` fields of `metrics.jsonl`'s eval lines).
+///
+/// A non-finite value is written as `null` (serde_json's way); it reads back as NaN.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalMetrics {
+    #[serde(deserialize_with = "nan_if_null")]
+    pub eval_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub eval_ppl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub eval_kl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub eval_top1: f64,
+    pub eval_tokens: u64,
+}
+
+/// Reads a number, or `null` (how serde_json writes NaN and infinities) as NaN.
+pub(crate) fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Evaluates `model` on up to `max_batches` batches of the eval split.
+pub fn evaluate<B: Backend>(
+    model: &Llama<B>,
+    cache: &Cache,
+    eval_fraction: f64,
+    batch_size: usize,
+    max_batches: usize,
+    loss_cfg: &LossConfig,
+) -> anyhow::Result<EvalMetrics> {
+    let dev = model.embed_tokens.device();
+    let (split, frac) = if eval_fraction > 0.0 {
+        (Split::Eval, eval_fraction)
+    } else {
+        (Split::All, 0.0)
+    };
+    let stream = Stream::start(
+        cache,
+        StreamConfig {
+            batch_size,
+            shuffle: false,
+            split,
+            eval_fraction: frac,
+            ..Default::default()
+        },
+    )?;
+    let (mut ce, mut kl, mut top1, mut n_ce, mut n_kd) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for b in stream.take(max_batches.max(1)) {
+        let b = b?;
+        let (ids, mask) = inputs::<B>(&b, &dev);
+        let t = targets::<B>(&b, &dev);
+        let n = b.batch * b.len;
+        let logits = model.forward(ids, mask).reshape([n, model.vocab_size()]);
+        let ce_rows = crate::loss::cross_entropy(logits.clone(), t.target_ids.clone()).reshape([n]);
+        ce += (ce_rows * t.target_mask.clone())
+            .sum()
+            .into_scalar()
+            .elem::<f64>();
+        let d = divergence(logits.clone(), &t, Divergence::Fkl, loss_cfg.temperature).reshape([n]);
+        kl += (d * t.mask.clone()).sum().into_scalar().elem::<f64>();
+        let arg: Vec<i64> = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .expect("int data");
+        for (i, &a) in arg.iter().enumerate() {
+            if b.mask[i] > 0.0 {
+                top1 += (a as u32 == b.topk_ids[i * b.k]) as u64 as f64;
+            }
+        }
+        n_ce += b.target_mask.iter().map(|&m| m as f64).sum::<f64>();
+        n_kd += b.mask.iter().map(|&m| m as f64).sum::<f64>();
+    }
+    if n_kd == 0.0 {
+        bail!("the eval split is empty; raise --eval-fraction or use a larger cache");
+    }
+    let eval_loss = ce / n_ce.max(1.0);
+    Ok(EvalMetrics {
+        eval_loss,
+        eval_ppl: eval_loss.exp(),
+        eval_kl: kl / n_kd,
+        eval_top1: top1 / n_kd,
+        eval_tokens: n_kd as u64,
+    })
+}
+
+/// Cross-entropy metrics of a corpus (no teacher).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CorpusEval {
+    pub eval_loss: f64,
+    pub eval_ppl: f64,
+    pub eval_tokens: u64,
+}
+
+/// Evaluates next-token cross-entropy on a corpus, in windows of the model's
+/// `max_position_embeddings` (at most 512), 8 windows a batch.
+pub fn evaluate_corpus<B: Backend>(
+    model: &Llama<B>,
+    corpus: &[PathBuf],
+    text_field: &str,
+    tokenizer: &Path,
+    max_batches: usize,
+) -> anyhow::Result<CorpusEval> {
+    let tok = crate::tokenizer::load(tokenizer)?;
+    if tok.vocab_size > model.vocab_size() {
+        bail!(
+            "tokenizer {} has {} tokens, the student only {}",
+            tokenizer.display(),
+            tok.vocab_size,
+            model.vocab_size()
+        );
+    }
+    let files = crate::corpus::discover(corpus)?;
+    let mut windows: Vec<Vec<u32>> = Vec::new();
+    let need = max_batches.max(1) * 8;
+    crate::corpus::for_each_document(&files, text_field, false, |_, text| {
+        if windows.len() < need {
+            let enc = tok
+                .tokenizer
+                .encode(text.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+            windows.extend(
+                enc.get_ids()
+                    .chunks(512)
+                    .filter(|c| c.len() > 1)
+                    .map(|c| c.to_vec()),
+            );
+        }
+        Ok(())
+    })?;
+    windows.truncate(need);
+    if windows.is_empty() {
+        bail!("the corpus has no text to evaluate on");
+    }
+    let dev = model.embed_tokens.device();
+    let (mut ce, mut n) = (0.0, 0.0);
+    for chunk in windows.chunks(8) {
+        let len = chunk.iter().map(|w| w.len()).max().unwrap_or(0);
+        let mut b = TrainBatch {
+            batch: chunk.len(),
+            len,
+            k: 1,
+            input_ids: vec![0; chunk.len() * len],
+            target_ids: vec![0; chunk.len() * len],
+            target_mask: vec![0.0; chunk.len() * len],
+            mask: vec![0.0; chunk.len() * len],
+            ..Default::default()
+        };
+        for (i, w) in chunk.iter().enumerate() {
+            let o = i * len;
+            b.input_ids[o..o + w.len()].copy_from_slice(w);
+            b.target_ids[o..o + w.len() - 1].copy_from_slice(&w[1..]);
+            b.target_mask[o..o + w.len() - 1].fill(1.0);
+            b.mask[o..o + w.len()].fill(1.0);
+        }
+        let (ids, mask) = inputs::<B>(&b, &dev);
+        let rows = b.batch * b.len;
+        let logits = model.forward(ids, mask).reshape([rows, model.vocab_size()]);
+        let tgt = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(
+                b.target_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+                [rows],
+            ),
+            &dev,
+        );
+        let tm = Tensor::<B, 1>::from_data(TensorData::new(b.target_mask.clone(), [rows]), &dev);
+        ce += (crate::loss::cross_entropy(logits, tgt).reshape([rows]) * tm)
+            .sum()
+            .into_scalar()
+            .elem::<f64>();
+        n += b.target_mask.iter().map(|&m| m as f64).sum::<f64>();
+    }
+    let l = ce / n.max(1.0);
+    Ok(CorpusEval {
+        eval_loss: l,
+        eval_ppl: l.exp(),
+        eval_tokens: n as u64,
+    })
+}
