@@ -237,8 +237,9 @@ impl Usage {
 }
 
 fn usage() -> Usage {
-    // SAFETY: getrusage writes into the zeroed struct we pass.
+    // SAFETY: `rusage` is a plain C struct of integers, valid when zeroed.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we pass, which lives for the call.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
     Usage {

@@ -254,6 +254,11 @@ pub struct EvalArgs {
     /// JSON field / Parquet column of --corpus.
     #[arg(long, default_value = teacher::DEFAULT_TEXT_FIELD)]
     pub text_field: String,
+    /// Window length for --corpus: documents are cut into windows of at most this many
+    /// tokens as the teacher stage cuts them (default: the seq_len of the cache the run was
+    /// trained on, else the student's max_position_embeddings).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
     /// Batches to evaluate.
     #[arg(long, default_value_t = 1000)]
     pub batches: usize,
@@ -775,11 +780,17 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<i32> {
             .tokenizer
             .clone()
             .unwrap_or_else(|| ckpt.join("tokenizer.json"));
+        let seq_len = args.seq_len.unwrap_or_else(|| {
+            Cache::open(&tcfg.cache)
+                .map(|c| c.manifest.params.seq_len)
+                .unwrap_or(run.student.max_position_embeddings)
+        });
         let e = student::eval::evaluate_corpus(
             &model,
             &args.corpus,
             &args.text_field,
             &tok_path,
+            seq_len,
             args.batches,
         )?;
         serde_json::to_value(e)?

@@ -366,6 +366,7 @@ fn parquet_corpus_and_wrong_text_field() {
 fn read_only_output_directory() {
     // root ignores permission bits, so as root use a directory on a filesystem that refuses
     // writes (/sys); otherwise a directory without write permission.
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let target = if unsafe { libc::geteuid() } == 0 {
         PathBuf::from("/sys/logitcache-test-cache")
     } else {

@@ -135,6 +135,25 @@ fn loss_goes_down_and_eval_matches_the_eval_command() {
     assert_ok(&o);
     let e: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert!(e["eval_ppl"].as_f64().unwrap() > 1.0);
+    // Its windows are the teacher's (the cache's seq_len, 24): over the cache's whole corpus
+    // the CE positions are the cache's positions minus one per window.
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        out.join("tiny").to_str().unwrap(),
+        "--corpus",
+        corpus(300).to_str().unwrap(),
+        "--batches",
+        "100000",
+        "--json",
+    ]);
+    assert_ok(&o);
+    let e: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rows = all_rows(cache());
+    assert_eq!(
+        e["eval_tokens"].as_u64().unwrap(),
+        (rows.positions() - rows.rows()) as u64
+    );
     // The checkpoint is a Hugging Face LlamaForCausalLM directory.
     let ck = out.join("tiny/checkpoint");
     let cfg: serde_json::Value =

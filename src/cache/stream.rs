@@ -512,17 +512,12 @@ fn produce(
     }
 }
 
-fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> TrainBatch {
-    let b = rows.len();
-    let span = |r: &ShardRows, i: usize| (r.offsets[i] as usize, r.offsets[i + 1] as usize);
-    let len = rows
-        .iter()
-        .map(|(r, i)| {
-            let (s, e) = span(r, *i);
-            e - s
-        })
-        .max()
-        .unwrap_or(0);
+/// Pads token windows into a batch: `input_ids`, `target_ids` (the next token), the masks
+/// and `seq_ids`, with room for `k` teacher entries per position (left at 0). The one
+/// collation of the trainer, the evaluator and `eval --corpus`.
+pub fn collate(windows: &[(u64, &[u32])], k: usize, cursor: Cursor) -> TrainBatch {
+    let b = windows.len();
+    let len = windows.iter().map(|(_, w)| w.len()).max().unwrap_or(0);
     let mut out = TrainBatch {
         batch: b,
         len,
@@ -537,18 +532,35 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> Train
         tail_logprob: vec![0.0; b * len],
         cursor,
     };
-    for (bi, (r, i)) in rows.iter().enumerate() {
-        let (s, e) = span(r, *i);
-        let n = e - s;
+    for (bi, (seq_id, ids)) in windows.iter().enumerate() {
+        let n = ids.len();
         let o = bi * len;
-        let ids = &r.input_ids[s..e];
-        out.seq_ids.push(r.seq_ids[*i]);
+        out.seq_ids.push(*seq_id);
         out.input_ids[o..o + n].copy_from_slice(ids);
         if n > 1 {
             out.target_ids[o..o + n - 1].copy_from_slice(&ids[1..]);
             out.target_mask[o..o + n - 1].fill(1.0);
         }
         out.mask[o..o + n].fill(1.0);
+    }
+    out
+}
+
+fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> TrainBatch {
+    let span = |r: &ShardRows, i: usize| (r.offsets[i] as usize, r.offsets[i + 1] as usize);
+    let windows: Vec<(u64, &[u32])> = rows
+        .iter()
+        .map(|(r, i)| {
+            let (s, e) = span(r, *i);
+            (r.seq_ids[*i], &r.input_ids[s..e])
+        })
+        .collect();
+    let mut out = collate(&windows, k, cursor);
+    let len = out.len;
+    for (bi, (r, i)) in rows.iter().enumerate() {
+        let (s, e) = span(r, *i);
+        let n = e - s;
+        let o = bi * len;
         out.topk_ids[o * k..(o + n) * k].copy_from_slice(&r.topk_ids[s * k..e * k]);
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(
             &r.topk_logprobs[s * k..e * k],

@@ -54,6 +54,9 @@ pub struct DataSection {
     pub skip_bad_rows: bool,
 }
 
+// The pipeline's own defaults below (vocabulary 2048, seq_len 128, eval fraction 0.05,
+// shard size 512, 5 evaluations of 20 batches) are sized for demo-scale corpora and differ
+// from the single-command defaults on purpose; the others are the commands' constants.
 fn default_text_field() -> String {
     crate::teacher::DEFAULT_TEXT_FIELD.into()
 }
@@ -81,13 +84,13 @@ pub struct CacheSection {
 }
 
 fn default_k() -> usize {
-    64
+    crate::teacher::DEFAULT_TOP_K
 }
 fn default_cache_batch() -> usize {
-    8
+    crate::teacher::DEFAULT_BATCH_SIZE
 }
 fn default_temperature() -> f32 {
-    1.0
+    crate::teacher::DEFAULT_TEMPERATURE
 }
 fn default_shard_size() -> usize {
     512
@@ -142,7 +145,7 @@ pub struct TrainSection {
 }
 
 fn default_train_batch() -> usize {
-    8
+    crate::student::config::DEFAULT_BATCH_SIZE
 }
 fn default_lr() -> f64 {
     crate::student::config::DEFAULT_LR
@@ -154,13 +157,13 @@ fn default_clip() -> f64 {
     crate::student::config::DEFAULT_GRAD_CLIP
 }
 fn default_loss() -> KdLoss {
-    KdLoss::Fkl
+    crate::loss::DEFAULT_KIND
 }
 fn one() -> f64 {
-    1.0
+    crate::loss::DEFAULT_KD_WEIGHT
 }
 fn half() -> f64 {
-    0.5
+    crate::loss::DEFAULT_JSD_BETA
 }
 fn default_evals() -> usize {
     5

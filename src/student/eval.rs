@@ -19,8 +19,9 @@
 use super::data::{inputs, targets};
 use super::model::Llama;
 use crate::cache::reader::Cache;
-use crate::cache::stream::{Split, Stream, StreamConfig, TrainBatch};
+use crate::cache::stream::{Cursor, Split, Stream, StreamConfig, collate};
 use crate::loss::{Divergence, LossConfig, divergence};
+use crate::windows::{Window, WindowSpec, for_each_window};
 use anyhow::bail;
 use burn::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -121,13 +122,18 @@ pub struct CorpusEval {
     pub eval_tokens: u64,
 }
 
-/// Evaluates next-token cross-entropy on a corpus, in windows of the model's
-/// `max_position_embeddings` (at most 512), 8 windows a batch.
+/// Windows per batch of [`evaluate_corpus`].
+pub const CORPUS_EVAL_BATCH: usize = 8;
+
+/// Evaluates next-token cross-entropy on a corpus, cut into windows of at most `seq_len`
+/// tokens exactly as the teacher stage cuts them ([`crate::windows`]), `CORPUS_EVAL_BATCH`
+/// windows a batch, for at most `max_batches` batches.
 pub fn evaluate_corpus<B: Backend>(
     model: &Llama<B>,
     corpus: &[PathBuf],
     text_field: &str,
     tokenizer: &Path,
+    seq_len: usize,
     max_batches: usize,
 ) -> anyhow::Result<CorpusEval> {
     let tok = crate::tokenizer::load(tokenizer)?;
@@ -139,61 +145,34 @@ pub fn evaluate_corpus<B: Backend>(
             model.vocab_size()
         );
     }
+    if seq_len < 2 {
+        bail!("--seq-len must be at least 2 (got {seq_len})");
+    }
     let files = crate::corpus::discover(corpus)?;
-    let mut windows: Vec<Vec<u32>> = Vec::new();
-    let need = max_batches.max(1) * 8;
-    crate::corpus::for_each_document(&files, text_field, false, |_, text| {
-        if windows.len() < need {
-            let enc = tok
-                .tokenizer
-                .encode(text.as_str(), true)
-                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-            windows.extend(
-                enc.get_ids()
-                    .chunks(512)
-                    .filter(|c| c.len() > 1)
-                    .map(|c| c.to_vec()),
-            );
-        }
-        Ok(())
+    let spec = WindowSpec {
+        seq_len,
+        text_field: text_field.to_string(),
+        skip_bad_rows: false,
+    };
+    let need = max_batches.max(1) * CORPUS_EVAL_BATCH;
+    let mut windows: Vec<Window> = Vec::with_capacity(need);
+    for_each_window(&files, &spec, &tok, |w| {
+        windows.push(w);
+        Ok(windows.len() < need)
     })?;
-    windows.truncate(need);
     if windows.is_empty() {
         bail!("the corpus has no text to evaluate on");
     }
     let dev = model.embed_tokens.device();
     let (mut ce, mut n) = (0.0, 0.0);
-    for chunk in windows.chunks(8) {
-        let len = chunk.iter().map(|w| w.len()).max().unwrap_or(0);
-        let mut b = TrainBatch {
-            batch: chunk.len(),
-            len,
-            k: 1,
-            input_ids: vec![0; chunk.len() * len],
-            target_ids: vec![0; chunk.len() * len],
-            target_mask: vec![0.0; chunk.len() * len],
-            mask: vec![0.0; chunk.len() * len],
-            ..Default::default()
-        };
-        for (i, w) in chunk.iter().enumerate() {
-            let o = i * len;
-            b.input_ids[o..o + w.len()].copy_from_slice(w);
-            b.target_ids[o..o + w.len() - 1].copy_from_slice(&w[1..]);
-            b.target_mask[o..o + w.len() - 1].fill(1.0);
-            b.mask[o..o + w.len()].fill(1.0);
-        }
+    for chunk in windows.chunks(CORPUS_EVAL_BATCH) {
+        let refs: Vec<(u64, &[u32])> = chunk.iter().map(|w| (w.seq_id, &w.tokens[..])).collect();
+        let b = collate(&refs, 1, Cursor::default());
         let (ids, mask) = inputs::<B>(&b, &dev);
+        let t = targets::<B>(&b, &dev);
         let rows = b.batch * b.len;
         let logits = model.forward(ids, mask).reshape([rows, model.vocab_size()]);
-        let tgt = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(
-                b.target_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                [rows],
-            ),
-            &dev,
-        );
-        let tm = Tensor::<B, 1>::from_data(TensorData::new(b.target_mask.clone(), [rows]), &dev);
-        ce += (crate::loss::cross_entropy(logits, tgt).reshape([rows]) * tm)
+        ce += (crate::loss::cross_entropy(logits, t.target_ids).reshape([rows]) * t.target_mask)
             .sum()
             .into_scalar()
             .elem::<f64>();

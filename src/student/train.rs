@@ -62,8 +62,9 @@ pub struct RunResult {
 
 /// Peak resident memory of this process, MiB.
 pub fn peak_rss_mib() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we pass.
+    // SAFETY: `rusage` is a plain C struct of integers, valid when zeroed.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we pass, which lives for the call.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     u.ru_maxrss as f64 / 1024.0
 }

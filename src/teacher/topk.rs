@@ -391,12 +391,13 @@ impl Kernel {
 
     fn block_max(self, row: &[f32], block_max: &mut Vec<f32>) -> f32 {
         match self {
-            // SAFETY (both): `runs_here` checked that the CPU has the kernel's features; a
-            // kernel it does not run falls back to the portable loop.
+            // SAFETY: `runs_here` checked that the CPU has the kernel's features; a kernel it
+            // does not run falls back to the portable loop.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 if self.runs_here() => unsafe {
                 block_max_and_poison_avx2(row, block_max)
             },
+            // SAFETY: as above (AVX-512F checked by `runs_here`).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 if self.runs_here() => unsafe {
                 avx512::block_max_and_poison(row, block_max)
@@ -412,6 +413,7 @@ impl Kernel {
             Kernel::Avx2 if self.runs_here() => unsafe {
                 exp_sum_below_avx2(row, reference, scale, kth)
             },
+            // SAFETY: as in `block_max`.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 if self.runs_here() => unsafe {
                 avx512::exp_sum_below(row, reference, scale, kth)
