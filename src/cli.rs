@@ -288,7 +288,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// ONNX Runtime library (default: ORT_DYLIB_PATH, then the folder `make setup` fills).
-    #[arg(long)]
+    #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
     /// Progress display of each step: bar, json or off.
     #[arg(long, value_enum, default_value_t = ProgressMode::Off)]
@@ -475,7 +475,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let report = crate::pipeline::run(
                 &p,
                 &crate::pipeline::RunOptions {
-                    ort_lib: args.ort_lib,
+                    ort_lib: args.ort_lib.filter(|p| !p.as_os_str().is_empty()),
                     progress: args.progress,
                 },
             )?;
