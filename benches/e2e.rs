@@ -112,6 +112,7 @@ fn main() {
         device: Device::Cpu,
         threads,
         topk_on: TopKMode::Host,
+        sampling: None,
         k: 64,
         temperature: 1.0,
         vocab,

@@ -41,6 +41,7 @@ fn rows(windows: usize, len: usize, k: usize, vocab: u32) -> ShardRows {
             topk_ids: &ids,
             topk_logprobs: &lps,
             tail_logprob: &tail,
+            ..Default::default()
         });
     }
     r

@@ -76,9 +76,29 @@ pub struct TeacherArgs {
     /// is resumed).
     #[arg(long)]
     pub out: PathBuf,
-    /// Number of most likely next tokens stored per position.
+    /// Number of most likely next tokens stored per position (`topk` and `hybrid` modes).
     #[arg(long, default_value_t = teacher::DEFAULT_TOP_K)]
     pub top_k: usize,
+    /// What the cache stores per position: topk (the top-k log-probs and the exact tail
+    /// mass), sample (N draws with replacement from the teacher's distribution, stored as
+    /// distinct ids and counts: an unbiased target) or hybrid (the exact top-k and tail mass
+    /// plus N draws from the tail).
+    #[arg(long, value_enum, default_value_t = teacher::DEFAULT_MODE)]
+    pub mode: crate::cache::schema::CacheMode,
+    /// Draws per position for --mode sample / hybrid (default 50).
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Temperature τ of the sampling proposal q ∝ p^(1/τ) (only 1, the teacher's own
+    /// distribution, so far).
+    #[arg(long, allow_negative_numbers = true)]
+    pub proposal_temperature: Option<f32>,
+    /// Also store the teacher's exact log-prob of each sampled id (`sample_logprobs`).
+    #[arg(long)]
+    pub store_logprobs: bool,
+    /// Seed of the draws (--mode sample / hybrid); with the seq_id and position it fixes
+    /// every draw, so resumed runs and many workers write the same cache.
+    #[arg(long)]
+    pub cache_seed: Option<u64>,
     /// Longest window in tokens; documents are cut into windows of at most this length and
     /// no window mixes two documents.
     #[arg(long, default_value_t = teacher::DEFAULT_SEQ_LEN)]
@@ -432,6 +452,19 @@ impl TeacherArgs {
             shard_size: self.shard_size,
             padding_side: self.padding_side,
             topk_on: self.topk_on,
+            mode: self.mode,
+            samples: self.samples.unwrap_or(
+                if self.mode == crate::cache::schema::CacheMode::Topk {
+                    0
+                } else {
+                    teacher::DEFAULT_SAMPLES
+                },
+            ),
+            proposal_temperature: self
+                .proposal_temperature
+                .unwrap_or(teacher::DEFAULT_PROPOSAL_TEMPERATURE),
+            store_logprobs: self.store_logprobs,
+            seed: self.cache_seed.unwrap_or(0),
             ort_lib: self.ort_lib.filter(|p| !p.as_os_str().is_empty()),
             progress: self.progress,
             zstd_level: self.zstd_level,
@@ -587,6 +620,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                         " (incomplete)"
                     }
                 )?;
+                writeln!(out, "mode             {}", r.mode)?;
+                if r.samples > 0 {
+                    writeln!(
+                        out,
+                        "samples          {} per position, {:.2} distinct ids on average",
+                        r.samples, r.mean_distinct_ids
+                    )?;
+                }
                 writeln!(out, "top_k            {}", r.top_k)?;
                 writeln!(out, "vocab_size       {}", r.vocab_size)?;
                 writeln!(out, "seq_len          {}", r.seq_len)?;

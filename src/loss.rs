@@ -97,6 +97,19 @@ pub enum Divergence {
     Jsd { beta: f64 },
 }
 
+impl KdLoss {
+    /// The flag value (`--loss NAME`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KdLoss::Fkl => "fkl",
+            KdLoss::FklTopk => "fkl-topk",
+            KdLoss::Rkl => "rkl",
+            KdLoss::Jsd => "jsd",
+            KdLoss::Ce => "ce",
+        }
+    }
+}
+
 impl LossConfig {
     /// The divergence of the KD term, `None` for `ce` (no teacher term).
     pub fn divergence(&self) -> Option<Divergence> {

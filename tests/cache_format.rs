@@ -2,7 +2,7 @@
 
 use crate::util::*;
 use logitcache::cache::manifest::Manifest;
-use logitcache::cache::schema::{check_schema, shard_schema};
+use logitcache::cache::schema::{Layout, check_schema, shard_schema};
 use serde_json::Value;
 use std::path::Path;
 
@@ -20,7 +20,7 @@ fn small_cache() -> std::path::PathBuf {
 fn shard_schema_matches_the_committed_arrow_json() {
     let text = std::fs::read_to_string(Path::new(ROOT).join("schemas/shard.arrow.json")).unwrap();
     let documented: arrow_schema::Schema = serde_json::from_str(&text).unwrap();
-    let code = shard_schema(64);
+    let code = shard_schema(&Layout::topk(64));
     assert_eq!(
         documented,
         code,
@@ -33,8 +33,8 @@ fn shard_schema_matches_the_committed_arrow_json() {
     for s in &m.shards {
         let f = std::fs::File::open(out.join(&s.file)).unwrap();
         let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
-        check_schema(b.schema(), 8).unwrap();
-        assert!(check_schema(b.schema(), 16).is_err());
+        check_schema(b.schema(), &Layout::topk(8)).unwrap();
+        assert!(check_schema(b.schema(), &Layout::topk(16)).is_err());
         let meta = b.schema().metadata();
         assert_eq!(meta.get("logitcache.top_k").map(String::as_str), Some("8"));
         assert_eq!(

@@ -23,6 +23,7 @@ fn check_cache_against_reference(model: &Path, cache_dir: &Path, temperature: f6
             device: Device::Cpu,
             threads: 1,
             topk_on: TopKMode::Host,
+            sampling: None,
             k,
             temperature: temperature as f32,
             vocab: VOCAB,

@@ -44,6 +44,7 @@ fn max_diff(cfg: &StudentConfig, fp16: bool, batch: &Batch, seed: u64) -> f64 {
             device: Device::Cpu,
             threads: 1,
             topk_on: TopKMode::Host,
+            sampling: None,
             k: 4,
             temperature: 1.0,
             vocab: cfg.vocab_size,

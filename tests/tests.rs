@@ -3,6 +3,7 @@
 mod util;
 
 mod cache_format;
+mod cache_v2;
 mod correctness;
 mod errors;
 mod export;

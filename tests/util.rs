@@ -185,7 +185,7 @@ pub fn run_strings(args: &[String]) -> Output {
 /// All rows of a cache, concatenated in shard order.
 pub fn all_rows(dir: &Path) -> ShardRows {
     let cache = Cache::open(dir).unwrap();
-    let mut all = ShardRows::new(cache.manifest.params.top_k);
+    let mut all = ShardRows::with_layout(cache.manifest.params.layout());
     for s in &cache.manifest.shards {
         all.extend(&cache.read_shard(s).unwrap());
     }

@@ -1,5 +1,6 @@
-//! `logitcache inspect`: what a cache holds and what it costs, and one position's top-k as
-//! text.
+//! `logitcache inspect`: what a cache holds and what it costs, and one position's top-k
+//! (and draws) as text. For a `sample` cache the top-k mass and entropy fields are 0 (it
+//! stores draws, not probabilities).
 
 use super::reader::{Cache, ReadError};
 use std::path::Path;
@@ -26,6 +27,12 @@ pub struct InspectReport {
     pub mean_entropy_upper: f64,
     pub model_sha256: String,
     pub tokenizer_sha256: String,
+    /// `topk`, `sample` or `hybrid`.
+    pub mode: String,
+    /// Draws per position (0 in `topk` mode).
+    pub samples: usize,
+    /// Mean over positions of the distinct sampled ids (0 in `topk` mode).
+    pub mean_distinct_ids: f64,
 }
 
 /// Reads every shard of `dir` and summarises it.
@@ -35,8 +42,14 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
     let k = m.params.top_k;
     let rest = (m.vocab_size - k) as f64;
     let (mut mass, mut h_lo, mut h_hi, mut n) = (0f64, 0f64, 0f64, 0u64);
+    let mut distinct = 0u64;
     for s in &m.shards {
         let rows = cache.read_shard(s)?;
+        distinct += rows.sample_ids.len() as u64;
+        if k == 0 {
+            n += rows.positions() as u64;
+            continue;
+        }
         for (lps, &tail) in rows.topk_logprobs.chunks(k).zip(&rows.tail_logprob) {
             let mut h = 0f64;
             let mut sum = 0f64;
@@ -79,6 +92,9 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
         mean_entropy_upper: h_hi / nn,
         model_sha256: m.model.sha256.clone(),
         tokenizer_sha256: m.tokenizer.sha256.clone(),
+        mode: m.params.mode.name().into(),
+        samples: m.params.samples,
+        mean_distinct_ids: distinct as f64 / nn,
     })
 }
 
@@ -145,6 +161,22 @@ pub fn show(dir: &Path, tokenizer: &Path, seq_id: u64, pos: usize) -> anyhow::Re
         "rank", "id", "logprob", "prob"
     ));
     let at = (s + pos) * k;
+    if rows.layout.has_samples() {
+        let (ids, counts) = rows.samples_at(s + pos);
+        out.push_str(&format!(
+            "{} of {} draws ({} distinct ids){}:\n",
+            counts.iter().map(|&c| c as u64).sum::<u64>(),
+            rows.layout.samples,
+            ids.len(),
+            if k > 0 { " from the tail" } else { "" }
+        ));
+        for (&id, &c) in ids.iter().zip(counts) {
+            out.push_str(&format!("  {:>7}  x{:<5} {:?}\n", id, c, dec(&[id])));
+        }
+        if k == 0 {
+            return Ok(out);
+        }
+    }
     for j in 0..k {
         let id = rows.topk_ids[at + j];
         let lp = rows.topk_logprobs[at + j].to_f32();

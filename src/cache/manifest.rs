@@ -5,7 +5,7 @@
 //! blank), so a hand edit is detected; it is only ever replaced atomically.
 
 use super::rows::LogprobDtype;
-use super::schema::FORMAT_VERSION;
+use super::schema::{CacheMode, FORMAT_VERSION, Layout, OLDEST_READABLE_VERSION};
 use crate::corpus::CorpusFile;
 use crate::util::{sha256_bytes, write_atomic};
 pub use crate::windows::Plan;
@@ -40,7 +40,7 @@ pub enum ManifestError {
         expected: String,
     },
     #[error(
-        "{path} has format version {found}, this logitcache reads version {FORMAT_VERSION}; use the logitcache version that wrote it ({writer})"
+        "{path} has format version {found}, this logitcache reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}; use the logitcache version that wrote it ({writer}) or a newer one"
     )]
     Version {
         path: PathBuf,
@@ -63,6 +63,51 @@ pub struct CacheParams {
     pub skip_bad_rows: bool,
     /// Element type of `topk_logprobs`.
     pub logprob_dtype: LogprobDtype,
+    /// What is stored per position. The sample settings below are written only when they
+    /// differ from their defaults, so a `topk` manifest has the fields of format version 1
+    /// (whose caches, all `topk`, still read and verify).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mode: CacheMode,
+    /// Draws per position in `sample`/`hybrid` mode (0 in `topk` mode).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub samples: usize,
+    /// Temperature τ of the sampling proposal q ∝ p^(1/τ) (1: q = p).
+    #[serde(default = "one_f32", skip_serializing_if = "is_one")]
+    pub proposal_temperature: f32,
+    /// `sample_logprobs` (the teacher's log-prob of each sampled id) is stored.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub store_logprobs: bool,
+    /// Seed of the draws (with `seq_id` and position).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub seed: u64,
+}
+
+fn one_f32() -> f32 {
+    1.0
+}
+
+fn is_one(v: &f32) -> bool {
+    *v == 1.0
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+impl CacheParams {
+    /// The shard columns these parameters make.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            mode: self.mode,
+            k: if self.mode == CacheMode::Sample {
+                0
+            } else {
+                self.top_k
+            },
+            samples: self.samples,
+            sample_logprobs: self.store_logprobs,
+        }
+    }
 }
 
 /// One model input or output as ONNX Runtime reports it.
@@ -227,7 +272,7 @@ impl Manifest {
             });
         }
         if let Some(v) = value.get("format_version").and_then(|v| v.as_u64())
-            && v != FORMAT_VERSION as u64
+            && !(OLDEST_READABLE_VERSION as u64..=FORMAT_VERSION as u64).contains(&v)
         {
             return Err(ManifestError::Version {
                 path,
@@ -275,6 +320,7 @@ impl Manifest {
                 }
             };
         }
+        cmp!("--mode", a.mode, b.mode);
         cmp!("--top-k", a.top_k, b.top_k);
         cmp!("--seq-len", a.seq_len, b.seq_len);
         cmp!("--temperature", a.temperature, b.temperature);
@@ -282,6 +328,14 @@ impl Manifest {
         cmp!("--shard-size", a.shard_size, b.shard_size);
         cmp!("--skip-bad-rows", a.skip_bad_rows, b.skip_bad_rows);
         cmp!("logprob dtype", a.logprob_dtype, b.logprob_dtype);
+        cmp!("--samples", a.samples, b.samples);
+        cmp!(
+            "--proposal-temperature",
+            a.proposal_temperature,
+            b.proposal_temperature
+        );
+        cmp!("--store-logprobs", a.store_logprobs, b.store_logprobs);
+        cmp!("--cache-seed", a.seed, b.seed);
         cmp!("--model (sha256)", self.model.sha256, other.model.sha256);
         cmp!(
             "--tokenizer (sha256)",

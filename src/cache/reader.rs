@@ -4,7 +4,7 @@
 
 use super::manifest::{Manifest, ManifestError, ShardEntry};
 use super::rows::{ShardRows, append_batch};
-use super::schema::check_schema;
+use super::schema::{Layout, check_schema};
 use crate::util::sha256_file;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::path::{Path, PathBuf};
@@ -85,7 +85,7 @@ impl Cache {
 
     /// Reads a shard whole, checking its schema and top-k.
     pub fn read_shard(&self, entry: &ShardEntry) -> Result<ShardRows, ReadError> {
-        read_shard_file(&self.dir.join(&entry.file), self.manifest.params.top_k)
+        read_shard_file(&self.dir.join(&entry.file), &self.manifest.params.layout())
     }
 }
 
@@ -105,8 +105,8 @@ pub fn open_shard(path: &Path) -> Result<std::fs::File, ReadError> {
     })
 }
 
-/// Reads a shard file whole, checking its schema against top-k `k`.
-pub fn read_shard_file(path: &Path, k: usize) -> Result<ShardRows, ReadError> {
+/// Reads a shard file whole, checking its schema against `layout`.
+pub fn read_shard_file(path: &Path, layout: &Layout) -> Result<ShardRows, ReadError> {
     let corrupt = |what: String| ReadError::Corrupt {
         path: path.to_path_buf(),
         what,
@@ -114,12 +114,12 @@ pub fn read_shard_file(path: &Path, k: usize) -> Result<ShardRows, ReadError> {
     let file = open_shard(path)?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| corrupt(format!("not a readable Parquet file ({e})")))?;
-    check_schema(builder.schema(), k).map_err(corrupt)?;
+    check_schema(builder.schema(), layout).map_err(corrupt)?;
     let reader = builder
         .with_batch_size(1024)
         .build()
         .map_err(|e| corrupt(e.to_string()))?;
-    let mut rows = ShardRows::new(k);
+    let mut rows = ShardRows::with_layout(*layout);
     for batch in reader {
         let batch = batch.map_err(|e| corrupt(format!("cannot decode ({e})")))?;
         append_batch(&mut rows, &batch).map_err(corrupt)?;

@@ -12,6 +12,7 @@
 //!     topk_ids: &[6, 1, 7, 1],
 //!     topk_logprobs: &[-0.1, -3.0, -0.2, -2.5],
 //!     tail_logprob: &[-4.0, -3.5],
+//!     ..Default::default()
 //! });
 //! let mut both = ShardRows::new(2);
 //! both.extend(&rows);
@@ -20,14 +21,14 @@
 //! ```
 
 use super::schema::{
-    COL_DOC_ID, COL_INPUT_IDS, COL_SEQ_ID, COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROBS,
-    COL_WINDOW_INDEX, fsl_item, item,
+    COL_DOC_ID, COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOGPROBS, COL_SEQ_ID,
+    COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROBS, COL_WINDOW_INDEX, Layout, fsl_item, item,
 };
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float16Type, Float32Type, UInt32Type, UInt64Type};
+use arrow_array::types::{Float16Type, Float32Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
 use arrow_array::{
     Array, ArrayRef, FixedSizeListArray, Float16Array, Float32Array, ListArray, RecordBatch,
-    UInt32Array, UInt64Array,
+    UInt8Array, UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
 use arrow_schema::DataType;
@@ -66,9 +67,11 @@ impl std::fmt::Display for LogprobDtype {
     }
 }
 
-/// One window with the teacher's top-k at each of its positions (`k` entries per token in
-/// `topk_ids`/`topk_logprobs`, one per token in `tail_logprob`).
-#[derive(Debug, Clone, Copy)]
+/// One window with the teacher's outputs at each of its positions: in `topk`/`hybrid` mode
+/// `k` entries per token in `topk_ids`/`topk_logprobs` and one in `tail_logprob`; in
+/// `sample`/`hybrid` mode `sample_lens[p]` distinct ids per token in `sample_ids` /
+/// `sample_counts` (and `sample_logprobs` when stored).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct WindowTopK<'a> {
     pub seq_id: u64,
     pub doc_id: u64,
@@ -77,12 +80,19 @@ pub struct WindowTopK<'a> {
     pub topk_ids: &'a [u32],
     pub topk_logprobs: &'a [f32],
     pub tail_logprob: &'a [f32],
+    pub sample_lens: &'a [u32],
+    pub sample_ids: &'a [u32],
+    pub sample_counts: &'a [u16],
+    pub sample_logprobs: &'a [f32],
 }
 
 /// The rows of one shard, in flat buffers (one entry per position for the per-position
-/// columns, k entries per position for the top-k columns).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// columns, k entries per position for the top-k columns, a variable number per position
+/// for the sample columns).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShardRows {
+    pub layout: Layout,
+    /// `layout.k`.
     pub k: usize,
     pub seq_ids: Vec<u64>,
     pub doc_ids: Vec<u64>,
@@ -93,33 +103,65 @@ pub struct ShardRows {
     pub topk_ids: Vec<u32>,
     pub topk_logprobs: Vec<f16>,
     pub tail_logprob: Vec<f32>,
+    /// Position p's sampled entries are `sample_offsets[p]..sample_offsets[p + 1]` (only
+    /// `[0]` without samples).
+    pub sample_offsets: Vec<i32>,
+    pub sample_ids: Vec<u32>,
+    pub sample_counts: Vec<u16>,
+    pub sample_logprobs: Vec<f16>,
+}
+
+impl Default for ShardRows {
+    fn default() -> Self {
+        ShardRows::with_layout(Layout::topk(0))
+    }
 }
 
 impl ShardRows {
+    /// Empty top-k rows.
     pub fn new(k: usize) -> Self {
+        ShardRows::with_layout(Layout::topk(k))
+    }
+
+    /// Empty rows of `layout`.
+    pub fn with_layout(layout: Layout) -> Self {
         ShardRows {
-            k,
+            layout,
+            k: layout.k,
+            seq_ids: vec![],
+            doc_ids: vec![],
+            window_index: vec![],
             offsets: vec![0],
-            ..Default::default()
+            input_ids: vec![],
+            topk_ids: vec![],
+            topk_logprobs: vec![],
+            tail_logprob: vec![],
+            sample_offsets: vec![0],
+            sample_ids: vec![],
+            sample_counts: vec![],
+            sample_logprobs: vec![],
         }
     }
 
     /// Empty rows with room for `rows` windows of `positions` tokens in all (no regrowth
-    /// while a shard is filled).
-    pub fn with_capacity(k: usize, rows: usize, positions: usize) -> Self {
-        let mut offsets = Vec::with_capacity(rows + 1);
-        offsets.push(0);
-        ShardRows {
-            k,
-            seq_ids: Vec::with_capacity(rows),
-            doc_ids: Vec::with_capacity(rows),
-            window_index: Vec::with_capacity(rows),
-            offsets,
-            input_ids: Vec::with_capacity(positions),
-            topk_ids: Vec::with_capacity(positions * k),
-            topk_logprobs: Vec::with_capacity(positions * k),
-            tail_logprob: Vec::with_capacity(positions),
+    /// of the per-position columns while a shard is filled).
+    pub fn with_capacity(layout: Layout, rows: usize, positions: usize) -> Self {
+        let mut r = ShardRows::with_layout(layout);
+        let k = layout.k;
+        r.seq_ids.reserve(rows);
+        r.doc_ids.reserve(rows);
+        r.window_index.reserve(rows);
+        r.offsets.reserve(rows);
+        r.input_ids.reserve(positions);
+        if layout.has_topk() {
+            r.topk_ids.reserve(positions * k);
+            r.topk_logprobs.reserve(positions * k);
+            r.tail_logprob.reserve(positions);
         }
+        if layout.has_samples() {
+            r.sample_offsets.reserve(positions);
+        }
+        r
     }
 
     pub fn rows(&self) -> usize {
@@ -130,15 +172,36 @@ impl ShardRows {
         self.input_ids.len()
     }
 
+    /// The sampled entries of position `p`: (ids, counts).
+    pub fn samples_at(&self, p: usize) -> (&[u32], &[u16]) {
+        let (s, e) = (
+            self.sample_offsets[p] as usize,
+            self.sample_offsets[p + 1] as usize,
+        );
+        (&self.sample_ids[s..e], &self.sample_counts[s..e])
+    }
+
     /// Appends one window.
     pub fn push(&mut self, w: &WindowTopK<'_>) {
         let n = w.input_ids.len();
-        assert!(
+        let l = self.layout;
+        let topk_ok = if l.has_topk() {
             w.topk_ids.len() == n * self.k
                 && w.topk_logprobs.len() == n * self.k
-                && w.tail_logprob.len() == n,
-            "shard row shapes: this is a bug"
-        );
+                && w.tail_logprob.len() == n
+        } else {
+            w.topk_ids.is_empty() && w.tail_logprob.is_empty()
+        };
+        let entries: usize = w.sample_lens.iter().map(|&c| c as usize).sum();
+        let samples_ok = if l.has_samples() {
+            w.sample_lens.len() == n
+                && w.sample_ids.len() == entries
+                && w.sample_counts.len() == entries
+                && w.sample_logprobs.len() == if l.sample_logprobs { entries } else { 0 }
+        } else {
+            w.sample_lens.is_empty() && w.sample_ids.is_empty()
+        };
+        assert!(topk_ok && samples_ok, "shard row shapes: this is a bug");
         self.seq_ids.push(w.seq_id);
         self.doc_ids.push(w.doc_id);
         self.window_index.push(w.window_index);
@@ -147,12 +210,26 @@ impl ShardRows {
         self.topk_logprobs
             .extend(w.topk_logprobs.iter().map(|&v| f16::from_f32(v)));
         self.tail_logprob.extend_from_slice(w.tail_logprob);
+        if l.has_samples() {
+            let mut at = *self.sample_offsets.last().expect("offsets start with 0");
+            for &c in w.sample_lens {
+                at += c as i32;
+                self.sample_offsets.push(at);
+            }
+            self.sample_ids.extend_from_slice(w.sample_ids);
+            self.sample_counts.extend_from_slice(w.sample_counts);
+            self.sample_logprobs
+                .extend(w.sample_logprobs.iter().map(|&v| f16::from_f32(v)));
+        }
         self.offsets.push(self.input_ids.len() as i32);
     }
 
-    /// Appends all of `other`'s rows (same k).
+    /// Appends all of `other`'s rows (same layout).
     pub fn extend(&mut self, other: &ShardRows) {
-        assert_eq!(self.k, other.k, "shard rows of different k: this is a bug");
+        assert_eq!(
+            self.layout, other.layout,
+            "shard rows of different layouts: this is a bug"
+        );
         let base = *self.offsets.last().expect("offsets start with 0");
         self.seq_ids.extend_from_slice(&other.seq_ids);
         self.doc_ids.extend_from_slice(&other.doc_ids);
@@ -163,12 +240,19 @@ impl ShardRows {
         self.topk_ids.extend_from_slice(&other.topk_ids);
         self.topk_logprobs.extend_from_slice(&other.topk_logprobs);
         self.tail_logprob.extend_from_slice(&other.tail_logprob);
+        let sbase = *self.sample_offsets.last().expect("offsets start with 0");
+        self.sample_offsets
+            .extend(other.sample_offsets[1..].iter().map(|o| o + sbase));
+        self.sample_ids.extend_from_slice(&other.sample_ids);
+        self.sample_counts.extend_from_slice(&other.sample_counts);
+        self.sample_logprobs
+            .extend_from_slice(&other.sample_logprobs);
     }
 
     /// The rows as a record batch with `schema` (from
-    /// [`super::schema::shard_schema_with_metadata`]).
+    /// [`super::schema::shard_schema_with_metadata`] for this layout).
     pub fn to_record_batch(&self, schema: Arc<arrow_schema::Schema>) -> RecordBatch {
-        let k = self.k;
+        let (k, l) = (self.k, self.layout);
         let offs = OffsetBuffer::new(ScalarBuffer::from(self.offsets.clone()));
         let list = |dt: DataType, values: ArrayRef| -> ArrayRef {
             Arc::new(ListArray::new(item(dt), offs.clone(), values, None))
@@ -182,7 +266,17 @@ impl ShardRows {
                 None,
             ))
         };
-        let columns: Vec<ArrayRef> = vec![
+        let soffs = OffsetBuffer::new(ScalarBuffer::from(self.sample_offsets.clone()));
+        let list_list = |dt: DataType, values: ArrayRef| -> ArrayRef {
+            let inner = ListArray::new(item(dt.clone()), soffs.clone(), values, None);
+            Arc::new(ListArray::new(
+                item(DataType::List(item(dt))),
+                offs.clone(),
+                Arc::new(inner),
+                None,
+            ))
+        };
+        let mut columns: Vec<ArrayRef> = vec![
             Arc::new(UInt64Array::from(self.seq_ids.clone())),
             Arc::new(UInt64Array::from(self.doc_ids.clone())),
             Arc::new(UInt32Array::from(self.window_index.clone())),
@@ -190,19 +284,42 @@ impl ShardRows {
                 DataType::UInt32,
                 Arc::new(UInt32Array::from(self.input_ids.clone())),
             ),
-            fsl_list(
-                DataType::UInt32,
-                Arc::new(UInt32Array::from(self.topk_ids.clone())),
-            ),
-            fsl_list(
-                DataType::Float16,
-                Arc::new(Float16Array::from(self.topk_logprobs.clone())),
-            ),
-            list(
-                DataType::Float32,
-                Arc::new(Float32Array::from(self.tail_logprob.clone())),
-            ),
         ];
+        if l.has_topk() {
+            columns.extend([
+                fsl_list(
+                    DataType::UInt32,
+                    Arc::new(UInt32Array::from(self.topk_ids.clone())),
+                ),
+                fsl_list(
+                    DataType::Float16,
+                    Arc::new(Float16Array::from(self.topk_logprobs.clone())),
+                ),
+                list(
+                    DataType::Float32,
+                    Arc::new(Float32Array::from(self.tail_logprob.clone())),
+                ),
+            ]);
+        }
+        if l.has_samples() {
+            columns.push(list_list(
+                DataType::UInt32,
+                Arc::new(UInt32Array::from(self.sample_ids.clone())),
+            ));
+            let counts: ArrayRef = match l.count_type() {
+                DataType::UInt8 => Arc::new(UInt8Array::from_iter_values(
+                    self.sample_counts.iter().map(|&c| c as u8),
+                )),
+                _ => Arc::new(UInt16Array::from(self.sample_counts.clone())),
+            };
+            columns.push(list_list(l.count_type(), counts));
+            if l.sample_logprobs {
+                columns.push(list_list(
+                    DataType::Float16,
+                    Arc::new(Float16Array::from(self.sample_logprobs.clone())),
+                ));
+            }
+        }
         RecordBatch::try_new(schema, columns)
             .expect("shard columns match the schema: this is a bug")
     }
@@ -211,32 +328,36 @@ impl ShardRows {
 /// Appends a decoded batch of the shard schema to `rows`, checking lengths and nulls.
 pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
     let k = rows.k;
-    let list = |name: &str| {
-        b.column_by_name(name)
-            .map(|c| c.as_list::<i32>())
-            .ok_or_else(|| format!("no column {name}"))
-    };
-    let (ids, tk, tl) = (
-        list(COL_INPUT_IDS)?,
-        list(COL_TOPK_IDS)?,
-        list(COL_TOPK_LOGPROBS)?,
-    );
-    if tk.null_count() > 0 || tl.null_count() > 0 {
-        return Err("unexpected nulls".into());
+    if rows.layout.has_topk() {
+        let list = |name: &str| {
+            b.column_by_name(name)
+                .map(|c| c.as_list::<i32>())
+                .ok_or_else(|| format!("no column {name}"))
+        };
+        let (ids, tk, tl) = (
+            list(COL_INPUT_IDS)?,
+            list(COL_TOPK_IDS)?,
+            list(COL_TOPK_LOGPROBS)?,
+        );
+        if tk.null_count() > 0 || tl.null_count() > 0 {
+            return Err("unexpected nulls".into());
+        }
+        let lengths = |l: &arrow_array::ListArray| {
+            let o = l.value_offsets();
+            o.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
+        };
+        let positions = lengths(ids);
+        if lengths(tk) != positions || lengths(tl) != positions {
+            return Err("per-position columns have different lengths".into());
+        }
+        append_per_position(rows, b)?;
+        rows.topk_ids
+            .extend_from_slice(topk_values::<UInt32Type>(tk, k));
+        rows.topk_logprobs
+            .extend_from_slice(topk_values::<Float16Type>(tl, k));
+    } else {
+        append_per_position(rows, b)?;
     }
-    let lengths = |l: &arrow_array::ListArray| {
-        let o = l.value_offsets();
-        o.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
-    };
-    let positions = lengths(ids);
-    if lengths(tk) != positions || lengths(tl) != positions {
-        return Err("per-position columns have different lengths".into());
-    }
-    append_per_position(rows, b)?;
-    rows.topk_ids
-        .extend_from_slice(topk_values::<UInt32Type>(tk, k));
-    rows.topk_logprobs
-        .extend_from_slice(topk_values::<Float16Type>(tl, k));
     Ok(())
 }
 
@@ -254,8 +375,72 @@ fn topk_values<T: arrow_array::ArrowPrimitiveType>(
         .values()[s..e]
 }
 
-/// [`append_batch`] for a batch without the top-k columns (the fast reader fills
-/// `topk_ids`/`topk_logprobs` from the pages, see `cache::pages`).
+/// The positions' inner lists of a `list<list<T>>` column: (inner offsets of this batch's
+/// positions, values), checked against the per-position offsets `positions`.
+fn nested<'a>(
+    b: &'a RecordBatch,
+    name: &str,
+    positions: &[i32],
+) -> Result<(&'a [i32], &'a dyn Array), String> {
+    let outer = b
+        .column_by_name(name)
+        .ok_or_else(|| format!("no column {name}"))?
+        .as_list::<i32>();
+    if outer.null_count() > 0 {
+        return Err(format!("unexpected nulls in {name}"));
+    }
+    let rel = |o: &[i32]| o.iter().map(|&x| x - o[0]).collect::<Vec<_>>();
+    if rel(outer.value_offsets()) != rel(positions) {
+        return Err(format!("{name} has other lengths than input_ids"));
+    }
+    let inner = outer.values().as_list::<i32>();
+    if inner.null_count() > 0 {
+        return Err(format!("unexpected nulls in {name}"));
+    }
+    let o = outer.value_offsets();
+    let offs = &inner.value_offsets()[o[0] as usize..=o[o.len() - 1] as usize];
+    Ok((offs, inner.values().as_ref()))
+}
+
+/// Appends the sample columns of `b` (see [`nested`]).
+fn append_samples(rows: &mut ShardRows, b: &RecordBatch, positions: &[i32]) -> Result<(), String> {
+    let l = rows.layout;
+    let (offs, ids) = nested(b, COL_SAMPLE_IDS, positions)?;
+    let (coffs, counts) = nested(b, COL_SAMPLE_COUNTS, positions)?;
+    if offs != coffs {
+        return Err("sample_ids and sample_counts have different lengths".into());
+    }
+    let (s, e) = (offs[0] as usize, offs[offs.len() - 1] as usize);
+    let base = *rows.sample_offsets.last().expect("offsets start with 0") - offs[0];
+    rows.sample_offsets
+        .extend(offs[1..].iter().map(|&o| o + base));
+    rows.sample_ids
+        .extend_from_slice(&ids.as_primitive::<UInt32Type>().values()[s..e]);
+    match counts.data_type() {
+        DataType::UInt8 => rows.sample_counts.extend(
+            counts.as_primitive::<UInt8Type>().values()[s..e]
+                .iter()
+                .map(|&c| c as u16),
+        ),
+        DataType::UInt16 => rows
+            .sample_counts
+            .extend_from_slice(&counts.as_primitive::<UInt16Type>().values()[s..e]),
+        other => return Err(format!("sample_counts has type {other}")),
+    }
+    if l.sample_logprobs {
+        let (loffs, lps) = nested(b, COL_SAMPLE_LOGPROBS, positions)?;
+        if loffs != offs {
+            return Err("sample_logprobs and sample_ids have different lengths".into());
+        }
+        rows.sample_logprobs
+            .extend_from_slice(&lps.as_primitive::<Float16Type>().values()[s..e]);
+    }
+    Ok(())
+}
+
+/// [`append_batch`] for a batch without the top-k id and log-prob columns (the fast reader
+/// fills `topk_ids`/`topk_logprobs` from the pages, see `cache::pages`); the sample columns
+/// are appended here.
 pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
     let col = |name: &str| {
         b.column_by_name(name)
@@ -265,27 +450,35 @@ pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Resu
     let doc = col(COL_DOC_ID)?.as_primitive::<UInt64Type>();
     let win = col(COL_WINDOW_INDEX)?.as_primitive::<UInt32Type>();
     let ids = col(COL_INPUT_IDS)?.as_list::<i32>();
-    let tail = col(COL_TAIL_LOGPROB)?.as_list::<i32>();
-    for a in [ids as &dyn Array, tail, seq, doc, win] {
+    for a in [ids as &dyn Array, seq, doc, win] {
         if a.null_count() > 0 {
             return Err("unexpected nulls".into());
         }
-    }
-    if ids.value_offsets() != tail.value_offsets() {
-        return Err("per-position columns have different lengths".into());
     }
     let (s, e) = (
         ids.value_offsets()[0] as usize,
         ids.value_offsets()[b.num_rows()] as usize,
     );
+    if rows.layout.has_topk() {
+        let tail = col(COL_TAIL_LOGPROB)?.as_list::<i32>();
+        if tail.null_count() > 0 {
+            return Err("unexpected nulls".into());
+        }
+        if ids.value_offsets() != tail.value_offsets() {
+            return Err("per-position columns have different lengths".into());
+        }
+        rows.tail_logprob
+            .extend_from_slice(&tail.values().as_primitive::<Float32Type>().values()[s..e]);
+    }
+    if rows.layout.has_samples() {
+        append_samples(rows, b, ids.value_offsets())?;
+    }
     let base = rows.input_ids.len() as i32 - ids.value_offsets()[0];
     rows.seq_ids.extend_from_slice(seq.values());
     rows.doc_ids.extend_from_slice(doc.values());
     rows.window_index.extend_from_slice(win.values());
     rows.input_ids
         .extend_from_slice(&ids.values().as_primitive::<UInt32Type>().values()[s..e]);
-    rows.tail_logprob
-        .extend_from_slice(&tail.values().as_primitive::<Float32Type>().values()[s..e]);
     rows.offsets
         .extend(ids.value_offsets()[1..].iter().map(|&o| o + base));
     Ok(())

@@ -1,5 +1,6 @@
-//! The Arrow schema of a cache shard (format version 1), documented in
-//! `schemas/shard.arrow.json` and `schemas/README.md`.
+//! The Arrow schema of a cache shard (format version 2; version 1 is the `topk` layout),
+//! documented in `schemas/shard.arrow.json` and `schemas/README.md`. Which columns a shard
+//! has follows from its [`Layout`]: the cache mode, k and the sample settings.
 //!
 //! One row per window (a slice of one document of at most `seq_len` tokens):
 //!
@@ -12,13 +13,23 @@
 //! | `topk_ids` | list<fixed_size_list<uint32, k>> | per position, the k most likely next tokens |
 //! | `topk_logprobs` | list<fixed_size_list<float16, k>> | their log-probabilities at temperature T, descending |
 //! | `tail_logprob` | list<float32> | per position, log of the exact mass outside the top-k |
+//! | `sample_ids` | list<list<uint32>> | (`sample`, `hybrid`) per position, the distinct sampled ids, ascending |
+//! | `sample_counts` | list<list<uint8 or uint16>> | their counts (sum N per position) |
+//! | `sample_logprobs` | list<list<float16>> | (`--store-logprobs`) the teacher's log-prob of each sampled id |
+//!
+//! `topk` shards have the first seven columns; `sample` shards the first four and the
+//! sample columns; `hybrid` shards all of them.
 
 use arrow_schema::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Version of the shard + manifest format. Bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the shard + manifest format written. Bump on any incompatible change.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build still reads (version 1: top-k caches without the
+/// sample settings in the manifest).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 pub const COL_SEQ_ID: &str = "seq_id";
 pub const COL_DOC_ID: &str = "doc_id";
@@ -27,6 +38,9 @@ pub const COL_INPUT_IDS: &str = "input_ids";
 pub const COL_TOPK_IDS: &str = "topk_ids";
 pub const COL_TOPK_LOGPROBS: &str = "topk_logprobs";
 pub const COL_TAIL_LOGPROB: &str = "tail_logprob";
+pub const COL_SAMPLE_IDS: &str = "sample_ids";
+pub const COL_SAMPLE_COUNTS: &str = "sample_counts";
+pub const COL_SAMPLE_LOGPROBS: &str = "sample_logprobs";
 
 /// Parquet key-value metadata keys written into every shard.
 pub const META_FORMAT_VERSION: &str = "logitcache.format_version";
@@ -34,6 +48,83 @@ pub const META_TOP_K: &str = "logitcache.top_k";
 pub const META_VOCAB_SIZE: &str = "logitcache.vocab_size";
 pub const META_TOKENIZER_SHA256: &str = "logitcache.tokenizer_sha256";
 pub const META_SHARD_INDEX: &str = "logitcache.shard_index";
+pub const META_MODE: &str = "logitcache.mode";
+pub const META_SAMPLES: &str = "logitcache.samples";
+
+/// What a cache stores per position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// The top-k ids with their log-probs and the exact tail mass (format version 1's only
+    /// mode).
+    #[default]
+    Topk,
+    /// N draws with replacement from the teacher's distribution: the distinct ids and their
+    /// counts (random-sampling KD).
+    Sample,
+    /// The exact top-k and tail mass, plus N draws from the tail (the distribution outside
+    /// the top-k, renormalised).
+    Hybrid,
+}
+
+impl CacheMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::Topk => "topk",
+            CacheMode::Sample => "sample",
+            CacheMode::Hybrid => "hybrid",
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The columns of a shard: mode, k (top-k columns) and the sample settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub mode: CacheMode,
+    /// Ids per position in the top-k columns (0 in `sample` mode).
+    pub k: usize,
+    /// Draws per position (0 in `topk` mode).
+    pub samples: usize,
+    /// `sample_logprobs` is stored.
+    pub sample_logprobs: bool,
+}
+
+impl Layout {
+    /// A top-k layout (format version 1's).
+    pub fn topk(k: usize) -> Layout {
+        Layout {
+            mode: CacheMode::Topk,
+            k,
+            samples: 0,
+            sample_logprobs: false,
+        }
+    }
+
+    /// Whether the top-k columns (`topk_ids`, `topk_logprobs`, `tail_logprob`) are stored.
+    pub fn has_topk(&self) -> bool {
+        self.mode != CacheMode::Sample
+    }
+
+    /// Whether the sample columns are stored.
+    pub fn has_samples(&self) -> bool {
+        self.mode != CacheMode::Topk
+    }
+
+    /// The narrowest unsigned type that holds a count of up to `samples`.
+    pub fn count_type(&self) -> DataType {
+        if self.samples <= u8::MAX as usize {
+            DataType::UInt8
+        } else {
+            DataType::UInt16
+        }
+    }
+}
 
 pub(crate) fn item(dt: DataType) -> Arc<Field> {
     Arc::new(Field::new_list_field(dt, false))
@@ -43,55 +134,86 @@ pub(crate) fn fsl_item(dt: DataType, k: usize) -> Arc<Field> {
     item(DataType::FixedSizeList(item(dt), k as i32))
 }
 
-/// The shard schema for top-k `k`, without metadata.
-pub fn shard_schema(k: usize) -> Schema {
-    Schema::new(vec![
+fn list_of_lists(dt: DataType) -> DataType {
+    DataType::List(item(DataType::List(item(dt))))
+}
+
+/// The shard schema of `layout`, without metadata.
+pub fn shard_schema(layout: &Layout) -> Schema {
+    let k = layout.k;
+    let mut fields = vec![
         Field::new(COL_SEQ_ID, DataType::UInt64, false),
         Field::new(COL_DOC_ID, DataType::UInt64, false),
         Field::new(COL_WINDOW_INDEX, DataType::UInt32, false),
         Field::new(COL_INPUT_IDS, DataType::List(item(DataType::UInt32)), false),
-        Field::new(
-            COL_TOPK_IDS,
-            DataType::List(fsl_item(DataType::UInt32, k)),
+    ];
+    if layout.has_topk() {
+        fields.extend([
+            Field::new(
+                COL_TOPK_IDS,
+                DataType::List(fsl_item(DataType::UInt32, k)),
+                false,
+            ),
+            Field::new(
+                COL_TOPK_LOGPROBS,
+                DataType::List(fsl_item(DataType::Float16, k)),
+                false,
+            ),
+            Field::new(
+                COL_TAIL_LOGPROB,
+                DataType::List(item(DataType::Float32)),
+                false,
+            ),
+        ]);
+    }
+    if layout.has_samples() {
+        fields.push(Field::new(
+            COL_SAMPLE_IDS,
+            list_of_lists(DataType::UInt32),
             false,
-        ),
-        Field::new(
-            COL_TOPK_LOGPROBS,
-            DataType::List(fsl_item(DataType::Float16, k)),
+        ));
+        fields.push(Field::new(
+            COL_SAMPLE_COUNTS,
+            list_of_lists(layout.count_type()),
             false,
-        ),
-        Field::new(
-            COL_TAIL_LOGPROB,
-            DataType::List(item(DataType::Float32)),
-            false,
-        ),
-    ])
+        ));
+        if layout.sample_logprobs {
+            fields.push(Field::new(
+                COL_SAMPLE_LOGPROBS,
+                list_of_lists(DataType::Float16),
+                false,
+            ));
+        }
+    }
+    Schema::new(fields)
 }
 
 /// The shard schema with the key-value metadata every shard carries.
 pub fn shard_schema_with_metadata(
-    k: usize,
+    layout: &Layout,
     vocab_size: usize,
     tokenizer_sha256: &str,
     shard_index: u64,
 ) -> Schema {
     let meta: HashMap<String, String> = [
         (META_FORMAT_VERSION, FORMAT_VERSION.to_string()),
-        (META_TOP_K, k.to_string()),
+        (META_TOP_K, layout.k.to_string()),
         (META_VOCAB_SIZE, vocab_size.to_string()),
         (META_TOKENIZER_SHA256, tokenizer_sha256.to_string()),
         (META_SHARD_INDEX, shard_index.to_string()),
+        (META_MODE, layout.mode.name().to_string()),
+        (META_SAMPLES, layout.samples.to_string()),
     ]
     .into_iter()
     .map(|(a, b)| (a.to_string(), b))
     .collect();
-    shard_schema(k).with_metadata(meta)
+    shard_schema(layout).with_metadata(meta)
 }
 
-/// Compares a file's schema with the expected one for `k`, ignoring metadata. Returns a
+/// Compares a file's schema with the expected one for `layout`, ignoring metadata. Returns a
 /// description of the first difference.
-pub fn check_schema(found: &Schema, k: usize) -> Result<(), String> {
-    let want = shard_schema(k);
+pub fn check_schema(found: &Schema, layout: &Layout) -> Result<(), String> {
+    let want = shard_schema(layout);
     if found.fields().len() != want.fields().len() {
         return Err(format!(
             "expected {} columns ({}), found {} ({})",

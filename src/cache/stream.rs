@@ -12,7 +12,7 @@
 use super::pages;
 use super::reader::{Cache, ReadError, open_shard};
 use super::rows::{ShardRows, append_batch, append_per_position};
-use super::schema::{COL_TOPK_IDS, COL_TOPK_LOGPROBS, check_schema};
+use super::schema::{COL_TOPK_IDS, COL_TOPK_LOGPROBS, Layout, check_schema};
 use crate::rng::{is_eval, mix, permutation};
 use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
@@ -110,6 +110,9 @@ pub struct TrainBatch {
     pub topk_ids: Vec<u32>,
     pub topk_logprobs: Vec<f32>,
     /// Log of the teacher's mass outside the top-k (`-inf` possible; 0 at padding).
+    /// For a `sample` or `hybrid` cache the teacher fields hold the sparse estimate of the
+    /// whole distribution (see `sparse_target`): `k` is the batch's widest position, unused
+    /// entries have log-prob `-inf`, and `tail_logprob` is `-inf` (no tail outcome).
     pub tail_logprob: Vec<f32>,
     /// Where the stream stands after this batch.
     pub cursor: Cursor,
@@ -169,7 +172,7 @@ impl MappedShard {
     /// The file must not be truncated or modified while mapped (a cache's shards are only
     /// ever replaced by rename, which leaves a mapped file intact); truncation under a live
     /// map makes reads fault (SIGBUS).
-    pub unsafe fn open(path: &Path, k: usize) -> Result<Self, ReadError> {
+    pub unsafe fn open(path: &Path, layout: &Layout) -> Result<Self, ReadError> {
         let corrupt = |what: String| ReadError::Corrupt {
             path: path.to_path_buf(),
             what,
@@ -191,7 +194,7 @@ impl MappedShard {
         let bytes = Bytes::from_owner(map);
         let meta = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::new())
             .map_err(|e| corrupt(format!("not a readable Parquet file ({e})")))?;
-        check_schema(meta.schema(), k).map_err(corrupt)?;
+        check_schema(meta.schema(), layout).map_err(corrupt)?;
         Ok(MappedShard {
             path: path.to_path_buf(),
             bytes,
@@ -206,11 +209,11 @@ impl MappedShard {
 
     /// Decodes one row group: the top-k columns straight from their pages when they have
     /// the layout our writer produces (see `pages`), else everything through Arrow.
-    pub fn decode(&self, row_group: usize, k: usize) -> Result<ShardRows, ReadError> {
-        if let Some(rows) = self.decode_fast(row_group, k)? {
+    pub fn decode(&self, row_group: usize, layout: &Layout) -> Result<ShardRows, ReadError> {
+        if let Some(rows) = self.decode_fast(row_group, layout)? {
             return Ok(rows);
         }
-        self.decode_arrow(row_group, k)
+        self.decode_arrow(row_group, layout)
     }
 
     fn corrupt(&self, what: String) -> ReadError {
@@ -220,7 +223,15 @@ impl MappedShard {
         }
     }
 
-    fn decode_fast(&self, row_group: usize, k: usize) -> Result<Option<ShardRows>, ReadError> {
+    fn decode_fast(
+        &self,
+        row_group: usize,
+        layout: &Layout,
+    ) -> Result<Option<ShardRows>, ReadError> {
+        if !layout.has_topk() {
+            return Ok(None);
+        }
+        let k = layout.k;
         let md = self.meta.metadata();
         let schema = md.file_metadata().schema_descr();
         let leaf = |name: &str| {
@@ -239,7 +250,7 @@ impl MappedShard {
         .with_batch_size(1 << 16)
         .build()
         .map_err(|e| self.corrupt(e.to_string()))?;
-        let mut rows = ShardRows::new(k);
+        let mut rows = ShardRows::with_layout(*layout);
         for b in reader {
             let b =
                 b.map_err(|e| self.corrupt(format!("cannot decode row group {row_group} ({e})")))?;
@@ -261,7 +272,7 @@ impl MappedShard {
     }
 
     /// Decodes one row group with the generic Arrow reader.
-    fn decode_arrow(&self, row_group: usize, k: usize) -> Result<ShardRows, ReadError> {
+    fn decode_arrow(&self, row_group: usize, layout: &Layout) -> Result<ShardRows, ReadError> {
         let corrupt = |what: String| self.corrupt(what);
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
             self.bytes.clone(),
@@ -271,7 +282,7 @@ impl MappedShard {
         .with_batch_size(1 << 16)
         .build()
         .map_err(|e| corrupt(e.to_string()))?;
-        let mut rows = ShardRows::new(k);
+        let mut rows = ShardRows::with_layout(*layout);
         for b in reader {
             let b = b.map_err(|e| corrupt(format!("cannot decode row group {row_group} ({e})")))?;
             append_batch(&mut rows, &b).map_err(corrupt)?;
@@ -300,6 +311,7 @@ impl Stream {
             });
         }
         assert!(cfg.world_size >= 1 && cfg.rank < cfg.world_size && cfg.batch_size >= 1);
+        let layout = m.params.layout();
         let mut shards = Vec::with_capacity(m.shards.len());
         for s in &m.shards {
             let path = cache.dir.join(&s.file);
@@ -313,7 +325,7 @@ impl Stream {
                 });
             }
             // SAFETY: shards are immutable once written (replaced only by rename).
-            shards.push(unsafe { MappedShard::open(&path, m.params.top_k)? });
+            shards.push(unsafe { MappedShard::open(&path, &layout)? });
         }
         let units: Vec<(usize, usize)> = shards
             .iter()
@@ -321,11 +333,10 @@ impl Stream {
             .flat_map(|(s, sh)| (0..sh.row_groups()).map(move |g| (s, g)))
             .collect();
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-        let k = m.params.top_k;
         let shas: Vec<String> = m.shards.iter().map(|s| s.sha256.clone()).collect();
         let handle = std::thread::Builder::new()
             .name("logitcache-reader".into())
-            .spawn(move || produce(shards, shas, units, k, cfg, tx))
+            .spawn(move || produce(shards, shas, units, layout, cfg, tx))
             .expect("spawn the reader thread");
         Ok(Stream {
             rx: Some(rx),
@@ -359,7 +370,7 @@ fn produce(
     shards: Vec<MappedShard>,
     shas: Vec<String>,
     units: Vec<(usize, usize)>,
-    k: usize,
+    layout: Layout,
     cfg: StreamConfig,
     tx: SyncSender<Result<TrainBatch, ReadError>>,
 ) {
@@ -410,7 +421,7 @@ fn produce(
                 .par_iter()
                 .map(|&u| {
                     let (s, rg) = units[u];
-                    shards[s].decode(rg, k).map(Arc::new)
+                    shards[s].decode(rg, &layout).map(Arc::new)
                 })
                 .collect();
             let decoded = match decoded {
@@ -484,7 +495,7 @@ fn produce(
                     }
                 };
                 if pending.len() == cfg.batch_size {
-                    let b = assemble(&pending, k, after);
+                    let b = assemble(&pending, &layout, after);
                     pending.clear();
                     if tx.send(Ok(b)).is_err() {
                         return;
@@ -507,7 +518,7 @@ fn produce(
         cursor.group = 0;
     }
     if !pending.is_empty() {
-        let b = assemble(&pending, k, cursor);
+        let b = assemble(&pending, &layout, cursor);
         let _ = tx.send(Ok(b));
     }
 }
@@ -546,7 +557,7 @@ pub fn collate(windows: &[(u64, &[u32])], k: usize, cursor: Cursor) -> TrainBatc
     out
 }
 
-fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> TrainBatch {
+fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -> TrainBatch {
     let span = |r: &ShardRows, i: usize| (r.offsets[i] as usize, r.offsets[i + 1] as usize);
     let windows: Vec<(u64, &[u32])> = rows
         .iter()
@@ -555,6 +566,10 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> Train
             (r.seq_ids[*i], &r.input_ids[s..e])
         })
         .collect();
+    if layout.has_samples() {
+        return assemble_sampled(rows, &windows, layout, cursor);
+    }
+    let k = layout.k;
     let mut out = collate(&windows, k, cursor);
     let len = out.len;
     for (bi, (r, i)) in rows.iter().enumerate() {
@@ -567,6 +582,73 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], k: usize, cursor: Cursor) -> Train
             &mut out.topk_logprobs[o * k..(o + n) * k],
         );
         out.tail_logprob[o..o + n].copy_from_slice(&r.tail_logprob[s..e]);
+    }
+    out
+}
+
+/// A sampled (or hybrid) position's estimate of the teacher's distribution as sparse
+/// `(id, log p̂)` entries, most likely first: `sample` mode p̂(v) = count/N; `hybrid` the
+/// exact top-k log-probs, then tail mass × count/N for the sampled tail ids. The entries
+/// sum to 1 (up to f16 rounding of the head), so there is no tail outcome.
+fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    let n = layout.samples.max(1) as f32;
+    let k = layout.k;
+    let mut tail_log = 0.0f32;
+    if layout.has_topk() {
+        for j in 0..k {
+            out.push((r.topk_ids[p * k + j], r.topk_logprobs[p * k + j].to_f32()));
+        }
+        tail_log = r.tail_logprob[p];
+    }
+    let head = out.len();
+    let (ids, counts) = r.samples_at(p);
+    for (&id, &c) in ids.iter().zip(counts) {
+        out.push((id, tail_log + (c as f32 / n).ln()));
+    }
+    // Most sampled first (ties by id), so entry 0 is the estimate's most likely id.
+    out[head..].sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+}
+
+fn assemble_sampled(
+    rows: &[(Arc<ShardRows>, usize)],
+    windows: &[(u64, &[u32])],
+    layout: &Layout,
+    cursor: Cursor,
+) -> TrainBatch {
+    // Width: the most entries any position of the batch has.
+    let mut width = 1;
+    for (r, i) in rows {
+        for p in r.offsets[*i] as usize..r.offsets[*i + 1] as usize {
+            let e = r.sample_offsets[p + 1] - r.sample_offsets[p];
+            width = width.max(layout.k + e as usize);
+        }
+    }
+    let mut out = collate(windows, width, cursor);
+    out.topk_logprobs.fill(f32::NEG_INFINITY);
+    out.tail_logprob.fill(f32::NEG_INFINITY);
+    let len = out.len;
+    let mut entries = Vec::with_capacity(width);
+    for (bi, (r, i)) in rows.iter().enumerate() {
+        let s = r.offsets[*i] as usize;
+        for (j, p) in (s..r.offsets[*i + 1] as usize).enumerate() {
+            sparse_target(r, p, layout, &mut entries);
+            let o = (bi * len + j) * width;
+            for (e, &(id, lp)) in entries.iter().enumerate() {
+                out.topk_ids[o + e] = id;
+                out.topk_logprobs[o + e] = lp;
+            }
+        }
+    }
+    // Padding positions keep log-prob 0 entries of id 0 as `collate` made them: their mask
+    // is 0, so they count nowhere.
+    for (bi, (_, w)) in windows.iter().enumerate() {
+        let n = w.len();
+        for j in n..len {
+            let o = (bi * len + j) * width;
+            out.topk_logprobs[o..o + width].fill(0.0);
+            out.tail_logprob[bi * len + j] = 0.0;
+        }
     }
     out
 }
@@ -606,13 +688,14 @@ mod tests {
                 topk_ids: &topk,
                 topk_logprobs: &lps,
                 tail_logprob: &tail,
+                ..Default::default()
             });
         }
         rows
     }
 
     fn write(path: &Path, rows: &ShardRows, props: WriterProperties) -> MappedShard {
-        let schema = Arc::new(shard_schema_with_metadata(rows.k, 70_000, "x", 0));
+        let schema = Arc::new(shard_schema_with_metadata(&rows.layout, 70_000, "x", 0));
         let mut w = ArrowWriter::try_new(
             std::fs::File::create(path).unwrap(),
             schema.clone(),
@@ -622,7 +705,7 @@ mod tests {
         w.write(&rows.to_record_batch(schema)).unwrap();
         w.close().unwrap();
         // SAFETY: the test's own file, not modified while mapped.
-        unsafe { MappedShard::open(path, rows.k).unwrap() }
+        unsafe { MappedShard::open(path, &rows.layout).unwrap() }
     }
 
     /// The row groups of a shard decoded one by one, concatenated.
@@ -652,11 +735,11 @@ mod tests {
             let groups = 0..shard.row_groups();
             assert!(groups.len() > 1, "{name}");
             let fast = groups.clone().map(|g| {
-                let r = shard.decode_fast(g, k).unwrap();
+                let r = shard.decode_fast(g, &Layout::topk(k)).unwrap();
                 r.expect("the fast path takes this layout")
             });
             assert_eq!(concat(k, fast), want, "{name}");
-            let arrow = groups.map(|g| shard.decode_arrow(g, k).unwrap());
+            let arrow = groups.map(|g| shard.decode_arrow(g, &Layout::topk(k)).unwrap());
             assert_eq!(concat(k, arrow), want, "{name}");
         }
     }
@@ -682,8 +765,11 @@ mod tests {
             .build();
         for (name, props) in [("delta", delta), ("dict", dict)] {
             let shard = write(&dir.path().join(name), &want, props);
-            assert!(shard.decode_fast(0, k).unwrap().is_none(), "{name}");
-            let got = (0..shard.row_groups()).map(|g| shard.decode(g, k).unwrap());
+            assert!(
+                shard.decode_fast(0, &Layout::topk(k)).unwrap().is_none(),
+                "{name}"
+            );
+            let got = (0..shard.row_groups()).map(|g| shard.decode(g, &Layout::topk(k)).unwrap());
             assert_eq!(concat(k, got), want, "{name}");
         }
     }

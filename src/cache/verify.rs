@@ -1,6 +1,7 @@
 //! `logitcache verify`: every shard's sha256, schema and contents against the manifest.
 
 use super::reader::{Cache, ReadError};
+use super::schema::CacheMode;
 use crate::util::sha256_file;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -104,7 +105,27 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, ReadError> {
                 p.seq_len
             ));
         }
-        let k = p.top_k;
+        if let Some(bad) = rows.sample_ids.iter().find(|&&t| t >= v) {
+            r.problems.push(format!(
+                "{name}: sampled token id {bad} is outside the vocabulary ({v})"
+            ));
+        }
+        if p.mode != CacheMode::Topk {
+            let bad = (0..rows.positions()).find(|&q| {
+                let (ids, counts) = rows.samples_at(q);
+                let n: usize = counts.iter().map(|&c| c as usize).sum();
+                // A hybrid position whose tail has no mass draws nothing.
+                let n_ok = n == p.samples || (p.mode == CacheMode::Hybrid && n == 0);
+                !n_ok || ids.windows(2).any(|w| w[0] >= w[1]) || counts.contains(&0)
+            });
+            if let Some(q) = bad {
+                r.problems.push(format!(
+                    "{name}: position {q}: the draws are not {} counts ≥ 1 over ascending ids",
+                    p.samples
+                ));
+            }
+        }
+        let k = p.layout().k.max(1);
         let bad_order = rows.topk_logprobs.chunks(k).position(|c| {
             c.iter().any(|x| x.to_f32().is_nan() || x.to_f32() > 0.0)
                 || c.windows(2).any(|w| w[0] < w[1])

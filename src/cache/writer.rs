@@ -4,8 +4,8 @@
 
 use super::rows::ShardRows;
 use super::schema::{
-    COL_INPUT_IDS, COL_SEQ_ID, COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROBS,
-    shard_schema_with_metadata,
+    COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOGPROBS, COL_SEQ_ID,
+    COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROBS, shard_schema_with_metadata,
 };
 use crate::util::{failpoint, sync_dir};
 use parquet::arrow::ArrowWriter;
@@ -31,11 +31,19 @@ pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProper
     // probability order, not id order: deltas do not help, while split bytes give zstd the
     // (mostly constant) high bytes as runs, and the training reader copies them out of the
     // pages directly (`cache::pages`).
-    let per_position: [(&str, &[&str], Encoding); 4] = [
+    //
+    // Sampled ids are ascending within a position, so their deltas are small and
+    // DELTA_BINARY_PACKED bit-packs them; counts (mostly 1) pack to a few bits the same way.
+    // Sampled log-probs are PLAIN: DuckDB reads BYTE_STREAM_SPLIT only for 4- and 8-byte
+    // types, not float16. (Settings for columns a layout does not have are ignored.)
+    let per_position: [(&str, &[&str], Encoding); 7] = [
         (COL_INPUT_IDS, &list, Encoding::DELTA_BINARY_PACKED),
         (COL_TOPK_IDS, &nested, Encoding::BYTE_STREAM_SPLIT),
         (COL_TOPK_LOGPROBS, &nested, Encoding::BYTE_STREAM_SPLIT),
         (COL_TAIL_LOGPROB, &list, Encoding::BYTE_STREAM_SPLIT),
+        (COL_SAMPLE_IDS, &nested, Encoding::DELTA_BINARY_PACKED),
+        (COL_SAMPLE_COUNTS, &nested, Encoding::DELTA_BINARY_PACKED),
+        (COL_SAMPLE_LOGPROBS, &nested, Encoding::PLAIN),
     ];
     let builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
@@ -108,7 +116,7 @@ pub fn write_shard(
         .expect("shard path has a parent: this is a bug");
     let tmp = path.with_extension(format!("parquet.tmp-{}", std::process::id()));
     let schema = Arc::new(shard_schema_with_metadata(
-        rows.k,
+        &rows.layout,
         opts.vocab_size,
         &opts.tokenizer_sha256,
         index,

@@ -30,6 +30,7 @@ use super::model::Llama;
 use super::run_dir::{EvalLine, MetricsWriter, RunDir, TrainLine};
 use super::step::{clip_global, loss_and_grads};
 use crate::cache::reader::Cache;
+use crate::cache::schema::CacheMode;
 use crate::cache::stream::{Cursor, Split, Stream, StreamConfig};
 use crate::device::Device;
 use crate::loss::KdLoss;
@@ -162,7 +163,17 @@ fn train_on<B: AutodiffBackend>(
             cfg.loss.temperature
         );
     }
-    if cfg.loss.kind != KdLoss::Ce && cfg.loss.ce_weight == 0.0 {
+    let mode = m.params.mode;
+    if mode != CacheMode::Topk
+        && matches!(cfg.loss.kind, KdLoss::Rkl | KdLoss::Jsd | KdLoss::FklTopk)
+    {
+        bail!(
+            "--loss {} needs the teacher's probability at ids it did not store, and a --mode {mode} cache stores an estimate of the distribution (draws, not probabilities): train it with --loss fkl (cross-entropy against the estimate over the whole vocabulary, an unbiased gradient) or ce, or build a --mode topk cache for {}",
+            cfg.loss.kind.name(),
+            cfg.loss.kind.name()
+        );
+    }
+    if mode == CacheMode::Topk && cfg.loss.kind != KdLoss::Ce && cfg.loss.ce_weight == 0.0 {
         warn_if_tail_heavy(cache);
     }
     let run_dir = RunDir::new(cfg.out.join(&student.name));

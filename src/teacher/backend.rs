@@ -54,6 +54,9 @@ pub struct Batch {
     /// Real length of each window.
     pub lengths: Vec<usize>,
     pub side: PaddingSide,
+    /// Each window's `seq_id` (the seed of its draws in a sampled cache); `0..batch` unless
+    /// the caller sets them.
+    pub seq_ids: Vec<u64>,
 }
 
 impl Batch {
@@ -84,6 +87,7 @@ impl Batch {
             position_ids,
             lengths: windows.iter().map(|w| w.len()).collect(),
             side,
+            seq_ids: (0..b as u64).collect(),
         }
     }
 
@@ -102,13 +106,21 @@ impl Batch {
     }
 }
 
-/// The top-k of every real position of a batch, windows in batch order, positions in order.
+/// The top-k (and the draws, for a sampled cache) of every real position of a batch,
+/// windows in batch order, positions in order.
 #[derive(Debug, Clone, Default)]
 pub struct BatchTopK {
     pub k: usize,
     pub ids: Vec<u32>,
     pub logprobs: Vec<f32>,
     pub tail_logprob: Vec<f32>,
+    /// Distinct sampled ids per position (empty without sampling).
+    pub sample_lens: Vec<u32>,
+    /// The sampled ids, ascending within each position.
+    pub sample_ids: Vec<u32>,
+    pub sample_counts: Vec<u16>,
+    /// The teacher's log-prob of each sampled id (when asked for).
+    pub sample_logprobs: Vec<f32>,
 }
 
 /// Errors from running the teacher.

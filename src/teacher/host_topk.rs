@@ -11,13 +11,18 @@
 //! // Two positions of a 4-token vocabulary, k = 1.
 //! let logits = [0.0f32, 3.0, 1.0, 0.0, 5.0, 0.0, 0.0, 0.0];
 //! let mut h = HostTopK::new(1, 1.0, 2);
-//! let mut out = BatchTopK { k: 1, ids: vec![0; 2], logprobs: vec![0.0; 2], tail_logprob: vec![0.0; 2] };
-//! h.reduce(Logits::F32(&logits), 4, 4, &[(0, 0, 0), (0, 1, 1)], &mut out).unwrap();
+//! let mut out = BatchTopK {
+//!     k: 1, ids: vec![0; 2], logprobs: vec![0.0; 2], tail_logprob: vec![0.0; 2],
+//!     ..Default::default()
+//! };
+//! h.reduce(Logits::F32(&logits), 4, 4, &[(0, 0, 0), (0, 1, 1)], &[0], &mut out).unwrap();
 //! assert_eq!(out.ids, [1, 0]);
 //! ```
 
 use super::backend::{BatchTopK, TeacherError};
+use super::sample::{SampleScratch, Sampler};
 use super::topk::{TopK, TopKScratch};
+use crate::cache::schema::CacheMode;
 use half::f16;
 
 /// The teacher's logits for a batch, `[rows, stride]` row-major, in the model's element type.
@@ -31,18 +36,61 @@ pub enum Logits<'a> {
 /// flattened `[batch * len]` logits).
 pub type RowRef = (usize, usize, usize);
 
+/// What is drawn besides (or instead of) the top-k.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleOptions {
+    pub mode: CacheMode,
+    /// Draws per position.
+    pub samples: usize,
+    /// The cache seed.
+    pub seed: u64,
+    /// Also return the teacher's log-prob of each sampled id.
+    pub store_logprobs: bool,
+}
+
 /// One thread's buffers.
 #[derive(Debug, Default)]
 struct Worker {
     scratch: TopKScratch,
+    sample: SampleScratch,
     /// An f16 row converted to f32.
     row_f32: Vec<f32>,
 }
 
-/// Top-k + log-softmax of a batch on the host.
+/// One thread's sampled entries, in its rows' order.
+#[derive(Debug, Default)]
+struct Drawn {
+    lens: Vec<u32>,
+    ids: Vec<u32>,
+    counts: Vec<u16>,
+    logprobs: Vec<f32>,
+}
+
+/// The first non-finite value of a row, if any (8 poison lanes: x · 0 is NaN exactly for
+/// NaN and ±inf, so the loop vectorises and only a bad row is searched).
+fn first_non_finite(row: &[f32]) -> Option<(usize, f32)> {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            lanes[j] += c[j] * 0.0;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&x| x * 0.0).sum();
+    if (lanes.iter().sum::<f32>() + tail).is_nan() {
+        row.iter().position(|x| !x.is_finite()).map(|i| (i, row[i]))
+    } else {
+        None
+    }
+}
+
+/// Top-k + log-softmax (and the draws of a `sample`/`hybrid` cache) of a batch on the host.
 #[derive(Debug)]
 pub struct HostTopK {
     topk: TopK,
+    /// 1 / temperature.
+    scale: f32,
+    sampling: Option<SampleOptions>,
     workers: Vec<Worker>,
 }
 
@@ -54,34 +102,74 @@ impl HostTopK {
                 k,
                 inv_temperature: 1.0 / temperature,
             },
+            scale: 1.0 / temperature,
+            sampling: None,
             workers: (0..threads.max(1)).map(|_| Worker::default()).collect(),
         }
     }
 
+    /// Also draws samples (`sample` mode: instead of the top-k, whose `k` must then be 0;
+    /// `hybrid`: from the distribution outside the top-k).
+    pub fn with_sampling(mut self, sampling: SampleOptions) -> Self {
+        self.sampling = Some(sampling);
+        self
+    }
+
     /// Reduces `rows` of `logits` (`stride` values per row, of which the first `vocab` are
-    /// the distribution's) into `out` (`out.k` values per row, in the order of `rows`).
-    /// A non-finite logit is an error naming the earliest such position.
+    /// the distribution's) into `out` (`out.k` values per row, in the order of `rows`; the
+    /// draws appended to `out.sample_*`). `seq_ids[i]` is window i's `seq_id` (the draws'
+    /// seed). A non-finite logit is an error naming the earliest such position.
     pub fn reduce(
         &mut self,
         logits: Logits<'_>,
         stride: usize,
         vocab: usize,
         rows: &[RowRef],
+        seq_ids: &[u64],
         out: &mut BatchTopK,
     ) -> Result<(), TeacherError> {
         let k = self.topk.k;
         let topk = self.topk;
+        let sampling = self.sampling;
+        let sampler = sampling.map(|o| Sampler {
+            samples: o.samples,
+            scale: self.scale,
+            seed: o.seed,
+        });
         let per = rows.len().div_ceil(self.workers.len()).max(1);
-        std::thread::scope(|scope| {
+        // Threads get disjoint ranges of rows; with k = 0 (a `sample` cache) the top-k
+        // outputs are empty.
+        let kk = k.max(1);
+        let mut empty: (Vec<u32>, Vec<f32>, Vec<f32>) = (vec![], vec![], vec![]);
+        let (ids_out, lps_out, tails_out) = if k == 0 {
+            empty.2 = vec![0.0; rows.len()];
+            (&mut empty.0, &mut empty.1, &mut empty.2)
+        } else {
+            (&mut out.ids, &mut out.logprobs, &mut out.tail_logprob)
+        };
+        let drawn: Vec<Drawn> = std::thread::scope(|scope| {
             let threads: Vec<_> = rows
                 .chunks(per)
-                .zip(out.ids.chunks_mut(per * k))
-                .zip(out.logprobs.chunks_mut(per * k))
-                .zip(out.tail_logprob.chunks_mut(per))
+                .zip(
+                    ids_out
+                        .chunks_mut(per * kk)
+                        .chain(std::iter::repeat_with(|| &mut [][..])),
+                )
+                .zip(
+                    lps_out
+                        .chunks_mut(per * kk)
+                        .chain(std::iter::repeat_with(|| &mut [][..])),
+                )
+                .zip(tails_out.chunks_mut(per))
                 .zip(self.workers.iter_mut())
                 .map(|((((rows, ids), lps), tails), worker)| {
-                    scope.spawn(move || {
-                        let Worker { scratch, row_f32 } = worker;
+                    scope.spawn(move || -> Result<Drawn, TeacherError> {
+                        let Worker {
+                            scratch,
+                            sample,
+                            row_f32,
+                        } = worker;
+                        let mut drawn = Drawn::default();
                         for (j, &(i, p, r)) in rows.iter().enumerate() {
                             let row: &[f32] = match logits {
                                 Logits::F32(d) => &d[r * stride..r * stride + vocab],
@@ -94,21 +182,54 @@ impl HostTopK {
                                     row_f32
                                 }
                             };
-                            tails[j] = topk
-                                .row(
+                            let non_finite = |index: usize, value: f32| TeacherError::NonFinite {
+                                window: i,
+                                position: p,
+                                token: index,
+                                value,
+                            };
+                            let top: &[u32] = if k > 0 {
+                                tails[j] = topk
+                                    .row(
+                                        row,
+                                        scratch,
+                                        &mut ids[j * k..(j + 1) * k],
+                                        &mut lps[j * k..(j + 1) * k],
+                                    )
+                                    .map_err(|nf| non_finite(nf.index, nf.value))?;
+                                &ids[j * k..(j + 1) * k]
+                            } else {
+                                if let Some((index, value)) = first_non_finite(row) {
+                                    return Err(non_finite(index, value));
+                                }
+                                &[]
+                            };
+                            if let (Some(s), Some(o)) = (sampler, sampling) {
+                                let before = drawn.ids.len();
+                                let exclude = if o.mode == CacheMode::Hybrid {
+                                    top
+                                } else {
+                                    &[]
+                                };
+                                let info = s.draw(
                                     row,
-                                    scratch,
-                                    &mut ids[j * k..(j + 1) * k],
-                                    &mut lps[j * k..(j + 1) * k],
-                                )
-                                .map_err(|nf| TeacherError::NonFinite {
-                                    window: i,
-                                    position: p,
-                                    token: nf.index,
-                                    value: nf.value,
-                                })?;
+                                    exclude,
+                                    (seq_ids[i], p as u64),
+                                    sample,
+                                    &mut drawn.ids,
+                                    &mut drawn.counts,
+                                );
+                                drawn.lens.push((drawn.ids.len() - before) as u32);
+                                if o.store_logprobs {
+                                    let lz = info.log_z_all;
+                                    drawn.logprobs.extend(drawn.ids[before..].iter().map(|&id| {
+                                        (((row[id as usize] - info.max) * s.scale) as f64 - lz)
+                                            as f32
+                                    }));
+                                }
+                            }
                         }
-                        Ok(())
+                        Ok(drawn)
                     })
                 })
                 .collect();
@@ -116,7 +237,14 @@ impl HostTopK {
             threads
                 .into_iter()
                 .map(|t| t.join().expect("top-k thread panicked: this is a bug"))
-                .fold(Ok(()), Result::and)
-        })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        for d in drawn {
+            out.sample_lens.extend(d.lens);
+            out.sample_ids.extend(d.ids);
+            out.sample_counts.extend(d.counts);
+            out.sample_logprobs.extend(d.logprobs);
+        }
+        Ok(())
     }
 }

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod head;
 pub mod host_topk;
 pub mod ort_backend;
+pub mod sample;
 pub mod topk;
 
 use crate::cache::lock::{CacheLock, ManifestLock};
@@ -20,6 +21,7 @@ use crate::cache::manifest::{
     CacheParams, Manifest, ModelInfo, ShardEntry, TokenizerInfo, shard_file_name,
 };
 use crate::cache::rows::{LogprobDtype, ShardRows, WindowTopK};
+use crate::cache::schema::{CacheMode, Layout};
 use crate::cache::writer::{
     DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriteOptions, write_shard,
 };
@@ -28,6 +30,7 @@ use crate::util::{failpoint, sha256_file};
 use crate::windows::{ShardWork, WindowSpec, batch_order, make_plan, produce_shards};
 use anyhow::{Context, bail};
 use backend::{Batch, Device, PaddingSide, TeacherBackend, TeacherError, TopKMode};
+use host_topk::SampleOptions;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -38,6 +41,15 @@ pub const DEFAULT_SEQ_LEN: usize = 512;
 pub const DEFAULT_BATCH_SIZE: usize = 8;
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
 pub const DEFAULT_TEXT_FIELD: &str = "text";
+/// What a cache stores per position.
+pub const DEFAULT_MODE: CacheMode = CacheMode::Topk;
+/// Draws per position of a `sample` cache: ~12 distinct ids per position on large trained
+/// teachers ("Sparse Logit Sampling", N = 50).
+pub const DEFAULT_SAMPLES: usize = 50;
+/// Temperature of the sampling proposal (1: draw from the teacher's own distribution).
+pub const DEFAULT_PROPOSAL_TEMPERATURE: f32 = 1.0;
+/// Most draws per position (counts are stored in 16 bits at most).
+pub const MAX_SAMPLES: usize = u16::MAX as usize;
 /// Windows per shard: at seq_len 512 and k 64 about 100 MB of Parquet, and the unit of
 /// resumption and of work split across workers.
 pub const DEFAULT_SHARD_SIZE: usize = 1024;
@@ -62,6 +74,16 @@ pub struct TeacherConfig {
     pub padding_side: PaddingSide,
     /// Where top-k runs (`--topk-on`).
     pub topk_on: TopKMode,
+    /// `topk`, `sample` or `hybrid`.
+    pub mode: CacheMode,
+    /// Draws per position (`sample`/`hybrid`; 0 in `topk` mode).
+    pub samples: usize,
+    /// τ of the proposal q ∝ p^(1/τ).
+    pub proposal_temperature: f32,
+    /// Store the teacher's log-prob of each sampled id.
+    pub store_logprobs: bool,
+    /// Seed of the draws.
+    pub seed: u64,
     pub ort_lib: Option<PathBuf>,
     pub progress: ProgressMode,
     pub zstd_level: i32,
@@ -89,6 +111,11 @@ impl Default for TeacherConfig {
             shard_size: DEFAULT_SHARD_SIZE,
             padding_side: PaddingSide::Right,
             topk_on: TopKMode::Auto,
+            mode: DEFAULT_MODE,
+            samples: 0,
+            proposal_temperature: DEFAULT_PROPOSAL_TEMPERATURE,
+            store_logprobs: false,
+            seed: 0,
             ort_lib: None,
             progress: ProgressMode::Bar,
             zstd_level: DEFAULT_ZSTD_LEVEL,
@@ -106,10 +133,91 @@ impl TeacherConfig {
         }
     }
 
+    /// The shard columns of this run.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            mode: self.mode,
+            k: if self.mode == CacheMode::Sample {
+                0
+            } else {
+                self.top_k
+            },
+            samples: self.samples,
+            sample_logprobs: self.store_logprobs,
+        }
+    }
+
+    /// The draws of a `sample`/`hybrid` run (`None` in `topk` mode).
+    pub fn sampling(&self) -> Option<SampleOptions> {
+        (self.mode != CacheMode::Topk).then_some(SampleOptions {
+            mode: self.mode,
+            samples: self.samples,
+            seed: self.seed,
+            store_logprobs: self.store_logprobs,
+        })
+    }
+
     /// Checks the values that need no file access.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.top_k == 0 {
+        if self.mode != CacheMode::Sample && self.top_k == 0 {
             bail!("--top-k must be at least 1 (got 0); 64 is a good default");
+        }
+        match self.mode {
+            CacheMode::Topk => {
+                if self.samples != 0 {
+                    bail!(
+                        "--samples {} needs --mode sample or --mode hybrid (this run is --mode topk, which stores no draws)",
+                        self.samples
+                    );
+                }
+                if self.store_logprobs {
+                    bail!(
+                        "--store-logprobs needs --mode sample or --mode hybrid (a top-k cache stores its log-probs anyway)"
+                    );
+                }
+                if self.seed != 0 {
+                    bail!(
+                        "--cache-seed needs --mode sample or --mode hybrid (a top-k cache draws nothing)"
+                    );
+                }
+                if self.proposal_temperature != DEFAULT_PROPOSAL_TEMPERATURE {
+                    bail!(
+                        "--proposal-temperature needs --mode sample or --mode hybrid (a top-k cache draws nothing)"
+                    );
+                }
+            }
+            CacheMode::Sample | CacheMode::Hybrid => {
+                if self.samples == 0 {
+                    bail!(
+                        "--samples must be at least 1 with --mode {} (got 0); {DEFAULT_SAMPLES} is a good default",
+                        self.mode
+                    );
+                }
+                if self.samples > MAX_SAMPLES {
+                    bail!(
+                        "--samples {} is above the most a cache stores per position ({MAX_SAMPLES})",
+                        self.samples
+                    );
+                }
+                if !(self.proposal_temperature.is_finite() && self.proposal_temperature > 0.0) {
+                    bail!(
+                        "--proposal-temperature must be a finite number > 0 (got {}); 1 draws from the teacher's own distribution",
+                        self.proposal_temperature
+                    );
+                }
+                if self.proposal_temperature != DEFAULT_PROPOSAL_TEMPERATURE {
+                    bail!(
+                        "--proposal-temperature {}: only 1 (draws from the teacher's own distribution) is supported so far; importance-weighted proposals are not implemented yet",
+                        self.proposal_temperature
+                    );
+                }
+                if self.topk_on == TopKMode::Onnx {
+                    bail!(
+                        "--mode {} with --topk-on onnx: the device top-k head computes the top-k only so far; use --topk-on host",
+                        self.mode
+                    );
+                }
+            }
         }
         if self.seq_len < 2 {
             bail!(
@@ -172,7 +280,8 @@ fn compute_shard(
     cfg: &TeacherConfig,
     pad_id: u32,
 ) -> anyhow::Result<(ShardRows, u64)> {
-    let k = cfg.top_k;
+    let layout = cfg.layout();
+    let k = layout.k;
     let lengths: Vec<usize> = work.windows.iter().map(|w| w.tokens.len()).collect();
     // Each window's place in the batch outputs: (batch, first position, positions). The
     // rows are then written once, in seq_id order, straight from those outputs.
@@ -184,7 +293,8 @@ fn compute_shard(
             .iter()
             .map(|&i| work.windows[i].tokens.as_slice())
             .collect();
-        let batch = Batch::pad(&toks, cfg.padding_side, pad_id);
+        let mut batch = Batch::pad(&toks, cfg.padding_side, pad_id);
+        batch.seq_ids = chunk.iter().map(|&i| work.windows[i].seq_id).collect();
         computed += (batch.batch * batch.len) as u64;
         let out = teacher.run(&batch).map_err(|e| match e {
             TeacherError::NonFinite { window, position, token, value } => {
@@ -206,19 +316,46 @@ fn compute_shard(
         outputs.push(out);
     }
     let positions: usize = work.windows.iter().map(|w| w.tokens.len()).sum();
-    let mut rows = ShardRows::with_capacity(k, work.windows.len(), positions);
+    // Where each position's draws start in its batch's sample outputs.
+    let sample_starts: Vec<Vec<usize>> = outputs
+        .iter()
+        .map(|o| {
+            let mut at = 0usize;
+            let mut v = Vec::with_capacity(o.sample_lens.len() + 1);
+            v.push(0);
+            for &c in &o.sample_lens {
+                at += c as usize;
+                v.push(at);
+            }
+            v
+        })
+        .collect();
+    let mut rows = ShardRows::with_capacity(layout, work.windows.len(), positions);
     for (w, p) in work.windows.iter().zip(place) {
         let (b, at, n) = p.expect("every window computed: this is a bug");
         let out = &outputs[b];
-        rows.push(&WindowTopK {
+        let mut window = WindowTopK {
             seq_id: w.seq_id,
             doc_id: w.doc_id,
             window_index: w.window_index,
             input_ids: &w.tokens,
-            topk_ids: &out.ids[at * k..(at + n) * k],
-            topk_logprobs: &out.logprobs[at * k..(at + n) * k],
-            tail_logprob: &out.tail_logprob[at..at + n],
-        });
+            ..Default::default()
+        };
+        if layout.has_topk() {
+            window.topk_ids = &out.ids[at * k..(at + n) * k];
+            window.topk_logprobs = &out.logprobs[at * k..(at + n) * k];
+            window.tail_logprob = &out.tail_logprob[at..at + n];
+        }
+        if layout.has_samples() {
+            let (s, e) = (sample_starts[b][at], sample_starts[b][at + n]);
+            window.sample_lens = &out.sample_lens[at..at + n];
+            window.sample_ids = &out.sample_ids[s..e];
+            window.sample_counts = &out.sample_counts[s..e];
+            if layout.sample_logprobs {
+                window.sample_logprobs = &out.sample_logprobs[s..e];
+            }
+        }
+        rows.push(&window);
     }
     Ok((rows, computed))
 }
@@ -271,12 +408,21 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     cfg.validate()?;
     let started = Instant::now();
     let tok = crate::tokenizer::load(&cfg.tokenizer)?;
-    if cfg.top_k > tok.vocab_size {
+    if cfg.mode != CacheMode::Sample && cfg.top_k > tok.vocab_size {
         bail!(
             "--top-k {} exceeds the vocabulary ({} tokens in {}); choose k ≤ {}",
             cfg.top_k,
             tok.vocab_size,
             cfg.tokenizer.display(),
+            tok.vocab_size
+        );
+    }
+    if cfg.mode == CacheMode::Hybrid && cfg.top_k >= tok.vocab_size {
+        bail!(
+            "--top-k {} with --mode hybrid leaves no tail to sample (the vocabulary of {} has {} tokens); choose k < {}, or --mode topk to store the whole distribution",
+            cfg.top_k,
+            cfg.tokenizer.display(),
+            tok.vocab_size,
             tok.vocab_size
         );
     }
@@ -311,9 +457,10 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                 device: cfg.device,
                 threads: cfg.threads,
                 topk_on: cfg.topk_on,
-                k: cfg.top_k,
+                k: cfg.layout().k,
                 temperature: cfg.temperature,
                 vocab: tok.vocab_size,
+                sampling: cfg.sampling(),
             },
         );
         let hashed = hashing
@@ -351,13 +498,18 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     let t_plan = Instant::now();
     let mut fresh = Manifest::new(
         CacheParams {
-            top_k: cfg.top_k,
+            top_k: cfg.layout().k,
             seq_len: cfg.seq_len,
             temperature: cfg.temperature,
             text_field: cfg.text_field.clone(),
             shard_size: cfg.shard_size,
             skip_bad_rows: cfg.skip_bad_rows,
             logprob_dtype: LogprobDtype::Float16,
+            mode: cfg.mode,
+            samples: cfg.samples,
+            proposal_temperature: cfg.proposal_temperature,
+            store_logprobs: cfg.store_logprobs,
+            seed: cfg.seed,
         },
         ModelInfo {
             path: cfg.model.clone(),

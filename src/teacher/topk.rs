@@ -406,6 +406,12 @@ impl Kernel {
         }
     }
 
+    /// Σ exp((x − reference) · scale) over the row's values `x` (clamped at exp(0) above
+    /// `reference`), vectorised: the building block of the sampler's block sums.
+    pub(crate) fn exp_sum_all(self, row: &[f32], reference: f32, scale: f32) -> f64 {
+        self.exp_sum(row, reference, scale, f32::INFINITY)
+    }
+
     fn exp_sum(self, row: &[f32], reference: f32, scale: f32, kth: f32) -> f64 {
         match self {
             // SAFETY: as in `block_max`.

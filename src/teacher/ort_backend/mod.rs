@@ -16,7 +16,7 @@ pub use interface::{LogitsDtype, ModelInterface};
 pub use library::{ORT_LIB_NAME, environment, resolve_library};
 
 use super::backend::{Batch, BatchTopK, Device, TeacherBackend, TeacherError, TopKMode};
-use super::host_topk::{HostTopK, Logits};
+use super::host_topk::{HostTopK, Logits, SampleOptions};
 use interface::{ExtraInput, check_interface};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
@@ -59,6 +59,8 @@ pub struct OrtOptions {
     pub temperature: f32,
     /// The cache's vocabulary (the tokenizer's): logits beyond it are dropped.
     pub vocab: usize,
+    /// Draws for a `sample` or `hybrid` cache (`None`: top-k only).
+    pub sampling: Option<SampleOptions>,
 }
 
 fn session_for(
@@ -141,7 +143,16 @@ impl OrtTeacher {
             ),
         }
         .map_err(rt)?;
-        let host = HostTopK::new(opts.k, opts.temperature, opts.threads);
+        let mut host = HostTopK::new(opts.k, opts.temperature, opts.threads);
+        if let Some(s) = opts.sampling {
+            if opts.topk_on.uses_onnx(opts.device) {
+                return Err(OrtError::Device(format!(
+                    "--mode {}: the device top-k head computes the top-k only so far; use --topk-on host (the sampled modes run on the host)",
+                    s.mode
+                )));
+            }
+            host = host.with_sampling(s);
+        }
         Ok(OrtTeacher {
             session,
             head: None,
@@ -242,7 +253,8 @@ impl OrtTeacher {
             k,
             ids: vec![0; rows.len() * k],
             logprobs: vec![0.0; rows.len() * k],
-            tail_logprob: vec![0.0; rows.len()],
+            tail_logprob: if k > 0 { vec![0.0; rows.len()] } else { vec![] },
+            ..Default::default()
         };
         if let Some(head) = self.head.as_mut() {
             // Teacher → head on the device: only k values per position come back.
@@ -324,7 +336,8 @@ impl OrtTeacher {
                     Logits::F32(logits.try_extract_tensor::<f32>().map_err(|e| err(&e))?.1)
                 }
             };
-            self.host.reduce(logits, v, vocab, &rows, &mut out)?;
+            self.host
+                .reduce(logits, v, vocab, &rows, &batch.seq_ids, &mut out)?;
             self.seconds.1 += t1.elapsed().as_secs_f64();
         }
         Ok(out)

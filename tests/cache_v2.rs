@@ -1,0 +1,289 @@
+//! Cache format 2: `sample` and `hybrid` caches (draws from the teacher's distribution),
+//! their determinism across runs and workers, what pyarrow reads, training from them, bad
+//! flags, and reading format-1 caches.
+
+use crate::util::*;
+use logitcache::cache::manifest::Manifest;
+use logitcache::cache::reader::Cache;
+use logitcache::cache::schema::CacheMode;
+use std::path::{Path, PathBuf};
+
+fn with(args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    args.into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect()
+}
+
+fn build(name: &str, docs: usize, extra: &[&str]) -> PathBuf {
+    let out = shared_dir().join(format!("v2-{name}-{}", unique()));
+    assert_ok(&run_strings(&with(
+        teacher_args(&plain_model(), &out, docs),
+        extra,
+    )));
+    out
+}
+
+fn shard_shas(dir: &Path) -> Vec<(String, String)> {
+    let m = Manifest::load(dir).unwrap();
+    m.shards
+        .iter()
+        .map(|s| (s.file.clone(), s.sha256.clone()))
+        .collect()
+}
+
+#[test]
+fn sample_cache_stores_n_draws_per_position_deterministically() {
+    let a = build("sample-a", 40, &["--mode", "sample", "--samples", "24"]);
+    let m = Manifest::load(&a).unwrap();
+    assert_eq!(m.format_version, 2);
+    assert_eq!(m.params.mode, CacheMode::Sample);
+    assert_eq!(m.params.samples, 24);
+    assert_eq!(m.params.top_k, 0);
+    let rows = all_rows(&a);
+    assert!(rows.topk_ids.is_empty() && rows.tail_logprob.is_empty());
+    let mut distinct = 0usize;
+    for p in 0..rows.positions() {
+        let (ids, counts) = rows.samples_at(p);
+        assert_eq!(
+            counts.iter().map(|&c| c as usize).sum::<usize>(),
+            24,
+            "position {p}"
+        );
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ascending ids");
+        assert!(ids.iter().all(|&i| (i as usize) < VOCAB));
+        distinct += ids.len();
+    }
+    let mean = distinct as f64 / rows.positions() as f64;
+    assert!(mean > 1.0 && mean <= 24.0, "mean distinct ids {mean}");
+    // The same command again, and two workers into one directory: the same bytes.
+    let b = build("sample-b", 40, &["--mode", "sample", "--samples", "24"]);
+    assert_eq!(shard_shas(&a), shard_shas(&b));
+    let w = shared_dir().join(format!("v2-sample-w-{}", unique()));
+    for i in ["0", "1"] {
+        assert_ok(&run_strings(&with(
+            teacher_args(&plain_model(), &w, 40),
+            &[
+                "--mode",
+                "sample",
+                "--samples",
+                "24",
+                "--worker-index",
+                i,
+                "--num-workers",
+                "2",
+            ],
+        )));
+    }
+    assert_eq!(shard_shas(&a), shard_shas(&w));
+    // Another seed draws other values.
+    let c = build(
+        "sample-c",
+        40,
+        &["--mode", "sample", "--samples", "24", "--cache-seed", "5"],
+    );
+    assert_ne!(all_rows(&c).sample_ids, rows.sample_ids);
+    let o = run(&["verify", a.to_str().unwrap()]);
+    assert_ok(&o);
+}
+
+#[test]
+fn hybrid_cache_has_the_exact_top_k_and_draws_from_the_tail_only() {
+    let top = build("topk", 30, &[]);
+    let hy = build("hybrid", 30, &["--mode", "hybrid", "--samples", "16"]);
+    let (t, h) = (all_rows(&top), all_rows(&hy));
+    // The head is the top-k cache's, bit for bit.
+    assert_eq!(t.topk_ids, h.topk_ids);
+    assert_eq!(t.topk_logprobs, h.topk_logprobs);
+    assert_eq!(t.tail_logprob, h.tail_logprob);
+    let k = h.k;
+    for p in 0..h.positions() {
+        let (ids, counts) = h.samples_at(p);
+        let head = &h.topk_ids[p * k..(p + 1) * k];
+        assert!(
+            ids.iter().all(|i| !head.contains(i)),
+            "position {p} drew a top-k id"
+        );
+        let n: usize = counts.iter().map(|&c| c as usize).sum();
+        if h.tail_logprob[p] > -80.0 {
+            assert_eq!(n, 16, "position {p}");
+        }
+    }
+}
+
+#[test]
+fn pyarrow_decodes_sampled_caches_into_proper_distributions() {
+    let python = std::env::var("LOGITCACHE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(ROOT).join(".venv/bin/python"));
+    for (name, extra) in [
+        (
+            "py-sample",
+            &["--mode", "sample", "--samples", "20", "--store-logprobs"][..],
+        ),
+        ("py-hybrid", &["--mode", "hybrid", "--samples", "20"][..]),
+    ] {
+        let dir = build(name, 20, extra);
+        let o = std::process::Command::new(&python)
+            .arg(Path::new(ROOT).join("tests/pyarrow_sample_check.py"))
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "pyarrow check failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let rows = all_rows(&dir);
+        assert_eq!(v["positions"].as_u64().unwrap() as usize, rows.positions());
+        assert_eq!(
+            v["sample_ids_sum"].as_u64().unwrap(),
+            rows.sample_ids.iter().map(|&i| i as u64).sum::<u64>()
+        );
+        assert_eq!(
+            v["entries"].as_u64().unwrap() as usize,
+            rows.sample_ids.len(),
+            "{name}"
+        );
+        // The schemas/README.md recipe makes each position a distribution over the vocab.
+        assert!(v["max_mass_error"].as_f64().unwrap() < 2e-3, "{name}: {v}");
+        if name == "py-sample" {
+            // Stored log-probs are the teacher's: a top-k cache of the same teacher has the
+            // same value for its most likely id (within f16).
+            assert!(v["has_logprobs"].as_bool().unwrap());
+        }
+    }
+}
+
+#[test]
+fn students_train_from_sampled_caches_with_fkl_and_refuse_what_needs_probabilities() {
+    let dir = build("train", 60, &["--mode", "sample", "--samples", "16"]);
+    let student = shared_dir().join(format!("v2-student-{}.toml", unique()));
+    std::fs::write(
+        &student,
+        "hidden_size = 16\nnum_hidden_layers = 1\nnum_attention_heads = 2\nintermediate_size = 32\ntie_word_embeddings = true\n",
+    )
+    .unwrap();
+    let out = shared_dir().join(format!("v2-runs-{}", unique()));
+    let args = |loss: &str| {
+        vec![
+            "train".to_string(),
+            "--cache".into(),
+            dir.display().to_string(),
+            "--student".into(),
+            student.display().to_string(),
+            "--out".into(),
+            out.join(loss).display().to_string(),
+            "--steps".into(),
+            "12".into(),
+            "--batch-size".into(),
+            "4".into(),
+            "--warmup".into(),
+            "2".into(),
+            "--eval-fraction".into(),
+            "0.1".into(),
+            "--eval-batches".into(),
+            "2".into(),
+            "--progress".into(),
+            "off".into(),
+            "--log-every".into(),
+            "1".into(),
+            "--lr".into(),
+            "1e-2".into(),
+            "--loss".into(),
+            loss.into(),
+        ]
+    };
+    let o = run_strings(&args("fkl"));
+    assert_ok(&o);
+    let name = student.file_stem().unwrap().to_str().unwrap();
+    let metrics =
+        std::fs::read_to_string(out.join("fkl").join(name).join("metrics.jsonl")).unwrap();
+    let kd: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["kd"].as_f64())
+        .collect();
+    assert!(
+        kd.iter().all(|v| v.is_finite()) && !kd.is_empty(),
+        "{metrics}"
+    );
+    assert!(kd.last().unwrap() < kd.first().unwrap(), "KD fell: {kd:?}");
+    for loss in ["rkl", "jsd", "fkl-topk"] {
+        assert_fails(
+            &run_strings(&args(loss)),
+            &[&format!("--loss {loss}"), "--mode sample", "--loss fkl"],
+        );
+    }
+}
+
+#[test]
+fn bad_sampling_flags_and_changed_parameters_are_refused() {
+    let out = shared_dir().join(format!("v2-bad-{}", unique()));
+    // Without teacher_args' `--top-k 8`, so a case can give its own.
+    let base = || {
+        let mut a = teacher_args(&plain_model(), &out, 10);
+        let i = a.iter().position(|s| s == "--top-k").unwrap();
+        a.drain(i..i + 2);
+        a
+    };
+    let cases: [(&[&str], &[&str]); 6] = [
+        (
+            &["--mode", "sample", "--samples", "0"],
+            &["--samples must be at least 1"],
+        ),
+        (&["--samples", "8"], &["--samples 8 needs --mode sample"]),
+        (
+            &["--mode", "hybrid", "--top-k", "400"],
+            &["--mode hybrid leaves no tail", "choose k < 400"],
+        ),
+        (
+            &["--mode", "sample", "--proposal-temperature", "0"],
+            &["--proposal-temperature must be a finite number > 0"],
+        ),
+        (
+            &["--mode", "sample", "--proposal-temperature", "-1"],
+            &["--proposal-temperature must be a finite number > 0"],
+        ),
+        (
+            &["--mode", "sample", "--topk-on", "onnx"],
+            &["--topk-on host"],
+        ),
+    ];
+    for (extra, want) in cases {
+        assert_fails(&run_strings(&with(base(), extra)), want);
+    }
+    // Resuming into a cache with another mode, N or seed names the parameter.
+    let dir = build("resume", 10, &["--mode", "sample", "--samples", "8"]);
+    let again = |extra: &[&str]| run_strings(&with(teacher_args(&plain_model(), &dir, 10), extra));
+    assert_ok(&again(&["--mode", "sample", "--samples", "8"]));
+    assert_fails(
+        &again(&["--mode", "sample", "--samples", "9"]),
+        &["--samples"],
+    );
+    assert_fails(&again(&["--mode", "hybrid", "--samples", "8"]), &["--mode"]);
+    assert_fails(
+        &again(&["--mode", "sample", "--samples", "8", "--cache-seed", "1"]),
+        &["--cache-seed"],
+    );
+}
+
+#[test]
+fn format_1_caches_still_read_and_future_versions_are_refused() {
+    let dir = build("v1", 20, &[]);
+    let mut m = Manifest::load(&dir).unwrap();
+    // A format-1 manifest is a top-k manifest with version 1 (the sample settings are
+    // written only when they differ from their defaults).
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    assert!(!text.contains("\"mode\"") && !text.contains("\"samples\""));
+    m.format_version = 1;
+    m.store(&dir).unwrap();
+    let c = Cache::open(&dir).unwrap();
+    assert_eq!(c.manifest.params.mode, CacheMode::Topk);
+    assert_ok(&run(&["verify", dir.to_str().unwrap()]));
+    assert_eq!(all_rows(&dir).positions() as u64, c.manifest.totals.tokens);
+    m.format_version = 3;
+    m.store(&dir).unwrap();
+    let o = run(&["verify", dir.to_str().unwrap()]);
+    assert_fails(&o, &["format version 3", "reads versions 1 to 2"]);
+}

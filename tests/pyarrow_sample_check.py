@@ -1,0 +1,47 @@
+"""Reads a `sample` or `hybrid` logitcache cache with pyarrow alone, turns every position
+into a dense distribution with the recipe of schemas/README.md, and prints sums the Rust
+test compares.
+
+Usage: python pyarrow_sample_check.py CACHE_DIR
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+cache = Path(sys.argv[1])
+manifest = json.loads((cache / "manifest.json").read_text())
+params = manifest["params"]
+mode, n, vocab = params["mode"], params["samples"], manifest["vocab_size"]
+
+
+def dense(row, p):
+    """Position p of a shard row (a dict of pyarrow's to_pylist) as a dense distribution."""
+    q = np.zeros(vocab)
+    tail = 1.0
+    if mode == "hybrid":
+        ids, lps = row["topk_ids"][p], row["topk_logprobs"][p]
+        q[ids] = np.exp(np.asarray(lps, dtype=np.float64))
+        tail = float(np.exp(row["tail_logprob"][p]))
+    ids, counts = row["sample_ids"][p], row["sample_counts"][p]
+    q[ids] += tail * np.asarray(counts, dtype=np.float64) / n
+    return q
+
+
+out = {"positions": 0, "entries": 0, "sample_ids_sum": 0, "max_mass_error": 0.0,
+       "has_logprobs": False}
+for s in sorted(manifest["shards"], key=lambda s: s["index"]):
+    t = pq.read_table(cache / s["file"])
+    out["has_logprobs"] |= "sample_logprobs" in t.column_names
+    for row in t.to_pylist():
+        for p in range(len(row["input_ids"])):
+            out["positions"] += 1
+            out["entries"] += len(row["sample_ids"][p])
+            out["sample_ids_sum"] += int(sum(row["sample_ids"][p]))
+            q = dense(row, p)
+            tail_empty = mode == "hybrid" and not row["sample_ids"][p]
+            if not tail_empty:
+                out["max_mass_error"] = max(out["max_mass_error"], abs(q.sum() - 1.0))
+print(json.dumps(out))
