@@ -3,8 +3,13 @@
 //! The teacher at each position is p = (top-k ids, their log-probs `lp` [N, k], the log of the
 //! tail mass `lpt` [N]); the student gives full-vocabulary logits z [N, V]. At temperature T
 //! the student's distribution is q = softmax(z / T); `log q` of the top-k ids is gathered, and
-//! the student's own tail is `log(1 − Σ q_top)`, floored at 1e-6 (f32 cancellation makes
-//! smaller tails meaningless anyway; the k + 1 outcome losses then stay finite).
+//! the student's own tail is a log-sum-exp over its logits outside the top-k (log space, so
+//! it stays exact when the student puts almost all its mass on the top-k).
+//!
+//! A `sample` or `hybrid` cache arrives as a sparse estimate p̂ of the whole distribution
+//! (`cache::stream`): its entries sum to 1 and there is no tail outcome, so `fkl` is
+//! Σ p̂ (log p̂ − log q) with q over the full vocabulary: cross-entropy against the estimate
+//! (plus its constant entropy), whose gradient (q − p̂)/T is unbiased for the full-KD one.
 //!
 //! - `fkl` (default): KL(p ‖ q) over k + 1 outcomes (the tail is one outcome): a proper
 //!   divergence between two distributions.
@@ -35,8 +40,6 @@ use serde::{Deserialize, Serialize};
 /// Teacher log-probabilities below this count as zero probability (finite, so `0 · log 0`
 /// terms stay 0 instead of NaN).
 const LOG_ZERO: f64 = -1e4;
-/// Smallest student tail mass used in `log q_tail` (below it the log is clamped).
-const TAIL_FLOOR: f64 = 1e-6;
 
 /// Which distillation divergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -184,16 +187,26 @@ pub fn divergence<B: Backend>(
     let lq = z.clone().gather(1, t.topk_ids.clone()) - lse.clone();
     let lp = t.topk_logprobs.clone().clamp_min(LOG_ZERO);
     let lpt = t.tail_logprob.clone().clamp_min(LOG_ZERO).reshape([n, 1]);
-    // The tail terms, for the kinds that have the tail as an outcome. The student's tail:
-    // log(1 − Σ q_top). Only [N, k] work (a masked log-sum-exp over [N, V] costs several
-    // full-vocabulary passes forward and backward); the floor keeps it finite when the
-    // student puts (almost) all its mass on the teacher's top-k. Positions whose teacher
-    // has no tail (k = V, or an underflowed tail) have no tail outcome: there the student's
-    // floored tail must not count (`qt` is 0).
+    // The tail terms, for the kinds that have the tail as an outcome. The student's tail is
+    // a log-sum-exp over its logits outside the teacher's top-k, in log space: exact however
+    // much mass the student puts on the top-k (`log(1 − Σ q_top)` cancels in f32 exactly
+    // when k is large, and needed a floor). The masked ids get a large negative logit
+    // rather than −inf, so a row whose top-k is the whole vocabulary stays finite. Positions
+    // whose teacher has no tail (k = V, an underflowed tail, or a sampled cache's estimate)
+    // have no tail outcome: there the student's tail must not count (`qt` is 0, `pt` is 0).
     let tail = || {
-        let lqt = (lq.clone().exp().sum_dim(1).neg() + 1.0)
-            .clamp_min(TAIL_FLOOR)
-            .log();
+        let v = z.dims()[1];
+        let k = t.topk_ids.dims()[1];
+        let in_top = Tensor::<B, 2>::zeros([n, v], &z.device())
+            .scatter(
+                1,
+                t.topk_ids.clone(),
+                Tensor::<B, 2>::ones([n, k], &z.device()),
+                burn::tensor::IndexingUpdateOp::Add,
+            )
+            .greater_elem(0.5);
+        let lqt =
+            (logsumexp(z.clone().mask_fill(in_top, LOG_ZERO)) - lse.clone()).clamp_min(LOG_ZERO);
         let (p, pt) = (lp.clone().exp(), lpt.clone().exp());
         let has_tail = lpt.clone().greater_elem(LOG_ZERO / 2.0).float();
         let qt = lqt.clone().exp() * has_tail;
