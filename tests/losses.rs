@@ -393,3 +393,217 @@ impl Case {
         }
     }
 }
+
+/// The gradient of `fkl` (T = 1, KD only) over `logits` [n, v] for sparse teacher entries
+/// per row (`(id, log p)`, padded to the widest row with −inf), tail outcome `tails`.
+fn sparse_grad(
+    logits: &[f32],
+    n: usize,
+    v: usize,
+    rows: &[Vec<(u32, f32)>],
+    tails: &[f32],
+) -> Vec<f32> {
+    let d = dev();
+    let w = rows.iter().map(|r| r.len()).max().unwrap().max(1);
+    let (mut ids, mut lps) = (vec![0i64; n * w], vec![f32::NEG_INFINITY; n * w]);
+    for (i, r) in rows.iter().enumerate() {
+        for (j, &(id, lp)) in r.iter().enumerate() {
+            ids[i * w + j] = id as i64;
+            lps[i * w + j] = lp;
+        }
+    }
+    let x = Tensor::<AB, 1>::from_data(TensorData::new(logits.to_vec(), [n * v]), &d)
+        .reshape([n, v])
+        .require_grad();
+    let t = Targets {
+        topk_ids: Tensor::<AB, 1, Int>::from_data(TensorData::new(ids, [n * w]), &d)
+            .reshape([n, w]),
+        topk_logprobs: Tensor::<AB, 1>::from_data(TensorData::new(lps, [n * w]), &d)
+            .reshape([n, w]),
+        tail_logprob: Tensor::<AB, 1>::from_data(TensorData::new(tails.to_vec(), [n]), &d),
+        mask: Tensor::<AB, 1>::ones([n], &d),
+        target_ids: Tensor::<AB, 1, Int>::zeros([n], &d),
+        target_mask: Tensor::<AB, 1>::zeros([n], &d),
+    };
+    let cfg = LossConfig {
+        kind: KdLoss::Fkl,
+        kd_weight: 1.0,
+        ce_weight: 0.0,
+        ..Default::default()
+    };
+    let g = loss(x.clone(), &t, &cfg, None).total.backward();
+    x.grad(&g)
+        .unwrap()
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap()
+}
+
+/// The sampled estimators are unbiased: over many cache seeds, the mean gradient of `fkl` on
+/// a `sample` cache (and on a `hybrid` one) converges to the full-distribution KD gradient
+/// (q − p)/n, and the hybrid's head is exact in every single draw. The draws come from the
+/// teacher stage's own sampler and the stream's own conversion to targets.
+#[test]
+fn sampled_estimators_give_the_full_kd_gradient_on_average() {
+    use logitcache::cache::rows::{ShardRows, WindowTopK};
+    use logitcache::cache::schema::{CacheMode, Layout};
+    use logitcache::cache::stream::sparse_target;
+    use logitcache::teacher::sample::{SampleScratch, Sampler};
+    use logitcache::teacher::topk::{TopK, TopKScratch};
+    let (n, v, k, draws, seeds) = (3usize, 40usize, 4usize, 8usize, 600u64);
+    let c = case(n, v, 1, 99, 2.5);
+    let student: Vec<f32> = c.logits.iter().map(|&x| x as f32).collect();
+    // A teacher row per position, and its exact distribution.
+    let mut s = 7u64;
+    let mut r = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32) * 5.0
+    };
+    let teacher: Vec<Vec<f32>> = (0..n).map(|_| (0..v).map(|_| r()).collect()).collect();
+    let p: Vec<Vec<f64>> = teacher
+        .iter()
+        .map(|t| {
+            let t: Vec<f64> = t.iter().map(|&x| x as f64).collect();
+            let z = lse(&t);
+            t.iter().map(|x| (x - z).exp()).collect()
+        })
+        .collect();
+    // Exact full-KD gradient: (softmax(z) − p) / n per row.
+    let mut exact = vec![0f32; n * v];
+    for i in 0..n {
+        let z = &c.logits[i * v..(i + 1) * v];
+        let l = lse(z);
+        for j in 0..v {
+            exact[i * v + j] = (((z[j] - l).exp() - p[i][j]) / n as f64) as f32;
+        }
+    }
+    // Each component's mean over 600 seeds of 8 draws has sd ≤ 0.5/sqrt(4800)/3 ≈ 0.0024
+    // (a gradient entry is (q − p̂)/3): TOL is 5 sd.
+    const TOL: f64 = 0.012;
+    // The test can tell a biased target apart: the top-4 cache's gradient (tail as one
+    // outcome) is deterministic and far from the full-KD gradient on this teacher.
+    {
+        let (mut ids, mut lps, mut tails) = (vec![0u32; n * k], vec![0f32; n * k], vec![]);
+        let rows: Vec<Vec<(u32, f32)>> = teacher
+            .iter()
+            .enumerate()
+            .map(|(pos, row)| {
+                let (i, l) = (
+                    &mut ids[pos * k..(pos + 1) * k],
+                    &mut lps[pos * k..(pos + 1) * k],
+                );
+                tails.push(
+                    TopK {
+                        k,
+                        inv_temperature: 1.0,
+                    }
+                    .row(row, &mut TopKScratch::default(), i, l)
+                    .unwrap(),
+                );
+                i.iter().copied().zip(l.iter().copied()).collect()
+            })
+            .collect();
+        let g = sparse_grad(&student, n, v, &rows, &tails);
+        let err = g
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max);
+        assert!(err > 2.0 * TOL, "top-{k} gradient error only {err}");
+    }
+    for mode in [CacheMode::Sample, CacheMode::Hybrid] {
+        let kk = if mode == CacheMode::Hybrid { k } else { 0 };
+        let layout = Layout {
+            mode,
+            k: kk,
+            samples: draws,
+            sample_logprobs: false,
+        };
+        let mut mean = vec![0f64; n * v];
+        for seed in 0..seeds {
+            let sampler = Sampler {
+                samples: draws,
+                scale: 1.0,
+                seed,
+            };
+            let (mut top_ids, mut top_lps, mut tails) =
+                (vec![0u32; n * kk], vec![0f32; n * kk], vec![]);
+            let (mut lens, mut ids, mut counts) = (vec![], vec![], vec![]);
+            for (pos, row) in teacher.iter().enumerate() {
+                let before = ids.len();
+                if kk > 0 {
+                    let tail = TopK {
+                        k: kk,
+                        inv_temperature: 1.0,
+                    }
+                    .row(
+                        row,
+                        &mut TopKScratch::default(),
+                        &mut top_ids[pos * kk..(pos + 1) * kk],
+                        &mut top_lps[pos * kk..(pos + 1) * kk],
+                    )
+                    .unwrap();
+                    tails.push(tail);
+                }
+                let exclude = top_ids[pos * kk..(pos + 1) * kk].to_vec();
+                sampler.draw(
+                    row,
+                    &exclude,
+                    (0, pos as u64),
+                    &mut SampleScratch::default(),
+                    &mut ids,
+                    &mut counts,
+                );
+                lens.push((ids.len() - before) as u32);
+            }
+            let mut rows = ShardRows::with_layout(layout);
+            rows.push(&WindowTopK {
+                input_ids: &vec![0; n],
+                topk_ids: &top_ids,
+                topk_logprobs: &top_lps,
+                tail_logprob: &tails,
+                sample_lens: &lens,
+                sample_ids: &ids,
+                sample_counts: &counts,
+                ..Default::default()
+            });
+            let targets: Vec<Vec<(u32, f32)>> = (0..n)
+                .map(|pos| {
+                    let mut e = vec![];
+                    sparse_target(&rows, pos, &layout, &mut e);
+                    e
+                })
+                .collect();
+            let g = sparse_grad(&student, n, v, &targets, &vec![f32::NEG_INFINITY; n]);
+            if mode == CacheMode::Hybrid {
+                // The head's gradient has no variance: exact in every draw (up to the f16
+                // storage of the head's log-probs, ~5e-4 relative).
+                for pos in 0..n {
+                    for j in 0..kk {
+                        let id = top_ids[pos * kk + j] as usize;
+                        let (a, b) = (g[pos * v + id], exact[pos * v + id]);
+                        assert!(
+                            (a - b).abs() < 2e-3 * p[pos][id] as f32 + 1e-6,
+                            "{mode}: head id {id}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+            for (m, x) in mean.iter_mut().zip(&g) {
+                *m += *x as f64 / seeds as f64;
+            }
+        }
+        let err = mean
+            .iter()
+            .zip(&exact)
+            .map(|(m, e)| (m - *e as f64).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            err < TOL,
+            "{mode}: max |mean sampled gradient − full KD gradient| = {err}"
+        );
+    }
+}

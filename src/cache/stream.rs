@@ -590,7 +590,7 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -
 /// `(id, log p̂)` entries, most likely first: `sample` mode p̂(v) = count/N; `hybrid` the
 /// exact top-k log-probs, then tail mass × count/N for the sampled tail ids. The entries
 /// sum to 1 (up to f16 rounding of the head), so there is no tail outcome.
-fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u32, f32)>) {
+pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u32, f32)>) {
     out.clear();
     let n = layout.samples.max(1) as f32;
     let k = layout.k;
