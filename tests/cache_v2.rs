@@ -287,3 +287,75 @@ fn format_1_caches_still_read_and_future_versions_are_refused() {
     let o = run(&["verify", dir.to_str().unwrap()]);
     assert_fails(&o, &["format version 3", "reads versions 1 to 2"]);
 }
+
+/// DuckDB and Polars read a cache of every mode and decode the same values as logitcache
+/// (DuckDB could not read top-k caches before format 2 wrote float16 log-probs PLAIN).
+#[test]
+fn duckdb_and_polars_read_every_mode() {
+    let python = std::env::var("LOGITCACHE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(ROOT).join(".venv/bin/python"));
+    for (name, extra) in [
+        ("ix-topk", &[][..]),
+        ("ix-sample", &["--mode", "sample", "--samples", "12"][..]),
+        ("ix-hybrid", &["--mode", "hybrid", "--samples", "12"][..]),
+    ] {
+        let dir = build(name, 20, extra);
+        let o = std::process::Command::new(&python)
+            .arg(Path::new(ROOT).join("tests/interop_check.py"))
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{name}: DuckDB/Polars check failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let r = all_rows(&dir);
+        let sum = |x: &[u32]| x.iter().map(|&i| i as u64).sum::<u64>();
+        let lp_sum: f64 = r.topk_logprobs.iter().map(|x| x.to_f64()).sum();
+        for engine in ["duckdb", "polars"] {
+            let e = &v[engine];
+            assert_eq!(
+                e["rows"].as_u64().unwrap() as usize,
+                r.rows(),
+                "{name} {engine}"
+            );
+            assert_eq!(
+                e["positions"].as_u64().unwrap() as usize,
+                r.positions(),
+                "{name} {engine}"
+            );
+            assert_eq!(
+                e["input_ids_sum"].as_u64().unwrap(),
+                sum(&r.input_ids),
+                "{name} {engine}"
+            );
+            if r.layout.has_topk() {
+                assert_eq!(
+                    e["topk_ids_sum"].as_u64().unwrap(),
+                    sum(&r.topk_ids),
+                    "{name} {engine}"
+                );
+                let got = e["topk_logprobs_sum"].as_f64().unwrap();
+                assert!(
+                    (got - lp_sum).abs() < 1e-6 * lp_sum.abs().max(1.0),
+                    "{name} {engine}: {got} vs {lp_sum}"
+                );
+            }
+            if r.layout.has_samples() {
+                assert_eq!(
+                    e["sample_ids_sum"].as_u64().unwrap(),
+                    sum(&r.sample_ids),
+                    "{name} {engine}"
+                );
+                assert_eq!(
+                    e["sample_counts_sum"].as_u64().unwrap(),
+                    r.sample_counts.iter().map(|&c| c as u64).sum::<u64>(),
+                    "{name} {engine}"
+                );
+            }
+        }
+    }
+}

@@ -730,7 +730,24 @@ mod tests {
             .set_data_page_row_count_limit(7)
             .set_data_page_size_limit(1000)
             .build();
-        for (name, props) in [("v1", writer_properties(3, 64)), ("v2", v2)] {
+        // Format 1 wrote the float16 log-probs BYTE_STREAM_SPLIT (format 2: PLAIN).
+        let bss = writer_properties(3, 64)
+            .into_builder()
+            .set_column_encoding(
+                ColumnPath::new(
+                    ["topk_logprobs", "list", "item", "list", "item"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                ),
+                Encoding::BYTE_STREAM_SPLIT,
+            )
+            .build();
+        for (name, props) in [
+            ("v1", writer_properties(3, 64)),
+            ("v2", v2),
+            ("bss-logprobs", bss),
+        ] {
             let shard = write(&dir.path().join(name), &want, props);
             let groups = 0..shard.row_groups();
             assert!(groups.len() > 1, "{name}");

@@ -34,12 +34,13 @@ pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProper
     //
     // Sampled ids are ascending within a position, so their deltas are small and
     // DELTA_BINARY_PACKED bit-packs them; counts (mostly 1) pack to a few bits the same way.
-    // Sampled log-probs are PLAIN: DuckDB reads BYTE_STREAM_SPLIT only for 4- and 8-byte
-    // types, not float16. (Settings for columns a layout does not have are ignored.)
+    // float16 log-probs (top-k and sampled) are PLAIN: DuckDB reads BYTE_STREAM_SPLIT only
+    // for 4- and 8-byte types, not float16 (format version 1 wrote BYTE_STREAM_SPLIT; those
+    // caches still read here and in pyarrow). (Settings for columns a layout does not have are ignored.)
     let per_position: [(&str, &[&str], Encoding); 7] = [
         (COL_INPUT_IDS, &list, Encoding::DELTA_BINARY_PACKED),
         (COL_TOPK_IDS, &nested, Encoding::BYTE_STREAM_SPLIT),
-        (COL_TOPK_LOGPROBS, &nested, Encoding::BYTE_STREAM_SPLIT),
+        (COL_TOPK_LOGPROBS, &nested, Encoding::PLAIN),
         (COL_TAIL_LOGPROB, &list, Encoding::BYTE_STREAM_SPLIT),
         (COL_SAMPLE_IDS, &nested, Encoding::DELTA_BINARY_PACKED),
         (COL_SAMPLE_COUNTS, &nested, Encoding::DELTA_BINARY_PACKED),
