@@ -14,6 +14,7 @@
 //! E2E_HIDDEN (512), E2E_LAYERS (4), E2E_ROUNDS (3), E2E_THREADS (2). Also reports process CPU
 //! seconds and minor page faults per phase (the teacher phase includes its start-up).
 
+use logitcache::cache::schema::CacheMode;
 use logitcache::onnx::{ToyLmSpec, toy_lm};
 use logitcache::progress::ProgressMode;
 use logitcache::teacher::backend::{Batch, Device, PaddingSide, TopKMode};
@@ -192,6 +193,34 @@ fn main() {
             });
         [lo, hi]
     };
+    // Bytes per token of the sampled modes on the same windows (one cache each, not timed):
+    // a sampled cache's size follows the teacher's entropy, so with its distinct ids per
+    // position; bytes per stored entry = bytes/token over entries per position (the k = 64
+    // cache's entry is bytes/token / 64).
+    let mut sampled = serde_json::Map::new();
+    for (name, mode, k, n) in [
+        ("sample50", CacheMode::Sample, 1, 50usize),
+        ("hybrid8_42", CacheMode::Hybrid, 8, 42),
+    ] {
+        let out = dir.path().join(name);
+        run(&TeacherConfig {
+            mode,
+            samples: n,
+            ..cfg(k, &out)
+        })
+        .unwrap();
+        let r = logitcache::cache::inspect::inspect(&out).unwrap();
+        let entries = r.mean_distinct_ids + if mode == CacheMode::Hybrid { 8.0 } else { 0.0 };
+        sampled.insert(format!("bytes_per_token_{name}"), r.bytes_per_token.into());
+        sampled.insert(
+            format!("mean_distinct_ids_{name}"),
+            r.mean_distinct_ids.into(),
+        );
+        sampled.insert(
+            format!("bytes_per_entry_{name}"),
+            (r.bytes_per_token / entries).into(),
+        );
+    }
     let (b, c, st) = (median(&t_bare), median(&t_cache), median(&t_steady));
     let bo = median(&t_open_bare);
     let cpu = |u: &[Usage]| median(&u.iter().map(|u| u.cpu_s).collect::<Vec<_>>());
@@ -217,6 +246,8 @@ fn main() {
             "paired_ratio_with_open_range": spread(&with_open_r),
             "bytes_per_token_k64": bytes[0] as f64 / tokens as f64,
             "bytes_per_token_k128": bytes[1] as f64 / tokens as f64,
+            "bytes_per_entry_k64": bytes[0] as f64 / tokens as f64 / 64.0,
+            "sampled": sampled,
         })
     );
 }

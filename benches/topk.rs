@@ -5,9 +5,12 @@
 //! Two groups: `topk_log_softmax` reduces the same 64 rows again and again (they stay in the
 //! caches: the cost of the arithmetic), `topk_from_dram` walks a 256 MiB buffer, 8x a 32 MiB
 //! L3, so every row comes from main memory, as a teacher's logits do (a batch of 8 x 128
-//! positions at V = 32000 is 131 MB).
+//! positions at V = 32000 is 131 MB). `sample_vs_topk` compares, on the same in-cache rows,
+//! the top-64 with the draws of a `sample` cache (N = 50) and of a `hybrid` one (top-8 + 42
+//! tail draws): the teacher-stage cost of each cache mode per row.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use logitcache::teacher::sample::{SampleScratch, Sampler};
 use logitcache::teacher::topk::{Kernel, TopK, TopKScratch};
 
 /// Logits shaped like a language model's: a few large values over a Gaussian bulk.
@@ -126,6 +129,56 @@ fn bench(c: &mut Criterion) {
                 );
             }
         }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("sample_vs_topk");
+    group.sample_size(20);
+    for vocab in [32_000usize, 152_064] {
+        let data = logits(ROWS, vocab);
+        group.throughput(Throughput::Elements(ROWS as u64));
+        let kernel = Kernel::best();
+        group.bench_function(BenchmarkId::new(format!("V{vocab}"), "topk64"), |b| {
+            let mut r = Reducer::new(64, kernel);
+            b.iter(|| r.rows(&data, vocab))
+        });
+        group.bench_function(BenchmarkId::new(format!("V{vocab}"), "sample50"), |b| {
+            let s = Sampler {
+                samples: 50,
+                scale: 1.0,
+                seed: 0,
+            };
+            let mut sc = SampleScratch::default();
+            let (mut ids, mut counts) = (Vec::new(), Vec::new());
+            b.iter(|| {
+                ids.clear();
+                counts.clear();
+                for (p, row) in data.chunks(vocab).enumerate() {
+                    s.draw(row, &[], (0, p as u64), &mut sc, &mut ids, &mut counts);
+                }
+                ids.len()
+            })
+        });
+        group.bench_function(BenchmarkId::new(format!("V{vocab}"), "hybrid8+42"), |b| {
+            let mut r = Reducer::new(8, kernel);
+            let s = Sampler {
+                samples: 42,
+                scale: 1.0,
+                seed: 0,
+            };
+            let mut sc = SampleScratch::default();
+            let (mut ids, mut counts) = (Vec::new(), Vec::new());
+            b.iter(|| {
+                ids.clear();
+                counts.clear();
+                for (p, row) in data.chunks(vocab).enumerate() {
+                    r.t.row_with(kernel, row, &mut r.scratch, &mut r.ids, &mut r.lp)
+                        .unwrap();
+                    s.draw(row, &r.ids, (0, p as u64), &mut sc, &mut ids, &mut counts);
+                }
+                ids.len()
+            })
+        });
     }
     group.finish();
 

@@ -214,6 +214,23 @@ fn run_produces_everything_and_reruns_only_what_changed() {
         serde_json::from_slice(&std::fs::read(out.join("caches/ta/manifest.json")).unwrap())
             .unwrap();
     assert_eq!(m["params"]["top_k"], 6);
+
+    // A sampled cache mode: again the 3 caches and the 9 distilled runs, nothing else.
+    let text =
+        pipeline_text(7, 6).replace("top_k = 6\n", "top_k = 6\nmode = \"sample\"\nsamples = 8\n");
+    std::fs::write(&p, text).unwrap();
+    let o = run_pipeline(&p, out, &[]);
+    assert_ok(&o);
+    let err = stderr(&o);
+    assert_eq!(count(&err, "rebuilding"), 12, "{err}");
+    assert_eq!(count(&err, "skipped"), 7, "{err}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("caches/ta/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["params"]["mode"], "sample");
+    assert_eq!(m["params"]["samples"], 8);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("8 draws per position (sample)"), "{report}");
 }
 
 #[test]

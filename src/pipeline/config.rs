@@ -2,6 +2,7 @@
 //! architectures trained first with CE and exported), cache parameters, students and their
 //! training settings. Paths are relative to the pipeline file. Unknown keys are refused.
 
+use crate::cache::schema::CacheMode;
 use crate::loss::KdLoss;
 use crate::student::arch::{StudentConfig, StudentFile};
 use anyhow::{Context, bail};
@@ -81,6 +82,16 @@ pub struct CacheSection {
     pub temperature: f32,
     #[serde(default = "default_shard_size")]
     pub shard_size: usize,
+    /// What the teachers' caches store: `topk` (default), `sample` or `hybrid` (the
+    /// `teacher --mode` flag); the token-data cache of the CE runs is always top-1.
+    #[serde(default)]
+    pub mode: CacheMode,
+    /// Draws per position for `sample`/`hybrid` (`teacher --samples`; default 50).
+    #[serde(default)]
+    pub samples: Option<usize>,
+    /// Seed of the draws (`teacher --cache-seed`).
+    #[serde(default)]
+    pub seed: u64,
 }
 
 fn default_k() -> usize {
@@ -103,6 +114,9 @@ impl Default for CacheSection {
             batch_size: default_cache_batch(),
             temperature: default_temperature(),
             shard_size: default_shard_size(),
+            mode: CacheMode::Topk,
+            samples: None,
+            seed: 0,
         }
     }
 }

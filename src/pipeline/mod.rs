@@ -21,6 +21,7 @@ pub mod data_model;
 pub mod report;
 
 use crate::cache::reader::Cache;
+use crate::cache::schema::CacheMode;
 use crate::law::{ResultRow, fit, read_results};
 use crate::loss::{KdLoss, LossConfig};
 use crate::progress::ProgressMode;
@@ -246,15 +247,28 @@ impl Runner<'_> {
         tokenizer: &Path,
         dir: &Path,
         top_k: usize,
+        sampled: bool,
         upstream: &str,
     ) -> anyhow::Result<String> {
         let d = &self.p.file.data;
         let c = &self.p.file.cache;
-        let inputs = json!({
+        let mode = if sampled { c.mode } else { CacheMode::Topk };
+        let samples = match mode {
+            CacheMode::Topk => 0,
+            _ => c.samples.unwrap_or(teacher::DEFAULT_SAMPLES),
+        };
+        let mut inputs = json!({
             "upstream": upstream, "model_sha256": model_id, "top_k": top_k,
             "seq_len": d.seq_len, "batch_size": c.batch_size, "temperature": c.temperature,
             "shard_size": c.shard_size, "text_field": d.text_field, "skip_bad_rows": d.skip_bad_rows,
         });
+        // Only sampled caches carry the sample settings, so a top-k pipeline's fingerprints
+        // are what they were before the modes existed.
+        if mode != CacheMode::Topk {
+            inputs["mode"] = json!(mode.name());
+            inputs["samples"] = json!(samples);
+            inputs["seed"] = json!(c.seed);
+        }
         let fp = fingerprint(&inputs);
         let st = state(dir, &fp, what)?;
         if st == StepState::Done {
@@ -285,6 +299,9 @@ impl Runner<'_> {
             skip_bad_rows: d.skip_bad_rows,
             threads: self.threads,
             shard_size: c.shard_size,
+            mode,
+            samples,
+            seed: if mode == CacheMode::Topk { 0 } else { c.seed },
             ort_lib: self.opts.ort_lib.clone(),
             progress: self.opts.progress,
             ..Default::default()
@@ -400,6 +417,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
         &tokenizer,
         &data_dir,
         1,
+        false,
         &data_up,
     )?;
 
@@ -454,6 +472,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
             &tokenizer,
             &cdir,
             f.cache.top_k,
+            true,
             &fingerprint(&json!({"data": data_up, "teacher": up})),
         )?;
         infos.push((

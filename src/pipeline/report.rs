@@ -331,7 +331,7 @@ pub fn write(
     writeln!(md, "# logitcache report: {}\n", p.name)?;
     writeln!(
         md,
-        "Corpus: {}. Windows of {} tokens, {:.0}% held out (by `seq_id`): every number below is the next-token cross-entropy (nats) on the same held-out tokens. Caches: top-{} at T = {}. Students: {} steps of {} windows, loss `{:?}`.\n",
+        "Corpus: {}. Windows of {} tokens, {:.0}% held out (by `seq_id`): every number below is the next-token cross-entropy (nats) on the same held-out tokens. Caches: {} at T = {}. Students: {} steps of {} windows, loss `{:?}`.\n",
         f.data
             .corpus
             .iter()
@@ -344,7 +344,18 @@ pub fn write(
             .join(", "),
         f.data.seq_len,
         f.data.eval_fraction * 100.0,
-        f.cache.top_k,
+        match f.cache.mode {
+            crate::cache::schema::CacheMode::Topk => format!("top-{}", f.cache.top_k),
+            crate::cache::schema::CacheMode::Sample => format!(
+                "{} draws per position (sample)",
+                f.cache.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES)
+            ),
+            crate::cache::schema::CacheMode::Hybrid => format!(
+                "top-{} + {} tail draws (hybrid)",
+                f.cache.top_k,
+                f.cache.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES)
+            ),
+        },
         f.cache.temperature,
         f.train.steps,
         f.train.batch_size,

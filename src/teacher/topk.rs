@@ -108,7 +108,7 @@ fn exp_nonpos(x: f32) -> f32 {
 
 /// The largest of `v` (-inf if empty), in 8 independent lanes so it vectorises.
 #[inline(always)]
-fn max_of(v: &[f32]) -> f32 {
+pub(crate) fn max_of(v: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = v.chunks_exact(8);
     for c in &mut chunks {
