@@ -640,6 +640,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 )?;
                 writeln!(out, "bytes/token      {:.1}", r.bytes_per_token)?;
                 writeln!(out, "mean top-k mass  {:.4}", r.mean_topk_mass)?;
+                if let Some(e) = r.max_logprob_error {
+                    writeln!(
+                        out,
+                        "max log-prob err {e:.2e} (float16 storage, measured at write time)"
+                    )?;
+                }
                 writeln!(
                     out,
                     "mean entropy     {:.4} nats (tail as one outcome; ≤ {:.4} with the tail spread evenly)",

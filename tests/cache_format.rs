@@ -16,6 +16,44 @@ fn small_cache() -> std::path::PathBuf {
     .clone()
 }
 
+/// The sampled layouts are documented beside the top-k one: `shard.sample.arrow.json` (N = 50,
+/// with `--store-logprobs`) and `shard.hybrid.arrow.json` (k = 64, N = 50). Run with
+/// `LOGITCACHE_BLESS_SCHEMAS=1` to rewrite them after a deliberate format change.
+#[test]
+fn sampled_shard_schemas_match_the_committed_arrow_json() {
+    use logitcache::cache::schema::CacheMode;
+    let layouts = [
+        (
+            "schemas/shard.sample.arrow.json",
+            Layout {
+                mode: CacheMode::Sample,
+                k: 0,
+                samples: 50,
+                sample_logprobs: true,
+            },
+        ),
+        (
+            "schemas/shard.hybrid.arrow.json",
+            Layout {
+                mode: CacheMode::Hybrid,
+                k: 64,
+                samples: 50,
+                sample_logprobs: false,
+            },
+        ),
+    ];
+    for (file, layout) in layouts {
+        let path = Path::new(ROOT).join(file);
+        let code = shard_schema(&layout);
+        if std::env::var_os("LOGITCACHE_BLESS_SCHEMAS").is_some() {
+            std::fs::write(&path, serde_json::to_string_pretty(&code).unwrap() + "\n").unwrap();
+        }
+        let documented: arrow_schema::Schema =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(documented, code, "{file} is out of date");
+    }
+}
+
 #[test]
 fn shard_schema_matches_the_committed_arrow_json() {
     let text = std::fs::read_to_string(Path::new(ROOT).join("schemas/shard.arrow.json")).unwrap();

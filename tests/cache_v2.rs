@@ -91,6 +91,33 @@ fn hybrid_cache_has_the_exact_top_k_and_draws_from_the_tail_only() {
     let top = build("topk", 30, &[]);
     let hy = build("hybrid", 30, &["--mode", "hybrid", "--samples", "16"]);
     let (t, h) = (all_rows(&top), all_rows(&hy));
+    // What the teacher stage measured while writing: the float16 rounding of the log-probs
+    // (at most 2^-11 relative) and the top-k mass, which `inspect` recomputes from the
+    // stored values.
+    let o = run(&["inspect", hy.to_str().unwrap(), "--json"]);
+    assert_ok(&o);
+    let ins: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let err = ins["max_logprob_error"].as_f64().unwrap();
+    assert!(err > 0.0 && err < 0.02, "max_logprob_error {err}");
+    let m = Manifest::load(&hy).unwrap();
+    let stats: Vec<_> = m.shards.iter().map(|s| s.stats.clone().unwrap()).collect();
+    let weighted = |f: &dyn Fn(&logitcache::cache::manifest::ShardStats) -> f64| {
+        m.shards
+            .iter()
+            .zip(&stats)
+            .map(|(s, st)| f(st) * s.tokens as f64)
+            .sum::<f64>()
+            / m.totals.tokens as f64
+    };
+    let mass = weighted(&|s| s.mean_topk_mass.unwrap());
+    assert!(
+        (mass - ins["mean_topk_mass"].as_f64().unwrap()).abs() < 1e-3,
+        "{mass} vs {ins}"
+    );
+    let distinct = weighted(&|s| s.mean_distinct_ids.unwrap());
+    assert!((distinct - ins["mean_distinct_ids"].as_f64().unwrap()).abs() < 1e-9);
+    assert_eq!(ins["mode"], "hybrid");
+    assert_eq!(ins["samples"], 16);
     // The head is the top-k cache's, bit for bit.
     assert_eq!(t.topk_ids, h.topk_ids);
     assert_eq!(t.topk_logprobs, h.topk_logprobs);

@@ -33,6 +33,9 @@ pub struct InspectReport {
     pub samples: usize,
     /// Mean over positions of the distinct sampled ids (0 in `topk` mode).
     pub mean_distinct_ids: f64,
+    /// Largest |stored − exact| log-prob the teacher stage measured while writing (float16
+    /// rounding), over the shards that recorded it (`null` for format-1 caches).
+    pub max_logprob_error: Option<f32>,
 }
 
 /// Reads every shard of `dir` and summarises it.
@@ -95,6 +98,11 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
         mode: m.params.mode.name().into(),
         samples: m.params.samples,
         mean_distinct_ids: distinct as f64 / nn,
+        max_logprob_error: m
+            .shards
+            .iter()
+            .filter_map(|s| s.stats.as_ref().map(|t| t.max_logprob_error))
+            .reduce(f32::max),
     })
 }
 

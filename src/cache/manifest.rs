@@ -161,6 +161,23 @@ pub struct ShardEntry {
     pub topk: String,
     /// Wall time of the shard's teacher batches and top-k, plus the writer's CPU time for it.
     pub seconds: f64,
+    /// What the teacher stage measured while writing (absent in format-1 caches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<ShardStats>,
+}
+
+/// Fidelity figures of one shard, measured from the teacher's exact outputs as it is written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardStats {
+    /// Largest |stored − exact| over the log-probs written (their float16 rounding).
+    pub max_logprob_error: f32,
+    /// Mean exact probability mass in the stored top-k (`topk`, `hybrid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_topk_mass: Option<f64>,
+    /// Mean distinct sampled ids per position (`sample`, `hybrid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_distinct_ids: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -18,7 +18,7 @@ pub mod topk;
 
 use crate::cache::lock::{CacheLock, ManifestLock};
 use crate::cache::manifest::{
-    CacheParams, Manifest, ModelInfo, ShardEntry, TokenizerInfo, shard_file_name,
+    CacheParams, Manifest, ModelInfo, ShardEntry, ShardStats, TokenizerInfo, shard_file_name,
 };
 use crate::cache::rows::{LogprobDtype, ShardRows, WindowTopK};
 use crate::cache::schema::{CacheMode, Layout};
@@ -279,7 +279,7 @@ fn compute_shard(
     work: &ShardWork,
     cfg: &TeacherConfig,
     pad_id: u32,
-) -> anyhow::Result<(ShardRows, u64)> {
+) -> anyhow::Result<(ShardRows, u64, ShardStats)> {
     let layout = cfg.layout();
     let k = layout.k;
     let lengths: Vec<usize> = work.windows.iter().map(|w| w.tokens.len()).collect();
@@ -357,7 +357,40 @@ fn compute_shard(
         }
         rows.push(&window);
     }
-    Ok((rows, computed))
+    // Measured from the exact f32 outputs: what the float16 storage rounds away, the top-k's
+    // mass and the distinct draws.
+    let f16_error = |v: &f32| (half::f16::from_f32(*v).to_f32() - v).abs();
+    let positions = rows.positions().max(1) as f64;
+    let stats = ShardStats {
+        max_logprob_error: outputs
+            .iter()
+            .flat_map(|o| o.logprobs.iter().chain(&o.sample_logprobs))
+            .filter(|v| v.is_finite())
+            .map(f16_error)
+            .fold(0.0, f32::max),
+        mean_topk_mass: layout.has_topk().then(|| {
+            outputs
+                .iter()
+                .flat_map(|o| &o.logprobs)
+                .map(|&v| (v as f64).exp())
+                .sum::<f64>()
+                / positions
+        }),
+        mean_distinct_ids: layout
+            .has_samples()
+            .then(|| rows.sample_ids.len() as f64 / positions),
+    };
+    Ok((rows, computed, stats))
+}
+
+/// A computed shard on its way to the writer.
+struct Computed {
+    rows: ShardRows,
+    index: u64,
+    /// Positions the teacher computed, padding included.
+    computed: u64,
+    seconds: f64,
+    stats: ShardStats,
 }
 
 /// Workers' environment variables, used when `--worker-index/--num-workers` are absent:
@@ -603,7 +636,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     };
     if !wanted.is_empty() {
         let (work_tx, work_rx) = sync_channel::<ShardWork>(2);
-        let (write_tx, write_rx) = sync_channel::<(ShardRows, u64, u64, f64)>(2);
+        let (write_tx, write_rx) = sync_channel::<Computed>(2);
         let write_opts = ShardWriteOptions {
             vocab_size: tok.vocab_size,
             tokenizer_sha256: manifest.tokenizer.sha256.clone(),
@@ -687,17 +720,23 @@ fn compute_loop(
     rx: Receiver<ShardWork>,
     cfg: &TeacherConfig,
     pad_id: u32,
-    tx: SyncSender<(ShardRows, u64, u64, f64)>,
+    tx: SyncSender<Computed>,
     summary: &mut RunSummary,
 ) -> anyhow::Result<()> {
     for work in rx {
         let t0 = Instant::now();
-        let (rows, computed) = compute_shard(teacher, &work, cfg, pad_id)?;
+        let (rows, computed, stats) = compute_shard(teacher, &work, cfg, pad_id)?;
         summary.tokens += rows.positions() as u64;
         summary.computed_tokens += computed;
         summary.shards_written += 1;
         if tx
-            .send((rows, work.index, computed, t0.elapsed().as_secs_f64()))
+            .send(Computed {
+                rows,
+                index: work.index,
+                computed,
+                seconds: t0.elapsed().as_secs_f64(),
+                stats,
+            })
             .is_err()
         {
             break; // the writer failed; its error is reported
@@ -707,7 +746,7 @@ fn compute_loop(
 }
 
 fn write_loop(
-    rx: Receiver<(ShardRows, u64, u64, f64)>,
+    rx: Receiver<Computed>,
     out: &Path,
     opts: &ShardWriteOptions,
     cfg: &TeacherConfig,
@@ -715,7 +754,14 @@ fn write_loop(
     topk: &str,
     progress: &Progress,
 ) -> anyhow::Result<()> {
-    for (rows, index, computed, seconds) in rx {
+    for Computed {
+        rows,
+        index,
+        computed,
+        seconds,
+        stats,
+    } in rx
+    {
         // The writer runs at a lower priority and may wait for the cores: its share of the
         // shard's time is the CPU it used, not the wall time.
         let cpu0 = crate::util::thread_cpu_seconds();
@@ -740,6 +786,7 @@ fn write_loop(
             batch_size: cfg.batch_size,
             topk: topk.to_string(),
             seconds: seconds + (crate::util::thread_cpu_seconds() - cpu0),
+            stats: Some(stats),
         };
         let (done, total) = {
             let _m = ManifestLock::acquire(out)?;
