@@ -19,7 +19,7 @@
 //! assert!(ids.windows(2).all(|w| w[0] < w[1]));
 //! ```
 
-use super::topk::{Kernel, max_of};
+use super::topk::{Kernel, exp_nonpos, max_of};
 use crate::rng::{SplitMix, mix};
 
 /// Values per block sum: a visited block costs BLOCK scalar exps, and a row BLOCK-th as
@@ -131,21 +131,21 @@ impl Sampler {
                 cum = end;
                 continue;
             }
-            // The block holds at least one draw: visit its values in id order.
+            // The block holds at least one draw: its values' exps at once (a loop that
+            // vectorises, the kernels' polynomial), then visited in id order.
             let mut c = cum;
             let start = b * BLOCK;
-            for (i, &x) in row[start..(start + BLOCK).min(row.len())]
-                .iter()
-                .enumerate()
-            {
+            let block = &row[start..(start + BLOCK).min(row.len())];
+            let mut ws = [0f32; BLOCK];
+            for (w, &x) in ws.iter_mut().zip(block) {
+                *w = exp_nonpos(((x - max) * s).min(0.0));
+            }
+            for (i, &w) in ws[..block.len()].iter().enumerate() {
                 let id = start + i;
-                if is_excluded(id) {
+                if w == 0.0 || is_excluded(id) {
                     continue;
                 }
-                let w = e(x);
-                if w == 0.0 {
-                    continue;
-                }
+                let w = w as f64;
                 last_seen = Some(id);
                 c += w;
                 while j < targets.len() && targets[j] < c && targets[j] < end {

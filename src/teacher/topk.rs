@@ -83,7 +83,7 @@ fn unpack(c: u64) -> (f32, u32) {
 /// Below -87 (e^-87 ≈ 1.6e-38, the end of normal f32) it returns 0: such terms change a
 /// partition function of at least 1 by less than 1e-33.
 #[inline(always)]
-fn exp_nonpos(x: f32) -> f32 {
+pub(crate) fn exp_nonpos(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
