@@ -147,6 +147,16 @@ impl TeacherConfig {
         }
     }
 
+    /// Where the top-k runs: as asked, except that `auto` means `host` for the sampled
+    /// modes (the device head computes the top-k only so far).
+    pub fn topk_where(&self) -> TopKMode {
+        if self.mode != CacheMode::Topk && self.topk_on == TopKMode::Auto {
+            TopKMode::Host
+        } else {
+            self.topk_on
+        }
+    }
+
     /// The draws of a `sample`/`hybrid` run (`None` in `topk` mode).
     pub fn sampling(&self) -> Option<SampleOptions> {
         (self.mode != CacheMode::Topk).then_some(SampleOptions {
@@ -367,6 +377,9 @@ fn compute_shard(
             .flat_map(|o| o.logprobs.iter().chain(&o.sample_logprobs))
             .filter(|v| v.is_finite())
             .map(f16_error)
+            // A log-prob below float16's range is stored as -inf (a probability below
+            // e^-65504, i.e. 0): not an error worth recording, and JSON has no infinity.
+            .filter(|e| e.is_finite())
             .fold(0.0, f32::max),
         mean_topk_mass: layout.has_topk().then(|| {
             outputs
@@ -489,7 +502,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                 library,
                 device: cfg.device,
                 threads: cfg.threads,
-                topk_on: cfg.topk_on,
+                topk_on: cfg.topk_where(),
                 k: cfg.layout().k,
                 temperature: cfg.temperature,
                 vocab: tok.vocab_size,
@@ -665,7 +678,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     &write_opts,
                     cfg,
                     &worker_name,
-                    cfg.topk_on.name(cfg.device),
+                    cfg.topk_where().name(cfg.device),
                     &progress,
                 )
             });
@@ -792,6 +805,9 @@ fn write_loop(
             let _m = ManifestLock::acquire(out)?;
             let mut m = Manifest::load(out)?;
             m.shards.retain(|s| s.index != index);
+            // Shards written now are format 2 (PLAIN float16, stats): a format-1 cache
+            // resumed by this version becomes a format-2 one (which still reads its old shards).
+            m.format_version = crate::cache::schema::FORMAT_VERSION;
             m.shards.push(entry.clone());
             m.store(out)
                 .with_context(|| format!("updating the manifest in {}", out.display()))?;
