@@ -172,26 +172,8 @@ fn manifest_matches_its_json_schema() {
 
 #[test]
 fn pyarrow_reads_the_same_values() {
-    let python = std::env::var("LOGITCACHE_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| Path::new(ROOT).join(".venv/bin/python"));
-    assert!(
-        python.is_file(),
-        "{} missing: run `make pycheck-setup` (make test does) or set LOGITCACHE_PYTHON to a Python with pyarrow",
-        python.display()
-    );
     let out = small_cache();
-    let o = std::process::Command::new(&python)
-        .arg(Path::new(ROOT).join("tests/pyarrow_check.py"))
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "pyarrow check failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let py: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let py = python_check("pyarrow_check.py", &out);
     let rows = all_rows(&out);
     assert_eq!(py["rows"].as_u64().unwrap(), rows.rows() as u64);
     assert_eq!(py["positions"].as_u64().unwrap(), rows.positions() as u64);

@@ -139,9 +139,6 @@ fn hybrid_cache_has_the_exact_top_k_and_draws_from_the_tail_only() {
 
 #[test]
 fn pyarrow_decodes_sampled_caches_into_proper_distributions() {
-    let python = std::env::var("LOGITCACHE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(ROOT).join(".venv/bin/python"));
     for (name, extra) in [
         (
             "py-sample",
@@ -150,17 +147,7 @@ fn pyarrow_decodes_sampled_caches_into_proper_distributions() {
         ("py-hybrid", &["--mode", "hybrid", "--samples", "20"][..]),
     ] {
         let dir = build(name, 20, extra);
-        let o = std::process::Command::new(&python)
-            .arg(Path::new(ROOT).join("tests/pyarrow_sample_check.py"))
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "pyarrow check failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = python_check("pyarrow_sample_check.py", &dir);
         let rows = all_rows(&dir);
         assert_eq!(v["positions"].as_u64().unwrap() as usize, rows.positions());
         assert_eq!(
@@ -319,26 +306,13 @@ fn format_1_caches_still_read_and_future_versions_are_refused() {
 /// (DuckDB could not read top-k caches before format 2 wrote float16 log-probs PLAIN).
 #[test]
 fn duckdb_and_polars_read_every_mode() {
-    let python = std::env::var("LOGITCACHE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(ROOT).join(".venv/bin/python"));
     for (name, extra) in [
         ("ix-topk", &[][..]),
         ("ix-sample", &["--mode", "sample", "--samples", "12"][..]),
         ("ix-hybrid", &["--mode", "hybrid", "--samples", "12"][..]),
     ] {
         let dir = build(name, 20, extra);
-        let o = std::process::Command::new(&python)
-            .arg(Path::new(ROOT).join("tests/interop_check.py"))
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{name}: DuckDB/Polars check failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = python_check("interop_check.py", &dir);
         let r = all_rows(&dir);
         let sum = |x: &[u32]| x.iter().map(|&i| i as u64).sum::<u64>();
         let lp_sum: f64 = r.topk_logprobs.iter().map(|x| x.to_f64()).sum();

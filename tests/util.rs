@@ -191,3 +191,28 @@ pub fn all_rows(dir: &Path) -> ShardRows {
     }
     all
 }
+
+/// Runs `tests/SCRIPT CACHE_DIR` with the test Python (`LOGITCACHE_PYTHON`, else the `.venv/`
+/// `make` creates, with pyarrow, DuckDB and Polars) and returns its JSON output.
+pub fn python_check(script: &str, cache: &Path) -> serde_json::Value {
+    let python = std::env::var("LOGITCACHE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(ROOT).join(".venv/bin/python"));
+    assert!(
+        python.is_file(),
+        "{} missing: run `make pycheck-setup` (make test does) or set LOGITCACHE_PYTHON to a Python with pyarrow, duckdb and polars",
+        python.display()
+    );
+    let o = Command::new(&python)
+        .arg(Path::new(ROOT).join("tests").join(script))
+        .arg(cache)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{script} failed on {}:\n{}",
+        cache.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}

@@ -97,16 +97,7 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 impl CacheParams {
     /// The shard columns these parameters make.
     pub fn layout(&self) -> Layout {
-        Layout {
-            mode: self.mode,
-            k: if self.mode == CacheMode::Sample {
-                0
-            } else {
-                self.top_k
-            },
-            samples: self.samples,
-            sample_logprobs: self.store_logprobs,
-        }
+        Layout::of(self.mode, self.top_k, self.samples, self.store_logprobs)
     }
 }
 

@@ -106,6 +106,17 @@ impl Layout {
         }
     }
 
+    /// The layout a cache of `mode` with these settings writes (`top_k` is ignored in
+    /// `sample` mode, which stores no top-k).
+    pub fn of(mode: CacheMode, top_k: usize, samples: usize, store_logprobs: bool) -> Layout {
+        Layout {
+            mode,
+            k: if mode == CacheMode::Sample { 0 } else { top_k },
+            samples,
+            sample_logprobs: store_logprobs,
+        }
+    }
+
     /// Whether the top-k columns (`topk_ids`, `topk_logprobs`, `tail_logprob`) are stored.
     pub fn has_topk(&self) -> bool {
         self.mode != CacheMode::Sample

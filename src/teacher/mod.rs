@@ -135,16 +135,7 @@ impl TeacherConfig {
 
     /// The shard columns of this run.
     pub fn layout(&self) -> Layout {
-        Layout {
-            mode: self.mode,
-            k: if self.mode == CacheMode::Sample {
-                0
-            } else {
-                self.top_k
-            },
-            samples: self.samples,
-            sample_logprobs: self.store_logprobs,
-        }
+        Layout::of(self.mode, self.top_k, self.samples, self.store_logprobs)
     }
 
     /// Where the top-k runs: as asked, except that `auto` means `host` for the sampled
