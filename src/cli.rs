@@ -136,9 +136,10 @@ pub struct TeacherArgs {
     /// Side on which batches are padded (left needs a model with position_ids).
     #[arg(long, value_enum, default_value_t = PaddingSide::Right)]
     pub padding_side: PaddingSide,
-    /// Where top-k runs: host (Rust, full logits copied to the host), onnx (a top-k head on
-    /// the teacher's device), auto (host on cpu, onnx on a GPU). `--topk` is an old name of
-    /// this flag.
+    /// Where top-k (and the draws of a sample/hybrid cache) run: host (Rust, full logits
+    /// copied to the host), onnx (a head on the teacher's device: only k + N values per
+    /// position come back, drawn from the same uniforms as on the host), auto (host on cpu,
+    /// onnx on a GPU). `--topk` is an old name of this flag.
     #[arg(long = "topk-on", alias = "topk", value_enum, default_value_t = TopKMode::Auto)]
     pub topk_on: TopKMode,
     /// zstd level of the shards (1-22).
@@ -646,11 +647,19 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                         "max log-prob err {e:.2e} (float16 storage, measured at write time)"
                     )?;
                 }
-                writeln!(
-                    out,
-                    "mean entropy     {:.4} nats (tail as one outcome; ≤ {:.4} with the tail spread evenly)",
-                    r.mean_entropy_estimate, r.mean_entropy_upper
-                )?;
+                if let Some(h) = r.mean_entropy {
+                    writeln!(
+                        out,
+                        "mean entropy     {h:.4} nats (exact, measured at write time)"
+                    )?;
+                }
+                if r.top_k > 0 {
+                    writeln!(
+                        out,
+                        "stored entropy   {:.4} nats (tail as one outcome; ≤ {:.4} with the tail spread evenly)",
+                        r.mean_entropy_estimate, r.mean_entropy_upper
+                    )?;
+                }
                 writeln!(out, "model sha256     {}", r.model_sha256)?;
                 writeln!(out, "tokenizer sha256 {}", r.tokenizer_sha256)?;
             }

@@ -36,6 +36,9 @@ pub struct InspectReport {
     /// Largest |stored − exact| log-prob the teacher stage measured while writing (float16
     /// rounding), over the shards that recorded it (`null` for format-1 caches).
     pub max_logprob_error: Option<f32>,
+    /// The teacher's exact mean entropy (nats, over the whole vocabulary at the cache
+    /// temperature), measured while writing; `null` when a shard did not record it.
+    pub mean_entropy: Option<f64>,
 }
 
 /// Reads every shard of `dir` and summarises it.
@@ -103,6 +106,17 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
             .iter()
             .filter_map(|s| s.stats.as_ref().map(|t| t.max_logprob_error))
             .reduce(f32::max),
+        mean_entropy: m
+            .shards
+            .iter()
+            .map(|s| {
+                s.stats
+                    .as_ref()
+                    .and_then(|t| t.mean_entropy)
+                    .map(|h| h * s.tokens as f64)
+            })
+            .sum::<Option<f64>>()
+            .map(|h| h / m.totals.tokens.max(1) as f64),
     })
 }
 

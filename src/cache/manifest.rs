@@ -169,6 +169,10 @@ pub struct ShardStats {
     /// Mean distinct sampled ids per position (`sample`, `hybrid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_distinct_ids: Option<f64>,
+    /// Mean over positions of the teacher's exact entropy (nats) at the cache temperature,
+    /// over the whole vocabulary (absent in shards written before it was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_entropy: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -121,6 +121,8 @@ pub struct BatchTopK {
     pub sample_counts: Vec<u16>,
     /// The teacher's log-prob of each sampled id (when asked for).
     pub sample_logprobs: Vec<f32>,
+    /// The teacher's exact entropy (nats) at each position (empty when not measured).
+    pub entropy: Vec<f32>,
 }
 
 /// Errors from running the teacher.

@@ -1,6 +1,7 @@
 //! The host top-k of a whole batch: the real positions' rows of the teacher's logits
 //! reduced by [`TopK::row`] on `threads` scoped threads, each over one contiguous range of
-//! rows with its own buffers.
+//! rows with its own buffers. Each row's exact entropy is measured too (the manifest's
+//! `mean_entropy`).
 //!
 //! Scoped threads that end with the batch, not a pool: nothing spins or yields on the cores
 //! while ONNX Runtime runs the next batch (a rayon pool's idle workers did, measured).
@@ -21,7 +22,7 @@
 
 use super::backend::{BatchTopK, TeacherError};
 use super::sample::{SampleScratch, Sampler};
-use super::topk::{TopK, TopKScratch};
+use super::topk::{TopK, TopKScratch, entropy_of, max_of};
 use crate::cache::schema::CacheMode;
 use half::f16;
 
@@ -57,9 +58,10 @@ struct Worker {
     row_f32: Vec<f32>,
 }
 
-/// One thread's sampled entries, in its rows' order.
+/// One thread's sampled entries and entropies, in its rows' order.
 #[derive(Debug, Default)]
 struct Drawn {
+    entropy: Vec<f32>,
     lens: Vec<u32>,
     ids: Vec<u32>,
     counts: Vec<u16>,
@@ -131,6 +133,7 @@ impl HostTopK {
         let k = self.topk.k;
         let topk = self.topk;
         let sampling = self.sampling;
+        let scale = self.scale;
         let sampler = sampling.map(|o| Sampler {
             samples: o.samples,
             scale: self.scale,
@@ -204,6 +207,9 @@ impl HostTopK {
                                 }
                                 &[]
                             };
+                            drawn
+                                .entropy
+                                .push(entropy_of(row, max_of(row), scale) as f32);
                             if let (Some(s), Some(o)) = (sampler, sampling) {
                                 let before = drawn.ids.len();
                                 let exclude = if o.mode == CacheMode::Hybrid {
@@ -240,6 +246,7 @@ impl HostTopK {
                 .collect::<Result<Vec<_>, _>>()
         })?;
         for d in drawn {
+            out.entropy.extend(d.entropy);
             out.sample_lens.extend(d.lens);
             out.sample_ids.extend(d.ids);
             out.sample_counts.extend(d.counts);

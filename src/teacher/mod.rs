@@ -138,16 +138,6 @@ impl TeacherConfig {
         Layout::of(self.mode, self.top_k, self.samples, self.store_logprobs)
     }
 
-    /// Where the top-k runs: as asked, except that `auto` means `host` for the sampled
-    /// modes (the device head computes the top-k only so far).
-    pub fn topk_where(&self) -> TopKMode {
-        if self.mode != CacheMode::Topk && self.topk_on == TopKMode::Auto {
-            TopKMode::Host
-        } else {
-            self.topk_on
-        }
-    }
-
     /// The draws of a `sample`/`hybrid` run (`None` in `topk` mode).
     pub fn sampling(&self) -> Option<SampleOptions> {
         (self.mode != CacheMode::Topk).then_some(SampleOptions {
@@ -210,12 +200,6 @@ impl TeacherConfig {
                     bail!(
                         "--proposal-temperature {}: only 1 (draws from the teacher's own distribution) is supported so far; importance-weighted proposals are not implemented yet",
                         self.proposal_temperature
-                    );
-                }
-                if self.topk_on == TopKMode::Onnx {
-                    bail!(
-                        "--mode {} with --topk-on onnx: the device top-k head computes the top-k only so far; use --topk-on host",
-                        self.mode
                     );
                 }
             }
@@ -383,6 +367,18 @@ fn compute_shard(
         mean_distinct_ids: layout
             .has_samples()
             .then(|| rows.sample_ids.len() as f64 / positions),
+        // Every backend that measures it does so for every position.
+        mean_entropy: outputs
+            .iter()
+            .all(|o| o.entropy.len() == o.tail_logprob.len().max(o.sample_lens.len()))
+            .then(|| {
+                outputs
+                    .iter()
+                    .flat_map(|o| &o.entropy)
+                    .map(|&h| h as f64)
+                    .sum::<f64>()
+                    / positions
+            }),
     };
     Ok((rows, computed, stats))
 }
@@ -493,7 +489,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                 library,
                 device: cfg.device,
                 threads: cfg.threads,
-                topk_on: cfg.topk_where(),
+                topk_on: cfg.topk_on,
                 k: cfg.layout().k,
                 temperature: cfg.temperature,
                 vocab: tok.vocab_size,
@@ -669,7 +665,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     &write_opts,
                     cfg,
                     &worker_name,
-                    cfg.topk_where().name(cfg.device),
+                    cfg.topk_on.name(cfg.device),
                     &progress,
                 )
             });

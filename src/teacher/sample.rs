@@ -63,6 +63,15 @@ fn uniform(r: &mut SplitMix) -> f64 {
     (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The `n` uniforms in [0, 1) of the position `key = (seq_id, position)` under the cache
+/// `seed`, in draw order (before sorting): the one stream both the host sampler and the
+/// device head ([`super::head`]) locate. Chained, so no two (seq_id, position) pairs share a
+/// stream (`mix` alone is linear in its arguments before the hash).
+pub fn uniforms(seed: u64, key: (u64, u64), n: usize) -> impl Iterator<Item = f64> {
+    let mut rng = SplitMix::new(mix(mix(seed, key.0, 0), key.1, 0));
+    (0..n).map(move |_| uniform(&mut rng))
+}
+
 impl Sampler {
     /// Draws `self.samples` ids for the position `key = (seq_id, position)` from
     /// softmax(`row` · scale) over the ids not in `exclude`, appending the distinct ids
@@ -121,11 +130,8 @@ impl Sampler {
         if z <= 0.0 || self.samples == 0 {
             return info;
         }
-        // Chained, so no two (seq_id, position) pairs share a stream (`mix` alone is linear
-        // in its arguments before the hash).
-        let mut rng = SplitMix::new(mix(mix(self.seed, key.0, 0), key.1, 0));
         targets.clear();
-        targets.extend((0..self.samples).map(|_| uniform(&mut rng) * z));
+        targets.extend(uniforms(self.seed, key, self.samples).map(|u| u * z));
         targets.sort_unstable_by(|a, b| a.total_cmp(b));
         let is_excluded = |i: usize| excluded.binary_search(&(i as u32)).is_ok();
         let (first_id, first_count) = (ids.len(), counts.len());

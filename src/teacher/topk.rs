@@ -106,6 +106,34 @@ pub(crate) fn exp_nonpos(x: f32) -> f32 {
     if tiny { 0.0 } else { y * pow2n }
 }
 
+/// The entropy (nats) of softmax(`row` · `scale`) given the row's maximum: ln Z − Σ e·y / Z
+/// with y = (x − max) · scale ≤ 0 and e = exp(y) (the polynomial above, in 8 lanes so the
+/// pass vectorises; partial sums in f64 every 64 values).
+pub(crate) fn entropy_of(row: &[f32], max: f32, scale: f32) -> f64 {
+    let (mut z, mut ey) = (0f64, 0f64);
+    for block in row.chunks(64) {
+        let (mut zs, mut eys) = ([0f32; 8], [0f32; 8]);
+        let mut lanes = block.chunks_exact(8);
+        for c in &mut lanes {
+            for j in 0..8 {
+                let y = ((c[j] - max) * scale).min(0.0);
+                let e = exp_nonpos(y);
+                zs[j] += e;
+                eys[j] += e * y;
+            }
+        }
+        for &x in lanes.remainder() {
+            let y = ((x - max) * scale).min(0.0);
+            let e = exp_nonpos(y);
+            zs[0] += e;
+            eys[0] += e * y;
+        }
+        z += zs.iter().map(|&v| v as f64).sum::<f64>();
+        ey += eys.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    z.ln() - ey / z
+}
+
 /// The largest of `v` (-inf if empty), in 8 independent lanes so it vectorises.
 #[inline(always)]
 pub(crate) fn max_of(v: &[f32]) -> f32 {
@@ -601,6 +629,36 @@ pub fn reference_topk(row: &[f32], k: usize, temperature: f64) -> (Vec<u32>, Vec
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn entropy_matches_a_direct_sum() {
+        let mut r = crate::rng::SplitMix::new(9);
+        for (n, scale) in [
+            (1usize, 1.0f32),
+            (7, 1.0),
+            (64, 0.5),
+            (1000, 1.0),
+            (2051, 2.0),
+        ] {
+            let row: Vec<f32> = (0..n).map(|_| r.next_f32() * 12.0 - 6.0).collect();
+            let m = max_of(&row);
+            let e: Vec<f64> = row
+                .iter()
+                .map(|&x| (((x - m) * scale) as f64).exp())
+                .collect();
+            let z: f64 = e.iter().sum();
+            let h: f64 = -e
+                .iter()
+                .map(|&v| v / z)
+                .filter(|&p| p > 0.0)
+                .map(|p| p * p.ln())
+                .sum::<f64>();
+            let got = entropy_of(&row, m, scale);
+            assert!((got - h).abs() < 1e-5 * h.max(1.0), "n {n}: {got} vs {h}");
+        }
+        // A point mass has no entropy.
+        assert!(entropy_of(&[0.0, -200.0, -300.0], 0.0, 1.0).abs() < 1e-12);
+    }
 
     #[test]
     fn exp_matches_std() {

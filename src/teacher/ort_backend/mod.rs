@@ -17,6 +17,7 @@ pub use library::{ORT_LIB_NAME, environment, resolve_library};
 
 use super::backend::{Batch, BatchTopK, Device, TeacherBackend, TeacherError, TopKMode};
 use super::host_topk::{HostTopK, Logits, SampleOptions};
+use super::sample::uniforms;
 use interface::{ExtraInput, check_interface};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
@@ -96,7 +97,8 @@ fn session_for(
     }
 }
 
-/// The teacher: an ONNX Runtime session plus, when top-k runs in ONNX, the head session.
+/// The teacher: an ONNX Runtime session plus, when the reduction runs in ONNX, the head
+/// session (top-k, entropy and the draws of a sampled cache).
 pub struct OrtTeacher {
     session: Session,
     head: Option<Session>,
@@ -145,12 +147,6 @@ impl OrtTeacher {
         .map_err(rt)?;
         let mut host = HostTopK::new(opts.k, opts.temperature, opts.threads);
         if let Some(s) = opts.sampling {
-            if opts.topk_on.uses_onnx(opts.device) {
-                return Err(OrtError::Device(format!(
-                    "--mode {}: the device top-k head computes the top-k only so far; use --topk-on host (the sampled modes run on the host)",
-                    s.mode
-                )));
-            }
             host = host.with_sampling(s);
         }
         Ok(OrtTeacher {
@@ -173,13 +169,18 @@ impl OrtTeacher {
     fn ensure_head(&mut self, logits_vocab: usize) -> Result<(), OrtError> {
         if self.opts.topk_on.uses_onnx(self.opts.device) && self.head.is_none() {
             let env = environment(&self.opts.library)?;
-            let bytes = super::head::topk_head(
+            let bytes = super::head::head(&super::head::HeadSpec {
                 logits_vocab,
-                self.opts.vocab,
-                self.opts.k,
-                self.opts.temperature,
-                self.interface.logits == LogitsDtype::Float16,
-            );
+                vocab: self.opts.vocab,
+                k: self.opts.k,
+                temperature: self.opts.temperature,
+                f16: self.interface.logits == LogitsDtype::Float16,
+                samples: self.opts.sampling.map_or(0, |s| s.samples),
+                hybrid: self
+                    .opts
+                    .sampling
+                    .is_some_and(|s| s.mode == crate::cache::schema::CacheMode::Hybrid),
+            });
             let head = session_for(env, &self.opts)?
                 .commit_from_memory(&bytes)
                 .map_err(|e| rt(format!("top-k head: {e}")))?;
@@ -276,6 +277,23 @@ impl OrtTeacher {
             check_logits_shape(logits.shape(), batch, vocab)?;
             let mut hb = head.create_binding().map_err(|e| err(&e))?;
             hb.bind_input("logits", &logits).map_err(|e| err(&e))?;
+            let sampling = self.opts.sampling;
+            if let Some(s) = sampling {
+                // The host's uniforms of every row (0 at padding), below 1 in f32 too.
+                let below_one = 1.0 - f32::EPSILON / 2.0;
+                let mut u = vec![0f32; batch.batch * batch.len * s.samples];
+                for &(i, p, r) in &rows {
+                    for (dst, v) in u[r * s.samples..(r + 1) * s.samples]
+                        .iter_mut()
+                        .zip(uniforms(s.seed, (batch.seq_ids[i], p as u64), s.samples))
+                    {
+                        *dst = (v as f32).min(below_one);
+                    }
+                }
+                let u = Tensor::from_array(([batch.batch, batch.len, s.samples], u))
+                    .map_err(|e| err(&e))?;
+                hb.bind_input("uniforms", &u).map_err(|e| err(&e))?;
+            }
             let cpu = MemoryInfo::new(
                 AllocationDevice::CPU,
                 0,
@@ -283,37 +301,87 @@ impl OrtTeacher {
                 MemoryType::CPUOutput,
             )
             .map_err(|e| err(&e))?;
-            for name in ["topk_logprobs", "topk_ids", "tail_logprob"] {
+            let mut names = vec!["entropy"];
+            if k > 0 {
+                names.extend(["topk_logprobs", "topk_ids", "tail_logprob"]);
+            }
+            if sampling.is_some() {
+                names.extend(["sample_ids", "sample_logprobs"]);
+            }
+            for name in names {
                 hb.bind_output_to_device(name, &cpu).map_err(|e| err(&e))?;
             }
             let outs = head.run_binding(&hb).map_err(|e| err(&e))?;
-            let (_, lp) = outs["topk_logprobs"]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| err(&e))?;
-            let (_, ids) = outs["topk_ids"]
-                .try_extract_tensor::<i64>()
-                .map_err(|e| err(&e))?;
-            let (_, tail) = outs["tail_logprob"]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| err(&e))?;
-            for (o, &(i, p, r)) in rows.iter().enumerate() {
-                let lps = &lp[r * k..(r + 1) * k];
-                if let Some(j) = lps.iter().position(|x| !x.is_finite()) {
-                    return Err(TeacherError::NonFinite {
-                        window: i,
-                        position: p,
-                        token: ids[r * k + j] as usize,
-                        value: lps[j],
-                    });
+            let f32s = |name: &str| {
+                outs[name]
+                    .try_extract_tensor::<f32>()
+                    .map(|t| t.1)
+                    .map_err(|e| err(&e))
+            };
+            let i64s = |name: &str| {
+                outs[name]
+                    .try_extract_tensor::<i64>()
+                    .map(|t| t.1)
+                    .map_err(|e| err(&e))
+            };
+            let entropy = f32s("entropy")?;
+            out.entropy = rows.iter().map(|&(_, _, r)| entropy[r]).collect();
+            if k > 0 {
+                let (lp, ids, tail) = (
+                    f32s("topk_logprobs")?,
+                    i64s("topk_ids")?,
+                    f32s("tail_logprob")?,
+                );
+                for (o, &(i, p, r)) in rows.iter().enumerate() {
+                    let lps = &lp[r * k..(r + 1) * k];
+                    if let Some(j) = lps.iter().position(|x| !x.is_finite()) {
+                        return Err(TeacherError::NonFinite {
+                            window: i,
+                            position: p,
+                            token: ids[r * k + j] as usize,
+                            value: lps[j],
+                        });
+                    }
+                    out.logprobs[o * k..(o + 1) * k].copy_from_slice(lps);
+                    for (dst, &src) in out.ids[o * k..(o + 1) * k]
+                        .iter_mut()
+                        .zip(&ids[r * k..(r + 1) * k])
+                    {
+                        *dst = src as u32;
+                    }
+                    out.tail_logprob[o] = tail[r];
                 }
-                out.logprobs[o * k..(o + 1) * k].copy_from_slice(lps);
-                for (dst, &src) in out.ids[o * k..(o + 1) * k]
-                    .iter_mut()
-                    .zip(&ids[r * k..(r + 1) * k])
-                {
-                    *dst = src as u32;
+            }
+            if let Some(s) = sampling {
+                let (ids, lps) = (i64s("sample_ids")?, f32s("sample_logprobs")?);
+                let hybrid = s.mode == crate::cache::schema::CacheMode::Hybrid;
+                let mut drawn: Vec<(u32, f32)> = Vec::with_capacity(s.samples);
+                for (o, &(_, _, r)) in rows.iter().enumerate() {
+                    let before = out.sample_ids.len();
+                    // A hybrid whose top-k holds all the mass draws nothing (as on the host).
+                    if !(hybrid && (out.tail_logprob[o] as f64).exp() == 0.0) {
+                        drawn.clear();
+                        drawn.extend(
+                            ids[r * s.samples..(r + 1) * s.samples]
+                                .iter()
+                                .zip(&lps[r * s.samples..(r + 1) * s.samples])
+                                .map(|(&i, &lp)| (i as u32, lp)),
+                        );
+                        drawn.sort_unstable_by_key(|d| d.0);
+                        for &(id, lp) in &drawn {
+                            if out.sample_ids.len() > before && out.sample_ids.last() == Some(&id) {
+                                *out.sample_counts.last_mut().expect("a count per id") += 1;
+                            } else {
+                                out.sample_ids.push(id);
+                                out.sample_counts.push(1);
+                                if s.store_logprobs {
+                                    out.sample_logprobs.push(lp);
+                                }
+                            }
+                        }
+                    }
+                    out.sample_lens.push((out.sample_ids.len() - before) as u32);
                 }
-                out.tail_logprob[o] = tail[r];
             }
         } else {
             let t0 = std::time::Instant::now();
