@@ -11,7 +11,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use logitcache::teacher::sample::{SampleScratch, Sampler};
-use logitcache::teacher::topk::{Kernel, TopK, TopKScratch};
+use logitcache::teacher::topk::{Kernel, TopK, TopKScratch, row_entropy};
 
 /// Logits shaped like a language model's: a few large values over a Gaussian bulk.
 fn logits(rows: usize, vocab: usize) -> Vec<f32> {
@@ -141,6 +141,14 @@ fn bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new(format!("V{vocab}"), "topk64"), |b| {
             let mut r = Reducer::new(64, kernel);
             b.iter(|| r.rows(&data, vocab))
+        });
+        // The exact entropy the teacher stage records per row, beside either.
+        group.bench_function(BenchmarkId::new(format!("V{vocab}"), "entropy"), |b| {
+            b.iter(|| {
+                data.chunks(vocab)
+                    .map(|row| row_entropy(row, 1.0))
+                    .sum::<f64>()
+            })
         });
         // N draws per row, after a top-`head` (hybrid, draws from the rest) or alone.
         for (name, head, samples) in [("sample50", 0, 50), ("hybrid8+42", 8, 42)] {

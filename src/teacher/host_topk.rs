@@ -22,7 +22,7 @@
 
 use super::backend::{BatchTopK, TeacherError};
 use super::sample::{SampleScratch, Sampler};
-use super::topk::{TopK, TopKScratch, entropy_of, max_of};
+use super::topk::{TopK, TopKScratch, row_entropy};
 use crate::cache::schema::CacheMode;
 use half::f16;
 
@@ -207,9 +207,7 @@ impl HostTopK {
                                 }
                                 &[]
                             };
-                            drawn
-                                .entropy
-                                .push(entropy_of(row, max_of(row), scale) as f32);
+                            drawn.entropy.push(row_entropy(row, scale) as f32);
                             if let (Some(s), Some(o)) = (sampler, sampling) {
                                 let before = drawn.ids.len();
                                 let exclude = if o.mode == CacheMode::Hybrid {

@@ -134,6 +134,12 @@ pub(crate) fn entropy_of(row: &[f32], max: f32, scale: f32) -> f64 {
     z.ln() - ey / z
 }
 
+/// The entropy (nats) of softmax(`row` · `scale`): what the teacher stage records per
+/// position (two vectorised passes: the maximum, then [`entropy_of`]).
+pub fn row_entropy(row: &[f32], scale: f32) -> f64 {
+    entropy_of(row, max_of(row), scale)
+}
+
 /// The largest of `v` (-inf if empty), in 8 independent lanes so it vectorises.
 #[inline(always)]
 pub(crate) fn max_of(v: &[f32]) -> f32 {
