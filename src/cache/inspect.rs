@@ -37,7 +37,8 @@ pub struct InspectReport {
     /// rounding), over the shards that recorded it (`null` for format-1 caches).
     pub max_logprob_error: Option<f32>,
     /// The teacher's exact mean entropy (nats, over the whole vocabulary at the cache
-    /// temperature), measured while writing; `null` when a shard did not record it.
+    /// temperature), measured while writing at one position in 16; `null` when a shard did
+    /// not record it.
     pub mean_entropy: Option<f64>,
 }
 

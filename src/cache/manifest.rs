@@ -169,8 +169,9 @@ pub struct ShardStats {
     /// Mean distinct sampled ids per position (`sample`, `hybrid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_distinct_ids: Option<f64>,
-    /// Mean over positions of the teacher's exact entropy (nats) at the cache temperature,
-    /// over the whole vocabulary (absent in shards written before it was measured).
+    /// Mean of the teacher's exact entropy (nats) at the cache temperature, over the whole
+    /// vocabulary, at one position in 16 (`(seq_id + position) % 16 == 0`); absent in shards
+    /// written before it was measured or too small to hold such a position.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_entropy: Option<f64>,
 }

@@ -1,7 +1,7 @@
 //! The host top-k of a whole batch: the real positions' rows of the teacher's logits
 //! reduced by [`TopK::row`] on `threads` scoped threads, each over one contiguous range of
-//! rows with its own buffers. Each row's exact entropy is measured too (the manifest's
-//! `mean_entropy`).
+//! rows with its own buffers. One row in 16 has its exact entropy measured too (the
+//! manifest's `mean_entropy`; [`super::topk::entropy_measured_at`]).
 //!
 //! Scoped threads that end with the batch, not a pool: nothing spins or yields on the cores
 //! while ONNX Runtime runs the next batch (a rayon pool's idle workers did, measured).
@@ -22,7 +22,7 @@
 
 use super::backend::{BatchTopK, TeacherError};
 use super::sample::{SampleScratch, Sampler};
-use super::topk::{TopK, TopKScratch, row_entropy};
+use super::topk::{TopK, TopKScratch, entropy_measured_at, row_entropy};
 use crate::cache::schema::CacheMode;
 use half::f16;
 
@@ -207,7 +207,13 @@ impl HostTopK {
                                 }
                                 &[]
                             };
-                            drawn.entropy.push(row_entropy(row, scale) as f32);
+                            drawn
+                                .entropy
+                                .push(if entropy_measured_at(seq_ids[i], p as u64) {
+                                    row_entropy(row, scale) as f32
+                                } else {
+                                    f32::NAN
+                                });
                             if let (Some(s), Some(o)) = (sampler, sampling) {
                                 let before = drawn.ids.len();
                                 let exclude = if o.mode == CacheMode::Hybrid {

@@ -367,18 +367,15 @@ fn compute_shard(
         mean_distinct_ids: layout
             .has_samples()
             .then(|| rows.sample_ids.len() as f64 / positions),
-        // Every backend that measures it does so for every position.
-        mean_entropy: outputs
-            .iter()
-            .all(|o| o.entropy.len() == o.tail_logprob.len().max(o.sample_lens.len()))
-            .then(|| {
-                outputs
-                    .iter()
-                    .flat_map(|o| &o.entropy)
-                    .map(|&h| h as f64)
-                    .sum::<f64>()
-                    / positions
-            }),
+        // Over the positions where it was measured (one in 16; NaN elsewhere).
+        mean_entropy: {
+            let (sum, n) = outputs
+                .iter()
+                .flat_map(|o| &o.entropy)
+                .filter(|h| !h.is_nan())
+                .fold((0f64, 0u64), |(s, n), &h| (s + h as f64, n + 1));
+            (n > 0).then(|| sum / n as f64)
+        },
     };
     Ok((rows, computed, stats))
 }

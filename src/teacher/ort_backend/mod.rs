@@ -18,6 +18,7 @@ pub use library::{ORT_LIB_NAME, environment, resolve_library};
 use super::backend::{Batch, BatchTopK, Device, TeacherBackend, TeacherError, TopKMode};
 use super::host_topk::{HostTopK, Logits, SampleOptions};
 use super::sample::uniforms;
+use super::topk::entropy_measured_at;
 use interface::{ExtraInput, check_interface};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
@@ -325,7 +326,16 @@ impl OrtTeacher {
                     .map_err(|e| err(&e))
             };
             let entropy = f32s("entropy")?;
-            out.entropy = rows.iter().map(|&(_, _, r)| entropy[r]).collect();
+            out.entropy = rows
+                .iter()
+                .map(|&(i, p, r)| {
+                    if entropy_measured_at(batch.seq_ids[i], p as u64) {
+                        entropy[r]
+                    } else {
+                        f32::NAN
+                    }
+                })
+                .collect();
             if k > 0 {
                 let (lp, ids, tail) = (
                     f32s("topk_logprobs")?,
