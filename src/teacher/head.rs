@@ -172,7 +172,13 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
             data_type::FLOAT,
             &bsk(Dim::Fixed(samples as i64)),
         );
-        let ids = draws(&mut g, &x, &u, vocab, if hybrid { top_ids } else { None });
+        let ids = draws(
+            &mut g,
+            &p_all,
+            &u,
+            vocab,
+            if hybrid { top_ids } else { None },
+        );
         let picked = g.node("GatherElements", &[&x, &ids], vec![attr_int("axis", 2)]);
         let lps = g.node("Sub", &[&picked, &lse], vec![]);
         let n = Dim::Fixed(samples as i64);
@@ -223,11 +229,11 @@ fn locate(g: &mut GraphBuilder, cum: &str, t: &str, last: &str, axis: i64) -> St
     )
 }
 
-/// The draws' ids i64 [batch, seq, N] from the scaled logits `x` [batch, seq, vocab] and the
+/// The draws' ids i64 [batch, seq, N] from the probabilities `p` [batch, seq, vocab] and the
 /// uniforms `u` [batch, seq, N]; `exclude`: (top-k ids, their shape) to leave out.
 fn draws(
     g: &mut GraphBuilder,
-    x: &str,
+    p: &str,
     u: &str,
     vocab: usize,
     exclude: Option<(String, String)>,
@@ -235,14 +241,9 @@ fn draws(
     let super_len = BLOCK * BLOCK;
     let supers = vocab.div_ceil(super_len);
     let padded = supers * super_len;
-    // Weights e = exp(x − max), 0 at the excluded ids and the padding.
-    let max = g.node(
-        "ReduceMax",
-        &[x],
-        vec![attr_ints("axes", &[2]), attr_int("keepdims", 1)],
-    );
-    let y = g.node("Sub", &[x, &max], vec![]);
-    let mut e = g.node("Exp", &[&y], vec![]);
+    // The probabilities as weights (the inverse CDF is scale-free, so the entropy's softmax
+    // serves), 0 at the excluded ids and the padding.
+    let mut e = p.to_string();
     if let Some((ids, shape)) = exclude {
         let zeros = g.node(
             "ConstantOfShape",
