@@ -8,13 +8,15 @@
 //! with the corpus. The `paired_*` ratios are the medians (and ranges) of each round's own
 //! ratio, teacher over the bare loop run just before it: on a shared machine whose speed
 //! drifts between rounds they are the figures to quote. Also reports cache bytes per token
-//! at k = 64 and k = 128 on a 32k-vocab teacher.
+//! at k = 64 and k = 128 on a 32k-vocab teacher, with float16 and with q8 log-probs, and of
+//! the sampled modes (also at V = 131072).
 //!
 //! Run: `cargo bench --bench e2e` (needs `make setup`). Knobs (env): E2E_DOCS (default 160),
 //! E2E_HIDDEN (512), E2E_LAYERS (4), E2E_ROUNDS (3), E2E_THREADS (2). Also reports process CPU
 //! seconds and minor page faults per phase (the teacher phase includes its start-up).
+//! E2E_KEEP=DIR keeps a copy of the extra caches (q8, sampled) there for a closer look.
 
-use logitcache::cache::schema::CacheMode;
+use logitcache::cache::schema::{CacheMode, LogprobDtype};
 use logitcache::onnx::{ToyLmSpec, toy_lm};
 use logitcache::progress::ProgressMode;
 use logitcache::teacher::backend::{Batch, Device, PaddingSide, TopKMode};
@@ -193,33 +195,116 @@ fn main() {
             });
         [lo, hi]
     };
-    // Bytes per token of the sampled modes on the same windows (one cache each, not timed):
-    // a sampled cache's size follows the teacher's entropy, so with its distinct ids per
-    // position; bytes per stored entry = bytes/token over entries per position (the k = 64
-    // cache's entry is bytes/token / 64).
+    // Bytes per token of the other encodings and modes on the same windows (one cache each,
+    // not timed): q8 log-probs at k = 64 and 128, and the sampled modes, whose size follows
+    // the teacher's entropy, so with their distinct ids per position; bytes per stored entry
+    // = bytes/token over entries per position (the k = 64 cache's entry is bytes/token / 64).
+    // The last case is a 131072-vocab teacher of the same shape (its own tokenizer, the
+    // same documents).
+    let big_vocab = 131_072usize;
+    let big = |name: &str| dir.path().join(format!("{name}-{big_vocab}"));
     let mut sampled = serde_json::Map::new();
-    for (name, mode, k, n) in [
-        ("sample50", CacheMode::Sample, 1, 50usize),
-        ("hybrid8_42", CacheMode::Hybrid, 8, 42),
+    for (name, mode, k, n, dtype, v) in [
+        (
+            "k64_q8",
+            CacheMode::Topk,
+            64,
+            0usize,
+            LogprobDtype::Q8,
+            vocab,
+        ),
+        ("k128_q8", CacheMode::Topk, 128, 0, LogprobDtype::Q8, vocab),
+        (
+            "sample50",
+            CacheMode::Sample,
+            1,
+            50,
+            LogprobDtype::Float16,
+            vocab,
+        ),
+        (
+            "hybrid8_42",
+            CacheMode::Hybrid,
+            8,
+            42,
+            LogprobDtype::Float16,
+            vocab,
+        ),
+        (
+            "hybrid8_42_q8",
+            CacheMode::Hybrid,
+            8,
+            42,
+            LogprobDtype::Q8,
+            vocab,
+        ),
+        (
+            "sample50_v131072",
+            CacheMode::Sample,
+            1,
+            50,
+            LogprobDtype::Float16,
+            big_vocab,
+        ),
     ] {
+        if smoke && v != vocab {
+            continue;
+        }
         let out = dir.path().join(name);
-        run(&TeacherConfig {
+        let mut c = TeacherConfig {
             mode,
             samples: n,
+            logprob_dtype: dtype,
             ..cfg(k, &out)
-        })
-        .unwrap();
+        };
+        if v != vocab {
+            let (tok, model) = (big("tokenizer.json"), big("teacher.onnx"));
+            if !model.exists() {
+                logitcache::tokenizer::word_level_tokenizer(&all, v, &tok).unwrap();
+                let spec = ToyLmSpec {
+                    vocab: v,
+                    hidden,
+                    ffn_layers: layers,
+                    ..Default::default()
+                };
+                std::fs::write(&model, toy_lm(&spec)).unwrap();
+            }
+            (c.tokenizer, c.model) = (tok, model);
+        }
+        run(&c).unwrap();
         let r = logitcache::cache::inspect::inspect(&out).unwrap();
-        let entries = r.mean_distinct_ids + if mode == CacheMode::Hybrid { 8.0 } else { 0.0 };
+        let entries = match mode {
+            CacheMode::Topk => k as f64,
+            CacheMode::Sample => r.mean_distinct_ids,
+            CacheMode::Hybrid => r.mean_distinct_ids + k as f64,
+        };
         sampled.insert(format!("bytes_per_token_{name}"), r.bytes_per_token.into());
-        sampled.insert(
-            format!("mean_distinct_ids_{name}"),
-            r.mean_distinct_ids.into(),
-        );
+        if mode != CacheMode::Topk {
+            sampled.insert(
+                format!("mean_distinct_ids_{name}"),
+                r.mean_distinct_ids.into(),
+            );
+        }
         sampled.insert(
             format!("bytes_per_entry_{name}"),
             (r.bytes_per_token / entries).into(),
         );
+        if let Some(e) = r.max_logprob_error {
+            sampled.insert(format!("max_logprob_error_{name}"), e.into());
+        }
+        if let Some(keep) = std::env::var_os("E2E_KEEP") {
+            let to = Path::new(&keep).join(name);
+            let _ = std::fs::remove_dir_all(&to);
+            std::fs::create_dir_all(&to).unwrap();
+            for f in ["manifest.json", "shards"] {
+                std::process::Command::new("cp")
+                    .args(["-r"])
+                    .arg(out.join(f))
+                    .arg(&to)
+                    .status()
+                    .unwrap();
+            }
+        }
     }
     let (b, c, st) = (median(&t_bare), median(&t_cache), median(&t_steady));
     let bo = median(&t_open_bare);

@@ -95,6 +95,12 @@ pub struct TeacherArgs {
     /// Also store the teacher's exact log-prob of each sampled id (`sample_logprobs`).
     #[arg(long)]
     pub store_logprobs: bool,
+    /// How the top-k log-probs are stored: float16 (`topk_logprobs`) or q8 (an 8-bit code
+    /// per entry on a per-position linear scale: about half the bytes of the log-probs,
+    /// with the largest error measured and recorded in the manifest). `topk` and `hybrid`
+    /// modes; see schemas/README.md for the decoding recipe.
+    #[arg(long, value_enum, default_value_t = crate::cache::schema::LogprobDtype::Float16)]
+    pub logprob_dtype: crate::cache::schema::LogprobDtype,
     /// Seed of the draws (--mode sample / hybrid); with the seq_id and position it fixes
     /// every draw, so resumed runs and many workers write the same cache.
     #[arg(long)]
@@ -466,6 +472,7 @@ impl TeacherArgs {
                 .unwrap_or(teacher::DEFAULT_PROPOSAL_TEMPERATURE),
             store_logprobs: self.store_logprobs,
             seed: self.cache_seed.unwrap_or(0),
+            logprob_dtype: self.logprob_dtype,
             ort_lib: self.ort_lib.filter(|p| !p.as_os_str().is_empty()),
             progress: self.progress,
             zstd_level: self.zstd_level,
@@ -644,7 +651,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 if let Some(e) = r.max_logprob_error {
                     writeln!(
                         out,
-                        "max log-prob err {e:.2e} (float16 storage, measured at write time)"
+                        "max log-prob err {e:.2e} ({} storage, measured at write time)",
+                        r.logprob_dtype
                     )?;
                 }
                 if let Some(h) = r.mean_entropy {

@@ -25,21 +25,15 @@ fn sampled_shard_schemas_match_the_committed_arrow_json() {
     let layouts = [
         (
             "schemas/shard.sample.arrow.json",
-            Layout {
-                mode: CacheMode::Sample,
-                k: 0,
-                samples: 50,
-                sample_logprobs: true,
-            },
+            Layout::of(CacheMode::Sample, 0, 50, true),
         ),
         (
             "schemas/shard.hybrid.arrow.json",
-            Layout {
-                mode: CacheMode::Hybrid,
-                k: 64,
-                samples: 50,
-                sample_logprobs: false,
-            },
+            Layout::of(CacheMode::Hybrid, 64, 50, false),
+        ),
+        (
+            "schemas/shard.q8.arrow.json",
+            Layout::topk(64).with_logprobs(logitcache::cache::schema::LogprobDtype::Q8),
         ),
     ];
     for (file, layout) in layouts {

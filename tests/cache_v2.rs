@@ -184,6 +184,17 @@ fn pyarrow_decodes_sampled_caches_into_proper_distributions() {
             &["--mode", "sample", "--samples", "20", "--store-logprobs"][..],
         ),
         ("py-hybrid", &["--mode", "hybrid", "--samples", "20"][..]),
+        (
+            "py-hybrid-q8",
+            &[
+                "--mode",
+                "hybrid",
+                "--samples",
+                "20",
+                "--logprob-dtype",
+                "q8",
+            ][..],
+        ),
     ] {
         let dir = build(name, 20, extra);
         let v = python_check("pyarrow_sample_check.py", &dir);
@@ -198,8 +209,35 @@ fn pyarrow_decodes_sampled_caches_into_proper_distributions() {
             rows.sample_ids.len(),
             "{name}"
         );
-        // The schemas/README.md recipe makes each position a distribution over the vocab.
-        assert!(v["max_mass_error"].as_f64().unwrap() < 2e-3, "{name}: {v}");
+        // The schemas/README.md recipe makes each position a distribution over the vocab
+        // (within the storage's error: float16 rounding, or the q8 error recorded at write
+        // time, which moves each head probability by a factor of at most e^±error).
+        let recorded = Manifest::load(&dir)
+            .unwrap()
+            .shards
+            .iter()
+            .map(|s| s.stats.as_ref().unwrap().max_logprob_error as f64)
+            .fold(0.0, f64::max);
+        let bound = 2e-3f64.max(recorded.exp_m1());
+        assert!(v["max_mass_error"].as_f64().unwrap() < bound, "{name}: {v}");
+        if rows.layout.has_topk() {
+            // The recipe decodes the log-probs logitcache's reader holds (its float16 copy of
+            // the q8 values rounds by ≤ 2^-11 relative).
+            let ours: f64 = rows
+                .topk_logprobs
+                .iter()
+                .map(|x| x.to_f64())
+                .filter(|x| x.is_finite())
+                .sum();
+            let got = v["topk_logprobs_sum"].as_f64().unwrap();
+            assert!(
+                (got - ours).abs() < 1e-3 * ours.abs(),
+                "{name}: recipe {got} vs reader {ours}"
+            );
+        }
+        if name == "py-hybrid-q8" {
+            assert!(recorded > 0.0 && recorded < 0.05, "q8 error {recorded}");
+        }
         if name == "py-sample" {
             // Stored log-probs are the teacher's: a top-k cache of the same teacher has the
             // same value for its most likely id (within f16).
@@ -345,6 +383,7 @@ fn duckdb_and_polars_read_every_mode() {
         ("ix-topk", &[][..]),
         ("ix-sample", &["--mode", "sample", "--samples", "12"][..]),
         ("ix-hybrid", &["--mode", "hybrid", "--samples", "12"][..]),
+        ("ix-topk-q8", &["--logprob-dtype", "q8"][..]),
     ] {
         let dir = build(name, 20, extra);
         let v = python_check("interop_check.py", &dir);
@@ -368,12 +407,25 @@ fn duckdb_and_polars_read_every_mode() {
                 sum(&r.input_ids),
                 "{name} {engine}"
             );
-            if r.layout.has_topk() {
+            if r.layout.q8() {
+                let deltas = logitcache::cache::rows::q8_deltas(&r.topk_logprob_codes, r.k);
                 assert_eq!(
-                    e["topk_ids_sum"].as_u64().unwrap(),
-                    sum(&r.topk_ids),
+                    e["topk_logprob_deltas_sum"].as_u64().unwrap(),
+                    deltas.iter().map(|&c| c as u64).sum::<u64>(),
                     "{name} {engine}"
                 );
+                for (key, ours) in [
+                    ("topk_logprob_max_sum", &r.topk_logprob_max),
+                    ("topk_logprob_step_sum", &r.topk_logprob_step),
+                ] {
+                    let want: f64 = ours.iter().map(|x| x.to_f64()).sum();
+                    let got = e[key].as_f64().unwrap();
+                    assert!(
+                        (got - want).abs() < 1e-9 * want.abs().max(1.0),
+                        "{name} {engine} {key}: {got} vs {want}"
+                    );
+                }
+            } else if r.layout.has_topk() {
                 let got = e["topk_logprobs_sum"].as_f64().unwrap();
                 assert!(
                     (got - lp_sum).abs() < 1e-6 * lp_sum.abs().max(1.0),
@@ -509,4 +561,139 @@ fn device_head_draws_what_the_host_draws() {
         assert!((eh - ed).abs() < 1e-4 * eh, "{name}: entropy {eh} vs {ed}");
         eprintln!("{name}: {moved} of {total} draws differ; entropy {eh:.6} / {ed:.6}");
     }
+}
+
+/// `--logprob-dtype q8`: the top-k log-probs as 8-bit codes on a per-position scale. Each
+/// value is within the error the manifest records (and that error is q8's, not float16's),
+/// ids and tail are the float16 cache's, the shards are smaller, a student trains from it as
+/// from the float16 cache, and the setting is part of the cache's identity.
+#[test]
+fn q8_caches_hold_the_topk_within_the_recorded_error() {
+    use logitcache::cache::rows::q8_value;
+    use logitcache::cache::schema::LogprobDtype;
+    // k = 32: at k = 8 the per-position scale costs what the codes save.
+    let build32 = |name: &str, extra: &[&str]| {
+        let out = shared_dir().join(format!("v2-{name}-{}", unique()));
+        let mut args = teacher_args(&plain_model(), &out, 60);
+        let at = args.iter().position(|a| a == "--top-k").unwrap();
+        args[at + 1] = "32".into();
+        assert_ok(&run_strings(&with(args, extra)));
+        out
+    };
+    let f = build32("q8-f16", &[]);
+    let q = build32("q8", &["--logprob-dtype", "q8"]);
+    let (mf, mq) = (Manifest::load(&f).unwrap(), Manifest::load(&q).unwrap());
+    assert_eq!(mf.params.logprob_dtype, LogprobDtype::Float16);
+    assert_eq!(mq.params.logprob_dtype, LogprobDtype::Q8);
+    assert_ok(&run(&["verify", q.to_str().unwrap()]));
+    let (rf, rq) = (all_rows(&f), all_rows(&q));
+    assert_eq!(rf.topk_ids, rq.topk_ids);
+    assert_eq!(rf.tail_logprob, rq.tail_logprob);
+    let recorded = |m: &Manifest| {
+        m.shards
+            .iter()
+            .map(|s| s.stats.as_ref().unwrap().max_logprob_error)
+            .fold(0.0, f32::max)
+    };
+    let (ef, eq) = (recorded(&mf), recorded(&mq));
+    let k = rq.k;
+    let (mut worst, mut half_step) = (0f32, 0f32);
+    for p in 0..rq.positions() {
+        let (max, step) = (rq.topk_logprob_max[p], rq.topk_logprob_step[p]);
+        half_step = half_step.max(step.to_f32() / 2.0);
+        let codes = &rq.topk_logprob_codes[p * k..(p + 1) * k];
+        // Code 0 is the position's largest log-prob: the top-1, stored exactly.
+        assert_eq!(codes[0], 0, "position {p}");
+        for (j, &c) in codes.iter().enumerate() {
+            let v = q8_value(max, step, c);
+            assert_eq!(rq.topk_logprobs[p * k + j], half::f16::from_f32(v));
+            // The float16 cache is within `ef` of the exact value, the q8 one within `eq`.
+            worst = worst.max((v - rf.topk_logprobs[p * k + j].to_f32()).abs());
+        }
+    }
+    // float16 rounds `max` by at most 2^-11 of it (|max| ≤ ln V).
+    let bound = half_step * 1.0001 + (VOCAB as f32).ln() / 2048.0;
+    assert!(eq > ef && eq <= bound, "{ef} < {eq} ≤ {bound}");
+    assert!(worst <= eq + ef + 1e-6, "{worst} vs {eq} + {ef}");
+    assert!(
+        (mq.totals.bytes as f64) < 0.9 * mf.totals.bytes as f64,
+        "q8 {} vs float16 {} bytes",
+        mq.totals.bytes,
+        mf.totals.bytes
+    );
+    let ins: serde_json::Value =
+        serde_json::from_slice(&run(&["inspect", q.to_str().unwrap(), "--json"]).stdout).unwrap();
+    assert_eq!(ins["logprob_dtype"], "q8");
+    assert!((ins["max_logprob_error"].as_f64().unwrap() - eq as f64).abs() < 1e-6);
+    // The same student, seed and steps from each cache: the same losses within q8's error.
+    let student = shared_dir().join(format!("q8-student-{}.toml", unique()));
+    std::fs::write(
+        &student,
+        "hidden_size = 16\nnum_hidden_layers = 1\nnum_attention_heads = 2\nintermediate_size = 32\ntie_word_embeddings = true\n",
+    )
+    .unwrap();
+    let kd = |cache: &Path| -> Vec<f64> {
+        let out = shared_dir().join(format!("q8-runs-{}", unique()));
+        let args: Vec<String> = [
+            "train",
+            "--cache",
+            cache.to_str().unwrap(),
+            "--student",
+            student.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--warmup",
+            "2",
+            "--eval-fraction",
+            "0.1",
+            "--eval-batches",
+            "2",
+            "--progress",
+            "off",
+            "--log-every",
+            "1",
+            "--lr",
+            "1e-2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_ok(&run_strings(&args));
+        let name = student.file_stem().unwrap().to_str().unwrap();
+        std::fs::read_to_string(out.join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["kd"].as_f64())
+            .collect()
+    };
+    let (kf, kq) = (kd(&f), kd(&q));
+    assert_eq!(kf.len(), kq.len());
+    assert!(!kf.is_empty());
+    for (a, b) in kf.iter().zip(&kq) {
+        assert!(
+            (a - b).abs() < 0.02 * a.abs().max(0.1),
+            "KD {kf:?} vs {kq:?}"
+        );
+    }
+    // The encoding is part of the cache's identity; a sample cache has no top-k to encode.
+    let mut again = with(
+        teacher_args(&plain_model(), &q, 60),
+        &["--logprob-dtype", "float16"],
+    );
+    let at = again.iter().position(|a| a == "--top-k").unwrap();
+    again[at + 1] = "32".into();
+    assert_fails(&run_strings(&again), &["--logprob-dtype"]);
+    let sample = with(
+        teacher_args(&plain_model(), &shared_dir().join("q8-sample"), 20),
+        &["--mode", "sample", "--logprob-dtype", "q8"],
+    );
+    assert_fails(
+        &run_strings(&sample),
+        &["--logprob-dtype q8", "--mode hybrid"],
+    );
 }

@@ -25,8 +25,14 @@ d["positions"] = q("select sum(len(input_ids)) from SHARDS")
 d["input_ids_sum"] = q("select sum(x) from (select unnest(input_ids) as x from SHARDS)")
 if "topk_ids" in cols:
     d["topk_ids_sum"] = q("select sum(x) from (select unnest(flatten(topk_ids)) as x from SHARDS)")
+if "topk_logprobs" in cols:
     d["topk_logprobs_sum"] = q(
         "select sum(x::double) from (select unnest(flatten(topk_logprobs)) as x from SHARDS)")
+if "topk_logprob_deltas" in cols:  # q8: the code deltas and their per-position scale
+    d["topk_logprob_deltas_sum"] = q(
+        "select sum(x) from (select unnest(flatten(topk_logprob_deltas)) as x from SHARDS)")
+    for c in ["topk_logprob_max", "topk_logprob_step"]:
+        d[f"{c}_sum"] = q(f"select sum(x::double) from (select unnest({c}) as x from SHARDS)")
 if "sample_ids" in cols:
     d["sample_ids_sum"] = q("select sum(x) from (select unnest(flatten(sample_ids)) as x from SHARDS)")
     d["sample_counts_sum"] = q(
@@ -41,6 +47,11 @@ p["input_ids_sum"] = int(df["input_ids"].explode().cast(pl.UInt64).sum())
 for c in ["topk_ids", "sample_ids", "sample_counts"]:
     if c in cols:
         p[f"{c}_sum"] = int(df[c].explode().explode().drop_nulls().cast(pl.UInt64).sum())
+if "topk_logprob_deltas" in cols:
+    p["topk_logprob_deltas_sum"] = int(
+        df["topk_logprob_deltas"].explode().explode().cast(pl.UInt64).sum())
+    for c in ["topk_logprob_max", "topk_logprob_step"]:
+        p[f"{c}_sum"] = float(df[c].explode().cast(pl.Float64).sum())
 if "topk_logprobs" in cols:
     p["topk_logprobs_sum"] = float(df["topk_logprobs"].explode().explode().cast(pl.Float64).sum())
 print(json.dumps(out))

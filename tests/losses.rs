@@ -516,12 +516,7 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
     }
     for mode in [CacheMode::Sample, CacheMode::Hybrid] {
         let kk = if mode == CacheMode::Hybrid { k } else { 0 };
-        let layout = Layout {
-            mode,
-            k: kk,
-            samples: draws,
-            sample_logprobs: false,
-        };
+        let layout = Layout::of(mode, kk, draws, false);
         let mut mean = vec![0f64; n * v];
         for seed in 0..seeds {
             let sampler = Sampler {

@@ -17,13 +17,24 @@ params = manifest["params"]
 mode, n, vocab = params["mode"], params["samples"], manifest["vocab_size"]
 
 
+def topk_logprobs(row, p):
+    """Position p's top-k log-probs, float16 or q8 (`params.logprob_dtype`)."""
+    if params["logprob_dtype"] == "float16":
+        return np.asarray(row["topk_logprobs"][p], dtype=np.float64)
+    codes = np.cumsum(np.asarray(row["topk_logprob_deltas"][p], dtype=np.uint8), dtype=np.uint8)
+    mx, step = np.float32(row["topk_logprob_max"][p]), np.float32(row["topk_logprob_step"][p])
+    lp = mx - step * codes.astype(np.float32)
+    return np.where(codes == 255, -np.inf, lp).astype(np.float64)
+
+
 def dense(row, p):
     """Position p of a shard row (a dict of pyarrow's to_pylist) as a dense distribution."""
     q = np.zeros(vocab)
     tail = 1.0
     if mode == "hybrid":
-        ids, lps = row["topk_ids"][p], row["topk_logprobs"][p]
-        q[ids] = np.exp(np.asarray(lps, dtype=np.float64))
+        ids, lps = row["topk_ids"][p], topk_logprobs(row, p)
+        out["topk_logprobs_sum"] += float(lps[np.isfinite(lps)].sum())
+        q[ids] = np.exp(lps)
         tail = float(np.exp(row["tail_logprob"][p]))
     ids, counts = row["sample_ids"][p], row["sample_counts"][p]
     q[ids] += tail * np.asarray(counts, dtype=np.float64) / n
@@ -31,7 +42,7 @@ def dense(row, p):
 
 
 out = {"positions": 0, "entries": 0, "sample_ids_sum": 0, "max_mass_error": 0.0,
-       "has_logprobs": False}
+       "has_logprobs": False, "topk_logprobs_sum": 0.0}
 for s in sorted(manifest["shards"], key=lambda s: s["index"]):
     t = pq.read_table(cache / s["file"])
     out["has_logprobs"] |= "sample_logprobs" in t.column_names

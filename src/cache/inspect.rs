@@ -31,10 +31,13 @@ pub struct InspectReport {
     pub mode: String,
     /// Draws per position (0 in `topk` mode).
     pub samples: usize,
+    /// How the top-k log-probs are stored: `float16` or `q8`.
+    pub logprob_dtype: String,
     /// Mean over positions of the distinct sampled ids (0 in `topk` mode).
     pub mean_distinct_ids: f64,
     /// Largest |stored − exact| log-prob the teacher stage measured while writing (float16
-    /// rounding), over the shards that recorded it (`null` for format-1 caches).
+    /// rounding, or the q8 codes' error for the top-k), over the shards that recorded it
+    /// (`null` for format-1 caches).
     pub max_logprob_error: Option<f32>,
     /// The teacher's exact mean entropy (nats, over the whole vocabulary at the cache
     /// temperature), measured while writing at one position in 16; `null` when a shard did
@@ -101,6 +104,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
         tokenizer_sha256: m.tokenizer.sha256.clone(),
         mode: m.params.mode.name().into(),
         samples: m.params.samples,
+        logprob_dtype: m.params.logprob_dtype.name().into(),
         mean_distinct_ids: distinct as f64 / nn,
         max_logprob_error: m
             .shards

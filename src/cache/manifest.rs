@@ -61,7 +61,7 @@ pub struct CacheParams {
     /// Windows per shard.
     pub shard_size: usize,
     pub skip_bad_rows: bool,
-    /// Element type of `topk_logprobs`.
+    /// How the top-k log-probs are stored: `float16` (`topk_logprobs`) or `q8`.
     pub logprob_dtype: LogprobDtype,
     /// What is stored per position. The sample settings below are written only when they
     /// differ from their defaults, so a `topk` manifest has the fields of format version 1
@@ -98,6 +98,7 @@ impl CacheParams {
     /// The shard columns these parameters make.
     pub fn layout(&self) -> Layout {
         Layout::of(self.mode, self.top_k, self.samples, self.store_logprobs)
+            .with_logprobs(self.logprob_dtype)
     }
 }
 
@@ -340,7 +341,7 @@ impl Manifest {
         cmp!("--text-field", a.text_field, b.text_field);
         cmp!("--shard-size", a.shard_size, b.shard_size);
         cmp!("--skip-bad-rows", a.skip_bad_rows, b.skip_bad_rows);
-        cmp!("logprob dtype", a.logprob_dtype, b.logprob_dtype);
+        cmp!("--logprob-dtype", a.logprob_dtype, b.logprob_dtype);
         cmp!("--samples", a.samples, b.samples);
         cmp!(
             "--proposal-temperature",

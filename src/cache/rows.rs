@@ -20,9 +20,11 @@
 //! assert_eq!((both.rows(), both.positions()), (2, 4));
 //! ```
 
+pub use super::schema::LogprobDtype;
 use super::schema::{
     COL_DOC_ID, COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOGPROBS, COL_SEQ_ID,
-    COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROBS, COL_WINDOW_INDEX, Layout, fsl_item, item,
+    COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS, COL_TOPK_LOGPROB_MAX,
+    COL_TOPK_LOGPROB_STEP, COL_TOPK_LOGPROBS, COL_WINDOW_INDEX, Layout, fsl_item, item,
 };
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, Float32Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
@@ -33,38 +35,97 @@ use arrow_array::{
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
 use arrow_schema::DataType;
 use half::f16;
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Element type of the stored log-probabilities (`topk_logprobs`), recorded in the manifest
-/// as `params.logprob_dtype`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LogprobDtype {
-    /// IEEE half precision (Arrow `Float16`, Parquet FIXED_LEN_BYTE_ARRAY(2) + Float16).
-    #[serde(rename = "float16")]
-    Float16,
+/// The q8 code of probability 0 (log-prob −inf).
+pub const Q8_ZERO: u8 = 255;
+
+/// Quantises one position's log-probs to 8-bit codes on the linear scale `max − step × code`
+/// (codes 0..=254; [`Q8_ZERO`] for −inf). `max` (the largest finite value) and `step` (the
+/// finite range over 254 steps, rounded up) are float16, as stored; the codes are computed
+/// against those stored values, so every finite value is off by at most about `step / 2`
+/// (plus float16's rounding of `max`), and [`q8_max_error`] measures it exactly. Returns
+/// `(max, step)`.
+pub fn q8_encode(lps: &[f32], codes: &mut [u8]) -> (f16, f16) {
+    let finite = lps.iter().copied().filter(|v| v.is_finite());
+    let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| {
+        (l.min(v), h.max(v))
+    });
+    if hi == f32::NEG_INFINITY {
+        codes.fill(Q8_ZERO);
+        return (f16::ZERO, f16::ZERO);
+    }
+    let steps = (Q8_ZERO - 1) as f32;
+    let max = f16::from_f32(hi);
+    let range = max.to_f32() - lo;
+    let mut step = f16::from_f32(range / steps);
+    // Rounded up, so the lowest value lies within the 254 steps.
+    while step.to_f32() * steps < range && step < f16::MAX {
+        step = f16::from_bits(step.to_bits() + 1);
+    }
+    let (m, s) = (max.to_f32(), step.to_f32());
+    for (c, &v) in codes.iter_mut().zip(lps) {
+        *c = if !v.is_finite() {
+            Q8_ZERO
+        } else if s > 0.0 {
+            ((m - v) / s).round().clamp(0.0, steps) as u8
+        } else {
+            0
+        };
+    }
+    (max, step)
 }
 
-impl LogprobDtype {
-    /// The name in the manifest and in `schemas/`.
-    pub fn name(self) -> &'static str {
-        match self {
-            LogprobDtype::Float16 => "float16",
-        }
-    }
-
-    /// The Arrow type of one stored value.
-    pub fn arrow_type(self) -> DataType {
-        match self {
-            LogprobDtype::Float16 => DataType::Float16,
-        }
+/// The log-prob a q8 code stands for (the decoding recipe of `schemas/README.md`, in f32).
+#[inline]
+pub fn q8_value(max: f16, step: f16, code: u8) -> f32 {
+    if code == Q8_ZERO {
+        f32::NEG_INFINITY
+    } else {
+        max.to_f32() - step.to_f32() * code as f32
     }
 }
 
-impl std::fmt::Display for LogprobDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+/// The largest |decoded − exact| over finite log-probs `lps` stored as q8, `k` per position.
+pub fn q8_max_error(lps: &[f32], k: usize) -> f32 {
+    let mut codes = vec![0u8; k];
+    let mut worst = 0f32;
+    for pos in lps.chunks_exact(k.max(1)) {
+        let (max, step) = q8_encode(pos, &mut codes);
+        for (&v, &c) in pos.iter().zip(&codes) {
+            if v.is_finite() {
+                worst = worst.max((q8_value(max, step, c) - v).abs());
+            }
+        }
     }
+    worst
+}
+
+/// The codes as stored in `topk_logprob_deltas`: per position of `k` entries, each code minus
+/// the one before (the first as is), modulo 256.
+pub fn q8_deltas(codes: &[u8], k: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(codes.len());
+    for pos in codes.chunks_exact(k.max(1)) {
+        let mut prev = 0u8;
+        for &c in pos {
+            out.push(c.wrapping_sub(prev));
+            prev = c;
+        }
+    }
+    out
+}
+
+/// Undoes [`q8_deltas`]: running sums modulo 256 within each position.
+pub fn q8_codes_from_deltas(deltas: &[u8], k: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(deltas.len());
+    for pos in deltas.chunks_exact(k.max(1)) {
+        let mut c = 0u8;
+        for &d in pos {
+            c = c.wrapping_add(d);
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One window with the teacher's outputs at each of its positions: in `topk`/`hybrid` mode
@@ -101,7 +162,13 @@ pub struct ShardRows {
     pub offsets: Vec<i32>,
     pub input_ids: Vec<u32>,
     pub topk_ids: Vec<u32>,
+    /// The top-k log-probs as the readers use them (under q8, decoded from the codes).
     pub topk_logprobs: Vec<f16>,
+    /// q8 only (else empty): per position the scale's `max` and `step`, and k codes (the
+    /// running sums of the stored `topk_logprob_deltas`).
+    pub topk_logprob_max: Vec<f16>,
+    pub topk_logprob_step: Vec<f16>,
+    pub topk_logprob_codes: Vec<u8>,
     pub tail_logprob: Vec<f32>,
     /// Position p's sampled entries are `sample_offsets[p]..sample_offsets[p + 1]` (only
     /// `[0]` without samples).
@@ -135,6 +202,9 @@ impl ShardRows {
             input_ids: vec![],
             topk_ids: vec![],
             topk_logprobs: vec![],
+            topk_logprob_max: vec![],
+            topk_logprob_step: vec![],
+            topk_logprob_codes: vec![],
             tail_logprob: vec![],
             sample_offsets: vec![0],
             sample_ids: vec![],
@@ -157,6 +227,11 @@ impl ShardRows {
             r.topk_ids.reserve(positions * k);
             r.topk_logprobs.reserve(positions * k);
             r.tail_logprob.reserve(positions);
+        }
+        if layout.q8() {
+            r.topk_logprob_max.reserve(positions);
+            r.topk_logprob_step.reserve(positions);
+            r.topk_logprob_codes.reserve(positions * k);
         }
         if layout.has_samples() {
             r.sample_offsets.reserve(positions);
@@ -207,8 +282,20 @@ impl ShardRows {
         self.window_index.push(w.window_index);
         self.input_ids.extend_from_slice(w.input_ids);
         self.topk_ids.extend_from_slice(w.topk_ids);
-        self.topk_logprobs
-            .extend(w.topk_logprobs.iter().map(|&v| f16::from_f32(v)));
+        if l.q8() {
+            let first = self.topk_logprob_max.len();
+            for pos in w.topk_logprobs.chunks_exact(self.k) {
+                let at = self.topk_logprob_codes.len();
+                self.topk_logprob_codes.resize(at + self.k, 0);
+                let (max, step) = q8_encode(pos, &mut self.topk_logprob_codes[at..]);
+                self.topk_logprob_max.push(max);
+                self.topk_logprob_step.push(step);
+            }
+            self.decode_q8_from(first);
+        } else {
+            self.topk_logprobs
+                .extend(w.topk_logprobs.iter().map(|&v| f16::from_f32(v)));
+        }
         self.tail_logprob.extend_from_slice(w.tail_logprob);
         if l.has_samples() {
             let mut at = *self.sample_offsets.last().expect("offsets start with 0");
@@ -239,6 +326,12 @@ impl ShardRows {
         self.input_ids.extend_from_slice(&other.input_ids);
         self.topk_ids.extend_from_slice(&other.topk_ids);
         self.topk_logprobs.extend_from_slice(&other.topk_logprobs);
+        self.topk_logprob_max
+            .extend_from_slice(&other.topk_logprob_max);
+        self.topk_logprob_step
+            .extend_from_slice(&other.topk_logprob_step);
+        self.topk_logprob_codes
+            .extend_from_slice(&other.topk_logprob_codes);
         self.tail_logprob.extend_from_slice(&other.tail_logprob);
         let sbase = *self.sample_offsets.last().expect("offsets start with 0");
         self.sample_offsets
@@ -247,6 +340,25 @@ impl ShardRows {
         self.sample_counts.extend_from_slice(&other.sample_counts);
         self.sample_logprobs
             .extend_from_slice(&other.sample_logprobs);
+    }
+
+    /// Fills `topk_logprobs` from the q8 codes of positions `first..` (those whose scale and
+    /// codes are already in place).
+    pub(crate) fn decode_q8_from(&mut self, first: usize) {
+        let k = self.k;
+        let (max, step, codes) = (
+            &self.topk_logprob_max,
+            &self.topk_logprob_step,
+            &self.topk_logprob_codes,
+        );
+        self.topk_logprobs.truncate(first * k);
+        for p in first..max.len() {
+            self.topk_logprobs.extend(
+                codes[p * k..(p + 1) * k]
+                    .iter()
+                    .map(|&c| f16::from_f32(q8_value(max[p], step[p], c))),
+            );
+        }
     }
 
     /// The rows as a record batch with `schema` (from
@@ -286,20 +398,31 @@ impl ShardRows {
             ),
         ];
         if l.has_topk() {
-            columns.extend([
-                fsl_list(
-                    DataType::UInt32,
-                    Arc::new(UInt32Array::from(self.topk_ids.clone())),
-                ),
-                fsl_list(
+            columns.push(fsl_list(
+                DataType::UInt32,
+                Arc::new(UInt32Array::from(self.topk_ids.clone())),
+            ));
+            let f16_list =
+                |v: &[f16]| list(DataType::Float16, Arc::new(Float16Array::from(v.to_vec())));
+            if l.q8() {
+                columns.extend([
+                    f16_list(&self.topk_logprob_max),
+                    f16_list(&self.topk_logprob_step),
+                    fsl_list(
+                        DataType::UInt8,
+                        Arc::new(UInt8Array::from(q8_deltas(&self.topk_logprob_codes, k))),
+                    ),
+                ]);
+            } else {
+                columns.push(fsl_list(
                     DataType::Float16,
                     Arc::new(Float16Array::from(self.topk_logprobs.clone())),
-                ),
-                list(
-                    DataType::Float32,
-                    Arc::new(Float32Array::from(self.tail_logprob.clone())),
-                ),
-            ]);
+                ));
+            }
+            columns.push(list(
+                DataType::Float32,
+                Arc::new(Float32Array::from(self.tail_logprob.clone())),
+            ));
         }
         if l.has_samples() {
             columns.push(list_list(
@@ -334,11 +457,12 @@ pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), 
                 .map(|c| c.as_list::<i32>())
                 .ok_or_else(|| format!("no column {name}"))
         };
-        let (ids, tk, tl) = (
-            list(COL_INPUT_IDS)?,
-            list(COL_TOPK_IDS)?,
-            list(COL_TOPK_LOGPROBS)?,
-        );
+        let lp_column = if rows.layout.q8() {
+            COL_TOPK_LOGPROB_DELTAS
+        } else {
+            COL_TOPK_LOGPROBS
+        };
+        let (ids, tk, tl) = (list(COL_INPUT_IDS)?, list(COL_TOPK_IDS)?, list(lp_column)?);
         if tk.null_count() > 0 || tl.null_count() > 0 {
             return Err("unexpected nulls".into());
         }
@@ -350,11 +474,18 @@ pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), 
         if lengths(tk) != positions || lengths(tl) != positions {
             return Err("per-position columns have different lengths".into());
         }
+        let first = rows.positions();
         append_per_position(rows, b)?;
         rows.topk_ids
             .extend_from_slice(topk_values::<UInt32Type>(tk, k));
-        rows.topk_logprobs
-            .extend_from_slice(topk_values::<Float16Type>(tl, k));
+        if rows.layout.q8() {
+            rows.topk_logprob_codes
+                .extend(q8_codes_from_deltas(topk_values::<UInt8Type>(tl, k), k));
+            rows.decode_q8_from(first);
+        } else {
+            rows.topk_logprobs
+                .extend_from_slice(topk_values::<Float16Type>(tl, k));
+        }
     } else {
         append_per_position(rows, b)?;
     }
@@ -469,6 +600,18 @@ pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Resu
         }
         rows.tail_logprob
             .extend_from_slice(&tail.values().as_primitive::<Float32Type>().values()[s..e]);
+        if rows.layout.q8() {
+            for (name, out) in [
+                (COL_TOPK_LOGPROB_MAX, &mut rows.topk_logprob_max),
+                (COL_TOPK_LOGPROB_STEP, &mut rows.topk_logprob_step),
+            ] {
+                let c = col(name)?.as_list::<i32>();
+                if c.null_count() > 0 || c.value_offsets() != ids.value_offsets() {
+                    return Err(format!("{name} has other lengths than input_ids"));
+                }
+                out.extend_from_slice(&c.values().as_primitive::<Float16Type>().values()[s..e]);
+            }
+        }
     }
     if rows.layout.has_samples() {
         append_samples(rows, b, ids.value_offsets())?;
@@ -482,4 +625,39 @@ pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Resu
     rows.offsets
         .extend(ids.value_offsets()[1..].iter().map(|&o| o + base));
     Ok(())
+}
+
+#[cfg(test)]
+mod q8_tests {
+    use super::*;
+
+    #[test]
+    fn q8_codes_are_within_half_a_step_and_deltas_round_trip() {
+        let lps = [-0.01f32, -0.5, -2.25, -7.0, -30.0, f32::NEG_INFINITY];
+        let mut codes = [0u8; 6];
+        let (max, step) = q8_encode(&lps, &mut codes);
+        assert_eq!((codes[0], codes[4], codes[5]), (0, 254, Q8_ZERO));
+        // The scale covers the finite range, rounded up to a float16 step.
+        assert!(step.to_f32() * 254.0 >= max.to_f32() + 30.0);
+        for (&v, &c) in lps.iter().zip(&codes).take(5) {
+            let err = (q8_value(max, step, c) - v).abs();
+            assert!(err <= step.to_f32() / 2.0 + 1e-5, "{v}: {err}");
+        }
+        assert_eq!(q8_value(max, step, codes[5]), f32::NEG_INFINITY);
+        let e = q8_max_error(&lps, 6);
+        assert!(e > 0.0 && e <= step.to_f32() / 2.0 + 1e-5);
+        // Any order: the deltas wrap modulo 256 and sum back to the codes.
+        let codes = [200u8, 3, 255, 0, 17, 17, 9, 250];
+        let d = q8_deltas(&codes, 4);
+        assert_eq!(q8_codes_from_deltas(&d, 4), codes);
+        // Descending log-probs give small deltas (what zstd packs).
+        assert_eq!(q8_deltas(&[0, 3, 7, 7], 4), [0, 3, 4, 0]);
+        // One value, all equal, and no finite value at all.
+        let mut one = [9u8; 1];
+        let (m, s) = q8_encode(&[-1.5], &mut one);
+        assert_eq!((one[0], q8_value(m, s, 0)), (0, -1.5));
+        let mut none = [0u8; 2];
+        q8_encode(&[f32::NEG_INFINITY; 2], &mut none);
+        assert_eq!(none, [Q8_ZERO; 2]);
+    }
 }

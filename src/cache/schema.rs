@@ -12,13 +12,17 @@
 //! | `input_ids` | list<uint32> | the tokens the teacher saw (length L) |
 //! | `topk_ids` | list<fixed_size_list<uint32, k>> | per position, the k most likely next tokens |
 //! | `topk_logprobs` | list<fixed_size_list<float16, k>> | their log-probabilities at temperature T, descending |
+//! | `topk_logprob_max` | list<float16> | (`--logprob-dtype q8`, instead of `topk_logprobs`) per position, the top of the scale |
+//! | `topk_logprob_step` | list<float16> | (q8) per position, the log-prob step of one code |
+//! | `topk_logprob_deltas` | list<fixed_size_list<uint8, k>> | (q8) code_j = (deltas_0 + … + deltas_j) mod 256; log-prob = max − step × code, code 255 = probability 0 |
 //! | `tail_logprob` | list<float32> | per position, log of the exact mass outside the top-k |
 //! | `sample_ids` | list<list<uint32>> | (`sample`, `hybrid`) per position, the distinct sampled ids, ascending |
 //! | `sample_counts` | list<list<uint8 or uint16>> | their counts (sum N per position) |
 //! | `sample_logprobs` | list<list<float16>> | (`--store-logprobs`) the teacher's log-prob of each sampled id |
 //!
-//! `topk` shards have the first seven columns; `sample` shards the first four and the
-//! sample columns; `hybrid` shards all of them.
+//! `topk` shards have the first seven columns (with the three q8 columns in place of
+//! `topk_logprobs` under `--logprob-dtype q8`); `sample` shards the first four and the
+//! sample columns; `hybrid` shards the top-k and the sample columns.
 
 use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
@@ -37,6 +41,9 @@ pub const COL_WINDOW_INDEX: &str = "window_index";
 pub const COL_INPUT_IDS: &str = "input_ids";
 pub const COL_TOPK_IDS: &str = "topk_ids";
 pub const COL_TOPK_LOGPROBS: &str = "topk_logprobs";
+pub const COL_TOPK_LOGPROB_MAX: &str = "topk_logprob_max";
+pub const COL_TOPK_LOGPROB_STEP: &str = "topk_logprob_step";
+pub const COL_TOPK_LOGPROB_DELTAS: &str = "topk_logprob_deltas";
 pub const COL_TAIL_LOGPROB: &str = "tail_logprob";
 pub const COL_SAMPLE_IDS: &str = "sample_ids";
 pub const COL_SAMPLE_COUNTS: &str = "sample_counts";
@@ -50,6 +57,7 @@ pub const META_TOKENIZER_SHA256: &str = "logitcache.tokenizer_sha256";
 pub const META_SHARD_INDEX: &str = "logitcache.shard_index";
 pub const META_MODE: &str = "logitcache.mode";
 pub const META_SAMPLES: &str = "logitcache.samples";
+pub const META_LOGPROB_DTYPE: &str = "logitcache.logprob_dtype";
 
 /// What a cache stores per position.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -83,6 +91,41 @@ impl std::fmt::Display for CacheMode {
     }
 }
 
+/// How the top-k log-probabilities are stored, recorded in the manifest as
+/// `params.logprob_dtype`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum LogprobDtype {
+    /// IEEE half precision in `topk_logprobs` (Arrow `Float16`, Parquet
+    /// FIXED_LEN_BYTE_ARRAY(2) + Float16).
+    #[default]
+    #[serde(rename = "float16")]
+    #[value(name = "float16")]
+    Float16,
+    /// 8-bit codes on a per-position linear scale (`topk_logprob_max`, `topk_logprob_step`,
+    /// and the codes as running differences in `topk_logprob_deltas`): log p = max − step ×
+    /// code, code 255 = probability 0. The largest error is measured at write time
+    /// (`stats.max_logprob_error`).
+    #[serde(rename = "q8")]
+    #[value(name = "q8")]
+    Q8,
+}
+
+impl LogprobDtype {
+    /// The name in the manifest, the CLI and `schemas/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogprobDtype::Float16 => "float16",
+            LogprobDtype::Q8 => "q8",
+        }
+    }
+}
+
+impl std::fmt::Display for LogprobDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The columns of a shard: mode, k (top-k columns) and the sample settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -93,6 +136,8 @@ pub struct Layout {
     pub samples: usize,
     /// `sample_logprobs` is stored.
     pub sample_logprobs: bool,
+    /// How the top-k log-probs are stored (`sample_logprobs` are always float16).
+    pub logprobs: LogprobDtype,
 }
 
 impl Layout {
@@ -103,6 +148,7 @@ impl Layout {
             k,
             samples: 0,
             sample_logprobs: false,
+            logprobs: LogprobDtype::Float16,
         }
     }
 
@@ -114,7 +160,19 @@ impl Layout {
             k: if mode == CacheMode::Sample { 0 } else { top_k },
             samples,
             sample_logprobs: store_logprobs,
+            logprobs: LogprobDtype::Float16,
         }
+    }
+
+    /// This layout with the top-k log-probs stored as `logprobs`.
+    pub fn with_logprobs(self, logprobs: LogprobDtype) -> Layout {
+        Layout { logprobs, ..self }
+    }
+
+    /// Whether the top-k log-probs are stored as 8-bit codes (`topk_logprob_deltas` and its
+    /// per-position scale) instead of `topk_logprobs`.
+    pub fn q8(&self) -> bool {
+        self.has_topk() && self.logprobs == LogprobDtype::Q8
     }
 
     /// Whether the top-k columns (`topk_ids`, `topk_logprobs`, `tail_logprob`) are stored.
@@ -159,23 +217,31 @@ pub fn shard_schema(layout: &Layout) -> Schema {
         Field::new(COL_INPUT_IDS, DataType::List(item(DataType::UInt32)), false),
     ];
     if layout.has_topk() {
-        fields.extend([
-            Field::new(
-                COL_TOPK_IDS,
-                DataType::List(fsl_item(DataType::UInt32, k)),
-                false,
-            ),
-            Field::new(
+        fields.push(Field::new(
+            COL_TOPK_IDS,
+            DataType::List(fsl_item(DataType::UInt32, k)),
+            false,
+        ));
+        let per_position =
+            |name: &str, dt: DataType| Field::new(name, DataType::List(item(dt)), false);
+        let per_position_f32 = |name: &str| per_position(name, DataType::Float32);
+        match layout.logprobs {
+            LogprobDtype::Float16 => fields.push(Field::new(
                 COL_TOPK_LOGPROBS,
                 DataType::List(fsl_item(DataType::Float16, k)),
                 false,
-            ),
-            Field::new(
-                COL_TAIL_LOGPROB,
-                DataType::List(item(DataType::Float32)),
-                false,
-            ),
-        ]);
+            )),
+            LogprobDtype::Q8 => fields.extend([
+                per_position(COL_TOPK_LOGPROB_MAX, DataType::Float16),
+                per_position(COL_TOPK_LOGPROB_STEP, DataType::Float16),
+                Field::new(
+                    COL_TOPK_LOGPROB_DELTAS,
+                    DataType::List(fsl_item(DataType::UInt8, k)),
+                    false,
+                ),
+            ]),
+        }
+        fields.push(per_position_f32(COL_TAIL_LOGPROB));
     }
     if layout.has_samples() {
         fields.push(Field::new(
@@ -214,6 +280,7 @@ pub fn shard_schema_with_metadata(
         (META_SHARD_INDEX, shard_index.to_string()),
         (META_MODE, layout.mode.name().to_string()),
         (META_SAMPLES, layout.samples.to_string()),
+        (META_LOGPROB_DTYPE, layout.logprobs.name().to_string()),
     ]
     .into_iter()
     .map(|(a, b)| (a.to_string(), b))

@@ -11,8 +11,11 @@
 
 use super::pages;
 use super::reader::{Cache, ReadError, open_shard};
+use super::rows::q8_codes_from_deltas;
 use super::rows::{ShardRows, append_batch, append_per_position};
-use super::schema::{COL_TOPK_IDS, COL_TOPK_LOGPROBS, Layout, check_schema};
+use super::schema::{
+    COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS, COL_TOPK_LOGPROBS, Layout, check_schema,
+};
 use crate::rng::{is_eval, mix, permutation};
 use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
@@ -237,7 +240,12 @@ impl MappedShard {
         let leaf = |name: &str| {
             (0..schema.num_columns()).find(|&i| schema.column(i).path().parts()[0] == name)
         };
-        let (Some(ids_leaf), Some(lp_leaf)) = (leaf(COL_TOPK_IDS), leaf(COL_TOPK_LOGPROBS)) else {
+        let lp_column = if layout.q8() {
+            COL_TOPK_LOGPROB_DELTAS
+        } else {
+            COL_TOPK_LOGPROBS
+        };
+        let (Some(ids_leaf), Some(lp_leaf)) = (leaf(COL_TOPK_IDS), leaf(lp_column)) else {
             return Ok(None);
         };
         let others = (0..schema.num_columns()).filter(|&i| i != ids_leaf && i != lp_leaf);
@@ -261,13 +269,33 @@ impl MappedShard {
         let pages_err = |e: String| self.corrupt(format!("row group {row_group}: {e}"));
         let ids = pages::leaf_values::<u32>(&self.bytes, rg.column(ids_leaf), n, values)
             .map_err(pages_err)?;
-        let lps = pages::leaf_values::<half::f16>(&self.bytes, rg.column(lp_leaf), n, values)
-            .map_err(pages_err)?;
-        let (Some(ids), Some(lps)) = (ids, lps) else {
+        let Some(ids) = ids else {
             return Ok(None);
         };
+        if layout.q8() {
+            // uint8 deltas are INT32 in Parquet.
+            let deltas = pages::leaf_values::<u32>(&self.bytes, rg.column(lp_leaf), n, values)
+                .map_err(pages_err)?;
+            let Some(deltas) = deltas else {
+                return Ok(None);
+            };
+            if deltas.iter().any(|&c| c > u8::MAX as u32) {
+                return Err(self.corrupt(format!(
+                    "row group {row_group}: a topk_logprob_deltas value is above 255"
+                )));
+            }
+            let deltas: Vec<u8> = deltas.into_iter().map(|c| c as u8).collect();
+            rows.topk_logprob_codes = q8_codes_from_deltas(&deltas, k);
+            rows.decode_q8_from(0);
+        } else {
+            let lps = pages::leaf_values::<half::f16>(&self.bytes, rg.column(lp_leaf), n, values)
+                .map_err(pages_err)?;
+            let Some(lps) = lps else {
+                return Ok(None);
+            };
+            rows.topk_logprobs = lps;
+        }
         rows.topk_ids = ids;
-        rows.topk_logprobs = lps;
         Ok(Some(rows))
     }
 
@@ -667,18 +695,25 @@ mod tests {
 
     /// Windows of 1..=40 positions with arbitrary ids and log-probs, k = 5.
     fn rows() -> ShardRows {
-        let k = 5;
+        rows_of(Layout::topk(5))
+    }
+
+    fn rows_of(layout: Layout) -> ShardRows {
+        let k = layout.k;
         let mut rng = SplitMix::new(7);
-        let mut rows = ShardRows::new(k);
+        let mut rows = ShardRows::with_layout(layout);
         for w in 0..300u64 {
             let n = 1 + (rng.next_u64() % 40) as usize;
             let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % 70_000) as u32).collect();
             let topk: Vec<u32> = (0..n * k)
                 .map(|_| (rng.next_u64() % 70_000) as u32)
                 .collect();
-            let lps: Vec<f32> = (0..n * k)
+            let mut lps: Vec<f32> = (0..n * k)
                 .map(|_| -((rng.next_u64() % 10_000) as f32) / 500.0)
                 .collect();
+            if w == 5 {
+                lps[k - 1] = f32::NEG_INFINITY; // probability 0 (q8 code 255)
+            }
             let tail: Vec<f32> = (0..n).map(|i| -(i as f32) - 0.5).collect();
             rows.push(&WindowTopK {
                 seq_id: w,
@@ -710,7 +745,9 @@ mod tests {
 
     /// The row groups of a shard decoded one by one, concatenated.
     fn concat(k: usize, parts: impl Iterator<Item = ShardRows>) -> ShardRows {
-        let mut all = ShardRows::new(k);
+        let mut parts = parts.peekable();
+        let layout = parts.peek().map_or(Layout::topk(k), |r| r.layout);
+        let mut all = ShardRows::with_layout(layout);
         for r in parts {
             all.extend(&r);
         }
@@ -759,6 +796,23 @@ mod tests {
             let arrow = groups.map(|g| shard.decode_arrow(g, &Layout::topk(k)).unwrap());
             assert_eq!(concat(k, arrow), want, "{name}");
         }
+        // q8 log-probs: the codes come from the pages, their scale through Arrow, and both
+        // paths decode the same log-probs as the rows written (-inf included).
+        let layout = Layout::topk(k).with_logprobs(crate::cache::schema::LogprobDtype::Q8);
+        let want = rows_of(layout);
+        assert!(
+            want.topk_logprobs
+                .iter()
+                .any(|v| v.to_f32() == f32::NEG_INFINITY)
+        );
+        let shard = write(&dir.path().join("q8"), &want, writer_properties(3, 64));
+        let groups = 0..shard.row_groups();
+        let fast = groups
+            .clone()
+            .map(|g| shard.decode_fast(g, &layout).unwrap().expect("fast path"));
+        assert_eq!(concat(k, fast), want);
+        let arrow = groups.map(|g| shard.decode_arrow(g, &layout).unwrap());
+        assert_eq!(concat(k, arrow), want);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use super::rows::ShardRows;
 use super::schema::{
     COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOGPROBS, COL_SEQ_ID,
-    COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROBS, shard_schema_with_metadata,
+    COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS, COL_TOPK_LOGPROB_MAX,
+    COL_TOPK_LOGPROB_STEP, COL_TOPK_LOGPROBS, shard_schema_with_metadata,
 };
 use crate::util::{failpoint, sync_dir};
 use parquet::arrow::ArrowWriter;
@@ -37,10 +38,22 @@ pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProper
     // float16 log-probs (top-k and sampled) are PLAIN: DuckDB reads BYTE_STREAM_SPLIT only
     // for 4- and 8-byte types, not float16 (format version 1 wrote BYTE_STREAM_SPLIT; those
     // caches still read here and in pyarrow). (Settings for columns a layout does not have are ignored.)
-    let per_position: [(&str, &[&str], Encoding); 7] = [
+    //
+    // q8 code deltas (uint8, INT32 in Parquet) split too: three of the four byte streams are
+    // zero, and the fourth holds small numbers (the codes of log-probs in descending order
+    // rise by a few steps per entry), which zstd's entropy stage packs to ~3 bits; the
+    // codes themselves took ~5. The float16 scale is PLAIN, like every float16 column.
+    let per_position: [(&str, &[&str], Encoding); 10] = [
         (COL_INPUT_IDS, &list, Encoding::DELTA_BINARY_PACKED),
         (COL_TOPK_IDS, &nested, Encoding::BYTE_STREAM_SPLIT),
         (COL_TOPK_LOGPROBS, &nested, Encoding::PLAIN),
+        (COL_TOPK_LOGPROB_MAX, &list, Encoding::PLAIN),
+        (COL_TOPK_LOGPROB_STEP, &list, Encoding::PLAIN),
+        (
+            COL_TOPK_LOGPROB_DELTAS,
+            &nested,
+            Encoding::BYTE_STREAM_SPLIT,
+        ),
         (COL_TAIL_LOGPROB, &list, Encoding::BYTE_STREAM_SPLIT),
         (COL_SAMPLE_IDS, &nested, Encoding::DELTA_BINARY_PACKED),
         (COL_SAMPLE_COUNTS, &nested, Encoding::DELTA_BINARY_PACKED),

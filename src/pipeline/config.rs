@@ -2,7 +2,7 @@
 //! architectures trained first with CE and exported), cache parameters, students and their
 //! training settings. Paths are relative to the pipeline file. Unknown keys are refused.
 
-use crate::cache::schema::CacheMode;
+use crate::cache::schema::{CacheMode, LogprobDtype};
 use crate::loss::KdLoss;
 use crate::student::arch::{StudentConfig, StudentFile};
 use anyhow::{Context, bail};
@@ -92,6 +92,10 @@ pub struct CacheSection {
     /// Seed of the draws (`teacher --cache-seed`).
     #[serde(default)]
     pub seed: u64,
+    /// How the teachers' top-k log-probs are stored: `float16` (default) or `q8`
+    /// (`teacher --logprob-dtype`; `topk` and `hybrid` modes).
+    #[serde(default)]
+    pub logprob_dtype: LogprobDtype,
 }
 
 fn default_k() -> usize {
@@ -117,6 +121,7 @@ impl Default for CacheSection {
             mode: CacheMode::Topk,
             samples: None,
             seed: 0,
+            logprob_dtype: LogprobDtype::Float16,
         }
     }
 }

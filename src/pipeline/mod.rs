@@ -21,7 +21,7 @@ pub mod data_model;
 pub mod report;
 
 use crate::cache::reader::Cache;
-use crate::cache::schema::CacheMode;
+use crate::cache::schema::{CacheMode, LogprobDtype};
 use crate::law::{ResultRow, fit, read_results};
 use crate::loss::{KdLoss, LossConfig};
 use crate::progress::ProgressMode;
@@ -269,6 +269,14 @@ impl Runner<'_> {
             inputs["samples"] = json!(samples);
             inputs["seed"] = json!(c.seed);
         }
+        let logprob_dtype = if sampled {
+            c.logprob_dtype
+        } else {
+            LogprobDtype::Float16
+        };
+        if logprob_dtype != LogprobDtype::Float16 {
+            inputs["logprob_dtype"] = json!(logprob_dtype.name());
+        }
         let fp = fingerprint(&inputs);
         let st = state(dir, &fp, what)?;
         if st == StepState::Done {
@@ -302,6 +310,7 @@ impl Runner<'_> {
             mode,
             samples,
             seed: if mode == CacheMode::Topk { 0 } else { c.seed },
+            logprob_dtype,
             ort_lib: self.opts.ort_lib.clone(),
             progress: self.opts.progress,
             ..Default::default()

@@ -20,7 +20,7 @@ use crate::cache::lock::{CacheLock, ManifestLock};
 use crate::cache::manifest::{
     CacheParams, Manifest, ModelInfo, ShardEntry, ShardStats, TokenizerInfo, shard_file_name,
 };
-use crate::cache::rows::{LogprobDtype, ShardRows, WindowTopK};
+use crate::cache::rows::{LogprobDtype, ShardRows, WindowTopK, q8_max_error};
 use crate::cache::schema::{CacheMode, Layout};
 use crate::cache::writer::{
     DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriteOptions, write_shard,
@@ -84,6 +84,8 @@ pub struct TeacherConfig {
     pub store_logprobs: bool,
     /// Seed of the draws.
     pub seed: u64,
+    /// How the top-k log-probs are stored (`--logprob-dtype`).
+    pub logprob_dtype: LogprobDtype,
     pub ort_lib: Option<PathBuf>,
     pub progress: ProgressMode,
     pub zstd_level: i32,
@@ -116,6 +118,7 @@ impl Default for TeacherConfig {
             proposal_temperature: DEFAULT_PROPOSAL_TEMPERATURE,
             store_logprobs: false,
             seed: 0,
+            logprob_dtype: LogprobDtype::Float16,
             ort_lib: None,
             progress: ProgressMode::Bar,
             zstd_level: DEFAULT_ZSTD_LEVEL,
@@ -136,6 +139,7 @@ impl TeacherConfig {
     /// The shard columns of this run.
     pub fn layout(&self) -> Layout {
         Layout::of(self.mode, self.top_k, self.samples, self.store_logprobs)
+            .with_logprobs(self.logprob_dtype)
     }
 
     /// The draws of a `sample`/`hybrid` run (`None` in `topk` mode).
@@ -150,6 +154,11 @@ impl TeacherConfig {
 
     /// Checks the values that need no file access.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.mode == CacheMode::Sample && self.logprob_dtype == LogprobDtype::Q8 {
+            bail!(
+                "--logprob-dtype q8 (pipelines: [cache] logprob_dtype) needs --mode topk or --mode hybrid: it encodes the top-k log-probs, and a sample cache stores counts (its --store-logprobs values stay float16)"
+            );
+        }
         if self.mode != CacheMode::Sample && self.top_k == 0 {
             bail!("--top-k must be at least 1 (got 0); 64 is a good default");
         }
@@ -342,19 +351,30 @@ fn compute_shard(
         }
         rows.push(&window);
     }
-    // Measured from the exact f32 outputs: what the float16 storage rounds away, the top-k's
-    // mass and the distinct draws.
+    // Measured from the exact f32 outputs: what the float16 or q8 storage rounds away, the
+    // top-k's mass and the distinct draws.
     let f16_error = |v: &f32| (half::f16::from_f32(*v).to_f32() - v).abs();
-    let positions = rows.positions().max(1) as f64;
-    let stats = ShardStats {
-        max_logprob_error: outputs
-            .iter()
-            .flat_map(|o| o.logprobs.iter().chain(&o.sample_logprobs))
+    let f16_max_error = |v: &[f32]| {
+        v.iter()
             .filter(|v| v.is_finite())
             .map(f16_error)
             // A log-prob below float16's range is stored as -inf (a probability below
             // e^-65504, i.e. 0): not an error worth recording, and JSON has no infinity.
             .filter(|e| e.is_finite())
+            .fold(0.0, f32::max)
+    };
+    let positions = rows.positions().max(1) as f64;
+    let stats = ShardStats {
+        max_logprob_error: outputs
+            .iter()
+            .map(|o| {
+                let head = if layout.q8() {
+                    q8_max_error(&o.logprobs, k)
+                } else {
+                    f16_max_error(&o.logprobs)
+                };
+                head.max(f16_max_error(&o.sample_logprobs))
+            })
             .fold(0.0, f32::max),
         mean_topk_mass: layout.has_topk().then(|| {
             outputs
@@ -534,7 +554,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             text_field: cfg.text_field.clone(),
             shard_size: cfg.shard_size,
             skip_bad_rows: cfg.skip_bad_rows,
-            logprob_dtype: LogprobDtype::Float16,
+            logprob_dtype: cfg.logprob_dtype,
             mode: cfg.mode,
             samples: cfg.samples,
             proposal_temperature: cfg.proposal_temperature,
