@@ -292,6 +292,9 @@ fn main() {
         if let Some(e) = r.max_logprob_error {
             sampled.insert(format!("max_logprob_error_{name}"), e.into());
         }
+        if let Some(e) = r.max_prob_error {
+            sampled.insert(format!("max_prob_error_{name}"), e.into());
+        }
         if let Some(keep) = std::env::var_os("E2E_KEEP") {
             let to = Path::new(&keep).join(name);
             let _ = std::fs::remove_dir_all(&to);

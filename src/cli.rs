@@ -96,9 +96,10 @@ pub struct TeacherArgs {
     #[arg(long)]
     pub store_logprobs: bool,
     /// How the top-k log-probs are stored: float16 (`topk_logprobs`) or q8 (an 8-bit code
-    /// per entry on a per-position linear scale: about half the bytes of the log-probs,
-    /// with the largest error measured and recorded in the manifest). `topk` and `hybrid`
-    /// modes; see schemas/README.md for the decoding recipe.
+    /// per entry on a per-position quadratic scale, finest at the top: ~0.72x the bytes of a
+    /// float16 cache at k = 64, with the largest log-prob and probability errors measured
+    /// and recorded in the manifest). `topk` and `hybrid` modes; see schemas/README.md for
+    /// the decoding recipe.
     #[arg(long, value_enum, default_value_t = crate::cache::schema::LogprobDtype::Float16)]
     pub logprob_dtype: crate::cache::schema::LogprobDtype,
     /// Seed of the draws (--mode sample / hybrid); with the seq_id and position it fixes
@@ -653,6 +654,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                         out,
                         "max log-prob err {e:.2e} ({} storage, measured at write time)",
                         r.logprob_dtype
+                    )?;
+                }
+                if let Some(e) = r.max_prob_error {
+                    writeln!(
+                        out,
+                        "max prob error   {e:.2e} (|exp(stored) - exp(exact)|, at write time)"
                     )?;
                 }
                 if let Some(h) = r.mean_entropy {

@@ -23,7 +23,7 @@ def topk_logprobs(row, p):
         return np.asarray(row["topk_logprobs"][p], dtype=np.float64)
     codes = np.cumsum(np.asarray(row["topk_logprob_deltas"][p], dtype=np.uint8), dtype=np.uint8)
     mx, step = np.float32(row["topk_logprob_max"][p]), np.float32(row["topk_logprob_step"][p])
-    lp = mx - step * codes.astype(np.float32)
+    lp = mx - step * codes.astype(np.float32) ** 2
     return np.where(codes == 255, -np.inf, lp).astype(np.float64)
 
 

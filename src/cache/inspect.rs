@@ -39,6 +39,9 @@ pub struct InspectReport {
     /// rounding, or the q8 codes' error for the top-k), over the shards that recorded it
     /// (`null` for format-1 caches).
     pub max_logprob_error: Option<f32>,
+    /// Largest |exp(stored) − exp(exact)| over the same values (`null` when a shard did not
+    /// record it).
+    pub max_prob_error: Option<f32>,
     /// The teacher's exact mean entropy (nats, over the whole vocabulary at the cache
     /// temperature), measured while writing at one position in 16; `null` when a shard did
     /// not record it.
@@ -111,6 +114,12 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
             .iter()
             .filter_map(|s| s.stats.as_ref().map(|t| t.max_logprob_error))
             .reduce(f32::max),
+        max_prob_error: m
+            .shards
+            .iter()
+            .map(|s| s.stats.as_ref().and_then(|t| t.max_prob_error))
+            .collect::<Option<Vec<f32>>>()
+            .and_then(|v| v.into_iter().reduce(f32::max)),
         mean_entropy: m
             .shards
             .iter()

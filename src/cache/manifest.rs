@@ -162,8 +162,13 @@ pub struct ShardEntry {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardStats {
-    /// Largest |stored − exact| over the log-probs written (their float16 rounding).
+    /// Largest |stored − exact| over the log-probs written (their float16 rounding, or the
+    /// q8 codes' error for the top-k).
     pub max_logprob_error: f32,
+    /// Largest |exp(stored) − exp(exact)| over the same values: the error a loss sees
+    /// (absent in shards written before it was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prob_error: Option<f32>,
     /// Mean exact probability mass in the stored top-k (`topk`, `hybrid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_topk_mass: Option<f64>,

@@ -40,11 +40,16 @@ use std::sync::Arc;
 /// The q8 code of probability 0 (log-prob −inf).
 pub const Q8_ZERO: u8 = 255;
 
-/// Quantises one position's log-probs to 8-bit codes on the linear scale `max − step × code`
-/// (codes 0..=254; [`Q8_ZERO`] for −inf). `max` (the largest finite value) and `step` (the
-/// finite range over 254 steps, rounded up) are float16, as stored; the codes are computed
-/// against those stored values, so every finite value is off by at most about `step / 2`
-/// (plus float16's rounding of `max`), and [`q8_max_error`] measures it exactly. Returns
+/// Quantises one position's log-probs to 8-bit codes on the quadratic scale
+/// `max − step × code²` (codes 0..=254; [`Q8_ZERO`] for −inf). `max` is the largest finite
+/// value and `step` spreads the finite range over 254² (rounded up), both float16 as stored;
+/// each code is the one whose value lies nearest, computed against the stored scale.
+///
+/// Quadratic, not linear: the scale is finest at the top, where the probability is. A value
+/// `x` nats below the top is off by at most about `√(x · range) / 254` (`range / 254` at the
+/// bottom, where the probability is smallest), so a probability is off by at most about
+/// `0.43 · √range / 254` of the top one; a linear scale's `range / 508` at every depth costs
+/// the likely ids up to ~5x more. [`q8_max_error`] measures both errors exactly. Returns
 /// `(max, step)`.
 pub fn q8_encode(lps: &[f32], codes: &mut [u8]) -> (f16, f16) {
     let finite = lps.iter().copied().filter(|v| v.is_finite());
@@ -55,20 +60,27 @@ pub fn q8_encode(lps: &[f32], codes: &mut [u8]) -> (f16, f16) {
         codes.fill(Q8_ZERO);
         return (f16::ZERO, f16::ZERO);
     }
-    let steps = (Q8_ZERO - 1) as f32;
+    let top = (Q8_ZERO - 1) as f32;
     let max = f16::from_f32(hi);
     let range = max.to_f32() - lo;
-    let mut step = f16::from_f32(range / steps);
-    // Rounded up, so the lowest value lies within the 254 steps.
-    while step.to_f32() * steps < range && step < f16::MAX {
+    let mut step = f16::from_f32(range / (top * top));
+    // Rounded up, so the lowest value lies within the scale.
+    while step.to_f32() * top * top < range && step < f16::MAX {
         step = f16::from_bits(step.to_bits() + 1);
     }
-    let (m, s) = (max.to_f32(), step.to_f32());
     for (c, &v) in codes.iter_mut().zip(lps) {
         *c = if !v.is_finite() {
             Q8_ZERO
-        } else if s > 0.0 {
-            ((m - v) / s).round().clamp(0.0, steps) as u8
+        } else if step.to_f32() > 0.0 {
+            let depth = (max.to_f32() - v).max(0.0) / step.to_f32();
+            let below = (depth.sqrt().floor()).min(top) as u8;
+            let above = below.saturating_add(1).min(top as u8);
+            let err = |c: u8| (q8_value(max, step, c) - v).abs();
+            if err(above) < err(below) {
+                above
+            } else {
+                below
+            }
         } else {
             0
         };
@@ -76,29 +88,34 @@ pub fn q8_encode(lps: &[f32], codes: &mut [u8]) -> (f16, f16) {
     (max, step)
 }
 
-/// The log-prob a q8 code stands for (the decoding recipe of `schemas/README.md`, in f32).
+/// The log-prob a q8 code stands for, `max − step × code²` (the decoding recipe of
+/// `schemas/README.md`, in f32).
 #[inline]
 pub fn q8_value(max: f16, step: f16, code: u8) -> f32 {
     if code == Q8_ZERO {
         f32::NEG_INFINITY
     } else {
-        max.to_f32() - step.to_f32() * code as f32
+        let c = code as f32;
+        max.to_f32() - step.to_f32() * (c * c)
     }
 }
 
-/// The largest |decoded − exact| over finite log-probs `lps` stored as q8, `k` per position.
-pub fn q8_max_error(lps: &[f32], k: usize) -> f32 {
+/// The largest errors of storing `lps` (`k` per position) as q8: `(|decoded − exact|` over
+/// the finite log-probs, `|exp(decoded) − exp(exact)|` over all`)`.
+pub fn q8_max_error(lps: &[f32], k: usize) -> (f32, f32) {
     let mut codes = vec![0u8; k];
-    let mut worst = 0f32;
+    let (mut worst, mut worst_p) = (0f32, 0f32);
     for pos in lps.chunks_exact(k.max(1)) {
         let (max, step) = q8_encode(pos, &mut codes);
         for (&v, &c) in pos.iter().zip(&codes) {
+            let d = q8_value(max, step, c);
             if v.is_finite() {
-                worst = worst.max((q8_value(max, step, c) - v).abs());
+                worst = worst.max((d - v).abs());
             }
+            worst_p = worst_p.max((d.exp() - v.exp()).abs());
         }
     }
-    worst
+    (worst, worst_p)
 }
 
 /// The codes as stored in `topk_logprob_deltas`: per position of `k` entries, each code minus
@@ -632,20 +649,29 @@ mod q8_tests {
     use super::*;
 
     #[test]
-    fn q8_codes_are_within_half_a_step_and_deltas_round_trip() {
+    fn q8_codes_are_nearest_on_the_quadratic_scale_and_deltas_round_trip() {
         let lps = [-0.01f32, -0.5, -2.25, -7.0, -30.0, f32::NEG_INFINITY];
         let mut codes = [0u8; 6];
         let (max, step) = q8_encode(&lps, &mut codes);
         assert_eq!((codes[0], codes[4], codes[5]), (0, 254, Q8_ZERO));
         // The scale covers the finite range, rounded up to a float16 step.
-        assert!(step.to_f32() * 254.0 >= max.to_f32() + 30.0);
+        let s = step.to_f32();
+        assert!(s * 254.0 * 254.0 >= max.to_f32() + 30.0);
         for (&v, &c) in lps.iter().zip(&codes).take(5) {
-            let err = (q8_value(max, step, c) - v).abs();
-            assert!(err <= step.to_f32() / 2.0 + 1e-5, "{v}: {err}");
+            // Nearest code: within half the gap to each neighbour.
+            let d = q8_value(max, step, c);
+            for n in [c.saturating_sub(1), (c + 1).min(254)] {
+                assert!((d - v).abs() <= (q8_value(max, step, n) - v).abs() + 1e-6);
+            }
+            // So within half the gap s·(2c + 1) to the next code: finer near the top.
+            let bound = s * (2.0 * c as f32 + 1.0) / 2.0 + 1e-4;
+            assert!((d - v).abs() <= bound, "{v}: {} > {bound}", (d - v).abs());
         }
         assert_eq!(q8_value(max, step, codes[5]), f32::NEG_INFINITY);
-        let e = q8_max_error(&lps, 6);
-        assert!(e > 0.0 && e <= step.to_f32() / 2.0 + 1e-5);
+        let (e, ep) = q8_max_error(&lps, 6);
+        assert!(e > 0.0 && e <= 30.0 / 254.0 + 1e-3, "{e}");
+        // A probability is off by at most ~0.43·√range / 254 (here 0.0093).
+        assert!(ep > 0.0 && ep < 0.0095, "{ep}");
         // Any order: the deltas wrap modulo 256 and sum back to the codes.
         let codes = [200u8, 3, 255, 0, 17, 17, 9, 250];
         let d = q8_deltas(&codes, 4);

@@ -13,8 +13,8 @@
 //! | `topk_ids` | list<fixed_size_list<uint32, k>> | per position, the k most likely next tokens |
 //! | `topk_logprobs` | list<fixed_size_list<float16, k>> | their log-probabilities at temperature T, descending |
 //! | `topk_logprob_max` | list<float16> | (`--logprob-dtype q8`, instead of `topk_logprobs`) per position, the top of the scale |
-//! | `topk_logprob_step` | list<float16> | (q8) per position, the log-prob step of one code |
-//! | `topk_logprob_deltas` | list<fixed_size_list<uint8, k>> | (q8) code_j = (deltas_0 + … + deltas_j) mod 256; log-prob = max − step × code, code 255 = probability 0 |
+//! | `topk_logprob_step` | list<float16> | (q8) per position, the scale's unit |
+//! | `topk_logprob_deltas` | list<fixed_size_list<uint8, k>> | (q8) code_j = (deltas_0 + … + deltas_j) mod 256; log-prob = max − step × code², code 255 = probability 0 |
 //! | `tail_logprob` | list<float32> | per position, log of the exact mass outside the top-k |
 //! | `sample_ids` | list<list<uint32>> | (`sample`, `hybrid`) per position, the distinct sampled ids, ascending |
 //! | `sample_counts` | list<list<uint8 or uint16>> | their counts (sum N per position) |
@@ -101,10 +101,10 @@ pub enum LogprobDtype {
     #[serde(rename = "float16")]
     #[value(name = "float16")]
     Float16,
-    /// 8-bit codes on a per-position linear scale (`topk_logprob_max`, `topk_logprob_step`,
-    /// and the codes as running differences in `topk_logprob_deltas`): log p = max − step ×
-    /// code, code 255 = probability 0. The largest error is measured at write time
-    /// (`stats.max_logprob_error`).
+    /// 8-bit codes on a per-position quadratic scale (`topk_logprob_max`,
+    /// `topk_logprob_step`, and the codes as running differences in `topk_logprob_deltas`):
+    /// log p = max − step × code², code 255 = probability 0. The largest errors are measured
+    /// at write time (`stats.max_logprob_error`, `stats.max_prob_error`).
     #[serde(rename = "q8")]
     #[value(name = "q8")]
     Q8,

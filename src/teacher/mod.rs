@@ -354,28 +354,35 @@ fn compute_shard(
     // Measured from the exact f32 outputs: what the float16 or q8 storage rounds away, the
     // top-k's mass and the distinct draws.
     let f16_error = |v: &f32| (half::f16::from_f32(*v).to_f32() - v).abs();
+    let f16_prob_error = |v: &f32| (half::f16::from_f32(*v).to_f32().exp() - v.exp()).abs();
+    // (log-prob error, probability error) of float16 storage.
     let f16_max_error = |v: &[f32]| {
-        v.iter()
+        let logprob = v
+            .iter()
             .filter(|v| v.is_finite())
             .map(f16_error)
             // A log-prob below float16's range is stored as -inf (a probability below
             // e^-65504, i.e. 0): not an error worth recording, and JSON has no infinity.
             .filter(|e| e.is_finite())
-            .fold(0.0, f32::max)
+            .fold(0.0, f32::max);
+        (logprob, v.iter().map(f16_prob_error).fold(0.0, f32::max))
     };
     let positions = rows.positions().max(1) as f64;
+    let (max_logprob_error, max_prob_error) = outputs
+        .iter()
+        .map(|o| {
+            let head = if layout.q8() {
+                q8_max_error(&o.logprobs, k)
+            } else {
+                f16_max_error(&o.logprobs)
+            };
+            let sampled = f16_max_error(&o.sample_logprobs);
+            (head.0.max(sampled.0), head.1.max(sampled.1))
+        })
+        .fold((0f32, 0f32), |a, b| (a.0.max(b.0), a.1.max(b.1)));
     let stats = ShardStats {
-        max_logprob_error: outputs
-            .iter()
-            .map(|o| {
-                let head = if layout.q8() {
-                    q8_max_error(&o.logprobs, k)
-                } else {
-                    f16_max_error(&o.logprobs)
-                };
-                head.max(f16_max_error(&o.sample_logprobs))
-            })
-            .fold(0.0, f32::max),
+        max_logprob_error,
+        max_prob_error: Some(max_prob_error),
         mean_topk_mass: layout.has_topk().then(|| {
             outputs
                 .iter()
