@@ -47,6 +47,9 @@ def caches(vocab):
         "sample-16": ["--mode", "sample", "--samples", "16"],
         "sample-50": ["--mode", "sample", "--samples", "50"],
         "hybrid-8+42": ["--mode", "hybrid", "--top-k", "8", "--samples", "42"],
+        "topk-64-q8": ["--top-k", "64", "--logprob-dtype", "q8"],
+        "hybrid-8+42-q8": ["--mode", "hybrid", "--top-k", "8", "--samples", "42",
+                           "--logprob-dtype", "q8"],
     }
 
 
@@ -75,6 +78,10 @@ def main():
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bin", default=str(ROOT / "target/release/logitcache"))
     ap.add_argument("--teacher", default="t-144")
+    ap.add_argument("--caches", default=None,
+                    help="comma-separated subset of the caches (default: all); `exact` is always built")
+    ap.add_argument("--kd-only", action="store_true", help="skip the KD + CE runs")
+    ap.add_argument("--no-ce", action="store_true", help="skip the CE-only baseline")
     a = ap.parse_args()
     demo, out = Path(a.demo_out), Path(a.out)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -92,7 +99,14 @@ def main():
     ort = os.environ.get("ORT_DYLIB_PATH", str(ROOT / ".ort/libonnxruntime.so.1.32.0"))
     corpus = ROOT / "pipelines/demo/fortunes.jsonl"
     info = {}
-    for name, extra in caches(vocab).items():
+    chosen = caches(vocab)
+    if a.caches:
+        names = ["exact"] + [c for c in a.caches.split(",") if c != "exact"]
+        unknown = [c for c in names if c not in chosen]
+        if unknown:
+            sys.exit(f"unknown cache(s) {unknown}; choose from {list(chosen)}")
+        chosen = {c: chosen[c] for c in names}
+    for name, extra in chosen.items():
         cdir = out / "caches" / name
         if not (cdir / "manifest.json").is_file() or not json.loads(
                 (cdir / "manifest.json").read_text())["totals"]["complete"]:
@@ -106,8 +120,9 @@ def main():
         info[name] = {"bytes_per_token": ins["bytes_per_token"],
                       "mean_distinct_ids": ins["mean_distinct_ids"], "args": extra}
     results = {}
-    jobs = [(c, w, s) for c in caches(vocab) for w in (0, 1) for s in seeds]
-    jobs += [("ce", None, s) for s in seeds]
+    jobs = [(c, w, s) for c in chosen for w in ((0,) if a.kd_only else (0, 1)) for s in seeds]
+    if not a.no_ce:
+        jobs += [("ce", None, s) for s in seeds]
     for cache, ce_w, seed in jobs:
         key = cache if ce_w is None else f"{cache} {'KD+CE' if ce_w else 'KD'}"
         tag = f"{cache}-{'ce' if ce_w is None else ('kdce' if ce_w else 'kd')}-s{seed}"

@@ -7,7 +7,8 @@
 //! it stays exact when the student puts almost all its mass on the top-k).
 //!
 //! A `sample` or `hybrid` cache arrives as a sparse estimate p̂ of the whole distribution
-//! (`cache::stream`): its entries sum to 1 and there is no tail outcome, so `fkl` is
+//! (`cache::stream`): its entries sum to 1 (on average, for importance-weighted draws from a
+//! proposal other than p) and there is no tail outcome, so `fkl` is
 //! Σ p̂ (log p̂ − log q) with q over the full vocabulary: cross-entropy against the estimate
 //! (plus its constant entropy), whose gradient (q − p̂)/T is unbiased for the full-KD one.
 //!

@@ -704,3 +704,93 @@ fn q8_caches_hold_the_topk_within_the_recorded_error() {
         &["--logprob-dtype q8", "--mode hybrid"],
     );
 }
+
+/// `--proposal-temperature τ ≠ 1`: the draws come from q ∝ p^(1/τ) (a flatter proposal
+/// at τ > 1 reaches more of the tail) and each stored id carries ln p/q in
+/// `sample_log_weights`, consistent with the teacher's own log-probs; the recipe's estimate
+/// sums to 1 on average; the device head refuses it and resuming with another τ is refused.
+#[test]
+fn proposal_temperature_stores_importance_weights() {
+    let one = build("tau-1", 40, &["--mode", "sample", "--samples", "24"]);
+    let tau = build(
+        "tau-2",
+        40,
+        &[
+            "--mode",
+            "sample",
+            "--samples",
+            "24",
+            "--proposal-temperature",
+            "2",
+            "--store-logprobs",
+        ],
+    );
+    let m = Manifest::load(&tau).unwrap();
+    assert_eq!(m.params.proposal_temperature, 2.0);
+    assert!(m.params.layout().sample_log_weights);
+    assert_ok(&run(&["verify", tau.to_str().unwrap()]));
+    let (r1, r2) = (all_rows(&one), all_rows(&tau));
+    assert!(r1.sample_log_weights.is_empty());
+    assert_eq!(r2.sample_log_weights.len(), r2.sample_ids.len());
+    // Flatter: more distinct ids per position.
+    assert!(
+        r2.sample_ids.len() as f64 > 1.2 * r1.sample_ids.len() as f64,
+        "{} vs {}",
+        r2.sample_ids.len(),
+        r1.sample_ids.len()
+    );
+    // ln p/q = ln p − (ln p / τ − c) with c = ln Σ p^(1/τ) one number per position: so
+    // w − (1 − 1/τ) ln p is the same for every id of a position (up to float16's rounding
+    // of the stored ln p).
+    for p in 0..r2.positions() {
+        let (s, e) = (
+            r2.sample_offsets[p] as usize,
+            r2.sample_offsets[p + 1] as usize,
+        );
+        let c: Vec<f32> = (s..e)
+            .map(|i| r2.sample_log_weights[i] - 0.5 * r2.sample_logprobs[i].to_f32())
+            .collect();
+        let tol = 1e-3
+            * (s..e)
+                .map(|i| r2.sample_logprobs[i].to_f32().abs())
+                .fold(1.0, f32::max);
+        assert!(
+            c.iter().all(|x| (x - c[0]).abs() < tol),
+            "position {p}: {c:?}"
+        );
+    }
+    // The recipe (pyarrow, schemas/README.md): count/N · e^w sums to 1 on average.
+    let v = python_check("pyarrow_sample_check.py", &tau);
+    let mean = v["mass_sum"].as_f64().unwrap() / v["positions"].as_f64().unwrap();
+    assert!((mean - 1.0).abs() < 0.05, "mean estimated mass {mean}");
+    // The device head draws from p only; resuming with another τ is refused.
+    let base = teacher_args(&plain_model(), &shared_dir().join("tau-onnx"), 10);
+    let onnx = with(
+        base,
+        &[
+            "--mode",
+            "sample",
+            "--proposal-temperature",
+            "2",
+            "--topk-on",
+            "onnx",
+        ],
+    );
+    assert_fails(
+        &run_strings(&onnx),
+        &["--proposal-temperature", "--topk-on host"],
+    );
+    let again = with(
+        teacher_args(&plain_model(), &tau, 40),
+        &[
+            "--mode",
+            "sample",
+            "--samples",
+            "24",
+            "--proposal-temperature",
+            "1.5",
+            "--store-logprobs",
+        ],
+    );
+    assert_fails(&run_strings(&again), &["--proposal-temperature"]);
+}

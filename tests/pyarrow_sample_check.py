@@ -37,12 +37,16 @@ def dense(row, p):
         q[ids] = np.exp(lps)
         tail = float(np.exp(row["tail_logprob"][p]))
     ids, counts = row["sample_ids"][p], row["sample_counts"][p]
-    q[ids] += tail * np.asarray(counts, dtype=np.float64) / n
+    if "sample_log_weights" in row:  # a proposal q != p: importance weights p/q
+        w = np.exp(np.asarray(row["sample_log_weights"][p], dtype=np.float64))
+        q[ids] += np.asarray(counts, dtype=np.float64) / n * w
+    else:
+        q[ids] += tail * np.asarray(counts, dtype=np.float64) / n
     return q
 
 
 out = {"positions": 0, "entries": 0, "sample_ids_sum": 0, "max_mass_error": 0.0,
-       "has_logprobs": False, "topk_logprobs_sum": 0.0}
+       "has_logprobs": False, "topk_logprobs_sum": 0.0, "mass_sum": 0.0}
 for s in sorted(manifest["shards"], key=lambda s: s["index"]):
     t = pq.read_table(cache / s["file"])
     out["has_logprobs"] |= "sample_logprobs" in t.column_names
@@ -52,6 +56,7 @@ for s in sorted(manifest["shards"], key=lambda s: s["index"]):
             out["entries"] += len(row["sample_ids"][p])
             out["sample_ids_sum"] += int(sum(row["sample_ids"][p]))
             q = dense(row, p)
+            out["mass_sum"] += float(q.sum())
             tail_empty = mode == "hybrid" and not row["sample_ids"][p]
             if not tail_empty:
                 out["max_mass_error"] = max(out["max_mass_error"], abs(q.sum() - 1.0))

@@ -99,6 +99,7 @@ impl CacheParams {
     pub fn layout(&self) -> Layout {
         Layout::of(self.mode, self.top_k, self.samples, self.store_logprobs)
             .with_logprobs(self.logprob_dtype)
+            .with_proposal(self.proposal_temperature)
     }
 }
 

@@ -22,9 +22,10 @@
 
 pub use super::schema::LogprobDtype;
 use super::schema::{
-    COL_DOC_ID, COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOGPROBS, COL_SEQ_ID,
-    COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS, COL_TOPK_LOGPROB_MAX,
-    COL_TOPK_LOGPROB_STEP, COL_TOPK_LOGPROBS, COL_WINDOW_INDEX, Layout, fsl_item, item,
+    COL_DOC_ID, COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOG_WEIGHTS,
+    COL_SAMPLE_LOGPROBS, COL_SEQ_ID, COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS,
+    COL_TOPK_LOGPROB_MAX, COL_TOPK_LOGPROB_STEP, COL_TOPK_LOGPROBS, COL_WINDOW_INDEX, Layout,
+    fsl_item, item,
 };
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, Float32Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
@@ -162,6 +163,7 @@ pub struct WindowTopK<'a> {
     pub sample_ids: &'a [u32],
     pub sample_counts: &'a [u16],
     pub sample_logprobs: &'a [f32],
+    pub sample_log_weights: &'a [f32],
 }
 
 /// The rows of one shard, in flat buffers (one entry per position for the per-position
@@ -193,6 +195,8 @@ pub struct ShardRows {
     pub sample_ids: Vec<u32>,
     pub sample_counts: Vec<u16>,
     pub sample_logprobs: Vec<f16>,
+    /// ln p/q of each sampled id (a proposal other than p; else empty).
+    pub sample_log_weights: Vec<f32>,
 }
 
 impl Default for ShardRows {
@@ -227,6 +231,7 @@ impl ShardRows {
             sample_ids: vec![],
             sample_counts: vec![],
             sample_logprobs: vec![],
+            sample_log_weights: vec![],
         }
     }
 
@@ -290,6 +295,7 @@ impl ShardRows {
                 && w.sample_ids.len() == entries
                 && w.sample_counts.len() == entries
                 && w.sample_logprobs.len() == if l.sample_logprobs { entries } else { 0 }
+                && w.sample_log_weights.len() == if l.sample_log_weights { entries } else { 0 }
         } else {
             w.sample_lens.is_empty() && w.sample_ids.is_empty()
         };
@@ -324,6 +330,8 @@ impl ShardRows {
             self.sample_counts.extend_from_slice(w.sample_counts);
             self.sample_logprobs
                 .extend(w.sample_logprobs.iter().map(|&v| f16::from_f32(v)));
+            self.sample_log_weights
+                .extend_from_slice(w.sample_log_weights);
         }
         self.offsets.push(self.input_ids.len() as i32);
     }
@@ -357,6 +365,8 @@ impl ShardRows {
         self.sample_counts.extend_from_slice(&other.sample_counts);
         self.sample_logprobs
             .extend_from_slice(&other.sample_logprobs);
+        self.sample_log_weights
+            .extend_from_slice(&other.sample_log_weights);
     }
 
     /// Fills `topk_logprobs` from the q8 codes of positions `first..` (those whose scale and
@@ -457,6 +467,12 @@ impl ShardRows {
                 columns.push(list_list(
                     DataType::Float16,
                     Arc::new(Float16Array::from(self.sample_logprobs.clone())),
+                ));
+            }
+            if l.sample_log_weights {
+                columns.push(list_list(
+                    DataType::Float32,
+                    Arc::new(Float32Array::from(self.sample_log_weights.clone())),
                 ));
             }
         }
@@ -582,6 +598,14 @@ fn append_samples(rows: &mut ShardRows, b: &RecordBatch, positions: &[i32]) -> R
         }
         rows.sample_logprobs
             .extend_from_slice(&lps.as_primitive::<Float16Type>().values()[s..e]);
+    }
+    if l.sample_log_weights {
+        let (woffs, ws) = nested(b, COL_SAMPLE_LOG_WEIGHTS, positions)?;
+        if woffs != offs {
+            return Err("sample_log_weights and sample_ids have different lengths".into());
+        }
+        rows.sample_log_weights
+            .extend_from_slice(&ws.as_primitive::<Float32Type>().values()[s..e]);
     }
     Ok(())
 }

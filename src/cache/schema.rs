@@ -19,6 +19,7 @@
 //! | `sample_ids` | list<list<uint32>> | (`sample`, `hybrid`) per position, the distinct sampled ids, ascending |
 //! | `sample_counts` | list<list<uint8 or uint16>> | their counts (sum N per position) |
 //! | `sample_logprobs` | list<list<float16>> | (`--store-logprobs`) the teacher's log-prob of each sampled id |
+//! | `sample_log_weights` | list<list<float32>> | (`--proposal-temperature` ≠ 1) ln p/q of each sampled id: the estimate is count/N · e^w |
 //!
 //! `topk` shards have the first seven columns (with the three q8 columns in place of
 //! `topk_logprobs` under `--logprob-dtype q8`); `sample` shards the first four and the
@@ -48,6 +49,7 @@ pub const COL_TAIL_LOGPROB: &str = "tail_logprob";
 pub const COL_SAMPLE_IDS: &str = "sample_ids";
 pub const COL_SAMPLE_COUNTS: &str = "sample_counts";
 pub const COL_SAMPLE_LOGPROBS: &str = "sample_logprobs";
+pub const COL_SAMPLE_LOG_WEIGHTS: &str = "sample_log_weights";
 
 /// Parquet key-value metadata keys written into every shard.
 pub const META_FORMAT_VERSION: &str = "logitcache.format_version";
@@ -136,6 +138,8 @@ pub struct Layout {
     pub samples: usize,
     /// `sample_logprobs` is stored.
     pub sample_logprobs: bool,
+    /// `sample_log_weights` is stored (the draws come from a proposal q ≠ p).
+    pub sample_log_weights: bool,
     /// How the top-k log-probs are stored (`sample_logprobs` are always float16).
     pub logprobs: LogprobDtype,
 }
@@ -148,6 +152,7 @@ impl Layout {
             k,
             samples: 0,
             sample_logprobs: false,
+            sample_log_weights: false,
             logprobs: LogprobDtype::Float16,
         }
     }
@@ -160,7 +165,16 @@ impl Layout {
             k: if mode == CacheMode::Sample { 0 } else { top_k },
             samples,
             sample_logprobs: store_logprobs,
+            sample_log_weights: false,
             logprobs: LogprobDtype::Float16,
+        }
+    }
+
+    /// This layout with importance weights when the proposal temperature is not 1.
+    pub fn with_proposal(self, proposal_temperature: f32) -> Layout {
+        Layout {
+            sample_log_weights: self.has_samples() && proposal_temperature != 1.0,
+            ..self
         }
     }
 
@@ -258,6 +272,13 @@ pub fn shard_schema(layout: &Layout) -> Schema {
             fields.push(Field::new(
                 COL_SAMPLE_LOGPROBS,
                 list_of_lists(DataType::Float16),
+                false,
+            ));
+        }
+        if layout.sample_log_weights {
+            fields.push(Field::new(
+                COL_SAMPLE_LOG_WEIGHTS,
+                list_of_lists(DataType::Float32),
                 false,
             ));
         }

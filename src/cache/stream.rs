@@ -617,7 +617,9 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -
 /// A sampled (or hybrid) position's estimate of the teacher's distribution as sparse
 /// `(id, log p̂)` entries, most likely first: `sample` mode p̂(v) = count/N; `hybrid` the
 /// exact top-k log-probs, then tail mass × count/N for the sampled tail ids. The entries
-/// sum to 1 (up to f16 rounding of the head), so there is no tail outcome.
+/// sum to 1 (up to f16 rounding of the head), so there is no tail outcome. Draws from a
+/// proposal q ≠ p (`sample_log_weights`) are importance-weighted instead: p̂(v) = count/N ·
+/// p(v)/q(v), which sums to 1 only in expectation (the loss is unbiased all the same).
 pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u32, f32)>) {
     out.clear();
     let n = layout.samples.max(1) as f32;
@@ -631,8 +633,16 @@ pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u3
     }
     let head = out.len();
     let (ids, counts) = r.samples_at(p);
-    for (&id, &c) in ids.iter().zip(counts) {
-        out.push((id, tail_log + (c as f32 / n).ln()));
+    if layout.sample_log_weights {
+        let s = r.sample_offsets[p] as usize;
+        let w = &r.sample_log_weights[s..s + ids.len()];
+        for ((&id, &c), &lw) in ids.iter().zip(counts).zip(w) {
+            out.push((id, lw + (c as f32 / n).ln()));
+        }
+    } else {
+        for (&id, &c) in ids.iter().zip(counts) {
+            out.push((id, tail_log + (c as f32 / n).ln()));
+        }
     }
     // Most sampled first (ties by id), so entry 0 is the estimate's most likely id.
     out[head..].sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -4,8 +4,8 @@
 
 use super::rows::ShardRows;
 use super::schema::{
-    COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOGPROBS, COL_SEQ_ID,
-    COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS, COL_TOPK_LOGPROB_MAX,
+    COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOG_WEIGHTS, COL_SAMPLE_LOGPROBS,
+    COL_SEQ_ID, COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS, COL_TOPK_LOGPROB_MAX,
     COL_TOPK_LOGPROB_STEP, COL_TOPK_LOGPROBS, shard_schema_with_metadata,
 };
 use crate::util::{failpoint, sync_dir};
@@ -43,7 +43,7 @@ pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProper
     // zero, and the fourth holds small numbers (the codes of log-probs in descending order
     // rise by a few steps per entry), which zstd's entropy stage packs to ~3 bits; the
     // codes themselves took ~5. The float16 scale is PLAIN, like every float16 column.
-    let per_position: [(&str, &[&str], Encoding); 10] = [
+    let per_position: [(&str, &[&str], Encoding); 11] = [
         (COL_INPUT_IDS, &list, Encoding::DELTA_BINARY_PACKED),
         (COL_TOPK_IDS, &nested, Encoding::BYTE_STREAM_SPLIT),
         (COL_TOPK_LOGPROBS, &nested, Encoding::PLAIN),
@@ -58,6 +58,7 @@ pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProper
         (COL_SAMPLE_IDS, &nested, Encoding::DELTA_BINARY_PACKED),
         (COL_SAMPLE_COUNTS, &nested, Encoding::DELTA_BINARY_PACKED),
         (COL_SAMPLE_LOGPROBS, &nested, Encoding::PLAIN),
+        (COL_SAMPLE_LOG_WEIGHTS, &nested, Encoding::BYTE_STREAM_SPLIT),
     ];
     let builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(

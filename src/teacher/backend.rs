@@ -121,6 +121,8 @@ pub struct BatchTopK {
     pub sample_counts: Vec<u16>,
     /// The teacher's log-prob of each sampled id (when asked for).
     pub sample_logprobs: Vec<f32>,
+    /// ln p/q of each sampled id when the draws come from a proposal q ≠ p (else empty).
+    pub sample_log_weights: Vec<f32>,
     /// The teacher's exact entropy (nats) at each position: NaN where not measured (see
     /// [`super::topk::entropy_measured_at`]), empty when the backend measures none.
     pub entropy: Vec<f32>,

@@ -21,7 +21,7 @@
 //! ```
 
 use super::backend::{BatchTopK, TeacherError};
-use super::sample::{SampleScratch, Sampler};
+use super::sample::{SampleScratch, Sampler, log_sum_exp};
 use super::topk::{TopK, TopKScratch, entropy_measured_at, row_entropy};
 use crate::cache::schema::CacheMode;
 use half::f16;
@@ -47,6 +47,9 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Also return the teacher's log-prob of each sampled id.
     pub store_logprobs: bool,
+    /// τ of the proposal q ∝ p^(1/τ) the draws come from; other than 1, each draw's
+    /// ln p/q is returned too (what makes the estimate unbiased).
+    pub proposal_temperature: f32,
 }
 
 /// One thread's buffers.
@@ -66,6 +69,7 @@ struct Drawn {
     ids: Vec<u32>,
     counts: Vec<u16>,
     logprobs: Vec<f32>,
+    log_weights: Vec<f32>,
 }
 
 /// The first non-finite value of a row, if any (8 poison lanes: x · 0 is NaN exactly for
@@ -134,9 +138,10 @@ impl HostTopK {
         let topk = self.topk;
         let sampling = self.sampling;
         let scale = self.scale;
+        // The proposal q ∝ p^(1/τ) is the teacher's softmax at temperature T·τ.
         let sampler = sampling.map(|o| Sampler {
             samples: o.samples,
-            scale: self.scale,
+            scale: self.scale / o.proposal_temperature,
             seed: o.seed,
         });
         let per = rows.len().div_ceil(self.workers.len()).max(1);
@@ -230,12 +235,32 @@ impl HostTopK {
                                     &mut drawn.counts,
                                 );
                                 drawn.lens.push((drawn.ids.len() - before) as u32);
+                                let weighted = o.proposal_temperature != 1.0;
+                                // ln Σ exp((x − max)/T): the teacher's own normaliser (the
+                                // sampler's is the proposal's unless τ = 1).
+                                let lz_p = if weighted {
+                                    log_sum_exp(row, info.max, scale)
+                                } else {
+                                    info.log_z_all
+                                };
+                                let logp =
+                                    |id: u32| ((row[id as usize] - info.max) * scale) as f64 - lz_p;
                                 if o.store_logprobs {
-                                    let lz = info.log_z_all;
-                                    drawn.logprobs.extend(drawn.ids[before..].iter().map(|&id| {
-                                        (((row[id as usize] - info.max) * s.scale) as f64 - lz)
-                                            as f32
-                                    }));
+                                    drawn.logprobs.extend(
+                                        drawn.ids[before..].iter().map(|&id| logp(id) as f32),
+                                    );
+                                }
+                                if weighted {
+                                    // ln p − ln q, q the proposal over the draws' support
+                                    // (the tail's, in a hybrid).
+                                    drawn.log_weights.extend(drawn.ids[before..].iter().map(
+                                        |&id| {
+                                            let logq = ((row[id as usize] - info.max) * s.scale)
+                                                as f64
+                                                - info.log_z_support;
+                                            (logp(id) - logq) as f32
+                                        },
+                                    ));
                                 }
                             }
                         }
@@ -255,6 +280,7 @@ impl HostTopK {
             out.sample_ids.extend(d.ids);
             out.sample_counts.extend(d.counts);
             out.sample_logprobs.extend(d.logprobs);
+            out.sample_log_weights.extend(d.log_weights);
         }
         Ok(())
     }

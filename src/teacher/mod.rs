@@ -140,6 +140,7 @@ impl TeacherConfig {
     pub fn layout(&self) -> Layout {
         Layout::of(self.mode, self.top_k, self.samples, self.store_logprobs)
             .with_logprobs(self.logprob_dtype)
+            .with_proposal(self.proposal_temperature)
     }
 
     /// The draws of a `sample`/`hybrid` run (`None` in `topk` mode).
@@ -149,7 +150,21 @@ impl TeacherConfig {
             samples: self.samples,
             seed: self.seed,
             store_logprobs: self.store_logprobs,
+            proposal_temperature: self.proposal_temperature,
         })
+    }
+
+    /// Where the top-k runs: `--topk-on`, except that `auto` keeps a proposal other than
+    /// τ = 1 on the host (the device head draws from p only).
+    pub fn effective_topk_on(&self) -> TopKMode {
+        if self.topk_on == TopKMode::Auto
+            && self.proposal_temperature != DEFAULT_PROPOSAL_TEMPERATURE
+            && self.mode != CacheMode::Topk
+        {
+            TopKMode::Host
+        } else {
+            self.topk_on
+        }
     }
 
     /// Checks the values that need no file access.
@@ -205,9 +220,11 @@ impl TeacherConfig {
                         self.proposal_temperature
                     );
                 }
-                if self.proposal_temperature != DEFAULT_PROPOSAL_TEMPERATURE {
+                if self.proposal_temperature != DEFAULT_PROPOSAL_TEMPERATURE
+                    && self.topk_on == TopKMode::Onnx
+                {
                     bail!(
-                        "--proposal-temperature {}: only 1 (draws from the teacher's own distribution) is supported so far; importance-weighted proposals are not implemented yet",
+                        "--proposal-temperature {} needs --topk-on host: the device head draws from the teacher's own distribution only (τ = 1)",
                         self.proposal_temperature
                     );
                 }
@@ -347,6 +364,9 @@ fn compute_shard(
             window.sample_counts = &out.sample_counts[s..e];
             if layout.sample_logprobs {
                 window.sample_logprobs = &out.sample_logprobs[s..e];
+            }
+            if layout.sample_log_weights {
+                window.sample_log_weights = &out.sample_log_weights[s..e];
             }
         }
         rows.push(&window);
@@ -513,7 +533,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                 library,
                 device: cfg.device,
                 threads: cfg.threads,
-                topk_on: cfg.topk_on,
+                topk_on: cfg.effective_topk_on(),
                 k: cfg.layout().k,
                 temperature: cfg.temperature,
                 vocab: tok.vocab_size,
@@ -689,7 +709,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     &write_opts,
                     cfg,
                     &worker_name,
-                    cfg.topk_on.name(cfg.device),
+                    cfg.effective_topk_on().name(cfg.device),
                     &progress,
                 )
             });

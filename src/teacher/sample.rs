@@ -58,6 +58,15 @@ pub struct DrawInfo {
     pub max: f32,
 }
 
+/// ln Σ exp((x − max) · scale) over `row` (the vectorised block sums the sampler uses).
+pub fn log_sum_exp(row: &[f32], max: f32, scale: f32) -> f64 {
+    let kernel = Kernel::best();
+    row.chunks(BLOCK)
+        .map(|b| kernel.exp_sum_all(b, max, scale))
+        .sum::<f64>()
+        .ln()
+}
+
 /// Uniform in [0, 1) from 53 random bits.
 fn uniform(r: &mut SplitMix) -> f64 {
     (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64
