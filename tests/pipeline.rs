@@ -216,8 +216,10 @@ fn run_produces_everything_and_reruns_only_what_changed() {
     assert_eq!(m["params"]["top_k"], 6);
 
     // A sampled cache mode: again the 3 caches and the 9 distilled runs, nothing else.
-    let text =
-        pipeline_text(7, 6).replace("top_k = 6\n", "top_k = 6\nmode = \"sample\"\nsamples = 8\n");
+    let text = pipeline_text(7, 6).replace(
+        "top_k = 6\n",
+        "top_k = 6\nmode = \"sample\"\nsamples = 8\nproposal_temperature = 1.5\n",
+    );
     std::fs::write(&p, text).unwrap();
     let o = run_pipeline(&p, out, &[]);
     assert_ok(&o);
@@ -229,8 +231,28 @@ fn run_produces_everything_and_reruns_only_what_changed() {
             .unwrap();
     assert_eq!(m["params"]["mode"], "sample");
     assert_eq!(m["params"]["samples"], 8);
+    assert_eq!(m["params"]["proposal_temperature"], 1.5);
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(report.contains("8 draws per position (sample)"), "{report}");
+    assert!(
+        report.contains("8 draws per position (sample) from the proposal p^(1/1.5)"),
+        "{report}"
+    );
+
+    // A hybrid with q8 log-probs: the caches and runs again.
+    let text = pipeline_text(7, 6).replace(
+        "top_k = 6\n",
+        "top_k = 6\nmode = \"hybrid\"\nsamples = 8\nlogprob_dtype = \"q8\"\n",
+    );
+    std::fs::write(&p, text).unwrap();
+    let o = run_pipeline(&p, out, &[]);
+    assert_ok(&o);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("caches/ta/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["params"]["mode"], "hybrid");
+    assert_eq!(m["params"]["logprob_dtype"], "q8");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("top-6 + 8 tail draws (hybrid), q8 log-probs"), "{report}");
 }
 
 #[test]

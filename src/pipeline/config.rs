@@ -92,6 +92,9 @@ pub struct CacheSection {
     /// Seed of the draws (`teacher --cache-seed`).
     #[serde(default)]
     pub seed: u64,
+    /// τ of the sampling proposal q ∝ p^(1/τ) (`teacher --proposal-temperature`; default 1).
+    #[serde(default = "default_proposal_temperature")]
+    pub proposal_temperature: f32,
     /// How the teachers' top-k log-probs are stored: `float16` (default) or `q8`
     /// (`teacher --logprob-dtype`; `topk` and `hybrid` modes).
     #[serde(default)]
@@ -107,6 +110,9 @@ fn default_cache_batch() -> usize {
 fn default_temperature() -> f32 {
     crate::teacher::DEFAULT_TEMPERATURE
 }
+fn default_proposal_temperature() -> f32 {
+    crate::teacher::DEFAULT_PROPOSAL_TEMPERATURE
+}
 fn default_shard_size() -> usize {
     512
 }
@@ -121,6 +127,7 @@ impl Default for CacheSection {
             mode: CacheMode::Topk,
             samples: None,
             seed: 0,
+            proposal_temperature: default_proposal_temperature(),
             logprob_dtype: LogprobDtype::Float16,
         }
     }

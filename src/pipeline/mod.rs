@@ -268,6 +268,9 @@ impl Runner<'_> {
             inputs["mode"] = json!(mode.name());
             inputs["samples"] = json!(samples);
             inputs["seed"] = json!(c.seed);
+            if c.proposal_temperature != teacher::DEFAULT_PROPOSAL_TEMPERATURE {
+                inputs["proposal_temperature"] = json!(c.proposal_temperature);
+            }
         }
         let logprob_dtype = if sampled {
             c.logprob_dtype
@@ -311,6 +314,11 @@ impl Runner<'_> {
             samples,
             seed: if mode == CacheMode::Topk { 0 } else { c.seed },
             logprob_dtype,
+            proposal_temperature: if mode == CacheMode::Topk {
+                teacher::DEFAULT_PROPOSAL_TEMPERATURE
+            } else {
+                c.proposal_temperature
+            },
             ort_lib: self.opts.ort_lib.clone(),
             progress: self.opts.progress,
             ..Default::default()

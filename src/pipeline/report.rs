@@ -344,17 +344,29 @@ pub fn write(
             .join(", "),
         f.data.seq_len,
         f.data.eval_fraction * 100.0,
-        match f.cache.mode {
-            crate::cache::schema::CacheMode::Topk => format!("top-{}", f.cache.top_k),
-            crate::cache::schema::CacheMode::Sample => format!(
-                "{} draws per position (sample)",
-                f.cache.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES)
-            ),
-            crate::cache::schema::CacheMode::Hybrid => format!(
-                "top-{} + {} tail draws (hybrid)",
-                f.cache.top_k,
-                f.cache.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES)
-            ),
+        {
+            let c = &f.cache;
+            let mut d = match c.mode {
+                crate::cache::schema::CacheMode::Topk => format!("top-{}", c.top_k),
+                crate::cache::schema::CacheMode::Sample => format!(
+                    "{} draws per position (sample)",
+                    c.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES)
+                ),
+                crate::cache::schema::CacheMode::Hybrid => format!(
+                    "top-{} + {} tail draws (hybrid)",
+                    c.top_k,
+                    c.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES)
+                ),
+            };
+            if c.mode != crate::cache::schema::CacheMode::Topk && c.proposal_temperature != 1.0 {
+                d += &format!(" from the proposal p^(1/{})", c.proposal_temperature);
+            }
+            if c.mode != crate::cache::schema::CacheMode::Sample
+                && c.logprob_dtype != crate::cache::schema::LogprobDtype::Float16
+            {
+                d += &format!(", {} log-probs", c.logprob_dtype);
+            }
+            d
         },
         f.cache.temperature,
         f.train.steps,
