@@ -3,7 +3,8 @@
 
 Builds, from the demo's largest teacher (t-144, V = 2048) and its corpus: the exact cache
 (top-k = V, the whole distribution: full-logit KD), top-k at k = 8 and 64, sample at
-N = 16 and 50, and a hybrid (exact top-8 + 42 tail draws); trains the demo's s-48 student
+N = 16 and 50, and a hybrid (exact top-8 + 42 tail draws), and variants of these with q8
+log-probs and a flatter proposal (τ = 1.5); trains the demo's s-48 student
 from each with KD only and with KD + CE for several seeds, plus the CE-only baseline (from
 the demo's token-data cache), all with the demo's training settings; and writes
 OUT/fidelity.md and OUT/fidelity.json: held-out CE (mean ± sd over seeds), the paired
@@ -50,6 +51,10 @@ def caches(vocab):
         "topk-64-q8": ["--top-k", "64", "--logprob-dtype", "q8"],
         "hybrid-8+42-q8": ["--mode", "hybrid", "--top-k", "8", "--samples", "42",
                            "--logprob-dtype", "q8"],
+        "sample-50-tau1.5": ["--mode", "sample", "--samples", "50",
+                             "--proposal-temperature", "1.5"],
+        "hybrid-8+42-tau1.5": ["--mode", "hybrid", "--top-k", "8", "--samples", "42",
+                               "--proposal-temperature", "1.5"],
     }
 
 

@@ -1,9 +1,12 @@
-//! Reader throughput: positions/s decoded into training batches (k = 64, warm page cache) by
-//! the memory-mapped stream, and pyarrow reading the same files into numpy in the same run.
+//! Reader throughput: positions/s decoded into training batches (warm page cache) by the
+//! memory-mapped stream, and pyarrow reading the same files into numpy in the same run, for
+//! a k = 64 top-k cache (float16 and q8 log-probs), a sample (N = 50) and a hybrid (top-8 +
+//! 42) cache of the same windows.
 //! Run: `cargo bench --bench reader` (needs `make setup` and `make pycheck-setup`).
 //! Knobs: READER_DOCS (default 4584 = the whole demo corpus), READER_ROUNDS (3).
 
 use logitcache::cache::reader::Cache;
+use logitcache::cache::schema::{CacheMode, LogprobDtype};
 use logitcache::cache::stream::{Stream, StreamConfig};
 use logitcache::onnx::{ToyLmSpec, toy_lm};
 use logitcache::progress::ProgressMode;
@@ -53,67 +56,92 @@ fn main() {
         }),
     )
     .unwrap();
-    let out = dir.path().join("cache");
-    run(&TeacherConfig {
-        model,
-        tokenizer: tok,
-        corpus: vec![corpus],
-        out: out.clone(),
-        top_k: 64,
-        seq_len: 256,
-        shard_size: 256,
-        ort_lib: Some(lib),
-        progress: ProgressMode::Off,
-        ..Default::default()
-    })
-    .unwrap();
-    let cache = Cache::open(&out).unwrap();
-    // The first pass also hashes every shard (sha256 against the manifest, once per file and
-    // process); later passes, like every evaluation pass of a training run, only decode.
-    let mut best = f64::INFINITY;
-    let mut first = f64::NAN;
-    let mut positions = 0usize;
-    for _ in 0..rounds + 1 {
-        let t0 = Instant::now();
-        positions = 0;
-        let s = Stream::start(
-            &cache,
-            StreamConfig {
-                batch_size: 32,
-                shuffle: false,
-                ..Default::default()
-            },
-        )
+    // The demo's k = 64 top-k cache, and the other layouts on the same windows: q8 log-probs,
+    // a sampled (N = 50) and a hybrid (top-8 + 42) cache.
+    let mut results = Vec::new();
+    for (name, mode, k, n, dtype) in [
+        ("topk64", CacheMode::Topk, 64, 0usize, LogprobDtype::Float16),
+        ("topk64_q8", CacheMode::Topk, 64, 0, LogprobDtype::Q8),
+        ("sample50", CacheMode::Sample, 1, 50, LogprobDtype::Float16),
+        (
+            "hybrid8_42",
+            CacheMode::Hybrid,
+            8,
+            42,
+            LogprobDtype::Float16,
+        ),
+    ] {
+        if smoke && name != "topk64" && name != "topk64_q8" {
+            continue;
+        }
+        let out = dir.path().join(name);
+        run(&TeacherConfig {
+            model: model.clone(),
+            tokenizer: tok.clone(),
+            corpus: vec![corpus.clone()],
+            out: out.clone(),
+            top_k: k,
+            mode,
+            samples: n,
+            logprob_dtype: dtype,
+            seq_len: 256,
+            shard_size: 256,
+            ort_lib: Some(lib.clone()),
+            progress: ProgressMode::Off,
+            ..Default::default()
+        })
         .unwrap();
-        for b in s {
-            positions += b.unwrap().tokens();
+        let cache = Cache::open(&out).unwrap();
+        // The first pass also hashes every shard (sha256 against the manifest, once per file
+        // and process); later passes, like every evaluation pass of a training run, only
+        // decode.
+        let mut best = f64::INFINITY;
+        let mut first = f64::NAN;
+        let mut positions = 0usize;
+        for _ in 0..rounds + 1 {
+            let t0 = Instant::now();
+            positions = 0;
+            let s = Stream::start(
+                &cache,
+                StreamConfig {
+                    batch_size: 32,
+                    shuffle: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            for b in s {
+                positions += b.unwrap().tokens();
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            if first.is_nan() {
+                first = secs;
+            } else {
+                best = best.min(secs);
+            }
         }
-        let secs = t0.elapsed().as_secs_f64();
-        if first.is_nan() {
-            first = secs;
-        } else {
-            best = best.min(secs);
-        }
+        let python = std::env::var("LOGITCACHE_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join(".venv/bin/python"));
+        let o = std::process::Command::new(python)
+            .arg(root.join("benches/pyarrow_read.py"))
+            .arg(&out)
+            .arg(rounds.to_string())
+            .output()
+            .expect("run python (make pycheck-setup)");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let py: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let py_rate = py["positions"].as_f64().unwrap() / py["seconds"].as_f64().unwrap();
+        let rate = positions as f64 / best;
+        results.push(serde_json::json!({
+            "cache": name, "positions": positions, "bytes": cache.manifest.totals.bytes,
+            "stream_positions_per_s": rate,
+            "stream_first_pass_positions_per_s": positions as f64 / first,
+            "pyarrow_positions_per_s": py_rate, "ratio_vs_pyarrow": rate / py_rate,
+        }));
     }
-    let python = std::env::var("LOGITCACHE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join(".venv/bin/python"));
-    let o = std::process::Command::new(python)
-        .arg(root.join("benches/pyarrow_read.py"))
-        .arg(&out)
-        .arg(rounds.to_string())
-        .output()
-        .expect("run python (make pycheck-setup)");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let py: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let py_rate = py["positions"].as_f64().unwrap() / py["seconds"].as_f64().unwrap();
-    let rate = positions as f64 / best;
     println!(
         "{}",
-        serde_json::json!({
-            "bench": "reader", "k": 64, "positions": positions, "bytes": cache.manifest.totals.bytes,
-            "stream_positions_per_s": rate, "stream_first_pass_positions_per_s": positions as f64 / first,
-            "pyarrow_positions_per_s": py_rate, "ratio_vs_pyarrow": rate / py_rate,
-        })
+        serde_json::json!({"bench": "reader", "caches": results})
     );
 }

@@ -252,7 +252,10 @@ fn run_produces_everything_and_reruns_only_what_changed() {
     assert_eq!(m["params"]["mode"], "hybrid");
     assert_eq!(m["params"]["logprob_dtype"], "q8");
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(report.contains("top-6 + 8 tail draws (hybrid), q8 log-probs"), "{report}");
+    assert!(
+        report.contains("top-6 + 8 tail draws (hybrid), q8 log-probs"),
+        "{report}"
+    );
 }
 
 #[test]

@@ -379,12 +379,16 @@ impl ShardRows {
             &self.topk_logprob_codes,
         );
         self.topk_logprobs.truncate(first * k);
-        for p in first..max.len() {
-            self.topk_logprobs.extend(
-                codes[p * k..(p + 1) * k]
-                    .iter()
-                    .map(|&c| f16::from_f32(q8_value(max[p], step[p], c))),
-            );
+        let start = self.topk_logprobs.len();
+        self.topk_logprobs.resize(max.len() * k, f16::ZERO);
+        // Decoded in f32 a position at a time, then converted with the slice conversion
+        // (F16C where the CPU has it, checked at run time).
+        let mut buf = vec![0f32; k];
+        for (p, out) in (first..max.len()).zip(self.topk_logprobs[start..].chunks_exact_mut(k)) {
+            for (b, &c) in buf.iter_mut().zip(&codes[p * k..(p + 1) * k]) {
+                *b = q8_value(max[p], step[p], c);
+            }
+            half::slice::HalfFloatSliceExt::convert_from_f32_slice(out, &buf);
         }
     }
 
