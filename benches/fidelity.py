@@ -55,6 +55,12 @@ def caches(vocab):
                              "--proposal-temperature", "1.5"],
         "hybrid-8+42-tau1.5": ["--mode", "hybrid", "--top-k", "8", "--samples", "42",
                                "--proposal-temperature", "1.5"],
+        # The same hybrid drawn with other cache seeds: how much the draws themselves move
+        # the result (the training seeds are the same).
+        "hybrid-8+42-seed1": ["--mode", "hybrid", "--top-k", "8", "--samples", "42",
+                              "--cache-seed", "1"],
+        "hybrid-8+42-seed2": ["--mode", "hybrid", "--top-k", "8", "--samples", "42",
+                              "--cache-seed", "2"],
     }
 
 
