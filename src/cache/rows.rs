@@ -62,8 +62,19 @@ pub fn q8_encode(lps: &[f32], codes: &mut [u8]) -> (f16, f16) {
         return (f16::ZERO, f16::ZERO);
     }
     let top = (Q8_ZERO - 1) as f32;
-    let max = f16::from_f32(hi);
-    let range = max.to_f32() - lo;
+    // The top of the scale rounded up, so every value lies at or below it (rounded to
+    // nearest, a position whose values all sit within float16's rounding of the top would
+    // get a negative range).
+    let mut max = f16::from_f32(hi);
+    if max.to_f32() < hi {
+        max = f16_next_up(max);
+    }
+    if !max.is_finite() {
+        // Below float16's range (e^-65504): probability 0, as float16 storage has it.
+        codes.fill(Q8_ZERO);
+        return (f16::ZERO, f16::ZERO);
+    }
+    let range = (max.to_f32() - lo).max(0.0);
     let mut step = f16::from_f32(range / (top * top));
     // Rounded up, so the lowest value lies within the scale.
     while step.to_f32() * top * top < range && step < f16::MAX {
@@ -89,6 +100,18 @@ pub fn q8_encode(lps: &[f32], codes: &mut [u8]) -> (f16, f16) {
     (max, step)
 }
 
+/// The next float16 above a finite `x`.
+fn f16_next_up(x: f16) -> f16 {
+    let b = x.to_bits();
+    if x == f16::ZERO || x == f16::NEG_ZERO {
+        f16::from_bits(1)
+    } else if b & 0x8000 == 0 {
+        f16::from_bits(b + 1)
+    } else {
+        f16::from_bits(b - 1)
+    }
+}
+
 /// The log-prob a q8 code stands for, `max − step × code²` (the decoding recipe of
 /// `schemas/README.md`, in f32).
 #[inline]
@@ -102,7 +125,8 @@ pub fn q8_value(max: f16, step: f16, code: u8) -> f32 {
 }
 
 /// The largest errors of storing `lps` (`k` per position) as q8: `(|decoded − exact|` over
-/// the finite log-probs, `|exp(decoded) − exp(exact)|` over all`)`.
+/// the finite log-probs, `|exp(decoded) − exp(exact)|` over all`)`, each the larger of the
+/// recipe's f32 value and the float16 copy logitcache's readers hold.
 pub fn q8_max_error(lps: &[f32], k: usize) -> (f32, f32) {
     let mut codes = vec![0u8; k];
     let (mut worst, mut worst_p) = (0f32, 0f32);
@@ -110,10 +134,12 @@ pub fn q8_max_error(lps: &[f32], k: usize) -> (f32, f32) {
         let (max, step) = q8_encode(pos, &mut codes);
         for (&v, &c) in pos.iter().zip(&codes) {
             let d = q8_value(max, step, c);
-            if v.is_finite() {
-                worst = worst.max((d - v).abs());
+            for d in [d, f16::from_f32(d).to_f32()] {
+                if v.is_finite() {
+                    worst = worst.max((d - v).abs());
+                }
+                worst_p = worst_p.max((d.exp() - v.exp()).abs());
             }
-            worst_p = worst_p.max((d.exp() - v.exp()).abs());
         }
     }
     (worst, worst_p)
@@ -706,6 +732,23 @@ mod q8_tests {
         assert_eq!(q8_codes_from_deltas(&d, 4), codes);
         // Descending log-probs give small deltas (what zstd packs).
         assert_eq!(q8_deltas(&[0, 3, 7, 7], 4), [0, 3, 4, 0]);
+        // All equal, below the float16 nearest to them (a uniform top-8 of V = 50257): the
+        // top rounds up, the range is float16's rounding, and the values decode without NaN.
+        let flat = [-(50257f32.ln()); 8];
+        let mut c8 = [7u8; 8];
+        let (m, s) = q8_encode(&flat, &mut c8);
+        assert!(m.to_f32() >= flat[0] && s.to_f32() >= 0.0, "{m} {s}");
+        for &c in &c8 {
+            assert!((q8_value(m, s, c) - flat[0]).abs() < 1e-3, "code {c}");
+        }
+        let (e, ep) = q8_max_error(&flat, 8);
+        assert!(e.is_finite() && e < 0.01 && ep < 1e-5, "{e} {ep}");
+        let near = [-10.8125f32, -10.8126, -10.81255];
+        let mut c3 = [0u8; 3];
+        let (m, s) = q8_encode(&near, &mut c3);
+        for (&v, &c) in near.iter().zip(&c3) {
+            assert!((q8_value(m, s, c) - v).abs() < 0.01, "{v}");
+        }
         // One value, all equal, and no finite value at all.
         let mut one = [9u8; 1];
         let (m, s) = q8_encode(&[-1.5], &mut one);
