@@ -615,7 +615,7 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -
 }
 
 /// A sampled (or hybrid) position's estimate of the teacher's distribution as sparse
-/// `(id, log p̂)` entries, most likely first: `sample` mode p̂(v) = count/N; `hybrid` the
+/// `(id, log p̂)` entries, the most likely first (the rest in no particular order): `sample` mode p̂(v) = count/N; `hybrid` the
 /// exact top-k log-probs, then tail mass × count/N for the sampled tail ids. The entries
 /// sum to 1 (up to f16 rounding of the head), so there is no tail outcome. Draws from a
 /// proposal q ≠ p (`sample_log_weights`) are importance-weighted instead: p̂(v) = count/N ·
@@ -644,8 +644,16 @@ pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u3
             out.push((id, tail_log + (c as f32 / n).ln()));
         }
     }
-    // Most sampled first (ties by id), so entry 0 is the estimate's most likely id.
-    out[head..].sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Entry 0 is the estimate's most likely id (eval's top-1; ties by the smaller id): in a
+    // hybrid the exact top-1 already is; in a sample cache the most drawn id is swapped to
+    // the front (a full sort per position cost more than decoding it).
+    if head == 0 {
+        let best = (0..out.len())
+            .max_by(|&a, &b| out[a].1.total_cmp(&out[b].1).then(out[b].0.cmp(&out[a].0)));
+        if let Some(best) = best {
+            out.swap(0, best);
+        }
+    }
 }
 
 fn assemble_sampled(
