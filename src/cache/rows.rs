@@ -23,9 +23,8 @@
 pub use super::schema::LogprobDtype;
 use super::schema::{
     COL_DOC_ID, COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOG_WEIGHTS,
-    COL_SAMPLE_LOGPROBS, COL_SEQ_ID, COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS,
-    COL_TOPK_LOGPROB_MAX, COL_TOPK_LOGPROB_STEP, COL_TOPK_LOGPROBS, COL_WINDOW_INDEX, Layout,
-    fsl_item, item,
+    COL_SAMPLE_LOGPROBS, COL_SEQ_ID, COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_MAX,
+    COL_TOPK_LOGPROB_STEP, COL_WINDOW_INDEX, Layout, fsl_item, item,
 };
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, Float32Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
@@ -50,8 +49,8 @@ pub const Q8_ZERO: u8 = 255;
 /// `x` nats below the top is off by at most about `√(x · range) / 254` (`range / 254` at the
 /// bottom, where the probability is smallest), so a probability is off by at most about
 /// `0.43 · √range / 254` of the top one; a linear scale's `range / 508` at every depth costs
-/// the likely ids up to ~5x more. [`q8_max_error`] measures both errors exactly. Returns
-/// `(max, step)`.
+/// the likely ids up to ~5x more. [`ShardRows::storage_error`] measures both errors exactly.
+/// Returns `(max, step)`.
 pub fn q8_encode(lps: &[f32], codes: &mut [u8]) -> (f16, f16) {
     let finite = lps.iter().copied().filter(|v| v.is_finite());
     let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| {
@@ -116,33 +115,46 @@ fn f16_next_up(x: f16) -> f16 {
 /// `schemas/README.md`, in f32).
 #[inline]
 pub fn q8_value(max: f16, step: f16, code: u8) -> f32 {
+    q8_decode(max.to_f32(), step.to_f32(), code)
+}
+
+/// [`q8_value`] with the scale already in f32 (converted once per position).
+#[inline]
+fn q8_decode(max: f32, step: f32, code: u8) -> f32 {
     if code == Q8_ZERO {
         f32::NEG_INFINITY
     } else {
         let c = code as f32;
-        max.to_f32() - step.to_f32() * (c * c)
+        max - step * (c * c)
     }
 }
 
-/// The largest errors of storing `lps` (`k` per position) as q8: `(|decoded − exact|` over
-/// the finite log-probs, `|exp(decoded) − exp(exact)|` over all`)`, each the larger of the
-/// recipe's f32 value and the float16 copy logitcache's readers hold.
-pub fn q8_max_error(lps: &[f32], k: usize) -> (f32, f32) {
-    let mut codes = vec![0u8; k];
-    let (mut worst, mut worst_p) = (0f32, 0f32);
-    for pos in lps.chunks_exact(k.max(1)) {
-        let (max, step) = q8_encode(pos, &mut codes);
-        for (&v, &c) in pos.iter().zip(&codes) {
-            let d = q8_value(max, step, c);
-            for d in [d, f16::from_f32(d).to_f32()] {
-                if v.is_finite() {
-                    worst = worst.max((d - v).abs());
-                }
-                worst_p = worst_p.max((d.exp() - v.exp()).abs());
-            }
+/// The largest errors of stored log-probs against the exact ones they stand for.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StorageError {
+    /// |stored − exact| over finite values stored finite (a log-prob below float16's range
+    /// is stored as −inf, a probability below e^-65504: not an error worth recording, and
+    /// JSON has no infinity).
+    pub logprob: f32,
+    /// |exp(stored) − exp(exact)|: the error a loss sees.
+    pub prob: f32,
+}
+
+impl StorageError {
+    fn add(&mut self, exact: f32, exact_p: f32, stored: f32) {
+        if exact.is_finite() && stored.is_finite() {
+            self.logprob = self.logprob.max((stored - exact).abs());
+        }
+        self.prob = self.prob.max((stored.exp() - exact_p).abs());
+    }
+
+    /// The larger of both errors.
+    pub fn max(self, o: StorageError) -> StorageError {
+        StorageError {
+            logprob: self.logprob.max(o.logprob),
+            prob: self.prob.max(o.prob),
         }
     }
-    (worst, worst_p)
 }
 
 /// The codes as stored in `topk_logprob_deltas`: per position of `k` entries, each code minus
@@ -159,17 +171,21 @@ pub fn q8_deltas(codes: &[u8], k: usize) -> Vec<u8> {
     out
 }
 
-/// Undoes [`q8_deltas`]: running sums modulo 256 within each position.
-pub fn q8_codes_from_deltas(deltas: &[u8], k: usize) -> Vec<u8> {
+/// Undoes [`q8_deltas`]: running sums modulo 256 within each position. The deltas may come
+/// as a wider integer (Parquet stores uint8 as INT32): `None` if one does not fit a byte.
+pub fn q8_codes_from_deltas<T: Copy>(deltas: &[T], k: usize) -> Option<Vec<u8>>
+where
+    u8: TryFrom<T>,
+{
     let mut out = Vec::with_capacity(deltas.len());
     for pos in deltas.chunks_exact(k.max(1)) {
         let mut c = 0u8;
         for &d in pos {
-            c = c.wrapping_add(d);
+            c = c.wrapping_add(u8::try_from(d).ok()?);
             out.push(c);
         }
     }
-    out
+    Some(out)
 }
 
 /// One window with the teacher's outputs at each of its positions: in `topk`/`hybrid` mode
@@ -415,15 +431,51 @@ impl ShardRows {
             // per value cost more than the rest of the decoding).
             let (m, s) = (max[p].to_f32(), step[p].to_f32());
             for (b, &c) in buf.iter_mut().zip(&codes[p * k..(p + 1) * k]) {
-                let x = c as f32;
-                *b = if c == Q8_ZERO {
-                    f32::NEG_INFINITY
-                } else {
-                    m - s * (x * x)
-                };
+                *b = q8_decode(m, s, c);
             }
             half::slice::HalfFloatSliceExt::convert_from_f32_slice(out, &buf);
         }
+    }
+
+    /// The error of what [`ShardRows::push`] stored from top-k entry `topk_from` and sample
+    /// entry `sample_from` on, against the exact values it was given (`topk_exact`,
+    /// `sample_exact`): the float16 copies the readers hold, and under q8 also the recipe's
+    /// f32 value of each code.
+    pub fn storage_error(
+        &self,
+        topk_from: usize,
+        topk_exact: &[f32],
+        sample_from: usize,
+        sample_exact: &[f32],
+    ) -> StorageError {
+        let mut e = StorageError::default();
+        let k = self.k.max(1);
+        debug_assert_eq!(topk_from % k, 0, "whole positions");
+        let end = topk_from + topk_exact.len();
+        let stored = &self.topk_logprobs[topk_from..end];
+        for (i, (xs, ss)) in topk_exact.chunks(k).zip(stored.chunks(k)).enumerate() {
+            let p = topk_from / k + i;
+            let scale = self.layout.q8().then(|| {
+                let m = (self.topk_logprob_max[p], self.topk_logprob_step[p]);
+                (
+                    m.0.to_f32(),
+                    m.1.to_f32(),
+                    &self.topk_logprob_codes[p * k..(p + 1) * k],
+                )
+            });
+            for (j, (&x, s)) in xs.iter().zip(ss).enumerate() {
+                let xp = x.exp();
+                e.add(x, xp, s.to_f32());
+                if let Some((m, st, codes)) = scale {
+                    e.add(x, xp, q8_decode(m, st, codes[j]));
+                }
+            }
+        }
+        let stored = &self.sample_logprobs[sample_from..sample_from + sample_exact.len()];
+        for (&x, s) in sample_exact.iter().zip(stored) {
+            e.add(x, x.exp(), s.to_f32());
+        }
+        e
     }
 
     /// The rows as a record batch with `schema` (from
@@ -528,12 +580,11 @@ pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), 
                 .map(|c| c.as_list::<i32>())
                 .ok_or_else(|| format!("no column {name}"))
         };
-        let lp_column = if rows.layout.q8() {
-            COL_TOPK_LOGPROB_DELTAS
-        } else {
-            COL_TOPK_LOGPROBS
-        };
-        let (ids, tk, tl) = (list(COL_INPUT_IDS)?, list(COL_TOPK_IDS)?, list(lp_column)?);
+        let (ids, tk, tl) = (
+            list(COL_INPUT_IDS)?,
+            list(COL_TOPK_IDS)?,
+            list(rows.layout.topk_logprob_column())?,
+        );
         if tk.null_count() > 0 || tl.null_count() > 0 {
             return Err("unexpected nulls".into());
         }
@@ -550,8 +601,10 @@ pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), 
         rows.topk_ids
             .extend_from_slice(topk_values::<UInt32Type>(tk, k));
         if rows.layout.q8() {
-            rows.topk_logprob_codes
-                .extend(q8_codes_from_deltas(topk_values::<UInt8Type>(tl, k), k));
+            rows.topk_logprob_codes.extend(
+                q8_codes_from_deltas(topk_values::<UInt8Type>(tl, k), k)
+                    .expect("uint8 deltas fit a byte"),
+            );
             rows.decode_q8_from(first);
         } else {
             rows.topk_logprobs
@@ -629,21 +682,36 @@ fn append_samples(rows: &mut ShardRows, b: &RecordBatch, positions: &[i32]) -> R
             .extend_from_slice(&counts.as_primitive::<UInt16Type>().values()[s..e]),
         other => return Err(format!("sample_counts has type {other}")),
     }
-    if l.sample_logprobs {
-        let (loffs, lps) = nested(b, COL_SAMPLE_LOGPROBS, positions)?;
-        if loffs != offs {
-            return Err("sample_logprobs and sample_ids have different lengths".into());
+    // A column with one value per sampled id, checked against `sample_ids`.
+    fn beside<'a, T: arrow_array::ArrowPrimitiveType>(
+        b: &'a RecordBatch,
+        name: &str,
+        positions: &[i32],
+        offs: &[i32],
+    ) -> Result<&'a [T::Native], String> {
+        let (o, values) = nested(b, name, positions)?;
+        if o != offs {
+            return Err(format!("{name} and sample_ids have different lengths"));
         }
+        Ok(&values.as_primitive::<T>().values()[o[0] as usize..o[o.len() - 1] as usize])
+    }
+    if l.sample_logprobs {
         rows.sample_logprobs
-            .extend_from_slice(&lps.as_primitive::<Float16Type>().values()[s..e]);
+            .extend_from_slice(beside::<Float16Type>(
+                b,
+                COL_SAMPLE_LOGPROBS,
+                positions,
+                offs,
+            )?);
     }
     if l.sample_log_weights {
-        let (woffs, ws) = nested(b, COL_SAMPLE_LOG_WEIGHTS, positions)?;
-        if woffs != offs {
-            return Err("sample_log_weights and sample_ids have different lengths".into());
-        }
         rows.sample_log_weights
-            .extend_from_slice(&ws.as_primitive::<Float32Type>().values()[s..e]);
+            .extend_from_slice(beside::<Float32Type>(
+                b,
+                COL_SAMPLE_LOG_WEIGHTS,
+                positions,
+                offs,
+            )?);
     }
     Ok(())
 }
@@ -710,6 +778,21 @@ pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Resu
 mod q8_tests {
     use super::*;
 
+    /// One position of `lps` pushed into q8 rows: the error of what was stored.
+    fn q8_error(lps: &[f32]) -> StorageError {
+        let layout = Layout::topk(lps.len()).with_logprobs(LogprobDtype::Q8);
+        let mut rows = ShardRows::with_layout(layout);
+        let ids: Vec<u32> = (0..lps.len() as u32).collect();
+        rows.push(&WindowTopK {
+            input_ids: &[0],
+            topk_ids: &ids,
+            topk_logprobs: lps,
+            tail_logprob: &[f32::NEG_INFINITY],
+            ..Default::default()
+        });
+        rows.storage_error(0, lps, 0, &[])
+    }
+
     #[test]
     fn q8_codes_are_nearest_on_the_quadratic_scale_and_deltas_round_trip() {
         let lps = [-0.01f32, -0.5, -2.25, -7.0, -30.0, f32::NEG_INFINITY];
@@ -730,14 +813,18 @@ mod q8_tests {
             assert!((d - v).abs() <= bound, "{v}: {} > {bound}", (d - v).abs());
         }
         assert_eq!(q8_value(max, step, codes[5]), f32::NEG_INFINITY);
-        let (e, ep) = q8_max_error(&lps, 6);
+        let StorageError {
+            logprob: e,
+            prob: ep,
+        } = q8_error(&lps);
         assert!(e > 0.0 && e <= 30.0 / 254.0 + 1e-3, "{e}");
         // A probability is off by at most ~0.43·√range / 254 (here 0.0093).
         assert!(ep > 0.0 && ep < 0.0095, "{ep}");
         // Any order: the deltas wrap modulo 256 and sum back to the codes.
         let codes = [200u8, 3, 255, 0, 17, 17, 9, 250];
         let d = q8_deltas(&codes, 4);
-        assert_eq!(q8_codes_from_deltas(&d, 4), codes);
+        assert_eq!(q8_codes_from_deltas(&d, 4).unwrap(), codes);
+        assert_eq!(q8_codes_from_deltas(&[1u32, 256], 2), None);
         // Descending log-probs give small deltas (what zstd packs).
         assert_eq!(q8_deltas(&[0, 3, 7, 7], 4), [0, 3, 4, 0]);
         // All equal, below the float16 nearest to them (a uniform top-8 of V = 50257): the
@@ -749,7 +836,10 @@ mod q8_tests {
         for &c in &c8 {
             assert!((q8_value(m, s, c) - flat[0]).abs() < 1e-3, "code {c}");
         }
-        let (e, ep) = q8_max_error(&flat, 8);
+        let StorageError {
+            logprob: e,
+            prob: ep,
+        } = q8_error(&flat);
         assert!(e.is_finite() && e < 0.01 && ep < 1e-5, "{e} {ep}");
         let near = [-10.8125f32, -10.8126, -10.81255];
         let mut c3 = [0u8; 3];

@@ -183,6 +183,16 @@ impl Layout {
         Layout { logprobs, ..self }
     }
 
+    /// The column holding the top-k log-probs: `topk_logprobs`, or under q8
+    /// `topk_logprob_deltas` (beside its per-position scale).
+    pub fn topk_logprob_column(&self) -> &'static str {
+        if self.q8() {
+            COL_TOPK_LOGPROB_DELTAS
+        } else {
+            COL_TOPK_LOGPROBS
+        }
+    }
+
     /// Whether the top-k log-probs are stored as 8-bit codes (`topk_logprob_deltas` and its
     /// per-position scale) instead of `topk_logprobs`.
     pub fn q8(&self) -> bool {
@@ -238,7 +248,6 @@ pub fn shard_schema(layout: &Layout) -> Schema {
         ));
         let per_position =
             |name: &str, dt: DataType| Field::new(name, DataType::List(item(dt)), false);
-        let per_position_f32 = |name: &str| per_position(name, DataType::Float32);
         match layout.logprobs {
             LogprobDtype::Float16 => fields.push(Field::new(
                 COL_TOPK_LOGPROBS,
@@ -255,7 +264,7 @@ pub fn shard_schema(layout: &Layout) -> Schema {
                 ),
             ]),
         }
-        fields.push(per_position_f32(COL_TAIL_LOGPROB));
+        fields.push(per_position(COL_TAIL_LOGPROB, DataType::Float32));
     }
     if layout.has_samples() {
         fields.push(Field::new(

@@ -13,9 +13,7 @@ use super::pages;
 use super::reader::{Cache, ReadError, open_shard};
 use super::rows::q8_codes_from_deltas;
 use super::rows::{ShardRows, append_batch, append_per_position};
-use super::schema::{
-    COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS, COL_TOPK_LOGPROBS, Layout, check_schema,
-};
+use super::schema::{COL_TOPK_IDS, Layout, check_schema};
 use crate::rng::{is_eval, mix, permutation};
 use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
@@ -240,12 +238,9 @@ impl MappedShard {
         let leaf = |name: &str| {
             (0..schema.num_columns()).find(|&i| schema.column(i).path().parts()[0] == name)
         };
-        let lp_column = if layout.q8() {
-            COL_TOPK_LOGPROB_DELTAS
-        } else {
-            COL_TOPK_LOGPROBS
-        };
-        let (Some(ids_leaf), Some(lp_leaf)) = (leaf(COL_TOPK_IDS), leaf(lp_column)) else {
+        let (Some(ids_leaf), Some(lp_leaf)) =
+            (leaf(COL_TOPK_IDS), leaf(layout.topk_logprob_column()))
+        else {
             return Ok(None);
         };
         let others = (0..schema.num_columns()).filter(|&i| i != ids_leaf && i != lp_leaf);
@@ -279,13 +274,11 @@ impl MappedShard {
             let Some(deltas) = deltas else {
                 return Ok(None);
             };
-            if deltas.iter().any(|&c| c > u8::MAX as u32) {
-                return Err(self.corrupt(format!(
+            rows.topk_logprob_codes = q8_codes_from_deltas(&deltas, k).ok_or_else(|| {
+                self.corrupt(format!(
                     "row group {row_group}: a topk_logprob_deltas value is above 255"
-                )));
-            }
-            let deltas: Vec<u8> = deltas.into_iter().map(|c| c as u8).collect();
-            rows.topk_logprob_codes = q8_codes_from_deltas(&deltas, k);
+                ))
+            })?;
             rows.decode_q8_from(0);
         } else {
             let lps = pages::leaf_values::<half::f16>(&self.bytes, rg.column(lp_leaf), n, values)
@@ -633,16 +626,17 @@ pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u3
     }
     let head = out.len();
     let (ids, counts) = r.samples_at(p);
-    if layout.sample_log_weights {
-        let s = r.sample_offsets[p] as usize;
-        let w = &r.sample_log_weights[s..s + ids.len()];
-        for ((&id, &c), &lw) in ids.iter().zip(counts).zip(w) {
-            out.push((id, lw + (c as f32 / n).ln()));
+    // log p̂ = ln(count/N) + each id's ln p/q, or the tail mass for draws from p itself.
+    let s = r.sample_offsets[p] as usize;
+    let weight = |i: usize| {
+        if layout.sample_log_weights {
+            r.sample_log_weights[s + i]
+        } else {
+            tail_log
         }
-    } else {
-        for (&id, &c) in ids.iter().zip(counts) {
-            out.push((id, tail_log + (c as f32 / n).ln()));
-        }
+    };
+    for (i, (&id, &c)) in ids.iter().zip(counts).enumerate() {
+        out.push((id, weight(i) + (c as f32 / n).ln()));
     }
     // Entry 0 is the estimate's most likely id (eval's top-1; ties by the smaller id): in a
     // hybrid the exact top-1 already is; in a sample cache the most drawn id is swapped to

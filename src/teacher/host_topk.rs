@@ -236,12 +236,16 @@ impl HostTopK {
                                 );
                                 drawn.lens.push((drawn.ids.len() - before) as u32);
                                 let weighted = o.proposal_temperature != 1.0;
-                                // ln Σ exp((x − max)/T): the teacher's own normaliser (the
-                                // sampler's is the proposal's unless τ = 1).
-                                let lz_p = if weighted {
-                                    log_sum_exp(row, info.max, scale)
-                                } else {
+                                // ln Σ exp((x − max)/T): the teacher's own normaliser. At
+                                // τ = 1 the sampler's; in a hybrid, from the top-1's log-prob
+                                // (the top-k pass summed the row already); else one more pass.
+                                let lz_p = if !weighted {
                                     info.log_z_all
+                                } else if k > 0 {
+                                    ((row[top[0] as usize] - info.max) * scale) as f64
+                                        - lps[j * k] as f64
+                                } else {
+                                    log_sum_exp(row, info.max, scale)
                                 };
                                 let logp =
                                     |id: u32| ((row[id as usize] - info.max) * scale) as f64 - lz_p;

@@ -20,7 +20,7 @@ use crate::cache::lock::{CacheLock, ManifestLock};
 use crate::cache::manifest::{
     CacheParams, Manifest, ModelInfo, ShardEntry, ShardStats, TokenizerInfo, shard_file_name,
 };
-use crate::cache::rows::{LogprobDtype, ShardRows, WindowTopK, q8_max_error};
+use crate::cache::rows::{LogprobDtype, ShardRows, StorageError, WindowTopK};
 use crate::cache::schema::{CacheMode, Layout};
 use crate::cache::writer::{
     DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriteOptions, write_shard,
@@ -342,6 +342,8 @@ fn compute_shard(
         })
         .collect();
     let mut rows = ShardRows::with_capacity(layout, work.windows.len(), positions);
+    // What the float16 or q8 storage rounds away, from what `push` stored.
+    let mut error = StorageError::default();
     for (w, p) in work.windows.iter().zip(place) {
         let (b, at, n) = p.expect("every window computed: this is a bug");
         let out = &outputs[b];
@@ -369,40 +371,21 @@ fn compute_shard(
                 window.sample_log_weights = &out.sample_log_weights[s..e];
             }
         }
+        let (topk_from, sample_from) = (rows.topk_logprobs.len(), rows.sample_logprobs.len());
         rows.push(&window);
+        error = error.max(rows.storage_error(
+            topk_from,
+            window.topk_logprobs,
+            sample_from,
+            window.sample_logprobs,
+        ));
     }
-    // Measured from the exact f32 outputs: what the float16 or q8 storage rounds away, the
-    // top-k's mass and the distinct draws.
-    let f16_error = |v: &f32| (half::f16::from_f32(*v).to_f32() - v).abs();
-    let f16_prob_error = |v: &f32| (half::f16::from_f32(*v).to_f32().exp() - v.exp()).abs();
-    // (log-prob error, probability error) of float16 storage.
-    let f16_max_error = |v: &[f32]| {
-        let logprob = v
-            .iter()
-            .filter(|v| v.is_finite())
-            .map(f16_error)
-            // A log-prob below float16's range is stored as -inf (a probability below
-            // e^-65504, i.e. 0): not an error worth recording, and JSON has no infinity.
-            .filter(|e| e.is_finite())
-            .fold(0.0, f32::max);
-        (logprob, v.iter().map(f16_prob_error).fold(0.0, f32::max))
-    };
     let positions = rows.positions().max(1) as f64;
-    let (max_logprob_error, max_prob_error) = outputs
-        .iter()
-        .map(|o| {
-            let head = if layout.q8() {
-                q8_max_error(&o.logprobs, k)
-            } else {
-                f16_max_error(&o.logprobs)
-            };
-            let sampled = f16_max_error(&o.sample_logprobs);
-            (head.0.max(sampled.0), head.1.max(sampled.1))
-        })
-        .fold((0f32, 0f32), |a, b| (a.0.max(b.0), a.1.max(b.1)));
+    // Measured from the exact f32 outputs: the storage's error (above), the top-k's mass and
+    // the distinct draws.
     let stats = ShardStats {
-        max_logprob_error,
-        max_prob_error: Some(max_prob_error),
+        max_logprob_error: error.logprob,
+        max_prob_error: Some(error.prob),
         mean_topk_mass: layout.has_topk().then(|| {
             outputs
                 .iter()
