@@ -440,6 +440,66 @@ fn sparse_grad(
         .unwrap()
 }
 
+/// `n` teacher rows of `v` logits in [0, 5) from an LCG seeded with `seed` (row after row),
+/// for the estimator tests.
+fn teacher_logits(seed: u64, n: usize, v: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n * v)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 5.0
+        })
+        .collect()
+}
+
+/// A row's softmax in f64.
+fn softmax(row: &[f32]) -> Vec<f64> {
+    let t: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+    let z = lse(&t);
+    t.iter().map(|x| (x - z).exp()).collect()
+}
+
+/// The full-KD `fkl` gradient (softmax(z) − p) / n of student logits `z` [n, v] against the
+/// teacher's logits [n, v].
+fn full_kd_gradient(z: &[f64], teacher: &[f32], n: usize, v: usize) -> Vec<f32> {
+    let mut g = vec![0f32; n * v];
+    for i in 0..n {
+        let (zi, p) = (
+            &z[i * v..(i + 1) * v],
+            softmax(&teacher[i * v..(i + 1) * v]),
+        );
+        let l = lse(zi);
+        for j in 0..v {
+            g[i * v + j] = (((zi[j] - l).exp() - p[j]) / n as f64) as f32;
+        }
+    }
+    g
+}
+
+/// The largest |a − b| of two gradients.
+fn max_abs_diff(a: &[f64], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - *b as f64).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Every position's sparse target (`cache::stream::sparse_target`) of one-window rows.
+fn sparse_targets(
+    rows: &logitcache::cache::rows::ShardRows,
+    layout: &logitcache::cache::schema::Layout,
+) -> Vec<Vec<(u32, f32)>> {
+    (0..rows.positions())
+        .map(|pos| {
+            let mut e = vec![];
+            logitcache::cache::stream::sparse_target(rows, pos, layout, &mut e);
+            e
+        })
+        .collect()
+}
+
 /// The sampled estimators are unbiased: over many cache seeds, the mean gradient of `fkl` on
 /// a `sample` cache (and on a `hybrid` one) converges to the full-distribution KD gradient
 /// (q − p)/n, and the hybrid's head is exact in every single draw. The draws come from the
@@ -448,38 +508,16 @@ fn sparse_grad(
 fn sampled_estimators_give_the_full_kd_gradient_on_average() {
     use logitcache::cache::rows::{ShardRows, WindowTopK};
     use logitcache::cache::schema::{CacheMode, Layout};
-    use logitcache::cache::stream::sparse_target;
     use logitcache::teacher::sample::{SampleScratch, Sampler};
     use logitcache::teacher::topk::{TopK, TopKScratch};
     let (n, v, k, draws, seeds) = (3usize, 40usize, 4usize, 8usize, 600u64);
     let c = case(n, v, 1, 99, 2.5);
     let student: Vec<f32> = c.logits.iter().map(|&x| x as f32).collect();
-    // A teacher row per position, and its exact distribution.
-    let mut s = 7u64;
-    let mut r = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 40) as f32 / (1u64 << 24) as f32) * 5.0
-    };
-    let teacher: Vec<Vec<f32>> = (0..n).map(|_| (0..v).map(|_| r()).collect()).collect();
-    let p: Vec<Vec<f64>> = teacher
-        .iter()
-        .map(|t| {
-            let t: Vec<f64> = t.iter().map(|&x| x as f64).collect();
-            let z = lse(&t);
-            t.iter().map(|x| (x - z).exp()).collect()
-        })
-        .collect();
-    // Exact full-KD gradient: (softmax(z) − p) / n per row.
-    let mut exact = vec![0f32; n * v];
-    for i in 0..n {
-        let z = &c.logits[i * v..(i + 1) * v];
-        let l = lse(z);
-        for j in 0..v {
-            exact[i * v + j] = (((z[j] - l).exp() - p[i][j]) / n as f64) as f32;
-        }
-    }
+    // A teacher row per position, its exact distribution and the full-KD gradient.
+    let flat = teacher_logits(7, n, v);
+    let teacher: Vec<&[f32]> = flat.chunks(v).collect();
+    let p: Vec<Vec<f64>> = teacher.iter().map(|t| softmax(t)).collect();
+    let exact = full_kd_gradient(&c.logits, &flat, n, v);
     // Each component's mean over 600 seeds of 8 draws has sd ≤ 0.5/sqrt(4800)/3 ≈ 0.0024
     // (a gradient entry is (q − p̂)/3): TOL is 5 sd.
     const TOL: f64 = 0.012;
@@ -507,11 +545,7 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
             })
             .collect();
         let g = sparse_grad(&student, n, v, &rows, &tails);
-        let err = g
-            .iter()
-            .zip(&exact)
-            .map(|(a, b)| (a - b).abs() as f64)
-            .fold(0.0, f64::max);
+        let err = max_abs_diff(&g.iter().map(|&x| x as f64).collect::<Vec<_>>(), &exact);
         assert!(err > 2.0 * TOL, "top-{k} gradient error only {err}");
     }
     for mode in [CacheMode::Sample, CacheMode::Hybrid] {
@@ -565,13 +599,7 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
                 sample_counts: &counts,
                 ..Default::default()
             });
-            let targets: Vec<Vec<(u32, f32)>> = (0..n)
-                .map(|pos| {
-                    let mut e = vec![];
-                    sparse_target(&rows, pos, &layout, &mut e);
-                    e
-                })
-                .collect();
+            let targets = sparse_targets(&rows, &layout);
             let g = sparse_grad(&student, n, v, &targets, &vec![f32::NEG_INFINITY; n]);
             if mode == CacheMode::Hybrid {
                 // The head's gradient has no variance: exact in every draw (up to the f16
@@ -591,11 +619,7 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
                 *m += *x as f64 / seeds as f64;
             }
         }
-        let err = mean
-            .iter()
-            .zip(&exact)
-            .map(|(m, e)| (m - *e as f64).abs())
-            .fold(0.0, f64::max);
+        let err = max_abs_diff(&mean, &exact);
         assert!(
             err < TOL,
             "{mode}: max |mean sampled gradient − full KD gradient| = {err}"
@@ -612,32 +636,13 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
 fn importance_weighted_draws_give_the_full_kd_gradient_on_average() {
     use logitcache::cache::rows::{ShardRows, WindowTopK};
     use logitcache::cache::schema::{CacheMode, Layout};
-    use logitcache::cache::stream::sparse_target;
     use logitcache::teacher::backend::BatchTopK;
     use logitcache::teacher::host_topk::{HostTopK, Logits, SampleOptions};
     let (n, v, k, draws, seeds) = (3usize, 40usize, 4usize, 8usize, 800u64);
     let c = case(n, v, 1, 99, 2.5);
     let student: Vec<f32> = c.logits.iter().map(|&x| x as f32).collect();
-    let mut s = 11u64;
-    let mut r = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 40) as f32 / (1u64 << 24) as f32) * 5.0
-    };
-    let teacher: Vec<f32> = (0..n * v).map(|_| r()).collect();
-    let mut exact = vec![0f32; n * v];
-    for i in 0..n {
-        let t: Vec<f64> = teacher[i * v..(i + 1) * v]
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
-        let (zt, z) = (lse(&t), &c.logits[i * v..(i + 1) * v]);
-        let l = lse(z);
-        for j in 0..v {
-            exact[i * v + j] = (((z[j] - l).exp() - (t[j] - zt).exp()) / n as f64) as f32;
-        }
-    }
+    let teacher = teacher_logits(11, n, v);
+    let exact = full_kd_gradient(&c.logits, &teacher, n, v);
     // Measured: 0.0013–0.0022 weighted; without the weights 0.026–0.032 (sample) and
     // 0.007–0.008 (hybrid, whose biased part is only the tail).
     const TOL: f64 = 0.005;
@@ -679,34 +684,20 @@ fn importance_weighted_draws_give_the_full_kd_gradient_on_average() {
                     sample_log_weights: &out.sample_log_weights,
                     ..Default::default()
                 });
-                for (weighted, acc) in [(true, &mut mean), (false, &mut unweighted)] {
-                    let l = if weighted {
-                        layout
-                    } else {
-                        Layout::of(mode, kk, draws, false)
-                    };
-                    let mut r2 = rows.clone();
-                    r2.layout = l;
-                    let targets: Vec<Vec<(u32, f32)>> = (0..n)
-                        .map(|pos| {
-                            let mut e = vec![];
-                            sparse_target(&r2, pos, &l, &mut e);
-                            e
-                        })
-                        .collect();
+                // The same rows read with and without their weights.
+                let unweighted_layout = Layout::of(mode, kk, draws, false);
+                for (l, acc) in [(layout, &mut mean), (unweighted_layout, &mut unweighted)] {
+                    let targets = sparse_targets(&rows, &l);
                     let g = sparse_grad(&student, n, v, &targets, &vec![f32::NEG_INFINITY; n]);
                     for (m, x) in acc.iter_mut().zip(&g) {
                         *m += *x as f64 / seeds as f64;
                     }
                 }
             }
-            let err = |m: &[f64]| {
-                m.iter()
-                    .zip(&exact)
-                    .map(|(m, e)| (m - *e as f64).abs())
-                    .fold(0.0, f64::max)
-            };
-            let (e, eu) = (err(&mean), err(&unweighted));
+            let (e, eu) = (
+                max_abs_diff(&mean, &exact),
+                max_abs_diff(&unweighted, &exact),
+            );
             assert!(e < TOL, "τ = {tau} {mode}: weighted gradient error {e}");
             assert!(
                 eu > 1.4 * TOL,

@@ -210,48 +210,40 @@ fn run_produces_everything_and_reruns_only_what_changed() {
     ] {
         assert!(err.contains(s), "{s}: {err}");
     }
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("caches/ta/manifest.json")).unwrap())
-            .unwrap();
-    assert_eq!(m["params"]["top_k"], 6);
+    // Teacher ta's cache manifest and the report.
+    let outputs = || {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("caches/ta/manifest.json")).unwrap())
+                .unwrap();
+        (m, std::fs::read_to_string(out.join("report.md")).unwrap())
+    };
+    assert_eq!(outputs().0["params"]["top_k"], 6);
+    // Other `[cache]` settings, each a rerun of the 3 caches and the 9 distilled runs only.
+    let rerun_with = |cache_keys: &str| {
+        let text = pipeline_text(7, 6).replace("top_k = 6\n", &format!("top_k = 6\n{cache_keys}"));
+        std::fs::write(&p, text).unwrap();
+        let o = run_pipeline(&p, out, &[]);
+        assert_ok(&o);
+        let err = stderr(&o);
+        assert_eq!(count(&err, "rebuilding"), 12, "{err}");
+        assert_eq!(count(&err, "skipped"), 7, "{err}");
+        outputs()
+    };
 
-    // A sampled cache mode: again the 3 caches and the 9 distilled runs, nothing else.
-    let text = pipeline_text(7, 6).replace(
-        "top_k = 6\n",
-        "top_k = 6\nmode = \"sample\"\nsamples = 8\nproposal_temperature = 1.5\n",
-    );
-    std::fs::write(&p, text).unwrap();
-    let o = run_pipeline(&p, out, &[]);
-    assert_ok(&o);
-    let err = stderr(&o);
-    assert_eq!(count(&err, "rebuilding"), 12, "{err}");
-    assert_eq!(count(&err, "skipped"), 7, "{err}");
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("caches/ta/manifest.json")).unwrap())
-            .unwrap();
+    // A sampled cache mode from a flatter proposal.
+    let (m, report) = rerun_with("mode = \"sample\"\nsamples = 8\nproposal_temperature = 1.5\n");
     assert_eq!(m["params"]["mode"], "sample");
     assert_eq!(m["params"]["samples"], 8);
     assert_eq!(m["params"]["proposal_temperature"], 1.5);
-    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         report.contains("8 draws per position (sample) from the proposal p^(1/1.5)"),
         "{report}"
     );
 
-    // A hybrid with q8 log-probs: the caches and runs again.
-    let text = pipeline_text(7, 6).replace(
-        "top_k = 6\n",
-        "top_k = 6\nmode = \"hybrid\"\nsamples = 8\nlogprob_dtype = \"q8\"\n",
-    );
-    std::fs::write(&p, text).unwrap();
-    let o = run_pipeline(&p, out, &[]);
-    assert_ok(&o);
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("caches/ta/manifest.json")).unwrap())
-            .unwrap();
+    // A hybrid with q8 log-probs.
+    let (m, report) = rerun_with("mode = \"hybrid\"\nsamples = 8\nlogprob_dtype = \"q8\"\n");
     assert_eq!(m["params"]["mode"], "hybrid");
     assert_eq!(m["params"]["logprob_dtype"], "q8");
-    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         report.contains("top-6 + 8 tail draws (hybrid), q8 log-probs"),
         "{report}"
