@@ -295,6 +295,10 @@ fn main() {
         if let Some(e) = r.max_prob_error {
             sampled.insert(format!("max_prob_error_{name}"), e.into());
         }
+        sampled.insert(
+            format!("column_bytes_per_token_{name}"),
+            column_bytes(&out, r.tokens).into(),
+        );
         if let Some(keep) = std::env::var_os("E2E_KEEP") {
             let to = Path::new(&keep).join(name);
             let _ = std::fs::remove_dir_all(&to);
@@ -338,6 +342,28 @@ fn main() {
             "sampled": sampled,
         })
     );
+}
+
+/// Compressed bytes per token of each top-level column over a cache's shards (from the
+/// Parquet footers): where a cache's size goes.
+fn column_bytes(cache: &Path, tokens: u64) -> serde_json::Map<String, serde_json::Value> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let m = logitcache::cache::manifest::Manifest::load(cache).unwrap();
+    let mut bytes = std::collections::BTreeMap::<String, i64>::new();
+    for s in &m.shards {
+        let f = std::fs::File::open(cache.join(&s.file)).unwrap();
+        let md = SerializedFileReader::new(f).unwrap().metadata().clone();
+        for rg in md.row_groups() {
+            for c in rg.columns() {
+                *bytes.entry(c.column_path().parts()[0].clone()).or_default() +=
+                    c.compressed_size();
+            }
+        }
+    }
+    bytes
+        .into_iter()
+        .map(|(k, b)| (k, (b as f64 / tokens.max(1) as f64).into()))
+        .collect()
 }
 
 /// Process CPU time and minor page faults (getrusage; all threads).
