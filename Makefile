@@ -22,7 +22,7 @@ POLARS_VERSION := 2.1.0
 
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: setup test lint bench demo clean-demo pycheck-setup
+.PHONY: setup test lint bench demo clean-demo pycheck-setup fidelity
 
 setup: $(ORT_LIB)
 
@@ -71,3 +71,9 @@ demo: setup
 
 clean-demo:
 	rm -rf $(DEMO_OUT)
+
+# Cache fidelity against full-logit KD (a benchmark: ~25 minutes on 2 cores after the build).
+FIDELITY_OUT := fidelity-out
+fidelity: setup
+	$(CARGO) build --release
+	target/release/logitcache run pipelines/fidelity.toml --out $(FIDELITY_OUT)

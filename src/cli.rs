@@ -45,12 +45,15 @@ pub enum Command {
     /// attention_mask -> logits), so it can be a teacher itself.
     ExportOnnx(ExportOnnxArgs),
     /// Run a pipeline file end to end: tokenizer, teachers (pretrained and exported when
-    /// needed), one cache per teacher, every student from every cache plus CE baselines,
-    /// results, the law fit and report.md. Finished steps are skipped; rerun after an
-    /// interruption to continue.
+    /// needed), one cache per teacher (or per `[[cache_variant]]`), every student from every
+    /// cache (with each `[[recipe]]` and `[train] seeds` entry) plus CE baselines, results,
+    /// the law fit and report.md (with a cache-fidelity table when caches, recipes or seeds
+    /// are compared). Finished steps are skipped; rerun after an interruption to continue.
     Run(RunArgs),
     /// Fit the law of capacity gap to results (results.csv or results.json from `run`):
     /// the best teacher per student size and a linear fit of optimal teacher vs student params.
+    /// Results of a pipeline with cache variants or recipes are fitted on the first of each;
+    /// a cell trained with several seeds counts as the mean over them.
     Law(LawArgs),
     /// Train a byte-level BPE tokenizer.json on a corpus (for demos and small experiments).
     TrainTokenizer(TrainTokenizerArgs),
@@ -529,7 +532,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Law(args) => {
-            let rows = crate::law::read_results(&args.results)?;
+            let rows = crate::law::law_rows(&crate::law::read_results(&args.results)?);
             let f = crate::law::fit(&rows, &args.metric)?;
             let predict = args
                 .predict

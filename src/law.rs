@@ -45,6 +45,16 @@ pub struct ResultRow {
     pub steps: u64,
     #[serde(default)]
     pub run_dir: String,
+    /// The `[[cache_variant]]` the student was distilled from (none without variants, and
+    /// for CE baselines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// The `[[recipe]]` it was trained with (none without recipes, and for CE baselines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
+    /// Its training seed (none for a row averaged over seeds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 impl ResultRow {
@@ -61,6 +71,9 @@ impl ResultRow {
             eval_top1: None,
             steps: 0,
             run_dir: String::new(),
+            cache: None,
+            recipe: None,
+            seed: None,
         }
     }
 
@@ -155,17 +168,63 @@ impl LawFit {
 
     /// Two-sided 95% Student-t quantile for the fit's residual degrees of freedom.
     pub fn t95(&self) -> f64 {
-        const T: [f64; 10] = [
-            12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-        ];
-        let df = self.best.len().saturating_sub(2);
-        match df {
-            0 => f64::INFINITY,
-            1..=10 => T[df - 1],
-            11..=30 => 2.1,
-            _ => 1.96,
+        t95(self.best.len().saturating_sub(2))
+    }
+}
+
+/// Two-sided 95% Student-t quantile for `df` degrees of freedom (infinite for none).
+pub fn t95(df: usize) -> f64 {
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        1..=10 => T[df - 1],
+        11..=30 => 2.1,
+        _ => 1.96,
+    }
+}
+
+/// The rows the law is fitted to. A pipeline that compares caches or recipes
+/// (`[[cache_variant]]`, `[[recipe]]`) fits the law on the first of each (the first
+/// distilled row's), with the CE baselines; a (teacher, student) cell trained with several
+/// seeds becomes one row holding the mean of each metric over its seeds (its `seed` none,
+/// its `run_dir` the first seed's). Rows from a plain grid come back unchanged.
+pub fn law_rows(rows: &[ResultRow]) -> Vec<ResultRow> {
+    let first = rows.iter().find(|r| r.teacher_params.is_some());
+    let keep = |r: &ResultRow| {
+        r.teacher_params.is_none()
+            || first.is_none_or(|f| f.cache == r.cache && f.recipe == r.recipe)
+    };
+    let mut cells: Vec<(ResultRow, Vec<&ResultRow>)> = Vec::new();
+    for r in rows.iter().filter(|r| keep(r)) {
+        match cells
+            .iter_mut()
+            .find(|(c, _)| c.teacher == r.teacher && c.student == r.student)
+        {
+            Some((_, all)) => all.push(r),
+            None => cells.push((r.clone(), vec![r])),
         }
     }
+    cells
+        .into_iter()
+        .map(|(mut c, all)| {
+            if all.len() > 1 {
+                let n = all.len() as f64;
+                let mean = |f: fn(&ResultRow) -> f64| all.iter().map(|r| f(r)).sum::<f64>() / n;
+                let mean_opt = |f: fn(&ResultRow) -> Option<f64>| {
+                    let v: Option<Vec<f64>> = all.iter().map(|r| f(r)).collect();
+                    v.map(|v| v.iter().sum::<f64>() / n)
+                };
+                c.eval_loss = mean(|r| r.eval_loss);
+                c.eval_ppl = mean(|r| r.eval_ppl);
+                c.eval_kl = mean_opt(|r| r.eval_kl);
+                c.eval_top1 = mean_opt(|r| r.eval_top1);
+                c.seed = None;
+            }
+            c
+        })
+        .collect()
 }
 
 /// Reads `results.json` (an array of rows, or `{"rows": [...]}`) or `results.csv`.
@@ -239,6 +298,9 @@ pub fn read_results(path: &Path) -> Result<Vec<ResultRow>, LawError> {
             eval_top1: num("eval_top1")?,
             steps: num("steps")?.unwrap_or(0.0) as u64,
             run_dir: get("run_dir").unwrap_or("").to_string(),
+            cache: get("cache").map(str::to_string),
+            recipe: get("recipe").map(str::to_string),
+            seed: num("seed")?.map(|v| v as u64),
         });
     }
     Ok(rows)
@@ -247,12 +309,12 @@ pub fn read_results(path: &Path) -> Result<Vec<ResultRow>, LawError> {
 /// Writes rows as CSV (the columns of [`ResultRow`]).
 pub fn to_csv(rows: &[ResultRow]) -> String {
     let mut s = String::from(
-        "teacher,teacher_params,student,student_params,eval_loss,eval_ppl,eval_kl,eval_top1,steps,run_dir\n",
+        "teacher,teacher_params,student,student_params,eval_loss,eval_ppl,eval_kl,eval_top1,steps,run_dir,cache,recipe,seed\n",
     );
     let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.teacher,
             r.teacher_params.map(|v| v.to_string()).unwrap_or_default(),
             r.student,
@@ -262,7 +324,10 @@ pub fn to_csv(rows: &[ResultRow]) -> String {
             opt(r.eval_kl),
             opt(r.eval_top1),
             r.steps,
-            r.run_dir
+            r.run_dir,
+            r.cache.as_deref().unwrap_or(""),
+            r.recipe.as_deref().unwrap_or(""),
+            r.seed.map(|v| v.to_string()).unwrap_or_default(),
         ));
     }
     s
@@ -463,6 +528,39 @@ mod tests {
             });
         }
         rows
+    }
+
+    #[test]
+    fn law_rows_keep_the_first_cache_and_recipe_and_average_the_seeds() {
+        let row = |t: &str, tp: Option<u64>, cache: Option<&str>, recipe: Option<&str>, seed, l| {
+            ResultRow {
+                teacher_params: tp,
+                cache: cache.map(String::from),
+                recipe: recipe.map(String::from),
+                seed: Some(seed),
+                eval_kl: tp.map(|_| l / 10.0),
+                ..ResultRow::kd(t, 0, "s", 5, l)
+            }
+        };
+        let mut rows = Vec::new();
+        for seed in [0, 1] {
+            for (c, r, l) in [("a", "kd", 3.0), ("a", "ce", 4.0), ("b", "kd", 5.0)] {
+                rows.push(row("t", Some(10), Some(c), Some(r), seed, l + seed as f64));
+            }
+            rows.push(row("ce", None, None, None, seed, 7.0 + seed as f64));
+        }
+        let got = law_rows(&rows);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].teacher.as_str(), got[0].eval_loss), ("t", 3.5));
+        assert_eq!(got[0].cache.as_deref(), Some("a"));
+        assert_eq!(got[0].recipe.as_deref(), Some("kd"));
+        assert_eq!(got[0].seed, None);
+        assert!((got[0].eval_kl.unwrap() - 0.35).abs() < 1e-12);
+        assert!((got[0].eval_ppl - (3f64.exp() + 4f64.exp()) / 2.0).abs() < 1e-9);
+        assert_eq!((got[1].teacher.as_str(), got[1].eval_loss), ("ce", 7.5));
+        // A plain grid (one row per cell) comes back as it was.
+        let plain = grid(&[10, 20], &[20, 40], |s| s);
+        assert_eq!(law_rows(&plain), plain);
     }
 
     #[test]

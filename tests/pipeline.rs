@@ -94,8 +94,19 @@ pub(crate) fn baseline() -> &'static (PathBuf, String) {
 
 /// `results.csv` without the run_dir column (which names the output directory).
 fn results_without_dirs(csv: &str) -> Vec<String> {
+    let col = csv
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|h| h == "run_dir")
+        .unwrap();
     csv.lines()
-        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .map(|l| {
+            let mut f: Vec<&str> = l.split(',').collect();
+            f.remove(col);
+            f.join(",")
+        })
         .collect()
 }
 
@@ -355,4 +366,244 @@ fn law_and_pipeline_errors_are_clear() {
         &run(&["law", dir.join("none.csv").to_str().unwrap()]),
         &["cannot read results", "none.csv"],
     );
+}
+
+/// A pipeline comparing three caches of one teacher, two recipes and two seeds.
+fn grid_text(extra: &str) -> String {
+    format!(
+        r#"
+name = "grid"
+threads = 2
+[data]
+corpus = ["{corpus}"]
+tokenizer = "{tok}"
+seq_len = 32
+eval_fraction = 0.1
+[cache]
+shard_size = 64
+[[cache_variant]]
+name = "exact"
+top_k = {vocab}
+[[cache_variant]]
+name = "top-2"
+top_k = 2
+[[cache_variant]]
+name = "hyb"
+mode = "hybrid"
+top_k = 2
+samples = 6
+[train]
+steps = 4
+batch_size = 4
+evals = 1
+eval_batches = 3
+seeds = [0, 1]
+[[recipe]]
+name = "kd"
+[[recipe]]
+name = "kd+ce"
+ce_weight = 1.0
+[[teacher]]
+name = "toy"
+onnx = "{toy}"
+[[student]]
+name = "s1"
+arch = {{ hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 2, intermediate_size = 32, tie_word_embeddings = true }}
+{extra}"#,
+        corpus = corpus(300).display(),
+        tok = tokenizer().display(),
+        toy = plain_model().display(),
+        vocab = VOCAB,
+    )
+}
+
+#[test]
+fn a_grid_of_caches_recipes_and_seeds_is_trained_and_compared() {
+    let dir = shared_dir().join("pl-grid");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("grid.toml");
+    std::fs::write(&p, grid_text("")).unwrap();
+    let out = dir.join("out");
+    let o = run_pipeline(&p, &out, &[]);
+    assert_ok(&o);
+
+    // One cache per variant, as each variant says.
+    for (v, mode, k) in [
+        ("exact", "topk", VOCAB),
+        ("top-2", "topk", 2),
+        ("hyb", "hybrid", 2),
+    ] {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join(format!("caches/toy@{v}/manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        // (`topk` is the mode a manifest without one has)
+        assert_eq!(m["params"]["mode"].as_str().unwrap_or("topk"), mode, "{v}");
+        assert_eq!(m["params"]["top_k"], k, "{v}");
+    }
+    // 3 caches x 2 recipes x 2 seeds distilled, 2 CE baselines: one row each.
+    let rows: Vec<logitcache::law::ResultRow> =
+        logitcache::law::read_results(&out.join("results.csv")).unwrap();
+    assert_eq!(rows.len(), 14);
+    let loss = |cache: Option<&str>, recipe: Option<&str>, seed: u64| {
+        let r: Vec<_> = rows
+            .iter()
+            .filter(|r| {
+                r.cache.as_deref() == cache && r.recipe.as_deref() == recipe && r.seed == Some(seed)
+            })
+            .collect();
+        assert_eq!(r.len(), 1, "{cache:?} {recipe:?} {seed}: {rows:?}");
+        assert!(
+            Path::new(&r[0].run_dir)
+                .join("checkpoint/model.safetensors")
+                .is_file()
+        );
+        r[0].eval_loss
+    };
+    for c in ["exact", "top-2", "hyb"] {
+        for rc in ["kd", "kd+ce"] {
+            for seed in [0, 1] {
+                loss(Some(c), Some(rc), seed);
+            }
+        }
+    }
+    assert!(
+        out.join("runs/toy@hyb/kd+ce/seed-1/s1/metrics.jsonl")
+            .is_file()
+    );
+    assert!(out.join("runs/ce/seed-0/s1/metrics.jsonl").is_file());
+    // The seeds differ, and so do the recipes.
+    assert_ne!(
+        loss(Some("exact"), Some("kd"), 0),
+        loss(Some("exact"), Some("kd"), 1)
+    );
+    assert_ne!(
+        loss(Some("exact"), Some("kd"), 0),
+        loss(Some("exact"), Some("kd+ce"), 0)
+    );
+
+    // The report's fidelity table: the paired gap of each cache to the exact one, computed
+    // here from the rows.
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for s in [
+        "## Cache fidelity",
+        "### Student s1 from teacher toy",
+        "| exact | top-400 | kd | ",
+        " | reference | ",
+        "| CE only | tokens | CE | ",
+        "over 2 seeds (0, 1)",
+        "Best cache after the exact one (recipe `kd`)",
+        "`exact`: top-400; `top-2`: top-2; `hyb`: top-2 + 6 tail draws (hybrid)",
+        "`kd` (fkl, 1 x KD + 0 x CE), `kd+ce` (fkl, 1 x KD + 1 x CE)",
+    ] {
+        assert!(report.contains(s), "report lacks {s:?}:\n{report}");
+    }
+    for (c, rc) in [("top-2", "kd"), ("hyb", "kd+ce"), ("exact", "kd+ce")] {
+        let d: Vec<f64> = [0, 1]
+            .iter()
+            .map(|&s| loss(Some(c), Some(rc), s) - loss(Some("exact"), Some("kd"), s))
+            .collect();
+        let mean = (d[0] + d[1]) / 2.0;
+        let sd = ((d[0] - mean).powi(2) + (d[1] - mean).powi(2)).sqrt();
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {c} ")) && l.contains(&format!("| {rc} |")))
+            .unwrap_or_else(|| panic!("no row for {c} {rc}:\n{report}"));
+        assert!(
+            line.contains(&format!("| {mean:+.4} ± {sd:.4} |")),
+            "{c} {rc}: want {mean:+.4} ± {sd:.4}: {line}"
+        );
+    }
+    // The student table above it holds the mean over the seeds of the first cache and recipe.
+    let mean0 = (loss(Some("exact"), Some("kd"), 0) + loss(Some("exact"), Some("kd"), 1)) / 2.0;
+    assert!(report.contains(&format!("{mean0:.4}")), "{mean0}\n{report}");
+
+    // A rerun skips all 19 steps (tokenizer, token data, 3 caches, 14 runs).
+    let o = run_pipeline(&p, &out, &[]);
+    assert_ok(&o);
+    assert_eq!(count(&stderr(&o), "skipped"), 19, "{}", stderr(&o));
+    // A changed variant rebuilds its cache and its 4 runs only.
+    std::fs::write(&p, grid_text("").replace("samples = 6", "samples = 7")).unwrap();
+    let o = run_pipeline(&p, &out, &[]);
+    assert_ok(&o);
+    assert_eq!(count(&stderr(&o), "rebuilding"), 5, "{}", stderr(&o));
+    assert_eq!(count(&stderr(&o), "skipped"), 14, "{}", stderr(&o));
+}
+
+#[test]
+fn grid_settings_are_checked() {
+    let dir = shared_dir().join("pl-grid-errors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = grid_text("");
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "no-name",
+            base.replace("name = \"top-2\"\n", ""),
+            &["[[cache_variant]] 2: no `name`"],
+        ),
+        (
+            "twice",
+            base.replace("name = \"top-2\"", "name = \"exact\""),
+            &["[[cache_variant]] `exact` is named twice"],
+        ),
+        (
+            "slash",
+            base.replace("name = \"top-2\"", "name = \"a/b\""),
+            &["`a/b`: the name must be a plain file name"],
+        ),
+        (
+            "unknown-key",
+            base.replace(
+                "top_k = 2\n[[cache_variant]]",
+                "top_kk = 2\n[[cache_variant]]",
+            ),
+            &[
+                "[[cache_variant]] `top-2` is not valid",
+                "unknown field `top_kk`",
+            ],
+        ),
+        (
+            "bad-mode",
+            base.replace("mode = \"hybrid\"", "mode = \"hybird\""),
+            &["[[cache_variant]] `hyb` is not valid", "hybird"],
+        ),
+        (
+            "recipe-seed",
+            base.replace("ce_weight = 1.0", "ce_weight = 1.0\nseeds = [3]"),
+            &["[[recipe]] `kd+ce` sets `seeds`", "set it in [train]"],
+        ),
+        (
+            "recipe-ce",
+            base.replace("ce_weight = 1.0", "loss = \"ce\""),
+            &["[[recipe]] `kd+ce` loss = \"ce\" would ignore the teachers"],
+        ),
+        (
+            "seed-and-seeds",
+            base.replace("seeds = [0, 1]", "seeds = [0, 1]\nseed = 4"),
+            &["sets both `seed` and `seeds`"],
+        ),
+        (
+            "seed-twice",
+            base.replace("seeds = [0, 1]", "seeds = [1, 1]"),
+            &["seeds lists a seed twice"],
+        ),
+        (
+            "no-seeds",
+            base.replace("seeds = [0, 1]", "seeds = []"),
+            &["seeds is empty"],
+        ),
+    ];
+    for (name, text, frags) in cases {
+        assert_ne!(*text, base, "{name}: the edit did not apply");
+        let p = dir.join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let o = run(&[
+            "run",
+            p.to_str().unwrap(),
+            "--out",
+            dir.join("o").to_str().unwrap(),
+        ]);
+        assert_fails(&o, frags);
+        assert!(!dir.join("o").exists(), "{name}: wrote output");
+    }
 }

@@ -32,6 +32,19 @@ pub struct PipelineFile {
     pub teachers: Vec<TeacherEntry>,
     #[serde(rename = "student", default)]
     pub students: Vec<ModelEntry>,
+    /// Several caches per teacher (`[[cache_variant]]`: a `name` and any `[cache]` keys,
+    /// which override `[cache]`'s); every student is distilled from each, and the report
+    /// compares them (cache fidelity). Without any, each teacher has the one `[cache]`.
+    #[serde(
+        rename = "cache_variant",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub cache_variants: Vec<toml::Table>,
+    /// Several ways to train each distilled student (`[[recipe]]`: a `name` and any
+    /// `[train]` keys, which override `[train]`'s), e.g. KD only and KD + CE.
+    #[serde(rename = "recipe", default, skip_serializing_if = "Vec::is_empty")]
+    pub recipes: Vec<toml::Table>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +173,10 @@ pub struct TrainSection {
     pub jsd_beta: f64,
     #[serde(default)]
     pub seed: u64,
+    /// Train every run once per seed (instead of `seed`): the report gives mean ± sd over
+    /// the seeds and compares caches by paired (same-seed) differences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<u64>>,
     /// Evaluations per run (spread evenly; the last is at the final step).
     #[serde(default = "default_evals")]
     pub evals: usize,
@@ -251,6 +268,33 @@ pub enum TeacherSource {
     },
 }
 
+/// One cache setting of every teacher.
+#[derive(Debug, Clone)]
+pub struct CacheVariant {
+    /// `None` for the plain `[cache]` of a pipeline without `[[cache_variant]]`.
+    pub name: Option<String>,
+    pub cache: CacheSection,
+}
+
+impl CacheVariant {
+    /// The cache's directory name under `caches/` (and `runs/`): the teacher's name, with
+    /// `@variant` when the pipeline has variants.
+    pub fn label(&self, teacher: &str) -> String {
+        match &self.name {
+            Some(v) => format!("{teacher}@{v}"),
+            None => teacher.to_string(),
+        }
+    }
+}
+
+/// One way of training the distilled students.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// `None` for the plain `[train]` of a pipeline without `[[recipe]]`.
+    pub name: Option<String>,
+    pub train: TrainSection,
+}
+
 /// A loaded, checked pipeline with absolute paths.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -258,6 +302,58 @@ pub struct Pipeline {
     pub name: String,
     pub out: PathBuf,
     pub file: PipelineFile,
+    /// `[cache]`, or each `[[cache_variant]]` over it (at least one).
+    pub caches: Vec<CacheVariant>,
+    /// `[train]`, or each `[[recipe]]` over it (at least one).
+    pub recipes: Vec<Recipe>,
+    /// The training seeds: `[train] seeds`, or the one `seed`.
+    pub seeds: Vec<u64>,
+}
+
+/// `base` with the keys of `over` (all but `name`) replacing its own, checked as a `T`.
+fn overlay<T: Serialize + serde::de::DeserializeOwned>(
+    base: &T,
+    over: &toml::Table,
+    what: &str,
+) -> anyhow::Result<T> {
+    let mut t = match toml::Value::try_from(base) {
+        Ok(toml::Value::Table(t)) => t,
+        other => bail!("{what}: cannot merge its keys: {other:?}"),
+    };
+    for (k, v) in over {
+        if k != "name" {
+            t.insert(k.clone(), v.clone());
+        }
+    }
+    toml::Value::Table(t)
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("{what} is not valid: {e}"))
+}
+
+/// The `name` of a `[[cache_variant]]` or `[[recipe]]`: present, a plain file name, unique.
+fn variant_name(
+    t: &toml::Table,
+    section: &str,
+    i: usize,
+    seen: &mut std::collections::BTreeSet<String>,
+) -> anyhow::Result<String> {
+    let n = match t.get("name") {
+        Some(toml::Value::String(n)) => n.clone(),
+        Some(_) => bail!("[[{section}]] {}: `name` must be a string", i + 1),
+        None => bail!(
+            "[[{section}]] {}: no `name`; give each one a name (it names its directories and its row in the report)",
+            i + 1
+        ),
+    };
+    if n.is_empty() || n.contains(['/', '\\', '@']) || n.starts_with('.') {
+        bail!(
+            "[[{section}]] `{n}`: the name must be a plain file name (no `/`, `\\` or `@`, not starting with `.`)"
+        );
+    }
+    if !seen.insert(n.clone()) {
+        bail!("[[{section}]] `{n}` is named twice; give each one its own name");
+    }
+    Ok(n)
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -341,14 +437,90 @@ impl Pipeline {
                 *c = resolve(&base, Path::new(c)).display().to_string();
             }
         }
+        let what = path.display();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut caches = Vec::new();
+        for (i, v) in file.cache_variants.iter().enumerate() {
+            let name = variant_name(v, "cache_variant", i, &mut seen)?;
+            let cache = overlay(
+                &file.cache,
+                v,
+                &format!("{what}: [[cache_variant]] `{name}`"),
+            )?;
+            caches.push(CacheVariant {
+                name: Some(name),
+                cache,
+            });
+        }
+        if caches.is_empty() {
+            caches.push(CacheVariant {
+                name: None,
+                cache: file.cache.clone(),
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut recipes = Vec::new();
+        for (i, r) in file.recipes.iter().enumerate() {
+            let name = variant_name(r, "recipe", i, &mut seen)?;
+            for key in ["seed", "seeds", "ce_baseline"] {
+                if r.contains_key(key) {
+                    bail!(
+                        "{what}: [[recipe]] `{name}` sets `{key}`: that is one setting for the whole pipeline; set it in [train]"
+                    );
+                }
+            }
+            let train = overlay(&file.train, r, &format!("{what}: [[recipe]] `{name}`"))?;
+            recipes.push(Recipe {
+                name: Some(name),
+                train,
+            });
+        }
+        if recipes.is_empty() {
+            recipes.push(Recipe {
+                name: None,
+                train: file.train.clone(),
+            });
+        }
+        let seeds = match &file.train.seeds {
+            None => vec![file.train.seed],
+            Some(s) if s.is_empty() => {
+                bail!("{what}: [train] seeds is empty; list at least one seed, or remove it")
+            }
+            Some(_) if file.train.seed != 0 => bail!(
+                "{what}: [train] sets both `seed` and `seeds`; keep one (`seeds = [0, 1, 2]` trains every run once per seed)"
+            ),
+            Some(s) => {
+                let mut u = s.clone();
+                u.sort_unstable();
+                u.dedup();
+                if u.len() != s.len() {
+                    bail!("{what}: [train] seeds lists a seed twice: {s:?}");
+                }
+                s.clone()
+            }
+        };
         let p = Pipeline {
             path: path.to_path_buf(),
             name: file.name.clone().unwrap_or(stem),
             out,
             file,
+            caches,
+            recipes,
+            seeds,
         };
         p.check()?;
         Ok(p)
+    }
+
+    /// Whether runs are trained with an explicit list of seeds (`[train] seeds`): their
+    /// directories then end in `seed-N`.
+    pub fn seed_dirs(&self) -> bool {
+        self.file.train.seeds.is_some()
+    }
+
+    /// Whether the pipeline compares caches, recipes or seeds (the report's fidelity part).
+    pub fn is_grid(&self) -> bool {
+        self.caches.len() > 1 || self.recipes.len() > 1 || self.seeds.len() > 1
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -378,10 +550,16 @@ impl Pipeline {
         if f.students.is_empty() {
             bail!("{what}: no [[student]]; add at least one");
         }
-        if f.train.loss == KdLoss::Ce {
-            bail!(
-                "{what}: [train] loss = \"ce\" would ignore the teachers; use a distillation loss (the CE baseline is `ce_baseline = true`)"
-            );
+        for r in &self.recipes {
+            if r.train.loss == KdLoss::Ce {
+                bail!(
+                    "{what}: {} loss = \"ce\" would ignore the teachers; use a distillation loss (the CE baseline is `ce_baseline = true`)",
+                    r.name
+                        .as_ref()
+                        .map(|n| format!("[[recipe]] `{n}`"))
+                        .unwrap_or("[train]".into())
+                );
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for t in &f.teachers {

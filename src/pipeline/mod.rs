@@ -22,7 +22,7 @@ pub mod report;
 
 use crate::cache::reader::Cache;
 use crate::cache::schema::{CacheMode, LogprobDtype};
-use crate::law::{ResultRow, fit, read_results};
+use crate::law::{ResultRow, fit, law_rows, read_results};
 use crate::loss::{KdLoss, LossConfig};
 use crate::progress::ProgressMode;
 use crate::student::arch::StudentConfig;
@@ -33,7 +33,7 @@ use crate::student::train::train_student;
 use crate::teacher::{self, TeacherConfig};
 use crate::util::{sha256_bytes, sha256_file, write_atomic};
 use anyhow::{Context, bail};
-pub use config::{Pipeline, TeacherSource, TrainSection};
+pub use config::{CacheSection, CacheVariant, Pipeline, Recipe, TeacherSource, TrainSection};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -109,9 +109,25 @@ pub struct TeacherInfo {
     pub name: String,
     pub params: u64,
     pub onnx: PathBuf,
+    /// Its first (or only) cache.
     pub cache: PathBuf,
+    /// Its caches, one per cache variant, in the pipeline's order.
+    pub caches: Vec<CacheInfo>,
     /// Held-out CE of a pretrained teacher (none for given ONNX files).
     pub eval_loss: Option<f64>,
+}
+
+/// One cache of a teacher.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheInfo {
+    /// The `[[cache_variant]]`'s name (none without variants).
+    pub variant: Option<String>,
+    /// Its directory name under `caches/` and `runs/`.
+    pub label: String,
+    pub dir: PathBuf,
+    pub settings: CacheSection,
+    #[serde(skip)]
+    fingerprint: String,
 }
 
 /// Parameter count of an ONNX model: the elements of its initializers.
@@ -154,6 +170,7 @@ impl Runner<'_> {
         tokenizer: &Path,
         out: &Path,
         ce: bool,
+        temperature: f32,
     ) -> TrainConfig {
         let warmup = t.warmup.unwrap_or(t.steps / 10);
         let evals = t.evals.max(1);
@@ -174,7 +191,7 @@ impl Runner<'_> {
                 kind: if ce { KdLoss::Ce } else { t.loss },
                 kd_weight: t.kd_weight,
                 ce_weight: t.ce_weight,
-                temperature: self.p.file.cache.temperature as f64,
+                temperature: temperature as f64,
                 jsd_beta: t.jsd_beta,
             },
             seed: t.seed,
@@ -246,12 +263,12 @@ impl Runner<'_> {
         model_id: &str,
         tokenizer: &Path,
         dir: &Path,
+        c: &CacheSection,
         top_k: usize,
         sampled: bool,
         upstream: &str,
     ) -> anyhow::Result<String> {
         let d = &self.p.file.data;
-        let c = &self.p.file.cache;
         let mode = if sampled { c.mode } else { CacheMode::Topk };
         let samples = match mode {
             CacheMode::Topk => 0,
@@ -374,13 +391,22 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
         .build_global();
     let n_t = f.teachers.len();
     let n_s = f.students.len();
+    let (n_c, n_r, n_seeds) = (p.caches.len(), p.recipes.len(), p.seeds.len());
     let trained = f.teachers.iter().filter(|t| t.onnx.is_none()).count();
     let mut r = Runner {
         p,
         opts,
         threads,
         step: 0,
-        steps: 2 + 2 * trained + n_t + n_t * n_s + if f.train.ce_baseline { n_s } else { 0 },
+        steps: 2
+            + 2 * trained
+            + n_t * n_c
+            + n_t * n_c * n_r * n_seeds * n_s
+            + if f.train.ce_baseline {
+                n_s * n_seeds
+            } else {
+                0
+            },
         t0: Instant::now(),
     };
 
@@ -433,6 +459,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
         ),
         &tokenizer,
         &data_dir,
+        &f.cache,
         1,
         false,
         &data_up,
@@ -459,7 +486,14 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                 let mut t = tt.clone();
                 t.steps = *steps;
                 t.lr = *lr;
-                let cfg = r.train_config(&t, &data_dir, &tokenizer, &tdir.join("run"), true);
+                let cfg = r.train_config(
+                    &t,
+                    &data_dir,
+                    &tokenizer,
+                    &tdir.join("run"),
+                    true,
+                    f.cache.temperature,
+                );
                 let (run, fp) = r.train(&format!("teacher {name}"), arch, &cfg, &data_fp)?;
                 r.header(&format!("teacher {name}: export to ONNX"));
                 let onnx = tdir.join("model.onnx");
@@ -480,54 +514,115 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                 (onnx, arch.num_params() as u64, e, fp)
             }
         };
-        r.header(&format!("cache of teacher {name}"));
-        let cdir = out.join("caches").join(name);
-        let cfp = r.cache(
-            &format!("cache {name}"),
-            &onnx,
-            &sha256_file(&onnx)?.0,
-            &tokenizer,
-            &cdir,
-            f.cache.top_k,
-            true,
-            &fingerprint(&json!({"data": data_up, "teacher": up})),
-        )?;
-        infos.push((
-            TeacherInfo {
-                name: name.clone(),
-                params,
-                onnx,
-                cache: cdir,
-                eval_loss,
-            },
-            cfp,
-        ));
+        let onnx_sha = sha256_file(&onnx)?.0;
+        let mut caches = Vec::new();
+        for v in &p.caches {
+            let label = v.label(name);
+            r.header(&match &v.name {
+                Some(n) => format!("cache `{n}` of teacher {name}"),
+                None => format!("cache of teacher {name}"),
+            });
+            let dir = out.join("caches").join(&label);
+            let fingerprint = r.cache(
+                &format!("cache {label}"),
+                &onnx,
+                &onnx_sha,
+                &tokenizer,
+                &dir,
+                &v.cache,
+                v.cache.top_k,
+                true,
+                &fingerprint(&json!({"data": data_up, "teacher": up})),
+            )?;
+            caches.push(CacheInfo {
+                variant: v.name.clone(),
+                label,
+                dir,
+                settings: v.cache.clone(),
+                fingerprint,
+            });
+        }
+        infos.push(TeacherInfo {
+            name: name.clone(),
+            params,
+            onnx,
+            cache: caches[0].dir.clone(),
+            caches,
+            eval_loss,
+        });
     }
 
-    // 4. Students: distilled from every teacher, and the CE baseline.
+    // 4. Students: distilled from every cache of every teacher (with each recipe and seed),
+    // and the CE baseline (with each seed). Run directories:
+    // runs/<cache label>[/<recipe>][/seed-<seed>]/<student>, runs/ce[/seed-<seed>]/<student>.
+    let seed_dir = |d: PathBuf, seed: u64| {
+        if p.seed_dirs() {
+            d.join(format!("seed-{seed}"))
+        } else {
+            d
+        }
+    };
     let mut rows = Vec::new();
     for s in &students {
-        for (t, cfp) in &infos {
-            r.header(&format!("student {} from teacher {}", s.name, t.name));
-            let cfg = r.train_config(
-                &f.train,
-                &t.cache,
-                &tokenizer,
-                &out.join("runs").join(&t.name),
-                false,
-            );
-            let (run, _) = r.train(&format!("{} <- {}", s.name, t.name), s, &cfg, cfp)?;
-            rows.push(row(&t.name, Some(t.params), s, &run, cfg.steps)?);
+        for t in &infos {
+            for c in &t.caches {
+                for rc in &p.recipes {
+                    for &seed in &p.seeds {
+                        let mut what = format!("{} <- {}", s.name, c.label);
+                        let mut dir = out.join("runs").join(&c.label);
+                        if let Some(n) = &rc.name {
+                            what += &format!(" ({n})");
+                            dir = dir.join(n);
+                        }
+                        if p.seed_dirs() {
+                            what += &format!(" seed {seed}");
+                        }
+                        r.header(&format!("student {what}"));
+                        let mut ts = rc.train.clone();
+                        ts.seed = seed;
+                        let cfg = r.train_config(
+                            &ts,
+                            &c.dir,
+                            &tokenizer,
+                            &seed_dir(dir, seed),
+                            false,
+                            c.settings.temperature,
+                        );
+                        let (run, _) = r.train(&what, s, &cfg, &c.fingerprint)?;
+                        let mut rw = row(&t.name, Some(t.params), s, &run, cfg.steps)?;
+                        rw.cache = c.variant.clone();
+                        rw.recipe = rc.name.clone();
+                        rw.seed = Some(seed);
+                        rows.push(rw);
+                    }
+                }
+            }
         }
         if f.train.ce_baseline {
-            r.header(&format!("student {} with CE only", s.name));
-            let cfg = r.train_config(&f.train, &data_dir, &tokenizer, &out.join("runs/ce"), true);
-            let (run, _) = r.train(&format!("{} (CE)", s.name), s, &cfg, &data_fp)?;
-            let mut rw = row("ce", None, s, &run, cfg.steps)?;
-            // KL and top-1 of a CE run are against the data model: meaningless.
-            rw.eval_kl = None;
-            rw.eval_top1 = None;
-            rows.push(rw);
+            for &seed in &p.seeds {
+                let mut what = format!("{} (CE)", s.name);
+                if p.seed_dirs() {
+                    what += &format!(" seed {seed}");
+                }
+                r.header(&format!("student {what}"));
+                let mut ts = f.train.clone();
+                ts.seed = seed;
+                let cfg = r.train_config(
+                    &ts,
+                    &data_dir,
+                    &tokenizer,
+                    &seed_dir(out.join("runs/ce"), seed),
+                    true,
+                    f.cache.temperature,
+                );
+                let (run, _) = r.train(&what, s, &cfg, &data_fp)?;
+                let mut rw = row("ce", None, s, &run, cfg.steps)?;
+                // KL and top-1 of a CE run are against the data model: meaningless.
+                rw.eval_kl = None;
+                rw.eval_top1 = None;
+                rw.seed = Some(seed);
+                rows.push(rw);
+            }
         }
     }
 
@@ -542,9 +637,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
         crate::law::to_csv(&rows).as_bytes(),
     )?;
     let rows = read_results(&results)?;
-    let law = fit(&rows, "eval_loss");
-    let teachers: Vec<TeacherInfo> = infos.into_iter().map(|(t, _)| t).collect();
-    let report = report::write(p, &teachers, &rows, &law, out)?;
+    let law = fit(&law_rows(&rows), "eval_loss");
+    let report = report::write(p, &infos, &rows, &law, out)?;
     tracing::info!(
         "pipeline {} finished in {:.0} s: {}",
         p.name,
@@ -578,6 +672,9 @@ fn row(
         eval_top1: num(e.eval_top1),
         steps: steps as u64,
         run_dir: run.display().to_string(),
+        cache: None,
+        recipe: None,
+        seed: None,
     })
 }
 

@@ -2,8 +2,11 @@
 //! Sans Mono, so no system font library is needed): student eval loss vs teacher size per
 //! student, held-out loss curves, and the law fit.
 
+use super::CacheSection;
 use super::{Pipeline, TeacherInfo};
-use crate::law::{LawError, LawFit, ResultRow, describe, human};
+use crate::cache::reader::Cache;
+use crate::cache::schema::{CacheMode, LogprobDtype};
+use crate::law::{LawError, LawFit, ResultRow, describe, human, law_rows};
 use crate::student::run_dir::RunDir;
 use anyhow::anyhow;
 use plotters::prelude::*;
@@ -296,7 +299,251 @@ fn plot_law(path: &Path, f: &LawFit) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `report.md` and `plots/*.png` into `out`; returns the report's path.
+/// What a cache setting stores, in words.
+fn describe_cache(c: &CacheSection) -> String {
+    let samples = c.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES);
+    let mut d = match c.mode {
+        CacheMode::Topk => format!("top-{}", c.top_k),
+        CacheMode::Sample => format!("{samples} draws per position (sample)"),
+        CacheMode::Hybrid => format!("top-{} + {samples} tail draws (hybrid)", c.top_k),
+    };
+    if c.mode != CacheMode::Topk && c.proposal_temperature != 1.0 {
+        d += &format!(" from the proposal p^(1/{})", c.proposal_temperature);
+    }
+    if c.mode != CacheMode::Sample && c.logprob_dtype != LogprobDtype::Float16 {
+        d += &format!(", {} log-probs", c.logprob_dtype);
+    }
+    d
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+/// What the report says of a paired difference `d` (same-seed, over seeds): a change is
+/// only called one when the 95% interval of its mean excludes 0.
+fn verdict(d: &[f64]) -> &'static str {
+    let (m, sd) = mean_sd(d);
+    if d.len() < 2 {
+        return "one seed: cannot tell";
+    }
+    let half = crate::law::t95(d.len() - 1) * sd / (d.len() as f64).sqrt();
+    if m.abs() <= half {
+        "no difference (within the seed noise)"
+    } else if m > 0.0 {
+        "worse"
+    } else {
+        "better"
+    }
+}
+
+/// The section comparing caches, recipes and seeds (pipelines with `[[cache_variant]]`,
+/// `[[recipe]]` or `[train] seeds`): per teacher and student, held-out CE mean ± sd over
+/// the seeds, bytes per token, and the paired gap to the exact cache.
+fn fidelity(
+    md: &mut String,
+    p: &Pipeline,
+    teachers: &[TeacherInfo],
+    rows: &[ResultRow],
+) -> anyhow::Result<()> {
+    let seeds = &p.seeds;
+    writeln!(
+        md,
+        "## Cache fidelity
+"
+    )?;
+    writeln!(
+        md,
+        "Every distilled student, per cache and recipe, over {} seed{} ({}); held-out CE in nats as mean ± sd over the seeds. The *exact* cache stores the whole distribution (top-k with k = V: full-logit KD); gap = mean of the paired same-seed differences to it (with the first recipe, `{}`), ± their sd, and as % of its loss; a gap is called a difference only when its 95% interval (Student t over the seeds) excludes 0. B/token: the cache's bytes on disk per token; ids/pos: distinct ids stored per position.\n",
+        seeds.len(),
+        if seeds.len() == 1 { "" } else { "s" },
+        seeds
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        p.recipes[0].name.as_deref().unwrap_or("[train]"),
+    )?;
+    let students = students(rows);
+    for t in teachers {
+        let vocab = Cache::open(&t.cache).map(|c| c.manifest.vocab_size).ok();
+        let exact = t.caches.iter().find(|c| {
+            c.settings.mode == CacheMode::Topk && vocab.is_some_and(|v| c.settings.top_k >= v)
+        });
+        for s in &students {
+            let losses = |cache: Option<&Option<String>>, recipe: Option<&Option<String>>| {
+                seeds
+                    .iter()
+                    .map(|&seed| {
+                        rows.iter()
+                            .find(|r| {
+                                &r.student == s
+                                    && r.seed == Some(seed)
+                                    && match cache {
+                                        Some(c) => {
+                                            r.teacher == t.name
+                                                && &r.cache == c
+                                                && Some(&r.recipe) == recipe
+                                        }
+                                        None => r.teacher_params.is_none(),
+                                    }
+                            })
+                            .map(|r| r.eval_loss)
+                    })
+                    .collect::<Option<Vec<f64>>>()
+            };
+            let reference = exact.and_then(|e| losses(Some(&e.variant), Some(&p.recipes[0].name)));
+            writeln!(
+                md,
+                "### Student {s} from teacher {}\n\n| cache | stores | recipe | held-out CE | gap to exact | gap % | vs exact | B/token | ids/pos |\n|---|---|---|---|---|---|---|---|---|",
+                t.name
+            )?;
+            let mut firsts: Vec<(String, Vec<f64>)> = Vec::new();
+            for c in &t.caches {
+                let (bpt, ids) = match Cache::open(&c.dir) {
+                    Ok(cache) => {
+                        let m = &cache.manifest;
+                        let tok = m.totals.tokens.max(1) as f64;
+                        let ids = m
+                            .shards
+                            .iter()
+                            .map(|sh| {
+                                sh.stats
+                                    .as_ref()
+                                    .and_then(|st| st.mean_distinct_ids)
+                                    .map(|d| d * sh.tokens as f64)
+                            })
+                            .sum::<Option<f64>>()
+                            .map(|d| d / tok);
+                        let head = if m.params.mode == CacheMode::Sample {
+                            0.0
+                        } else {
+                            m.params.top_k as f64
+                        };
+                        (
+                            format!("{:.1}", m.totals.bytes as f64 / tok),
+                            format!("{:.1}", head + ids.unwrap_or(0.0)),
+                        )
+                    }
+                    Err(_) => ("-".into(), "-".into()),
+                };
+                for (i, rc) in p.recipes.iter().enumerate() {
+                    let Some(l) = losses(Some(&c.variant), Some(&rc.name)) else {
+                        continue;
+                    };
+                    let (m, sd) = mean_sd(&l);
+                    let gap = reference.as_ref().map(|e| {
+                        let d: Vec<f64> = l.iter().zip(e).map(|(a, b)| a - b).collect();
+                        let (dm, dsd) = mean_sd(&d);
+                        let (em, _) = mean_sd(e);
+                        (dm, dsd, 100.0 * dm / em, verdict(&d))
+                    });
+                    let is_ref = exact.is_some_and(|e| e.variant == c.variant) && i == 0;
+                    writeln!(
+                        md,
+                        "| {}{} | {} | {} | {m:.4} ± {sd:.4} | {} | {} | {} | {bpt} | {ids} |",
+                        c.variant.as_deref().unwrap_or(&c.label),
+                        if exact.is_some_and(|e| e.variant == c.variant)
+                            && c.variant.as_deref() != Some("exact")
+                        {
+                            " (exact)"
+                        } else {
+                            ""
+                        },
+                        describe_cache(&c.settings),
+                        rc.name.as_deref().unwrap_or("[train]"),
+                        match gap {
+                            _ if is_ref => "reference".to_string(),
+                            Some((dm, dsd, _, _)) => format!("{dm:+.4} ± {dsd:.4}"),
+                            None => "-".into(),
+                        },
+                        match gap {
+                            Some((_, _, pct, _)) if !is_ref => format!("{pct:+.2}%"),
+                            _ => "-".into(),
+                        },
+                        match gap {
+                            Some((_, _, _, v)) if !is_ref => v,
+                            _ => "-",
+                        },
+                    )?;
+                    if i == 0 {
+                        firsts.push((c.variant.clone().unwrap_or(c.label.clone()), l));
+                    }
+                }
+            }
+            if p.file.train.ce_baseline
+                && let Some(l) = losses(None, None)
+            {
+                let (m, sd) = mean_sd(&l);
+                let gap = reference.as_ref().map(|e| {
+                    let d: Vec<f64> = l.iter().zip(e).map(|(a, b)| a - b).collect();
+                    let (dm, dsd) = mean_sd(&d);
+                    (dm, dsd, 100.0 * dm / mean_sd(e).0, verdict(&d))
+                });
+                writeln!(
+                    md,
+                    "| CE only | tokens | CE | {m:.4} ± {sd:.4} | {} | {} | {} | - | - |",
+                    gap.map(|g| format!("{:+.4} ± {:.4}", g.0, g.1))
+                        .unwrap_or("-".into()),
+                    gap.map(|g| format!("{:+.2}%", g.2)).unwrap_or("-".into()),
+                    gap.map(|g| g.3).unwrap_or("-"),
+                )?;
+            }
+            writeln!(md)?;
+            if exact.is_none() {
+                writeln!(
+                    md,
+                    "No exact cache in this grid (a `topk` variant with `top_k` ≥ the vocabulary): gaps need one.\n"
+                )?;
+            }
+            // The best non-exact cache (first recipe) against each other cache, seed by seed.
+            let best = firsts
+                .iter()
+                .filter(|(n, _)| {
+                    exact.is_none_or(|e| e.variant.as_deref().unwrap_or(&e.label) != n.as_str())
+                })
+                .min_by(|a, b| mean_sd(&a.1).0.total_cmp(&mean_sd(&b.1).0));
+            if let Some((bn, bl)) = best {
+                let mut cmp = Vec::new();
+                let exact_name = exact.map(|e| e.variant.clone().unwrap_or(e.label.clone()));
+                for (n, l) in &firsts {
+                    if n == bn || exact_name.as_ref() == Some(n) {
+                        continue;
+                    }
+                    let wins = bl.iter().zip(l).filter(|(a, b)| a < b).count();
+                    let d: Vec<f64> = bl.iter().zip(l).map(|(a, b)| a - b).collect();
+                    cmp.push(format!(
+                        "lower than `{n}` in {wins} of {} seeds ({:+.4}: {})",
+                        l.len(),
+                        mean_sd(&d).0,
+                        verdict(&d)
+                    ));
+                }
+                if cmp.is_empty() {
+                    continue;
+                }
+                writeln!(
+                    md,
+                    "Best cache after the exact one (recipe `{}`): `{bn}`, {}.\n",
+                    p.recipes[0].name.as_deref().unwrap_or("[train]"),
+                    cmp.join("; ")
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `report.md` and `plots/*.png` into `out`; returns the report's path. `rows` are
+/// every run's; the tables before the fidelity part and the law use [`law_rows`] of them.
 pub fn write(
     p: &Pipeline,
     teachers: &[TeacherInfo],
@@ -304,6 +551,8 @@ pub fn write(
     law: &Result<LawFit, LawError>,
     out: &Path,
 ) -> anyhow::Result<PathBuf> {
+    let all = rows;
+    let rows = &law_rows(all)[..];
     fonts();
     let plots = out.join("plots");
     std::fs::create_dir_all(&plots)?;
@@ -331,7 +580,7 @@ pub fn write(
     writeln!(md, "# logitcache report: {}\n", p.name)?;
     writeln!(
         md,
-        "Corpus: {}. Windows of {} tokens, {:.0}% held out (by `seq_id`): every number below is the next-token cross-entropy (nats) on the same held-out tokens. Caches: {} at T = {}. Students: {} steps of {} windows, loss `{:?}`.\n",
+        "Corpus: {}. Windows of {} tokens, {:.0}% held out (by `seq_id`): every number below is the next-token cross-entropy (nats) on the same held-out tokens. Caches: {} at T = {}. Students: {} steps of {} windows, {}.\n",
         f.data
             .corpus
             .iter()
@@ -344,34 +593,44 @@ pub fn write(
             .join(", "),
         f.data.seq_len,
         f.data.eval_fraction * 100.0,
-        {
-            let c = &f.cache;
-            let mut d = match c.mode {
-                crate::cache::schema::CacheMode::Topk => format!("top-{}", c.top_k),
-                crate::cache::schema::CacheMode::Sample => format!(
-                    "{} draws per position (sample)",
-                    c.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES)
-                ),
-                crate::cache::schema::CacheMode::Hybrid => format!(
-                    "top-{} + {} tail draws (hybrid)",
-                    c.top_k,
-                    c.samples.unwrap_or(crate::teacher::DEFAULT_SAMPLES)
-                ),
-            };
-            if c.mode != crate::cache::schema::CacheMode::Topk && c.proposal_temperature != 1.0 {
-                d += &format!(" from the proposal p^(1/{})", c.proposal_temperature);
-            }
-            if c.mode != crate::cache::schema::CacheMode::Sample
-                && c.logprob_dtype != crate::cache::schema::LogprobDtype::Float16
-            {
-                d += &format!(", {} log-probs", c.logprob_dtype);
-            }
-            d
+        if p.caches.len() > 1 {
+            format!(
+                "{} per teacher ({})",
+                p.caches.len(),
+                p.caches
+                    .iter()
+                    .map(|v| format!(
+                        "`{}`: {}",
+                        v.name.as_deref().unwrap_or(""),
+                        describe_cache(&v.cache)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        } else {
+            describe_cache(&f.cache)
         },
         f.cache.temperature,
         f.train.steps,
         f.train.batch_size,
-        f.train.loss,
+        if p.recipes.len() > 1 {
+            p.recipes
+                .iter()
+                .map(|r| {
+                    let t = &r.train;
+                    format!(
+                        "`{}` ({}, {} x KD + {} x CE)",
+                        r.name.as_deref().unwrap_or(""),
+                        t.loss.name(),
+                        t.kd_weight,
+                        t.ce_weight
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            format!("loss `{}`", f.train.loss.name())
+        },
     )?;
     writeln!(
         md,
@@ -488,10 +747,28 @@ pub fn write(
             "\nCaution: the pretrained teachers' own held-out losses do not fall with size (table above), so a larger teacher here is not simply a stronger one — it is under-trained for its size. A \"capacity gap\" read from this grid mixes size with teacher quality; train the teachers longer to separate them."
         )?;
     }
-    writeln!(
-        md,
-        "\nEach cell is one run with one seed; differences of a few hundredths of a nat can be noise (the law below is fitted to the best cell regardless)."
-    )?;
+    if p.seeds.len() > 1 {
+        writeln!(
+            md,
+            "\nEach cell is the mean over {} seeds{}; the law below is fitted to the best cell regardless.",
+            p.seeds.len(),
+            if p.is_grid() && (p.caches.len() > 1 || p.recipes.len() > 1) {
+                " of the first cache and recipe (all of them are compared under Cache fidelity)"
+            } else {
+                ""
+            }
+        )?;
+    } else {
+        writeln!(
+            md,
+            "\nEach cell is one run with one seed{}; differences of a few hundredths of a nat can be noise (the law below is fitted to the best cell regardless).",
+            if p.is_grid() {
+                ", of the first cache and recipe (all of them are compared under Cache fidelity)"
+            } else {
+                ""
+            }
+        )?;
+    }
     writeln!(md, "\n## The law of capacity gap\n")?;
     match law {
         Ok(fit) => {
@@ -519,8 +796,10 @@ pub fn write(
     if kd_pairs > 0 {
         writeln!(
             md,
-            "Distilled runs minimise {} x KD ({:?}) + {} x CE; the baseline minimises CE alone. KD beat the CE-only baseline in {kd_wins} of {kd_pairs} (teacher, student) pairs.\n",
-            f.train.kd_weight, f.train.loss, f.train.ce_weight
+            "Distilled runs minimise {} x KD (`{}`) + {} x CE; the baseline minimises CE alone. KD beat the CE-only baseline in {kd_wins} of {kd_pairs} (teacher, student) pairs.\n",
+            p.recipes[0].train.kd_weight,
+            p.recipes[0].train.loss.name(),
+            p.recipes[0].train.ce_weight
         )?;
         for l in best_vs_ce {
             writeln!(md, "- {l}")?;
@@ -528,14 +807,33 @@ pub fn write(
     } else {
         writeln!(md, "No CE baseline was trained (`ce_baseline = false`).")?;
     }
+    if p.is_grid() {
+        writeln!(md)?;
+        fidelity(&mut md, p, teachers, all)?;
+    }
     writeln!(
         md,
-        "\n## Training curves\n\n![held-out loss during training](plots/curves.png)\n"
+        "{}## Training curves\n\n![held-out loss during training](plots/curves.png)\n",
+        if p.is_grid() { "" } else { "\n" }
     )?;
     writeln!(
         md,
-        "Files: `results.csv` / `results.json` (one row per run; `logitcache law {}` refits), `pipeline.resolved.json` (the pipeline with every default filled in), `runs/<teacher>/<student>/` (checkpoints, metrics.jsonl), `caches/<teacher>/`, `teachers/<name>/model.onnx`.",
-        out.join("results.csv").display()
+        "Files: `results.csv` / `results.json` (one row per run; `logitcache law {}` refits), `pipeline.resolved.json` (the pipeline with every default filled in), `{}` (checkpoints, metrics.jsonl), `{}`, `teachers/<name>/model.onnx`.",
+        out.join("results.csv").display(),
+        match (p.caches.len() > 1, p.recipes.len() > 1, p.seed_dirs()) {
+            (false, false, false) => "runs/<teacher>/<student>/".to_string(),
+            (c, r, sd) => format!(
+                "runs/<teacher>{}{}{}/<student>/",
+                if c { "@<cache>" } else { "" },
+                if r { "/<recipe>" } else { "" },
+                if sd { "/seed-<seed>" } else { "" }
+            ),
+        },
+        if p.caches.len() > 1 {
+            "caches/<teacher>@<cache>/"
+        } else {
+            "caches/<teacher>/"
+        }
     )?;
     let path = out.join("report.md");
     crate::util::write_atomic(&path, md.as_bytes())?;
