@@ -9,14 +9,22 @@
 //! are checked (definition levels: one RLE run of the maximum) and skipped, and the values
 //! are copied out of PLAIN or BYTE_STREAM_SPLIT pages.
 //!
+//! The sample columns (`sample_ids`, `sample_counts`: `list<list<…>>`, one list per
+//! position, DELTA_BINARY_PACKED) have lists of varying length, so their repetition levels
+//! carry information: they are decoded with the parquet crate's column reader into levels
+//! and values, and each position's length is read off the levels, without building the
+//! nested Arrow arrays.
+//!
 //! Anything else (a dictionary page, another encoding, a bit-packed definition run, counts
-//! that do not add up) returns `None`, and the caller decodes the row group with the
-//! generic Arrow reader instead: the fast path never guesses.
+//! that do not add up, an empty or null list) returns `None`, and the caller decodes the row
+//! group with the generic Arrow reader instead: the fast path never guesses.
 
 use bytes::Bytes;
 use half::f16;
 use parquet::basic::{Encoding, Type as PhysicalType};
 use parquet::column::page::{Page, PageReader};
+use parquet::column::reader::ColumnReaderImpl;
+use parquet::data_type::DataType;
 use parquet::file::metadata::ColumnChunkMetaData;
 use parquet::file::serialized_reader::SerializedPageReader;
 use std::sync::Arc;
@@ -101,6 +109,60 @@ pub(crate) fn leaf_values<T: Leaf>(
         }
     }
     Ok((out.len() == expected).then_some(out))
+}
+
+/// A nested leaf's values and the length of each inner list.
+pub(crate) type NestedValues<T> = (Vec<T>, Vec<u32>);
+
+/// The values of a `list<list<T>>` leaf column chunk (one inner list per position) and the
+/// length of each inner list: `Ok(None)` when the chunk is not in the layout this fast path
+/// handles (another type or nesting, or a null or empty list: definition levels below the
+/// maximum), `Err` when the bytes themselves are broken.
+pub(crate) fn nested_values<T: DataType>(
+    file: &Bytes,
+    chunk: &ColumnChunkMetaData,
+    rows: usize,
+) -> Result<Option<NestedValues<T::T>>, String> {
+    let desc = chunk.column_descr_ptr();
+    if desc.physical_type() != T::get_physical_type() || desc.max_rep_level() != 2 {
+        return Ok(None);
+    }
+    let max_def = desc.max_def_level();
+    let pages = SerializedPageReader::new(Arc::new(file.clone()), chunk, rows, None)
+        .map_err(|e| e.to_string())?;
+    let mut reader = ColumnReaderImpl::<T>::new(desc, Box::new(pages));
+    let n = chunk.num_values().max(0) as usize;
+    let (mut def, mut reps, mut values) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut got = 0;
+    while got < rows {
+        let (r, _, _) = reader
+            .read_records(rows - got, Some(&mut def), Some(&mut reps), &mut values)
+            .map_err(|e| e.to_string())?;
+        if r == 0 {
+            return Err(format!(
+                "the column chunk ends after {got} of its {rows} rows"
+            ));
+        }
+        got += r;
+    }
+    if def.len() != values.len() || def.iter().any(|&d| d != max_def) {
+        return Ok(None);
+    }
+    // Repetition level 0 starts a row (and its first position), 1 a position, 2 continues
+    // the position's list: with every list present and non-empty, one level per value.
+    let mut lens: Vec<u32> = Vec::with_capacity(n / 4 + 1);
+    for &r in &reps {
+        match (r, lens.last_mut()) {
+            (0 | 1, _) => lens.push(1),
+            (_, Some(l)) => *l += 1,
+            (_, None) => return Ok(None),
+        }
+    }
+    Ok(Some((values, lens)))
 }
 
 /// A `u32` length prefix at `at` (levels of a v1 data page): the block's `(start, end)`.

@@ -597,7 +597,7 @@ pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), 
             return Err("per-position columns have different lengths".into());
         }
         let first = rows.positions();
-        append_per_position(rows, b)?;
+        append_per_position(rows, b, true)?;
         rows.topk_ids
             .extend_from_slice(topk_values::<UInt32Type>(tk, k));
         if rows.layout.q8() {
@@ -611,7 +611,7 @@ pub(crate) fn append_batch(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), 
                 .extend_from_slice(topk_values::<Float16Type>(tl, k));
         }
     } else {
-        append_per_position(rows, b)?;
+        append_per_position(rows, b, true)?;
     }
     Ok(())
 }
@@ -718,8 +718,12 @@ fn append_samples(rows: &mut ShardRows, b: &RecordBatch, positions: &[i32]) -> R
 
 /// [`append_batch`] for a batch without the top-k id and log-prob columns (the fast reader
 /// fills `topk_ids`/`topk_logprobs` from the pages, see `cache::pages`); the sample columns
-/// are appended here.
-pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Result<(), String> {
+/// are appended here too unless `samples` is false (the fast reader decodes them as well).
+pub(crate) fn append_per_position(
+    rows: &mut ShardRows,
+    b: &RecordBatch,
+    samples: bool,
+) -> Result<(), String> {
     let col = |name: &str| {
         b.column_by_name(name)
             .ok_or_else(|| format!("no column {name}"))
@@ -760,7 +764,7 @@ pub(crate) fn append_per_position(rows: &mut ShardRows, b: &RecordBatch) -> Resu
             }
         }
     }
-    if rows.layout.has_samples() {
+    if samples && rows.layout.has_samples() {
         append_samples(rows, b, ids.value_offsets())?;
     }
     let base = rows.input_ids.len() as i32 - ids.value_offsets()[0];

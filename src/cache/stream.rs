@@ -13,13 +13,14 @@ use super::pages;
 use super::reader::{Cache, ReadError, open_shard};
 use super::rows::q8_codes_from_deltas;
 use super::rows::{ShardRows, append_batch, append_per_position};
-use super::schema::{COL_TOPK_IDS, Layout, check_schema};
+use super::schema::{COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_TOPK_IDS, Layout, check_schema};
 use crate::rng::{is_eval, mix, permutation};
 use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
+use parquet::data_type::Int32Type;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -208,8 +209,9 @@ impl MappedShard {
         self.meta.metadata().num_row_groups()
     }
 
-    /// Decodes one row group: the top-k columns straight from their pages when they have
-    /// the layout our writer produces (see `pages`), else everything through Arrow.
+    /// Decodes one row group: the top-k columns straight from their pages and the sample
+    /// columns through the column reader when they have the layout our writer produces (see
+    /// `pages`), else everything through Arrow.
     pub fn decode(&self, row_group: usize, layout: &Layout) -> Result<ShardRows, ReadError> {
         if let Some(rows) = self.decode_fast(row_group, layout)? {
             return Ok(rows);
@@ -229,7 +231,11 @@ impl MappedShard {
         row_group: usize,
         layout: &Layout,
     ) -> Result<Option<ShardRows>, ReadError> {
-        if !layout.has_topk() {
+        // The sample columns take the fast path without the optional columns beside them
+        // (`--store-logprobs`, a proposal τ ≠ 1), which Arrow then decodes with the rest.
+        let fast_samples =
+            layout.has_samples() && !layout.sample_logprobs && !layout.sample_log_weights;
+        if !layout.has_topk() && !fast_samples {
             return Ok(None);
         }
         let k = layout.k;
@@ -238,12 +244,27 @@ impl MappedShard {
         let leaf = |name: &str| {
             (0..schema.num_columns()).find(|&i| schema.column(i).path().parts()[0] == name)
         };
-        let (Some(ids_leaf), Some(lp_leaf)) =
-            (leaf(COL_TOPK_IDS), leaf(layout.topk_logprob_column()))
-        else {
-            return Ok(None);
+        let mut fast = Vec::new();
+        let topk = if layout.has_topk() {
+            let (Some(ids), Some(lp)) = (leaf(COL_TOPK_IDS), leaf(layout.topk_logprob_column()))
+            else {
+                return Ok(None);
+            };
+            fast.extend([ids, lp]);
+            Some((ids, lp))
+        } else {
+            None
         };
-        let others = (0..schema.num_columns()).filter(|&i| i != ids_leaf && i != lp_leaf);
+        let sampled = if fast_samples {
+            let (Some(ids), Some(counts)) = (leaf(COL_SAMPLE_IDS), leaf(COL_SAMPLE_COUNTS)) else {
+                return Ok(None);
+            };
+            fast.extend([ids, counts]);
+            Some((ids, counts))
+        } else {
+            None
+        };
+        let others = (0..schema.num_columns()).filter(|i| !fast.contains(i));
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(
             self.bytes.clone(),
             self.meta.clone(),
@@ -257,11 +278,45 @@ impl MappedShard {
         for b in reader {
             let b =
                 b.map_err(|e| self.corrupt(format!("cannot decode row group {row_group} ({e})")))?;
-            append_per_position(&mut rows, &b).map_err(|e| self.corrupt(e))?;
+            append_per_position(&mut rows, &b, !fast_samples).map_err(|e| self.corrupt(e))?;
         }
         let rg = md.row_group(row_group);
-        let (n, values) = (rg.num_rows() as usize, rows.positions() * k);
+        let n = rg.num_rows() as usize;
         let pages_err = |e: String| self.corrupt(format!("row group {row_group}: {e}"));
+        if let Some((ids_leaf, counts_leaf)) = sampled {
+            let ids = pages::nested_values::<Int32Type>(&self.bytes, rg.column(ids_leaf), n)
+                .map_err(pages_err)?;
+            let counts = pages::nested_values::<Int32Type>(&self.bytes, rg.column(counts_leaf), n)
+                .map_err(pages_err)?;
+            let (Some((ids, lens)), Some((counts, counts_lens))) = (ids, counts) else {
+                return Ok(None);
+            };
+            if lens.len() != rows.positions() || counts_lens != lens {
+                return Err(self.corrupt(format!(
+                    "row group {row_group}: sample_ids, sample_counts and input_ids hold different numbers of positions or entries"
+                )));
+            }
+            let mut at = 0i32;
+            rows.sample_offsets.reserve(lens.len());
+            for l in lens {
+                at += l as i32;
+                rows.sample_offsets.push(at);
+            }
+            rows.sample_ids = ids.into_iter().map(|v| v as u32).collect();
+            rows.sample_counts = counts
+                .into_iter()
+                .map(|c| u16::try_from(c).ok())
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    self.corrupt(format!(
+                        "row group {row_group}: a sample_counts value is out of range"
+                    ))
+                })?;
+        }
+        let Some((ids_leaf, lp_leaf)) = topk else {
+            return Ok(Some(rows));
+        };
+        let values = rows.positions() * k;
         let ids = pages::leaf_values::<u32>(&self.bytes, rg.column(ids_leaf), n, values)
             .map_err(pages_err)?;
         let Some(ids) = ids else {
@@ -614,8 +669,40 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -
 /// proposal q ≠ p (`sample_log_weights`) are importance-weighted instead: p̂(v) = count/N ·
 /// p(v)/q(v), which sums to 1 only in expectation (the loss is unbiased all the same).
 pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u32, f32)>) {
+    sparse_target_with(r, p, layout, &CountLogs::new(layout.samples), out)
+}
+
+/// ln(count/N) for every count 0..=N: one logarithm per possible count instead of one per
+/// stored entry (a position of a sample-50 cache holds ~36; the logarithms were the largest
+/// cost of assembling a sampled batch).
+pub struct CountLogs(Vec<f32>);
+
+impl CountLogs {
+    pub fn new(samples: usize) -> Self {
+        let n = samples.max(1) as f32;
+        CountLogs((0..=samples).map(|c| (c as f32 / n).ln()).collect())
+    }
+
+    /// ln(c/N), the same value as computing it (counts above N, which a valid cache does
+    /// not hold, are computed).
+    fn get(&self, c: u16, samples: usize) -> f32 {
+        match self.0.get(c as usize) {
+            Some(&v) => v,
+            None => (c as f32 / samples.max(1) as f32).ln(),
+        }
+    }
+}
+
+/// [`sparse_target`] with the count logarithms computed once ([`CountLogs::new`] of the
+/// layout's `samples`).
+pub fn sparse_target_with(
+    r: &ShardRows,
+    p: usize,
+    layout: &Layout,
+    logs: &CountLogs,
+    out: &mut Vec<(u32, f32)>,
+) {
     out.clear();
-    let n = layout.samples.max(1) as f32;
     let k = layout.k;
     let mut tail_log = 0.0f32;
     if layout.has_topk() {
@@ -636,7 +723,7 @@ pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u3
         }
     };
     for (i, (&id, &c)) in ids.iter().zip(counts).enumerate() {
-        out.push((id, weight(i) + (c as f32 / n).ln()));
+        out.push((id, weight(i) + logs.get(c, layout.samples)));
     }
     // Entry 0 is the estimate's most likely id (eval's top-1; ties by the smaller id): in a
     // hybrid the exact top-1 already is; in a sample cache the most drawn id is swapped to
@@ -669,10 +756,11 @@ fn assemble_sampled(
     out.tail_logprob.fill(f32::NEG_INFINITY);
     let len = out.len;
     let mut entries = Vec::with_capacity(width);
+    let logs = CountLogs::new(layout.samples);
     for (bi, (r, i)) in rows.iter().enumerate() {
         let s = r.offsets[*i] as usize;
         for (j, p) in (s..r.offsets[*i + 1] as usize).enumerate() {
-            sparse_target(r, p, layout, &mut entries);
+            sparse_target_with(r, p, layout, &logs, &mut entries);
             let o = (bi * len + j) * width;
             for (e, &(id, lp)) in entries.iter().enumerate() {
                 out.topk_ids[o + e] = id;
@@ -825,6 +913,154 @@ mod tests {
         assert_eq!(concat(k, fast), want);
         let arrow = groups.map(|g| shard.decode_arrow(g, &layout).unwrap());
         assert_eq!(concat(k, arrow), want);
+    }
+
+    /// Windows of 1..=30 positions in `layout`, each position with 1..=12 sampled entries
+    /// (0..=12 with `empty`: a hybrid whose top-k held all the mass has no tail draws).
+    fn sampled_rows(layout: Layout, empty: bool) -> ShardRows {
+        let k = layout.k;
+        let mut rng = SplitMix::new(11);
+        let mut rows = ShardRows::with_layout(layout);
+        let max_count = layout.samples as u64;
+        for w in 0..200u64 {
+            let n = 1 + (rng.next_u64() % 30) as usize;
+            let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % 70_000) as u32).collect();
+            let topk: Vec<u32> = (0..n * k)
+                .map(|_| (rng.next_u64() % 70_000) as u32)
+                .collect();
+            let lps: Vec<f32> = (0..n * k)
+                .map(|_| -((rng.next_u64() % 10_000) as f32) / 500.0)
+                .collect();
+            let tail: Vec<f32> = (0..n).map(|i| -(i as f32) - 0.5).collect();
+            let lens: Vec<u32> = (0..n)
+                .map(|_| (rng.next_u64() % 13) as u32)
+                .map(|l| if empty { l } else { l.max(1) })
+                .collect();
+            let total = lens.iter().sum::<u32>() as usize;
+            let mut sids = Vec::with_capacity(total);
+            for &l in &lens {
+                let mut v: Vec<u32> = (0..l).map(|_| (rng.next_u64() % 70_000) as u32).collect();
+                v.sort_unstable();
+                sids.extend(v);
+            }
+            let counts: Vec<u16> = (0..total)
+                .map(|_| 1 + (rng.next_u64() % max_count) as u16)
+                .collect();
+            let slps: Vec<f32> = if layout.sample_logprobs {
+                (0..total).map(|i| -(i as f32) / 7.0).collect()
+            } else {
+                vec![]
+            };
+            rows.push(&WindowTopK {
+                seq_id: w,
+                doc_id: w / 3,
+                window_index: (w % 3) as u32,
+                input_ids: &ids,
+                topk_ids: if k > 0 { &topk } else { &[] },
+                topk_logprobs: if k > 0 { &lps } else { &[] },
+                tail_logprob: if k > 0 { &tail } else { &[] },
+                sample_lens: &lens,
+                sample_ids: &sids,
+                sample_counts: &counts,
+                sample_logprobs: &slps,
+                ..Default::default()
+            });
+        }
+        rows
+    }
+
+    #[test]
+    fn sample_columns_take_the_fast_path_and_equal_the_arrow_reader() {
+        use crate::cache::schema::{CacheMode, LogprobDtype};
+        let dir = tempfile::tempdir().unwrap();
+        let small_pages = || {
+            writer_properties(3, 64)
+                .into_builder()
+                .set_writer_version(WriterVersion::PARQUET_2_0)
+                .set_data_page_row_count_limit(7)
+                .set_data_page_size_limit(500)
+                .build()
+        };
+        // (layout, empty lists, whether the sample columns take the fast path)
+        let cases = [
+            (
+                "sample",
+                Layout::of(CacheMode::Sample, 0, 50, false),
+                false,
+                true,
+            ),
+            (
+                "sample-u16",
+                Layout::of(CacheMode::Sample, 0, 300, false),
+                false,
+                true,
+            ),
+            (
+                "hybrid",
+                Layout::of(CacheMode::Hybrid, 5, 40, false),
+                false,
+                true,
+            ),
+            (
+                "hybrid-q8",
+                Layout::of(CacheMode::Hybrid, 5, 40, false).with_logprobs(LogprobDtype::Q8),
+                false,
+                true,
+            ),
+            // Arrow decodes the sample columns when stored log-probs sit beside them, and
+            // the whole row group when a position has no entries.
+            (
+                "hybrid-logprobs",
+                Layout::of(CacheMode::Hybrid, 5, 40, true),
+                false,
+                false,
+            ),
+            (
+                "sample-logprobs",
+                Layout::of(CacheMode::Sample, 0, 50, true),
+                false,
+                false,
+            ),
+            (
+                "hybrid-empty",
+                Layout::of(CacheMode::Hybrid, 5, 40, false),
+                true,
+                false,
+            ),
+        ];
+        for (name, layout, empty, fast_samples) in cases {
+            let want = sampled_rows(layout, empty);
+            for (pages, props) in [
+                ("v1", writer_properties(3, 64)),
+                ("small-v2", small_pages()),
+            ] {
+                let what = format!("{name} {pages}");
+                let shard = write(&dir.path().join(&what), &want, props);
+                let groups = 0..shard.row_groups();
+                assert!(groups.len() > 1, "{what}");
+                let fast: Vec<Option<ShardRows>> = groups
+                    .clone()
+                    .map(|g| shard.decode_fast(g, &layout).unwrap())
+                    .collect();
+                let took = fast.iter().all(|r| r.is_some());
+                // Without the fast sample columns, a sample layout has nothing fast left.
+                let expect_fast = fast_samples || (layout.has_topk() && !empty);
+                assert_eq!(took, expect_fast, "{what}");
+                if took {
+                    assert_eq!(
+                        concat(0, fast.into_iter().map(Option::unwrap)),
+                        want,
+                        "{what}"
+                    );
+                }
+                let arrow = groups
+                    .clone()
+                    .map(|g| shard.decode_arrow(g, &layout).unwrap());
+                assert_eq!(concat(0, arrow), want, "{what}");
+                let any = groups.map(|g| shard.decode(g, &layout).unwrap());
+                assert_eq!(concat(0, any), want, "{what}");
+            }
+        }
     }
 
     #[test]
