@@ -120,17 +120,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
             .map(|s| s.stats.as_ref().and_then(|t| t.max_prob_error))
             .collect::<Option<Vec<f32>>>()
             .and_then(|v| v.into_iter().reduce(f32::max)),
-        mean_entropy: m
-            .shards
-            .iter()
-            .map(|s| {
-                s.stats
-                    .as_ref()
-                    .and_then(|t| t.mean_entropy)
-                    .map(|h| h * s.tokens as f64)
-            })
-            .sum::<Option<f64>>()
-            .map(|h| h / m.totals.tokens.max(1) as f64),
+        mean_entropy: m.token_mean(|t| t.mean_entropy),
     })
 }
 

@@ -219,6 +219,21 @@ pub fn shard_file_name(index: u64) -> String {
 }
 
 impl Manifest {
+    /// The token-weighted mean over the shards of a per-shard statistic (`None` when a
+    /// shard did not record it).
+    pub fn token_mean(&self, stat: impl Fn(&ShardStats) -> Option<f64>) -> Option<f64> {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.stats
+                    .as_ref()
+                    .and_then(&stat)
+                    .map(|v| v * s.tokens as f64)
+            })
+            .sum::<Option<f64>>()
+            .map(|v| v / self.totals.tokens.max(1) as f64)
+    }
+
     /// A manifest for a new cache of this format version: no plan yet, no shards. The
     /// teacher fills in the plan, then [`Manifest::store`] seals it.
     pub fn new(

@@ -111,11 +111,12 @@ pub(crate) fn leaf_values<T: Leaf>(
     Ok((out.len() == expected).then_some(out))
 }
 
-/// A nested leaf's values and the length of each inner list.
-pub(crate) type NestedValues<T> = (Vec<T>, Vec<u32>);
+/// A nested leaf's values and the offsets of its inner lists (inner list p is
+/// `values[offsets[p]..offsets[p + 1]]`; `offsets[0] == 0`).
+pub(crate) type NestedValues<T> = (Vec<T>, Vec<i32>);
 
 /// The values of a `list<list<T>>` leaf column chunk (one inner list per position) and the
-/// length of each inner list: `Ok(None)` when the chunk is not in the layout this fast path
+/// offsets of its inner lists: `Ok(None)` when the chunk is not in the layout this fast path
 /// handles (another type or nesting, or a null or empty list: definition levels below the
 /// maximum), `Err` when the bytes themselves are broken.
 pub(crate) fn nested_values<T: DataType>(
@@ -154,15 +155,22 @@ pub(crate) fn nested_values<T: DataType>(
     }
     // Repetition level 0 starts a row (and its first position), 1 a position, 2 continues
     // the position's list: with every list present and non-empty, one level per value.
-    let mut lens: Vec<u32> = Vec::with_capacity(n / 4 + 1);
-    for &r in &reps {
-        match (r, lens.last_mut()) {
-            (0 | 1, _) => lens.push(1),
-            (_, Some(l)) => *l += 1,
-            (_, None) => return Ok(None),
-        }
+    if reps.first().is_some_and(|&r| r > 1) {
+        return Ok(None);
     }
-    Ok(Some((values, lens)))
+    let mut offsets: Vec<i32> = Vec::with_capacity(n / 4 + 2);
+    offsets.push(0);
+    offsets.extend(
+        reps.iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, r)| **r < 2)
+            .map(|(i, _)| i as i32),
+    );
+    if !reps.is_empty() {
+        offsets.push(reps.len() as i32);
+    }
+    Ok(Some((values, offsets)))
 }
 
 /// A `u32` length prefix at `at` (levels of a v1 data page): the block's `(start, end)`.

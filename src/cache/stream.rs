@@ -288,20 +288,15 @@ impl MappedShard {
                 .map_err(pages_err)?;
             let counts = pages::nested_values::<Int32Type>(&self.bytes, rg.column(counts_leaf), n)
                 .map_err(pages_err)?;
-            let (Some((ids, lens)), Some((counts, counts_lens))) = (ids, counts) else {
+            let (Some((ids, offsets)), Some((counts, counts_offsets))) = (ids, counts) else {
                 return Ok(None);
             };
-            if lens.len() != rows.positions() || counts_lens != lens {
+            if offsets.len() != rows.positions() + 1 || counts_offsets != offsets {
                 return Err(self.corrupt(format!(
                     "row group {row_group}: sample_ids, sample_counts and input_ids hold different numbers of positions or entries"
                 )));
             }
-            let mut at = 0i32;
-            rows.sample_offsets.reserve(lens.len());
-            for l in lens {
-                at += l as i32;
-                rows.sample_offsets.push(at);
-            }
+            rows.sample_offsets = offsets;
             rows.sample_ids = ids.into_iter().map(|v| v as u32).collect();
             rows.sample_counts = counts
                 .into_iter()
@@ -675,20 +670,24 @@ pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u3
 /// ln(count/N) for every count 0..=N: one logarithm per possible count instead of one per
 /// stored entry (a position of a sample-50 cache holds ~36; the logarithms were the largest
 /// cost of assembling a sampled batch).
-pub struct CountLogs(Vec<f32>);
+pub struct CountLogs {
+    n: f32,
+    table: Vec<f32>,
+}
 
 impl CountLogs {
     pub fn new(samples: usize) -> Self {
         let n = samples.max(1) as f32;
-        CountLogs((0..=samples).map(|c| (c as f32 / n).ln()).collect())
+        let table = (0..=samples).map(|c| (c as f32 / n).ln()).collect();
+        CountLogs { n, table }
     }
 
     /// ln(c/N), the same value as computing it (counts above N, which a valid cache does
     /// not hold, are computed).
-    fn get(&self, c: u16, samples: usize) -> f32 {
-        match self.0.get(c as usize) {
+    fn get(&self, c: u16) -> f32 {
+        match self.table.get(c as usize) {
             Some(&v) => v,
-            None => (c as f32 / samples.max(1) as f32).ln(),
+            None => (c as f32 / self.n).ln(),
         }
     }
 }
@@ -723,7 +722,7 @@ pub fn sparse_target_with(
         }
     };
     for (i, (&id, &c)) in ids.iter().zip(counts).enumerate() {
-        out.push((id, weight(i) + logs.get(c, layout.samples)));
+        out.push((id, weight(i) + logs.get(c)));
     }
     // Entry 0 is the estimate's most likely id (eval's top-1; ties by the smaller id): in a
     // hybrid the exact top-1 already is; in a sample cache the most drawn id is swapped to

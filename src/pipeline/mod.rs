@@ -109,8 +109,6 @@ pub struct TeacherInfo {
     pub name: String,
     pub params: u64,
     pub onnx: PathBuf,
-    /// Its first (or only) cache.
-    pub cache: PathBuf,
     /// Its caches, one per cache variant, in the pipeline's order.
     pub caches: Vec<CacheInfo>,
     /// Held-out CE of a pretrained teacher (none for given ONNX files).
@@ -141,6 +139,21 @@ pub fn onnx_params(path: &Path) -> anyhow::Result<u64> {
         .iter()
         .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
         .sum())
+}
+
+/// Where a student run reads and writes (see [`Runner::student`]).
+struct StudentRun<'a> {
+    /// Its label in the log (without the seed).
+    what: String,
+    /// Its output directory (without the seed), holding `<student>/`.
+    dir: PathBuf,
+    cache: &'a Path,
+    /// The fingerprint of the step that made `cache`.
+    upstream: &'a str,
+    /// CE only (a baseline).
+    ce: bool,
+    /// The KD temperature: the cache's.
+    temperature: f32,
 }
 
 struct Runner<'a> {
@@ -250,6 +263,36 @@ impl Runner<'_> {
         );
         mark(&run, &fp, "done", &inputs)?;
         Ok((run, fp))
+    }
+
+    /// Trains student `s` with `train` at `seed` (with `[train] seeds`, the seed's label
+    /// and directory `seed-<seed>` are added); returns the run directory and its steps.
+    fn student(
+        &mut self,
+        s: &StudentConfig,
+        train: &TrainSection,
+        seed: u64,
+        run: StudentRun,
+        tokenizer: &Path,
+    ) -> anyhow::Result<(PathBuf, usize)> {
+        let StudentRun {
+            mut what,
+            mut dir,
+            cache,
+            upstream,
+            ce,
+            temperature,
+        } = run;
+        if self.p.seed_dirs() {
+            what += &format!(" seed {seed}");
+            dir = dir.join(format!("seed-{seed}"));
+        }
+        self.header(&format!("student {what}"));
+        let mut ts = train.clone();
+        ts.seed = seed;
+        let cfg = self.train_config(&ts, cache, tokenizer, &dir, ce, temperature);
+        let (run, _) = self.train(&what, s, &cfg, upstream)?;
+        Ok((run, cfg.steps))
     }
 
     /// Builds the cache of `model` into `dir` unless done; returns its fingerprint.
@@ -546,7 +589,6 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
             name: name.clone(),
             params,
             onnx,
-            cache: caches[0].dir.clone(),
             caches,
             eval_loss,
         });
@@ -555,41 +597,28 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
     // 4. Students: distilled from every cache of every teacher (with each recipe and seed),
     // and the CE baseline (with each seed). Run directories:
     // runs/<cache label>[/<recipe>][/seed-<seed>]/<student>, runs/ce[/seed-<seed>]/<student>.
-    let seed_dir = |d: PathBuf, seed: u64| {
-        if p.seed_dirs() {
-            d.join(format!("seed-{seed}"))
-        } else {
-            d
-        }
-    };
     let mut rows = Vec::new();
     for s in &students {
         for t in &infos {
             for c in &t.caches {
                 for rc in &p.recipes {
+                    let mut what = format!("{} <- {}", s.name, c.label);
+                    let mut dir = out.join("runs").join(&c.label);
+                    if let Some(n) = &rc.name {
+                        what += &format!(" ({n})");
+                        dir = dir.join(n);
+                    }
                     for &seed in &p.seeds {
-                        let mut what = format!("{} <- {}", s.name, c.label);
-                        let mut dir = out.join("runs").join(&c.label);
-                        if let Some(n) = &rc.name {
-                            what += &format!(" ({n})");
-                            dir = dir.join(n);
-                        }
-                        if p.seed_dirs() {
-                            what += &format!(" seed {seed}");
-                        }
-                        r.header(&format!("student {what}"));
-                        let mut ts = rc.train.clone();
-                        ts.seed = seed;
-                        let cfg = r.train_config(
-                            &ts,
-                            &c.dir,
-                            &tokenizer,
-                            &seed_dir(dir, seed),
-                            false,
-                            c.settings.temperature,
-                        );
-                        let (run, _) = r.train(&what, s, &cfg, &c.fingerprint)?;
-                        let mut rw = row(&t.name, Some(t.params), s, &run, cfg.steps)?;
+                        let run = StudentRun {
+                            what: what.clone(),
+                            dir: dir.clone(),
+                            cache: &c.dir,
+                            upstream: &c.fingerprint,
+                            ce: false,
+                            temperature: c.settings.temperature,
+                        };
+                        let (run, steps) = r.student(s, &rc.train, seed, run, &tokenizer)?;
+                        let mut rw = row(&t.name, Some(t.params), s, &run, steps)?;
                         rw.cache = c.variant.clone();
                         rw.recipe = rc.name.clone();
                         rw.seed = Some(seed);
@@ -600,23 +629,16 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
         }
         if f.train.ce_baseline {
             for &seed in &p.seeds {
-                let mut what = format!("{} (CE)", s.name);
-                if p.seed_dirs() {
-                    what += &format!(" seed {seed}");
-                }
-                r.header(&format!("student {what}"));
-                let mut ts = f.train.clone();
-                ts.seed = seed;
-                let cfg = r.train_config(
-                    &ts,
-                    &data_dir,
-                    &tokenizer,
-                    &seed_dir(out.join("runs/ce"), seed),
-                    true,
-                    f.cache.temperature,
-                );
-                let (run, _) = r.train(&what, s, &cfg, &data_fp)?;
-                let mut rw = row("ce", None, s, &run, cfg.steps)?;
+                let run = StudentRun {
+                    what: format!("{} (CE)", s.name),
+                    dir: out.join("runs/ce"),
+                    cache: &data_dir,
+                    upstream: &data_fp,
+                    ce: true,
+                    temperature: f.cache.temperature,
+                };
+                let (run, steps) = r.student(s, &f.train, seed, run, &tokenizer)?;
+                let mut rw = row("ce", None, s, &run, steps)?;
                 // KL and top-1 of a CE run are against the data model: meaningless.
                 rw.eval_kl = None;
                 rw.eval_top1 = None;

@@ -2,7 +2,7 @@
 //! Sans Mono, so no system font library is needed): student eval loss vs teacher size per
 //! student, held-out loss curves, and the law fit.
 
-use super::CacheSection;
+use super::{CacheInfo, CacheSection};
 use super::{Pipeline, TeacherInfo};
 use crate::cache::reader::Cache;
 use crate::cache::schema::{CacheMode, LogprobDtype};
@@ -345,6 +345,60 @@ fn verdict(d: &[f64]) -> &'static str {
     }
 }
 
+/// `l` against `reference`, seed by seed: the mean and sd of the paired differences, the
+/// mean as % of the reference's, and the verdict.
+struct Paired {
+    mean: f64,
+    sd: f64,
+    pct: f64,
+    verdict: &'static str,
+}
+
+fn paired(l: &[f64], reference: &[f64]) -> Paired {
+    let d: Vec<f64> = l.iter().zip(reference).map(|(a, b)| a - b).collect();
+    let (mean, sd) = mean_sd(&d);
+    Paired {
+        mean,
+        sd,
+        pct: 100.0 * mean / mean_sd(reference).0,
+        verdict: verdict(&d),
+    }
+}
+
+/// The fidelity table's three gap cells (gap ± sd | % | verdict).
+fn gap_cells(gap: Option<&Paired>, is_reference: bool) -> String {
+    match gap {
+        _ if is_reference => "reference | - | -".into(),
+        Some(g) => format!(
+            "{:+.4} ± {:.4} | {:+.2}% | {}",
+            g.mean, g.sd, g.pct, g.verdict
+        ),
+        None => "- | - | -".into(),
+    }
+}
+
+/// A cache's bytes per token and ids stored per position (top-k plus distinct sampled ids),
+/// as table cells ("-" when the cache cannot be read).
+fn size_cells(dir: &Path) -> (String, String) {
+    let Ok(cache) = Cache::open(dir) else {
+        return ("-".into(), "-".into());
+    };
+    let m = &cache.manifest;
+    let head = if m.params.mode == CacheMode::Sample {
+        0.0
+    } else {
+        m.params.top_k as f64
+    };
+    let sampled = m.token_mean(|s| s.mean_distinct_ids).unwrap_or(0.0);
+    (
+        format!(
+            "{:.1}",
+            m.totals.bytes as f64 / m.totals.tokens.max(1) as f64
+        ),
+        format!("{:.1}", head + sampled),
+    )
+}
+
 /// The section comparing caches, recipes and seeds (pipelines with `[[cache_variant]]`,
 /// `[[recipe]]` or `[train] seeds`): per teacher and student, held-out CE mean ± sd over
 /// the seeds, bytes per token, and the paired gap to the exact cache.
@@ -355,11 +409,9 @@ fn fidelity(
     rows: &[ResultRow],
 ) -> anyhow::Result<()> {
     let seeds = &p.seeds;
-    writeln!(
-        md,
-        "## Cache fidelity
-"
-    )?;
+    let first_recipe = &p.recipes[0];
+    let recipe_name = |r: &super::Recipe| r.name.clone().unwrap_or("[train]".into());
+    writeln!(md, "## Cache fidelity\n")?;
     writeln!(
         md,
         "Every distilled student, per cache and recipe, over {} seed{} ({}); held-out CE in nats as mean ± sd over the seeds. The *exact* cache stores the whole distribution (top-k with k = V: full-logit KD); gap = mean of the paired same-seed differences to it (with the first recipe, `{}`), ± their sd, and as % of its loss; a gap is called a difference only when its 95% interval (Student t over the seeds) excludes 0. B/token: the cache's bytes on disk per token; ids/pos: distinct ids stored per position.\n",
@@ -370,131 +422,81 @@ fn fidelity(
             .map(|s| s.to_string())
             .collect::<Vec<_>>()
             .join(", "),
-        p.recipes[0].name.as_deref().unwrap_or("[train]"),
+        recipe_name(first_recipe),
     )?;
     let students = students(rows);
     for t in teachers {
-        let vocab = Cache::open(&t.cache).map(|c| c.manifest.vocab_size).ok();
+        let vocab = t
+            .caches
+            .first()
+            .and_then(|c| Cache::open(&c.dir).ok())
+            .map(|c| c.manifest.vocab_size);
         let exact = t.caches.iter().find(|c| {
             c.settings.mode == CacheMode::Topk && vocab.is_some_and(|v| c.settings.top_k >= v)
         });
+        // The reference: the first exact cache.
+        let is_ref = |c: &CacheInfo| exact.is_some_and(|e| e.variant == c.variant);
+        let name = |c: &CacheInfo| c.variant.clone().unwrap_or(c.label.clone());
+        let sizes: Vec<(String, String)> = t.caches.iter().map(|c| size_cells(&c.dir)).collect();
         for s in &students {
-            let losses = |cache: Option<&Option<String>>, recipe: Option<&Option<String>>| {
+            // The losses over the seeds of the rows `keep` selects (none unless every seed ran).
+            let losses = |keep: &dyn Fn(&ResultRow) -> bool| {
                 seeds
                     .iter()
                     .map(|&seed| {
                         rows.iter()
-                            .find(|r| {
-                                &r.student == s
-                                    && r.seed == Some(seed)
-                                    && match cache {
-                                        Some(c) => {
-                                            r.teacher == t.name
-                                                && &r.cache == c
-                                                && Some(&r.recipe) == recipe
-                                        }
-                                        None => r.teacher_params.is_none(),
-                                    }
-                            })
+                            .find(|r| &r.student == s && r.seed == Some(seed) && keep(r))
                             .map(|r| r.eval_loss)
                     })
                     .collect::<Option<Vec<f64>>>()
             };
-            let reference = exact.and_then(|e| losses(Some(&e.variant), Some(&p.recipes[0].name)));
+            let distilled = |c: &CacheInfo, rc: &super::Recipe| {
+                losses(&|r: &ResultRow| {
+                    r.teacher == t.name && r.cache == c.variant && r.recipe == rc.name
+                })
+            };
+            let reference = exact.and_then(|e| distilled(e, first_recipe));
             writeln!(
                 md,
                 "### Student {s} from teacher {}\n\n| cache | stores | recipe | held-out CE | gap to exact | gap % | vs exact | B/token | ids/pos |\n|---|---|---|---|---|---|---|---|---|",
                 t.name
             )?;
+            // Each cache's losses with the first recipe, for the comparison below the table.
             let mut firsts: Vec<(String, Vec<f64>)> = Vec::new();
-            for c in &t.caches {
-                let (bpt, ids) = match Cache::open(&c.dir) {
-                    Ok(cache) => {
-                        let m = &cache.manifest;
-                        let tok = m.totals.tokens.max(1) as f64;
-                        let ids = m
-                            .shards
-                            .iter()
-                            .map(|sh| {
-                                sh.stats
-                                    .as_ref()
-                                    .and_then(|st| st.mean_distinct_ids)
-                                    .map(|d| d * sh.tokens as f64)
-                            })
-                            .sum::<Option<f64>>()
-                            .map(|d| d / tok);
-                        let head = if m.params.mode == CacheMode::Sample {
-                            0.0
-                        } else {
-                            m.params.top_k as f64
-                        };
-                        (
-                            format!("{:.1}", m.totals.bytes as f64 / tok),
-                            format!("{:.1}", head + ids.unwrap_or(0.0)),
-                        )
-                    }
-                    Err(_) => ("-".into(), "-".into()),
-                };
+            for (c, (bpt, ids)) in t.caches.iter().zip(&sizes) {
                 for (i, rc) in p.recipes.iter().enumerate() {
-                    let Some(l) = losses(Some(&c.variant), Some(&rc.name)) else {
+                    let Some(l) = distilled(c, rc) else {
                         continue;
                     };
                     let (m, sd) = mean_sd(&l);
-                    let gap = reference.as_ref().map(|e| {
-                        let d: Vec<f64> = l.iter().zip(e).map(|(a, b)| a - b).collect();
-                        let (dm, dsd) = mean_sd(&d);
-                        let (em, _) = mean_sd(e);
-                        (dm, dsd, 100.0 * dm / em, verdict(&d))
-                    });
-                    let is_ref = exact.is_some_and(|e| e.variant == c.variant) && i == 0;
+                    let gap = reference.as_ref().map(|e| paired(&l, e));
+                    let tag = if is_ref(c) && c.variant.as_deref() != Some("exact") {
+                        " (exact)"
+                    } else {
+                        ""
+                    };
                     writeln!(
                         md,
-                        "| {}{} | {} | {} | {m:.4} ± {sd:.4} | {} | {} | {} | {bpt} | {ids} |",
-                        c.variant.as_deref().unwrap_or(&c.label),
-                        if exact.is_some_and(|e| e.variant == c.variant)
-                            && c.variant.as_deref() != Some("exact")
-                        {
-                            " (exact)"
-                        } else {
-                            ""
-                        },
+                        "| {}{tag} | {} | {} | {m:.4} ± {sd:.4} | {} | {bpt} | {ids} |",
+                        name(c),
                         describe_cache(&c.settings),
-                        rc.name.as_deref().unwrap_or("[train]"),
-                        match gap {
-                            _ if is_ref => "reference".to_string(),
-                            Some((dm, dsd, _, _)) => format!("{dm:+.4} ± {dsd:.4}"),
-                            None => "-".into(),
-                        },
-                        match gap {
-                            Some((_, _, pct, _)) if !is_ref => format!("{pct:+.2}%"),
-                            _ => "-".into(),
-                        },
-                        match gap {
-                            Some((_, _, _, v)) if !is_ref => v,
-                            _ => "-",
-                        },
+                        recipe_name(rc),
+                        gap_cells(gap.as_ref(), is_ref(c) && i == 0),
                     )?;
                     if i == 0 {
-                        firsts.push((c.variant.clone().unwrap_or(c.label.clone()), l));
+                        firsts.push((name(c), l));
                     }
                 }
             }
             if p.file.train.ce_baseline
-                && let Some(l) = losses(None, None)
+                && let Some(l) = losses(&|r: &ResultRow| r.teacher_params.is_none())
             {
                 let (m, sd) = mean_sd(&l);
-                let gap = reference.as_ref().map(|e| {
-                    let d: Vec<f64> = l.iter().zip(e).map(|(a, b)| a - b).collect();
-                    let (dm, dsd) = mean_sd(&d);
-                    (dm, dsd, 100.0 * dm / mean_sd(e).0, verdict(&d))
-                });
+                let gap = reference.as_ref().map(|e| paired(&l, e));
                 writeln!(
                     md,
-                    "| CE only | tokens | CE | {m:.4} ± {sd:.4} | {} | {} | {} | - | - |",
-                    gap.map(|g| format!("{:+.4} ± {:.4}", g.0, g.1))
-                        .unwrap_or("-".into()),
-                    gap.map(|g| format!("{:+.2}%", g.2)).unwrap_or("-".into()),
-                    gap.map(|g| g.3).unwrap_or("-"),
+                    "| CE only | tokens | CE | {m:.4} ± {sd:.4} | {} | - | - |",
+                    gap_cells(gap.as_ref(), false)
                 )?;
             }
             writeln!(md)?;
@@ -504,36 +506,38 @@ fn fidelity(
                     "No exact cache in this grid (a `topk` variant with `top_k` ≥ the vocabulary): gaps need one.\n"
                 )?;
             }
-            // The best non-exact cache (first recipe) against each other cache, seed by seed.
-            let best = firsts
+            // The best non-exact cache (first recipe) against each other one, seed by seed.
+            let exact_name = exact.map(name);
+            let others: Vec<&(String, Vec<f64>)> = firsts
                 .iter()
-                .filter(|(n, _)| {
-                    exact.is_none_or(|e| e.variant.as_deref().unwrap_or(&e.label) != n.as_str())
-                })
-                .min_by(|a, b| mean_sd(&a.1).0.total_cmp(&mean_sd(&b.1).0));
-            if let Some((bn, bl)) = best {
-                let mut cmp = Vec::new();
-                let exact_name = exact.map(|e| e.variant.clone().unwrap_or(e.label.clone()));
-                for (n, l) in &firsts {
-                    if n == bn || exact_name.as_ref() == Some(n) {
-                        continue;
-                    }
+                .filter(|(n, _)| exact_name.as_ref() != Some(n))
+                .collect();
+            let Some((bn, bl)) = others
+                .iter()
+                .min_by(|a, b| mean_sd(&a.1).0.total_cmp(&mean_sd(&b.1).0))
+                .copied()
+            else {
+                continue;
+            };
+            let cmp: Vec<String> = others
+                .iter()
+                .filter(|(n, _)| n != bn)
+                .map(|(n, l)| {
                     let wins = bl.iter().zip(l).filter(|(a, b)| a < b).count();
-                    let d: Vec<f64> = bl.iter().zip(l).map(|(a, b)| a - b).collect();
-                    cmp.push(format!(
+                    let g = paired(bl, l);
+                    format!(
                         "lower than `{n}` in {wins} of {} seeds ({:+.4}: {})",
                         l.len(),
-                        mean_sd(&d).0,
-                        verdict(&d)
-                    ));
-                }
-                if cmp.is_empty() {
-                    continue;
-                }
+                        g.mean,
+                        g.verdict
+                    )
+                })
+                .collect();
+            if !cmp.is_empty() {
                 writeln!(
                     md,
                     "Best cache after the exact one (recipe `{}`): `{bn}`, {}.\n",
-                    p.recipes[0].name.as_deref().unwrap_or("[train]"),
+                    recipe_name(first_recipe),
                     cmp.join("; ")
                 )?;
             }
@@ -747,26 +751,22 @@ pub fn write(
             "\nCaution: the pretrained teachers' own held-out losses do not fall with size (table above), so a larger teacher here is not simply a stronger one — it is under-trained for its size. A \"capacity gap\" read from this grid mixes size with teacher quality; train the teachers longer to separate them."
         )?;
     }
+    let which = if p.caches.len() > 1 || p.recipes.len() > 1 {
+        " of the first cache and recipe (all of them are compared under Cache fidelity)"
+    } else {
+        ""
+    };
     if p.seeds.len() > 1 {
         writeln!(
             md,
-            "\nEach cell is the mean over {} seeds{}; the law below is fitted to the best cell regardless.",
+            "\nEach cell is the mean over {} seeds{which}; the law below is fitted to the best cell regardless.",
             p.seeds.len(),
-            if p.is_grid() && (p.caches.len() > 1 || p.recipes.len() > 1) {
-                " of the first cache and recipe (all of them are compared under Cache fidelity)"
-            } else {
-                ""
-            }
         )?;
     } else {
         writeln!(
             md,
             "\nEach cell is one run with one seed{}; differences of a few hundredths of a nat can be noise (the law below is fitted to the best cell regardless).",
-            if p.is_grid() {
-                ", of the first cache and recipe (all of them are compared under Cache fidelity)"
-            } else {
-                ""
-            }
+            if which.is_empty() { "" } else { "," }.to_string() + which
         )?;
     }
     writeln!(md, "\n## The law of capacity gap\n")?;
