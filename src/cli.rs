@@ -734,9 +734,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 fn run_train(args: TrainArgs) -> anyhow::Result<i32> {
     use crate::cache::reader::Cache;
     use crate::student::arch::StudentConfig;
+    if args.threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1 (leave it out to use every core)");
+    }
     if let Some(t) = args.threads {
         let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
+            .num_threads(t)
             .build_global();
     }
     let cache = Cache::open(&args.cache)?;
@@ -856,6 +859,20 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<i32> {
             .tokenizer
             .clone()
             .unwrap_or_else(|| ckpt.join("tokenizer.json"));
+        let own = ckpt.join("tokenizer.json");
+        let hash = |p: &std::path::Path| {
+            crate::util::sha256_file(p)
+                .map(|(h, _)| h)
+                .with_context(|| format!("reading {}", p.display()))
+        };
+        let (given, had) = (hash(&tok_path)?, hash(&own)?);
+        if given != had {
+            anyhow::bail!(
+                "--tokenizer {} (sha256 {given}) is not the tokenizer the student was trained with ({}, sha256 {had}): its token ids would mean other tokens; leave --tokenizer out to use the checkpoint's",
+                tok_path.display(),
+                own.display()
+            );
+        }
         let seq_len = args.seq_len.unwrap_or_else(|| {
             Cache::open(&tcfg.cache)
                 .map(|c| c.manifest.params.seq_len)

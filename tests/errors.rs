@@ -120,11 +120,19 @@ fn bad_numbers() {
     );
     assert_fails(
         &run_strings(&with(&a, "--temperature", "0")),
-        &["--temperature must be a finite number > 0 (got 0)"],
+        &["--temperature must be a finite number ≥ 0.001 (got 0)"],
+    );
+    // So small that the scaled logits overflow float32 (it wrote −inf caches and exit 0).
+    assert_fails(
+        &run_strings(&with(&a, "--temperature", "1e-30")),
+        &[
+            "--temperature must be a finite number ≥ 0.001 (got 0.000000000000000000000000000001)",
+            "overflow float32",
+        ],
     );
     assert_fails(
         &run_strings(&with(&a, "--temperature", "-1")),
-        &["--temperature must be a finite number > 0 (got -1)"],
+        &["--temperature must be a finite number ≥ 0.001 (got -1)"],
     );
     assert_fails(
         &run_strings(&with(&a, "--batch-size", "0")),

@@ -17,8 +17,12 @@ fn cache() -> &'static PathBuf {
 }
 
 fn student_toml(name: &str, body: &str) -> PathBuf {
+    // Tests run in parallel and children read these files: write each atomically (a
+    // temporary file renamed into place), so no reader ever sees a half-written one.
     let p = shared_dir().join(format!("{name}.toml"));
-    std::fs::write(&p, body).unwrap();
+    let tmp = p.with_extension(format!("part-{}", unique()));
+    std::fs::write(&tmp, body).unwrap();
+    std::fs::rename(tmp, &p).unwrap();
     p
 }
 
@@ -248,13 +252,127 @@ fn one_cache_many_students_and_bad_inputs() {
         &run_strings(&train_args(&out, &["nano"], 3, &[])),
         &["already holds a trained checkpoint", "--resume"],
     );
-    // --resume without a checkpoint.
+    // --resume without a checkpoint starts fresh (a requeued job's first attempt) and says so.
     let fresh = shared_dir().join("train-fresh");
     let _ = std::fs::remove_dir_all(&fresh);
-    assert_fails(
-        &run_strings(&train_args(&fresh, &["nano"], 3, &["--resume"])),
-        &["has no checkpoint to resume from"],
+    let o = run_strings(&train_args(&fresh, &["nano"], 3, &["--resume"]));
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("has no checkpoint yet; starting from step 0"),
+        "{}",
+        stderr(&o)
     );
+    assert!(fresh.join("nano/checkpoint/model.safetensors").is_file());
+    // A finished run resumed reports its real final loss, keeps its checkpoint untouched
+    // and does not evaluate twice.
+    let weights = std::fs::read(fresh.join("nano/checkpoint/model.safetensors")).unwrap();
+    let lines = metrics(&fresh.join("nano"));
+    let last_loss = lines.iter().rev().find_map(|v| v["loss"].as_f64()).unwrap();
+    let mut a = train_args(&fresh, &["nano"], 3, &["--resume"]);
+    let p = a.iter().position(|x| x == "--progress").unwrap();
+    a[p + 1] = "json".into();
+    let o = run_strings(&a);
+    assert_ok(&o);
+    let done: serde_json::Value = stdout(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "student_done")
+        .expect("a student_done line");
+    assert_eq!(done["result"]["final_loss"].as_f64(), Some(last_loss));
+    assert_eq!(metrics(&fresh.join("nano")), lines);
+    assert_eq!(
+        std::fs::read(fresh.join("nano/checkpoint/model.safetensors")).unwrap(),
+        weights
+    );
+    // Resuming with another student architecture is refused, naming what changed.
+    let grown = student_toml(
+        "nano",
+        "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\n",
+    );
+    let o = run_strings(&train_args(
+        &fresh,
+        &[grown.to_str().unwrap()],
+        6,
+        &["--resume"],
+    ));
+    assert_fails(
+        &o,
+        &[
+            "--resume: student nano changed since its checkpoint",
+            "→",
+            "another --out",
+        ],
+    );
+    // A checkpoint made from another cache (its recorded manifest checksum differs).
+    let trainer = fresh.join("nano/checkpoint/state/trainer.json");
+    let good = std::fs::read(&trainer).unwrap();
+    let mut st: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    assert!(st["cache_manifest"].is_string(), "{st}");
+    st["cache_manifest"] = "0".repeat(64).into();
+    std::fs::write(&trainer, serde_json::to_vec(&st).unwrap()).unwrap();
+    assert_fails(
+        &run_strings(&train_args(&fresh, &["nano"], 6, &["--resume"])),
+        &[
+            "was trained on a different cache (manifest checksum 0000",
+            "teacher sha256",
+        ],
+    );
+    std::fs::write(&trainer, &good).unwrap();
+    // A checkpoint whose tokenizer is not the cache's.
+    let tok = fresh.join("nano/checkpoint/tokenizer.json");
+    let good_tok = std::fs::read(&tok).unwrap();
+    std::fs::write(&tok, b"{}").unwrap();
+    assert_fails(
+        &run_strings(&train_args(&fresh, &["nano"], 6, &["--resume"])),
+        &["the checkpoint's tokenizer", "is not the cache's"],
+    );
+    std::fs::write(&tok, &good_tok).unwrap();
+    // A run directory another process is training is refused, naming the holder.
+    {
+        let _held = logitcache::cache::lock::RunLock::acquire(&fresh.join("nano")).unwrap();
+        assert_fails(
+            &run_strings(&train_args(&fresh, &["nano"], 6, &["--resume"])),
+            &[
+                &format!("another logitcache process (pid {})", std::process::id()),
+                "is training",
+                "train.lock",
+            ],
+        );
+    }
+    // Once released, the same resume continues to step 6.
+    assert_ok(&run_strings(&train_args(
+        &fresh,
+        &["nano"],
+        6,
+        &["--resume"],
+    )));
+    // Values no run can use are refused before anything is written.
+    for (flag, value, fragment) in [
+        ("--threads", "0", "--threads must be at least 1"),
+        (
+            "--kd-weight",
+            "-1",
+            "--kd-weight must be a finite number ≥ 0",
+        ),
+        ("--beta2", "1", "--beta2 must be in [0, 1)"),
+        ("--min-lr", "1", "--min-lr must be in [0, --lr]"),
+        (
+            "--weight-decay",
+            "NaN",
+            "--weight-decay must be a finite number ≥ 0",
+        ),
+        ("--grad-clip", "-1", "--grad-clip must be"),
+    ] {
+        let dir = shared_dir().join(format!("train-bad-{}", unique()));
+        let mut a = train_args(&dir, &["nano"], 1, &[]);
+        match a.iter().position(|x| x == flag) {
+            Some(p) => a[p + 1] = value.into(),
+            None => a.push(format!("{flag}={value}")),
+        }
+        let o = run_strings(&a);
+        assert_fails(&o, &[fragment]);
+        assert!(!dir.exists(), "{flag} {value} wrote {}", dir.display());
+    }
     // A corrupt checkpoint on resume.
     let st = out.join("nano/checkpoint/state/optim.mpk");
     std::fs::write(&st, b"garbage").unwrap();
@@ -273,6 +391,11 @@ fn one_cache_many_students_and_bad_inputs() {
             "heads",
             "hidden_size = 30\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\n",
             "hidden_size 30 is not divisible by num_attention_heads 4",
+        ),
+        (
+            "shortctx",
+            "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\nmax_position_embeddings = 8\n",
+            "has max_position_embeddings 8 but the cache's windows are up to 24 tokens",
         ),
         (
             "smallvocab",
@@ -302,6 +425,22 @@ fn one_cache_many_students_and_bad_inputs() {
         &[
             "was built with tokenizer sha256",
             "pass the tokenizer the cache was built with",
+        ],
+    );
+    // `eval --corpus` with a tokenizer other than the checkpoint's.
+    assert_fails(
+        &run(&[
+            "eval",
+            "--checkpoint",
+            out.join(t.file_stem().unwrap()).to_str().unwrap(),
+            "--corpus",
+            corpus(30).to_str().unwrap(),
+            "--tokenizer",
+            other.to_str().unwrap(),
+        ]),
+        &[
+            "is not the tokenizer the student was trained with",
+            "leave --tokenizer out",
         ],
     );
     assert_fails(

@@ -3,7 +3,10 @@
 //! - one lock per worker (`locks/worker-I-of-N.lock`, held for the whole run, never
 //!   waited on: a second process for the same worker is refused);
 //! - one lock for the manifest (`locks/manifest.lock`, held only while it is read,
-//!   updated and replaced).
+//!   updated and replaced);
+//! - one lock per training run directory (`RUN_DIR/train.lock`, [`RunLock`], held while a
+//!   `train` process writes the run; it holds the holder's pid for the message a second
+//!   process gets).
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -22,6 +25,14 @@ pub enum LockError {
     Busy {
         dir: PathBuf,
         worker: String,
+        path: PathBuf,
+    },
+    #[error(
+        "another logitcache process ({holder}) is training {dir} (lock {path} is held); wait for it to finish, or stop it before resuming"
+    )]
+    RunBusy {
+        dir: PathBuf,
+        holder: String,
         path: PathBuf,
     },
     #[error("cannot lock {path}: {source}")]
@@ -87,5 +98,65 @@ impl ManifestLock {
         file.lock()
             .map_err(|e| LockError::Lock { path, source: e })?;
         Ok(ManifestLock { _file: file })
+    }
+}
+
+/// Held by a `train` process for its run directory; released on drop (and by the kernel
+/// when the process dies, so a killed run never leaves a stale lock).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    /// Locks `run/train.lock` without waiting, recording this process's pid in it.
+    pub fn acquire(run: &Path) -> Result<Self, LockError> {
+        use std::io::{Seek, Write};
+        let path = run.join("train.lock");
+        let mut file = open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {
+                let pid = format!("pid {}\n", std::process::id());
+                file.set_len(0)
+                    .and_then(|()| file.rewind())
+                    .and_then(|()| file.write_all(pid.as_bytes()))
+                    .map_err(|e| LockError::Lock {
+                        path: path.clone(),
+                        source: e,
+                    })?;
+                Ok(RunLock { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "pid unknown".into());
+                Err(LockError::RunBusy {
+                    dir: run.to_path_buf(),
+                    holder,
+                    path,
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(LockError::Lock { path, source: e }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_run_lock_is_refused_naming_the_holder_and_freed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = RunLock::acquire(dir.path()).unwrap();
+        let e = RunLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("pid {}", std::process::id())) && e.contains("train.lock"),
+            "{e}"
+        );
+        drop(first);
+        RunLock::acquire(dir.path()).unwrap();
     }
 }

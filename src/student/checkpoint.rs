@@ -276,6 +276,10 @@ pub struct TrainerState {
     pub cursor: Cursor,
     pub tokens: u64,
     pub seconds: f64,
+    /// The checksum of the cache's manifest the run trains on (its identity: model, corpus,
+    /// settings and every shard's sha256); absent in checkpoints written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_manifest: Option<String>,
 }
 
 type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;

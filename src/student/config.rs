@@ -143,8 +143,33 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("--lr must be a finite number > 0 (got {})", self.lr);
         }
-        if self.loss.temperature.is_nan() || self.loss.temperature <= 0.0 {
-            bail!("--temperature must be > 0");
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            bail!(
+                "--min-lr must be in [0, --lr] (got {} with --lr {}): the cosine schedule decays from --lr down to it",
+                self.min_lr,
+                self.lr
+            );
+        }
+        for (flag, v) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{flag} must be in [0, 1) (got {v}); AdamW's defaults are 0.9 and 0.999");
+            }
+        }
+        for (flag, v, min) in [
+            ("--weight-decay", self.weight_decay, "≥ 0"),
+            ("--grad-clip", self.grad_clip, "≥ 0 (0 = no clipping)"),
+            ("--kd-weight", self.loss.kd_weight, "≥ 0"),
+            ("--ce-weight", self.loss.ce_weight, "≥ 0"),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{flag} must be a finite number {min} (got {v})");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            bail!("--eps must be a finite number > 0 (got {})", self.eps);
+        }
+        if !(self.loss.temperature.is_finite() && self.loss.temperature > 0.0) {
+            bail!("--temperature must be a finite number > 0");
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
             bail!(
@@ -194,6 +219,46 @@ mod tests {
         assert_eq!((c.eval_fraction, c.save_every, c.log_every), (0.02, 0, 10));
         assert_eq!((c.loss_chunk, c.device), (1024, Device::Cpu));
         assert_eq!(c.loss, LossConfig::default());
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_their_flag() {
+        type Edit = fn(&mut TrainConfig);
+        let cases: [(Edit, &str); 11] = [
+            (
+                |c| c.loss.kd_weight = -1.0,
+                "--kd-weight must be a finite number ≥ 0",
+            ),
+            (|c| c.loss.ce_weight = f64::NAN, "--ce-weight must be"),
+            (|c| c.beta1 = 1.0, "--beta1 must be in [0, 1) (got 1)"),
+            (|c| c.beta2 = -0.1, "--beta2 must be in [0, 1)"),
+            (
+                |c| c.grad_clip = -1.0,
+                "--grad-clip must be a finite number ≥ 0",
+            ),
+            (
+                |c| c.min_lr = 1.0,
+                "--min-lr must be in [0, --lr] (got 1 with --lr 0.001)",
+            ),
+            (|c| c.min_lr = -1e-4, "--min-lr must be in [0, --lr]"),
+            (
+                |c| c.weight_decay = f64::NAN,
+                "--weight-decay must be a finite number ≥ 0 (got NaN)",
+            ),
+            (|c| c.eps = 0.0, "--eps must be a finite number > 0"),
+            (
+                |c| c.loss.temperature = f64::INFINITY,
+                "--temperature must be a finite number > 0",
+            ),
+            (|c| c.lr = f64::NAN, "--lr must be a finite number > 0"),
+        ];
+        TrainConfig::default().validate().unwrap();
+        for (edit, want) in cases {
+            let mut c = TrainConfig::default();
+            edit(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "expected `{want}`, got `{e}`");
+        }
     }
 
     #[test]

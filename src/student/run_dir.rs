@@ -53,6 +53,15 @@ impl RunDir {
             .collect()
     }
 
+    /// The run's training records, in order (none when there is no `metrics.jsonl`).
+    pub fn train_lines(&self) -> Vec<TrainLine> {
+        std::fs::read_to_string(self.metrics())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<TrainLine>(l).ok())
+            .collect()
+    }
+
     /// The run's final evaluation.
     pub fn last_eval(&self) -> Option<EvalLine> {
         self.evals().pop()

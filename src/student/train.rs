@@ -98,6 +98,57 @@ fn warn_if_tail_heavy(cache: &Cache) {
     }
 }
 
+/// For `--resume`: refuses a checkpoint made for another student architecture or with
+/// another tokenizer, naming what differs.
+fn check_resume_matches(
+    ckpt: &std::path::Path,
+    cache: &Cache,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+) -> anyhow::Result<()> {
+    use super::run_dir::TrainConfigFile;
+    let path = ckpt.join("train_config.json");
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "cannot resume from {}: {} is missing; delete the run directory to start over",
+            ckpt.display(),
+            path.display()
+        )
+    })?;
+    let was = TrainConfigFile::parse(&bytes, &path)?;
+    if was.student != *student {
+        let (a, b) = (
+            serde_json::to_value(&was.student)?,
+            serde_json::to_value(student)?,
+        );
+        let changed: Vec<String> = b
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| a.get(k.as_str()) != Some(v))
+            .map(|(k, v)| format!("{k} {} → {v}", a.get(k.as_str()).unwrap_or(&"none".into())))
+            .collect();
+        bail!(
+            "--resume: student {} changed since its checkpoint in {} ({}); its weights do not fit the new architecture: restore the old config, or train the new one into another --out",
+            student.name,
+            ckpt.display(),
+            changed.join(", ")
+        );
+    }
+    let saved = ckpt.join("tokenizer.json");
+    let (had, _) =
+        crate::util::sha256_file(&saved).with_context(|| format!("reading {}", saved.display()))?;
+    if had != cache.manifest.tokenizer.sha256 {
+        bail!(
+            "--resume: the checkpoint's tokenizer {} (sha256 {had}) is not the cache's (sha256 {}, {}); resume with the cache and tokenizer the run was trained with, or train into another --out",
+            saved.display(),
+            cache.manifest.tokenizer.sha256,
+            cfg.tokenizer.display()
+        );
+    }
+    Ok(())
+}
+
 /// Trains one student from `cache` into `cfg.out/<student name>`, on `cfg.device`.
 pub fn train_student(
     cache: &Cache,
@@ -176,9 +227,21 @@ fn train_on<B: AutodiffBackend>(
     if mode == CacheMode::Topk && cfg.loss.kind != KdLoss::Ce && cfg.loss.ce_weight == 0.0 {
         warn_if_tail_heavy(cache);
     }
+    if student.max_position_embeddings < m.params.seq_len {
+        bail!(
+            "student {} has max_position_embeddings {} but the cache's windows are up to {} tokens (seq_len); set max_position_embeddings ≥ {} (or leave it out)",
+            student.name,
+            student.max_position_embeddings,
+            m.params.seq_len,
+            m.params.seq_len
+        );
+    }
     let run_dir = RunDir::new(cfg.out.join(&student.name));
     let run = run_dir.path.clone();
     let ckpt = run_dir.checkpoint();
+    std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
+    // Held until the run returns: a second `train` on this directory is refused.
+    let _lock = crate::cache::lock::RunLock::acquire(&run)?;
     let adamw = AdamWConfig::new()
         .with_beta_1(cfg.beta1 as f32)
         .with_beta_2(cfg.beta2 as f32)
@@ -191,15 +254,29 @@ fn train_on<B: AutodiffBackend>(
         cursor: Cursor::default(),
         tokens: 0,
         seconds: 0.0,
+        cache_manifest: Some(m.checksum.clone()),
     };
-    if resume {
-        if !ckpt.join("state/trainer.json").exists() {
+    if resume && !ckpt.exists() {
+        tracing::warn!(
+            "--resume: {} has no checkpoint yet; starting from step 0",
+            run.display()
+        );
+    } else if resume {
+        check_resume_matches(&ckpt, cache, student, cfg)?;
+        (model, optim, state) = load_state(&ckpt, model, optim, dev)?;
+        if let Some(was) = &state.cache_manifest
+            && *was != m.checksum
+        {
             bail!(
-                "--resume: {} has no checkpoint to resume from; drop --resume to start",
-                run.display()
+                "--resume: the checkpoint in {} was trained on a different cache (manifest checksum {was}) than {} (checksum {}, teacher sha256 {}, {} tokens); resume with the cache it was trained on, or train into another --out",
+                ckpt.display(),
+                cfg.cache.display(),
+                m.checksum,
+                m.model.sha256,
+                m.totals.tokens
             );
         }
-        (model, optim, state) = load_state(&ckpt, model, optim, dev)?;
+        state.cache_manifest = Some(m.checksum.clone());
         if state.step > cfg.steps {
             bail!(
                 "--resume: the checkpoint is at step {}, beyond --steps {}",
@@ -213,7 +290,7 @@ fn train_on<B: AutodiffBackend>(
             run.display()
         );
     }
-    std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
+    let start_step = state.step;
     // metrics.jsonl: keep what precedes the resumed step.
     let mut metrics = MetricsWriter::open(&run_dir, state.step)?;
     let mut stream = Stream::start(
@@ -328,13 +405,30 @@ fn train_on<B: AutodiffBackend>(
         }
     }
     progress.finish();
-    state.seconds = seconds0 + t_start.elapsed().as_secs_f64();
-    save_checkpoint(&run, &model, &optim, student, cfg, &state)?;
-    let eval = if cfg.eval_fraction > 0.0 && state.step == cfg.steps {
-        Some(run_eval(&model, &mut metrics, state.step)?)
-    } else {
-        None
+    // A finished run resumed: nothing was trained, so its checkpoint and final evaluation
+    // stand as they are (not rewritten, not evaluated twice).
+    let finished = state.step == start_step && resume && ckpt.exists();
+    let done_eval = run_dir.last_eval().filter(|e| e.step == state.step);
+    if !finished {
+        state.seconds = seconds0 + t_start.elapsed().as_secs_f64();
+        save_checkpoint(&run, &model, &optim, student, cfg, &state)?;
+    }
+    let eval = match done_eval {
+        Some(e) if finished => Some(e.metrics),
+        _ if cfg.eval_fraction > 0.0 && state.step == cfg.steps => {
+            Some(run_eval(&model, &mut metrics, state.step)?)
+        }
+        _ => None,
     };
+    if last_loss.is_nan() {
+        // The loss of the last step trained, from the run's own metrics.
+        last_loss = run_dir
+            .train_lines()
+            .into_iter()
+            .rev()
+            .find(|l| l.step <= state.step)
+            .map_or(f64::NAN, |l| l.loss);
+    }
     Ok(RunResult {
         student: student.name.clone(),
         params: student.num_params(),
@@ -342,7 +436,7 @@ fn train_on<B: AutodiffBackend>(
         steps: state.step,
         tokens: state.tokens,
         tokens_per_s: state.tokens as f64 / state.seconds.max(1e-9),
-        final_loss: if last_loss.is_nan() { 0.0 } else { last_loss },
+        final_loss: last_loss,
         eval,
         peak_rss_mib: peak_rss_mib(),
     })

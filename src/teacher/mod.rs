@@ -53,6 +53,9 @@ pub const MAX_SAMPLES: usize = u16::MAX as usize;
 /// Windows per shard: at seq_len 512 and k 64 about 100 MB of Parquet, and the unit of
 /// resumption and of work split across workers.
 pub const DEFAULT_SHARD_SIZE: usize = 1024;
+/// The smallest teacher temperature: logits divided by less overflow float32 (−inf and
+/// NaN log-probs) for the logit magnitudes real models produce.
+pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// Everything one `logitcache teacher` run needs, validated by [`TeacherConfig::validate`].
 #[derive(Debug, Clone)]
 pub struct TeacherConfig {
@@ -236,9 +239,9 @@ impl TeacherConfig {
                 self.seq_len
             );
         }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+        if !(self.temperature.is_finite() && self.temperature >= MIN_TEMPERATURE) {
             bail!(
-                "--temperature must be a finite number > 0 (got {}); 1.0 keeps the teacher's distribution",
+                "--temperature must be a finite number ≥ {MIN_TEMPERATURE} (got {}): below that the scaled logits overflow float32 and the log-softmax degenerates; 1.0 keeps the teacher's distribution",
                 self.temperature
             );
         }
