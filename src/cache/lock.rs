@@ -67,20 +67,31 @@ pub struct CacheLock {
     _file: File,
 }
 
+/// Opens `path` and locks it without waiting: `None` when another process holds it.
+fn try_hold(path: &Path) -> Result<Option<File>, LockError> {
+    let file = open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(LockError::Lock {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
 impl CacheLock {
     pub fn acquire(dir: &Path, worker_index: usize, num_workers: usize) -> Result<Self, LockError> {
         let path = dir
             .join("locks")
             .join(format!("worker-{worker_index}-of-{num_workers}.lock"));
-        let file = open(&path)?;
-        match file.try_lock() {
-            Ok(()) => Ok(CacheLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Busy {
+        match try_hold(&path)? {
+            Some(file) => Ok(CacheLock { _file: file }),
+            None => Err(LockError::Busy {
                 dir: dir.to_path_buf(),
                 worker: format!("{worker_index}/{num_workers}"),
                 path,
             }),
-            Err(std::fs::TryLockError::Error(e)) => Err(LockError::Lock { path, source: e }),
         }
     }
 }
@@ -113,33 +124,27 @@ impl RunLock {
     pub fn acquire(run: &Path) -> Result<Self, LockError> {
         use std::io::{Seek, Write};
         let path = run.join("train.lock");
-        let mut file = open(&path)?;
-        match file.try_lock() {
-            Ok(()) => {
-                let pid = format!("pid {}\n", std::process::id());
-                file.set_len(0)
-                    .and_then(|()| file.rewind())
-                    .and_then(|()| file.write_all(pid.as_bytes()))
-                    .map_err(|e| LockError::Lock {
-                        path: path.clone(),
-                        source: e,
-                    })?;
-                Ok(RunLock { _file: file })
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path)
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "pid unknown".into());
-                Err(LockError::RunBusy {
-                    dir: run.to_path_buf(),
-                    holder,
-                    path,
-                })
-            }
-            Err(std::fs::TryLockError::Error(e)) => Err(LockError::Lock { path, source: e }),
-        }
+        let Some(mut file) = try_hold(&path)? else {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "pid unknown".into());
+            return Err(LockError::RunBusy {
+                dir: run.to_path_buf(),
+                holder,
+                path,
+            });
+        };
+        let pid = format!("pid {}\n", std::process::id());
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()))
+            .map_err(|e| LockError::Lock {
+                path: path.clone(),
+                source: e,
+            })?;
+        Ok(RunLock { _file: file })
     }
 }
 

@@ -44,22 +44,23 @@ impl RunDir {
         self.path.join("metrics.jsonl")
     }
 
-    /// The run's evaluation records, in order (none when there is no `metrics.jsonl`).
-    pub fn evals(&self) -> Vec<EvalLine> {
+    /// The `metrics.jsonl` lines that parse as `T`, in order (none without the file).
+    fn lines<T: serde::de::DeserializeOwned>(&self) -> Vec<T> {
         std::fs::read_to_string(self.metrics())
             .unwrap_or_default()
             .lines()
-            .filter_map(|l| serde_json::from_str::<EvalLine>(l).ok())
+            .filter_map(|l| serde_json::from_str::<T>(l).ok())
             .collect()
+    }
+
+    /// The run's evaluation records, in order (none when there is no `metrics.jsonl`).
+    pub fn evals(&self) -> Vec<EvalLine> {
+        self.lines()
     }
 
     /// The run's training records, in order (none when there is no `metrics.jsonl`).
     pub fn train_lines(&self) -> Vec<TrainLine> {
-        std::fs::read_to_string(self.metrics())
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<TrainLine>(l).ok())
-            .collect()
+        self.lines()
     }
 
     /// The run's final evaluation.

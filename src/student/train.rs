@@ -98,13 +98,13 @@ fn warn_if_tail_heavy(cache: &Cache) {
     }
 }
 
-/// For `--resume`: refuses a checkpoint made for another student architecture or with
-/// another tokenizer, naming what differs.
+/// For `--resume`, before any weights are loaded: refuses a checkpoint made for another
+/// student architecture or with another tokenizer than the cache's, naming what differs.
+/// (The cache itself is checked once the trainer state, which records it, is read.)
 fn check_resume_matches(
     ckpt: &std::path::Path,
     cache: &Cache,
     student: &StudentConfig,
-    cfg: &TrainConfig,
 ) -> anyhow::Result<()> {
     use super::run_dir::TrainConfigFile;
     let path = ckpt.join("train_config.json");
@@ -136,17 +136,13 @@ fn check_resume_matches(
         );
     }
     let saved = ckpt.join("tokenizer.json");
-    let (had, _) =
-        crate::util::sha256_file(&saved).with_context(|| format!("reading {}", saved.display()))?;
-    if had != cache.manifest.tokenizer.sha256 {
-        bail!(
-            "--resume: the checkpoint's tokenizer {} (sha256 {had}) is not the cache's (sha256 {}, {}); resume with the cache and tokenizer the run was trained with, or train into another --out",
-            saved.display(),
-            cache.manifest.tokenizer.sha256,
-            cfg.tokenizer.display()
-        );
+    match cache.check_tokenizer(&saved) {
+        Err(e @ crate::cache::reader::ReadError::TokenizerMismatch { .. }) => bail!(
+            "--resume: the checkpoint's tokenizer {} is not the cache's ({e}); resume with the cache and tokenizer the run was trained with, or train into another --out",
+            saved.display()
+        ),
+        other => Ok(other?),
     }
-    Ok(())
 }
 
 /// Trains one student from `cache` into `cfg.out/<student name>`, on `cfg.device`.
@@ -256,13 +252,14 @@ fn train_on<B: AutodiffBackend>(
         seconds: 0.0,
         cache_manifest: Some(m.checksum.clone()),
     };
-    if resume && !ckpt.exists() {
+    let resumed = resume && ckpt.exists();
+    if resume && !resumed {
         tracing::warn!(
             "--resume: {} has no checkpoint yet; starting from step 0",
             run.display()
         );
-    } else if resume {
-        check_resume_matches(&ckpt, cache, student, cfg)?;
+    } else if resumed {
+        check_resume_matches(&ckpt, cache, student)?;
         (model, optim, state) = load_state(&ckpt, model, optim, dev)?;
         if let Some(was) = &state.cache_manifest
             && *was != m.checksum
@@ -276,6 +273,7 @@ fn train_on<B: AutodiffBackend>(
                 m.totals.tokens
             );
         }
+        // A checkpoint from before the identity was kept gets it from now on.
         state.cache_manifest = Some(m.checksum.clone());
         if state.step > cfg.steps {
             bail!(
@@ -405,29 +403,27 @@ fn train_on<B: AutodiffBackend>(
         }
     }
     progress.finish();
-    // A finished run resumed: nothing was trained, so its checkpoint and final evaluation
-    // stand as they are (not rewritten, not evaluated twice).
-    let finished = state.step == start_step && resume && ckpt.exists();
-    let done_eval = run_dir.last_eval().filter(|e| e.step == state.step);
-    if !finished {
+    // A resumed run that trained no step (it was finished): its checkpoint and final
+    // evaluation stand as they are (not rewritten, not evaluated twice), and its final loss
+    // is the last one its metrics record (MetricsWriter kept only lines up to this step).
+    let untouched = resumed && state.step == start_step;
+    if !untouched {
         state.seconds = seconds0 + t_start.elapsed().as_secs_f64();
         save_checkpoint(&run, &model, &optim, student, cfg, &state)?;
     }
+    let done_eval = untouched
+        .then(|| run_dir.last_eval())
+        .flatten()
+        .filter(|e| e.step == state.step);
     let eval = match done_eval {
-        Some(e) if finished => Some(e.metrics),
-        _ if cfg.eval_fraction > 0.0 && state.step == cfg.steps => {
+        Some(e) => Some(e.metrics),
+        None if cfg.eval_fraction > 0.0 && state.step == cfg.steps => {
             Some(run_eval(&model, &mut metrics, state.step)?)
         }
-        _ => None,
+        None => None,
     };
-    if last_loss.is_nan() {
-        // The loss of the last step trained, from the run's own metrics.
-        last_loss = run_dir
-            .train_lines()
-            .into_iter()
-            .rev()
-            .find(|l| l.step <= state.step)
-            .map_or(f64::NAN, |l| l.loss);
+    if untouched {
+        last_loss = run_dir.train_lines().pop().map_or(f64::NAN, |l| l.loss);
     }
     Ok(RunResult {
         student: student.name.clone(),

@@ -53,8 +53,10 @@ pub const MAX_SAMPLES: usize = u16::MAX as usize;
 /// Windows per shard: at seq_len 512 and k 64 about 100 MB of Parquet, and the unit of
 /// resumption and of work split across workers.
 pub const DEFAULT_SHARD_SIZE: usize = 1024;
-/// The smallest teacher temperature: logits divided by less overflow float32 (−inf and
-/// NaN log-probs) for the logit magnitudes real models produce.
+/// The smallest teacher temperature. The logits are divided by it: at 1e-30 they overflow
+/// float32 (−inf and NaN log-probs, as a run once wrote), while at 1e-3 logits up to ~3e35
+/// stay finite; no temperature this low is used for distillation (the distribution is
+/// already one-hot).
 pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// Everything one `logitcache teacher` run needs, validated by [`TeacherConfig::validate`].
 #[derive(Debug, Clone)]
@@ -241,7 +243,7 @@ impl TeacherConfig {
         }
         if !(self.temperature.is_finite() && self.temperature >= MIN_TEMPERATURE) {
             bail!(
-                "--temperature must be a finite number ≥ {MIN_TEMPERATURE} (got {}): below that the scaled logits overflow float32 and the log-softmax degenerates; 1.0 keeps the teacher's distribution",
+                "--temperature must be a finite number ≥ {MIN_TEMPERATURE} (got {}): the logits are divided by it, and tiny values overflow float32 (1e-30 wrote −inf log-probs) while any value this low already gives a one-hot distribution; 1.0 keeps the teacher's distribution",
                 self.temperature
             );
         }
