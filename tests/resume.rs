@@ -6,7 +6,7 @@ use logitcache::cache::manifest::Manifest;
 use std::io::BufRead;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::OnceLock;
 
 const DOCS: usize = 150;
@@ -93,10 +93,8 @@ fn killed_at_a_random_moment_then_resumed() {
     let mut args = args_for(&out);
     let p = args.iter().position(|a| a == "off").unwrap();
     args[p] = "json".into();
-    let mut child = Command::new(BIN)
+    let mut child = command()
         .args(&args)
-        .env("ORT_DYLIB_PATH", ort_lib())
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -138,13 +136,7 @@ fn concurrent_workers_make_the_same_cache() {
                 "--num-workers".into(),
                 "3".into(),
             ]);
-            Command::new(BIN)
-                .args(&a)
-                .env("ORT_DYLIB_PATH", ort_lib())
-                .env("RUST_LOG", "warn")
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            command().args(&a).stderr(Stdio::piped()).spawn().unwrap()
         })
         .collect();
     for c in children {

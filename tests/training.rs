@@ -310,6 +310,7 @@ fn one_cache_many_students_and_bad_inputs() {
     assert!(st["cache_manifest"].is_string(), "{st}");
     st["cache_manifest"] = "0".repeat(64).into();
     std::fs::write(&trainer, serde_json::to_vec(&st).unwrap()).unwrap();
+    reseal(&fresh.join("nano/checkpoint"));
     assert_fails(
         &run_strings(&train_args(&fresh, &["nano"], 6, &["--resume"])),
         &[
@@ -318,15 +319,18 @@ fn one_cache_many_students_and_bad_inputs() {
         ],
     );
     std::fs::write(&trainer, &good).unwrap();
+    reseal(&fresh.join("nano/checkpoint"));
     // A checkpoint whose tokenizer is not the cache's.
     let tok = fresh.join("nano/checkpoint/tokenizer.json");
     let good_tok = std::fs::read(&tok).unwrap();
     std::fs::write(&tok, b"{}").unwrap();
+    reseal(&fresh.join("nano/checkpoint"));
     assert_fails(
         &run_strings(&train_args(&fresh, &["nano"], 6, &["--resume"])),
         &["the checkpoint's tokenizer", "is not the cache's"],
     );
     std::fs::write(&tok, &good_tok).unwrap();
+    reseal(&fresh.join("nano/checkpoint"));
     // A run directory another process is training is refused, naming the holder.
     {
         let _held = logitcache::cache::lock::RunLock::acquire(&fresh.join("nano")).unwrap();
@@ -373,9 +377,11 @@ fn one_cache_many_students_and_bad_inputs() {
         assert_fails(&o, &[fragment]);
         assert!(!dir.exists(), "{flag} {value} wrote {}", dir.display());
     }
-    // A corrupt checkpoint on resume.
+    // An undecodable optimizer state on resume (its checksum recomputed, so the decoder's
+    // own check is what refuses it; mismatches: damaged_checkpoints_are_refused_…).
     let st = out.join("nano/checkpoint/state/optim.mpk");
     std::fs::write(&st, b"garbage").unwrap();
+    reseal(&out.join("nano/checkpoint"));
     assert_fails(
         &run_strings(&train_args(&out, &["nano"], 6, &["--resume"])),
         &["cannot resume from", "optim.mpk is damaged"],
@@ -401,6 +407,12 @@ fn one_cache_many_students_and_bad_inputs() {
             "smallvocab",
             "hidden_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 4\nintermediate_size = 64\nvocab_size = 100\n",
             "has vocab_size 100 but the cache's token ids go up to 399",
+        ),
+        (
+            // 4.4 trillion parameters: refused before allocating (it aborted with a backtrace).
+            "huge",
+            "hidden_size = 65536\nnum_hidden_layers = 64\nnum_attention_heads = 64\nintermediate_size = 262144\n",
+            "student huge has 4398.",
         ),
     ] {
         let toml = student_toml(name, body);
@@ -462,4 +474,309 @@ fn one_cache_many_students_and_bad_inputs() {
         &run_strings(&train_args(&fresh, &["nano"], 1, &["--device", "gpu"])),
         &["--device gpu: expected cpu, cuda or cuda:N"],
     );
+}
+
+/// Rewrites a checkpoint's `checksums.json` for its files as they are now: what a checkpoint
+/// written that way by logitcache would hold (for tests that forge one file's content).
+fn reseal(ckpt: &Path) {
+    use logitcache::student::checkpoint::{CHECKPOINT_FILES, CHECKSUMS, Checksums, FileSum};
+    let files = CHECKPOINT_FILES
+        .iter()
+        .map(|f| {
+            let (sha256, bytes) = logitcache::util::sha256_file(&ckpt.join(f)).unwrap();
+            (f.to_string(), FileSum { sha256, bytes })
+        })
+        .collect();
+    std::fs::write(
+        ckpt.join(CHECKSUMS),
+        serde_json::to_vec(&Checksums { files }).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Copies the directory tree `from` to `to` (replacing `to`).
+fn copy_tree(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+#[track_caller]
+fn assert_same_weights(a: &Path, b: &Path) {
+    let a = read_safetensors(&a.join("checkpoint/model.safetensors")).unwrap();
+    let b = read_safetensors(&b.join("checkpoint/model.safetensors")).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (name, (shape, va)) in &a {
+        let (sb, vb) = &b[name];
+        assert_eq!((shape, va), (sb, vb), "{name} differs");
+    }
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_wherever_they_are_read() {
+    use logitcache::student::checkpoint::{CHECKPOINT_FILES, CHECKSUMS};
+    let t = tiny_student();
+    let base = shared_dir().join("ckpt-damage");
+    let _ = std::fs::remove_dir_all(&base);
+    let good = base.join("good");
+    assert_ok(&run_strings(&train_args(
+        &good,
+        &[t.to_str().unwrap()],
+        4,
+        &[],
+    )));
+    assert!(good.join("tiny/checkpoint").join(CHECKSUMS).is_file());
+    for (i, f) in CHECKPOINT_FILES.iter().enumerate() {
+        let out = base.join(format!("flip-{i}"));
+        copy_tree(&good, &out);
+        let path = out.join("tiny/checkpoint").join(f);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut resume = train_args(&out, &[t.to_str().unwrap()], 6, &[]);
+        resume.push("--resume".into());
+        assert_fails(&run_strings(&resume), &["is damaged", f, "sha256"]);
+        let run_dir = out.join("tiny");
+        let run_dir = run_dir.to_str().unwrap();
+        assert_fails(
+            &run(&[
+                "eval",
+                "--checkpoint",
+                run_dir,
+                "--cache",
+                cache().to_str().unwrap(),
+                "--batches",
+                "2",
+            ]),
+            &["is damaged", f],
+        );
+        let onnx = out.join("s.onnx");
+        assert_fails(
+            &run(&[
+                "export-onnx",
+                "--checkpoint",
+                run_dir,
+                "--out",
+                onnx.to_str().unwrap(),
+            ]),
+            &["is damaged", f],
+        );
+        assert!(!onnx.exists(), "{f}: an ONNX file was written");
+        // Nothing was trained or saved over the damaged checkpoint.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{f} was rewritten");
+    }
+    // A missing file is named too.
+    let out = base.join("missing");
+    copy_tree(&good, &out);
+    std::fs::remove_file(out.join("tiny/checkpoint/state/optim.mpk")).unwrap();
+    let mut resume = train_args(&out, &[t.to_str().unwrap()], 6, &[]);
+    resume.push("--resume".into());
+    assert_fails(
+        &run_strings(&resume),
+        &["is damaged", "state/optim.mpk is missing"],
+    );
+    // A checkpoint from before checksums were kept resumes, with a warning, and its next
+    // save has them.
+    let out = base.join("old");
+    copy_tree(&good, &out);
+    std::fs::remove_file(out.join("tiny/checkpoint").join(CHECKSUMS)).unwrap();
+    let o = run_strings(
+        &resume
+            .iter()
+            .map(|a| a.replace("missing", "old"))
+            .collect::<Vec<_>>(),
+    );
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("has no checksums.json"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(out.join("tiny/checkpoint").join(CHECKSUMS).is_file());
+}
+
+/// Kills `train --resume` (SIGKILL) at pseudo-random moments until it has been killed ten
+/// times, then lets it finish: the weights equal those of one uninterrupted run and the
+/// metrics run through every step once. Includes a kill between the two renames of a
+/// checkpoint save (`checkpoint` moved aside, the new one not yet in place).
+#[test]
+fn training_killed_at_random_moments_resumes_exactly() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let t = tiny_student();
+    let straight = shared_dir().join("train-kill-straight");
+    let killed = shared_dir().join("train-kill-resumed");
+    for d in [&straight, &killed] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    const STEPS: usize = 40;
+    let extra = ["--save-every", "3", "--grad-accum", "2"];
+    assert_ok(&run_strings(&train_args(
+        &straight,
+        &[t.to_str().unwrap()],
+        STEPS,
+        &extra,
+    )));
+    let mut args = train_args(&killed, &[t.to_str().unwrap()], STEPS, &extra);
+    args.push("--resume".into());
+
+    // Killed inside the second save, between its renames: only checkpoint.old is left.
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = run_env(&refs, &[("LOGITCACHE_FAILPOINT", "checkpoint-swap:2")]);
+    assert_eq!(o.status.signal(), Some(9), "{:?}: {}", o.status, stderr(&o));
+    let run_dir = killed.join("tiny");
+    assert!(!run_dir.join("checkpoint").exists() && run_dir.join("checkpoint.old").exists());
+    assert_fails(
+        &run(&[
+            "eval",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--cache",
+            cache().to_str().unwrap(),
+        ]),
+        &["interrupted", "--resume"],
+    );
+
+    let mut progress = args.clone();
+    let p = progress.iter().position(|a| a == "off").unwrap();
+    progress[p] = "json".into();
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: u64| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) % n
+    };
+    let mut at = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let lines_before_kill = next(6);
+        let delay_ms = next(15);
+        let mut child = command()
+            .args(&progress)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        for _ in 0..lines_before_kill {
+            if lines.next().is_none() {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "train ended ({status:?}) before it was killed 10 times: give it more steps"
+        );
+        let state = run_dir.join("checkpoint/state/trainer.json");
+        if let Ok(bytes) = std::fs::read(&state) {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            at.insert(v["step"].as_u64().unwrap());
+        }
+    }
+    // The kills fell at several points of the run, not all before its first step.
+    assert!(at.len() >= 4, "checkpoints seen after the kills: {at:?}");
+    assert_ok(&run_strings(&args));
+    assert!(!run_dir.join("checkpoint.old").exists());
+    assert!(!run_dir.join("checkpoint.tmp").exists());
+    assert_same_weights(&straight.join("tiny"), &run_dir);
+    let steps: Vec<u64> = metrics(&run_dir)
+        .iter()
+        .filter_map(|v| v["loss"].as_f64().and(v["step"].as_u64()))
+        .collect();
+    assert_eq!(steps, (1..=STEPS as u64).collect::<Vec<u64>>());
+    let a = metrics(&straight.join("tiny"));
+    let b = metrics(&run_dir);
+    let losses = |m: &[serde_json::Value]| -> Vec<f64> {
+        m.iter().filter_map(|v| v["loss"].as_f64()).collect()
+    };
+    assert_eq!(losses(&a), losses(&b), "the logged losses differ");
+}
+
+/// A cache of a few windows, none of which falls in the default 2% held-out split, trains
+/// with the default flags (all windows, no evaluation, a warning); a split that would hold
+/// out every window is refused.
+#[test]
+fn a_small_cache_trains_with_the_defaults() {
+    use logitcache::cache::manifest::Manifest;
+    let small = shared_dir().join("train-small-cache");
+    let _ = std::fs::remove_dir_all(&small);
+    assert_ok(&run_strings(&teacher_args(&plain_model(), &small, 6)));
+    let n = Manifest::load(&small).unwrap().totals.sequences;
+    assert!(
+        (0..n).all(|s| !logitcache::rng::is_eval(s, 0.02)),
+        "the fixture should have no held-out window at 2%"
+    );
+    let t = tiny_student();
+    let out = shared_dir().join("train-small-out");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut args = train_args(&out, &[t.to_str().unwrap()], 3, &[]);
+    let c = args.iter().position(|a| a == "--cache").unwrap();
+    args[c + 1] = small.to_str().unwrap().into();
+    let e = args.iter().position(|a| a == "--eval-batches").unwrap();
+    args.drain(e..e + 2);
+    let o = run_strings(&args);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("held-out split (--eval-fraction 0.02)"),
+        "{}",
+        stderr(&o)
+    );
+    let m = metrics(&out.join("tiny"));
+    assert_eq!(m.iter().filter(|v| v["loss"].is_number()).count(), 3);
+    assert!(m.iter().all(|v| v.get("eval_loss").is_none()));
+    let mut all = args.clone();
+    all.extend([
+        "--eval-fraction".into(),
+        "0.999999".into(),
+        "--resume".into(),
+    ]);
+    assert_fails(
+        &run_strings(&all),
+        &["holds out all", "lower --eval-fraction"],
+    );
+}
+
+/// A cache made with relative paths (as `logitcache run` and people in a shell do) records
+/// them absolute, so `train` started in another directory finds its tokenizer.
+#[test]
+fn manifest_paths_resolve_from_anywhere() {
+    use logitcache::cache::manifest::Manifest;
+    let work = shared_dir().join("rel-paths");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::copy(tokenizer(), work.join("tok.json")).unwrap();
+    std::fs::copy(corpus(20), work.join("c.jsonl")).unwrap();
+    std::fs::copy(plain_model(), work.join("m.onnx")).unwrap();
+    let mut a = teacher_args(Path::new("m.onnx"), Path::new("cache"), 20);
+    for (flag, v) in [("--tokenizer", "tok.json"), ("--corpus", "c.jsonl")] {
+        let i = a.iter().position(|x| x == flag).unwrap();
+        a[i + 1] = v.into();
+    }
+    let o = command().args(&a).current_dir(&work).output().unwrap();
+    assert_ok(&o);
+    let m = Manifest::load(&work.join("cache")).unwrap();
+    for p in [&m.tokenizer.path, &m.model.path, &m.corpus[0].path] {
+        assert!(p.is_absolute() && p.is_file(), "{}", p.display());
+    }
+    let t = tiny_student();
+    let out = work.join("runs");
+    let mut args = train_args(&out, &[t.to_str().unwrap()], 1, &[]);
+    let c = args.iter().position(|x| x == "--cache").unwrap();
+    args[c + 1] = work.join("cache").to_str().unwrap().into();
+    let o = command().args(&args).current_dir("/").output().unwrap();
+    assert_ok(&o);
 }

@@ -101,11 +101,30 @@ pub fn run(args: &[&str]) -> Output {
     run_env(args, &[])
 }
 
-pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+/// Variables of the test's own environment that change what logitcache does: a worker
+/// index from a batch scheduler, or a failpoint. Children never inherit them.
+const LEAKY_ENV: [&str; 5] = [
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MIN",
+    "JOB_COMPLETION_INDEX",
+    "LOGITCACHE_FAILPOINT",
+];
+
+/// A `logitcache` command with the ONNX Runtime library set, warnings logged, and none of
+/// [`LEAKY_ENV`] inherited.
+pub fn command() -> Command {
     let mut c = Command::new(BIN);
-    c.args(args)
-        .env("ORT_DYLIB_PATH", ort_lib())
-        .env("RUST_LOG", "warn");
+    c.env("ORT_DYLIB_PATH", ort_lib()).env("RUST_LOG", "warn");
+    for v in LEAKY_ENV {
+        c.env_remove(v);
+    }
+    c
+}
+
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = command();
+    c.args(args);
     for (k, v) in env {
         c.env(k, v);
     }

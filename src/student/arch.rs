@@ -83,13 +83,20 @@ impl StudentConfig {
 
     /// Parameter count (embeddings included; the head counted once when tied).
     pub fn num_params(&self) -> usize {
-        let (d, v, i) = (self.hidden_size, self.vocab_size, self.intermediate_size);
-        let kv = self.num_key_value_heads * self.head_dim();
+        // In u128, so an absurd configuration saturates instead of overflowing.
+        let w = |x: usize| x as u128;
+        let (d, v, i) = (
+            w(self.hidden_size),
+            w(self.vocab_size),
+            w(self.intermediate_size),
+        );
+        let kv = w(self.num_key_value_heads) * w(self.head_dim());
         let layer = d * d * 2 + 2 * d * kv + 3 * d * i + 2 * d;
-        v * d
-            + self.num_hidden_layers * layer
+        let n = v * d
+            + w(self.num_hidden_layers) * layer
             + d
-            + if self.tie_word_embeddings { 0 } else { v * d }
+            + if self.tie_word_embeddings { 0 } else { v * d };
+        n.min(usize::MAX as u128) as usize
     }
 
     pub fn from_file(name: &str, f: StudentFile, cache_vocab: usize) -> Result<Self, ConfigError> {

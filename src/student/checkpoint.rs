@@ -7,7 +7,10 @@
 //! the burn records of the model and optimizer and `trainer.json` ([`TrainerState`]: step,
 //! data cursor), from which a run resumes exactly. [`save_checkpoint`] writes it all to
 //! `checkpoint.tmp/` and renames it into place, so a crash leaves the previous checkpoint;
-//! every file error names its path.
+//! every file error names its path. `checksums.json`, written last, records the sha256 and
+//! size of every other file; [`verify_checkpoint`] checks them wherever a checkpoint is read
+//! (resume, `eval`, `export-onnx`, the pipeline), so a damaged or half-copied checkpoint is
+//! refused, naming the file, instead of training or evaluating from garbage.
 //!
 //! ```no_run
 //! use logitcache::student::checkpoint::RunCheckpoint;
@@ -24,7 +27,7 @@ use super::config::TrainConfig;
 use super::model::{Llama, hf_name};
 use super::run_dir::TrainConfigFile;
 use crate::cache::stream::Cursor;
-use anyhow::Context;
+use anyhow::{Context, bail};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::Optimizer;
 use burn::prelude::*;
@@ -238,6 +241,15 @@ impl RunCheckpoint {
     /// Opens `run_dir` (a directory written by `logitcache train`, i.e. `OUT/<student>`).
     pub fn open(run_dir: &Path) -> anyhow::Result<Self> {
         let dir = run_dir.join("checkpoint");
+        if !dir.exists() && run_dir.join("checkpoint.old").exists() {
+            bail!(
+                "{}: a checkpoint save was interrupted (only checkpoint.old is left); run the same `logitcache train … --resume` to restore it and finish the run",
+                run_dir.display()
+            );
+        }
+        if dir.join("train_config.json").exists() {
+            verify_checkpoint(&dir)?;
+        }
         let bytes = std::fs::read(dir.join("train_config.json")).with_context(|| {
             format!(
                 "{} is not a run directory written by `logitcache train` (no checkpoint/train_config.json); pass OUT/<student>",
@@ -283,6 +295,112 @@ pub struct TrainerState {
 }
 
 type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+/// `checkpoint/checksums.json`: the sha256 and size of every other checkpoint file.
+pub const CHECKSUMS: &str = "checksums.json";
+
+/// The files of a checkpoint, relative to it; `checksums.json` covers each of them.
+pub const CHECKPOINT_FILES: [&str; 7] = [
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "train_config.json",
+    "state/model.mpk",
+    "state/optim.mpk",
+    "state/trainer.json",
+];
+
+/// One file's entry in `checksums.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileSum {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// `checksums.json`: `{"files": {"model.safetensors": {"sha256": …, "bytes": …}, …}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Checksums {
+    pub files: BTreeMap<String, FileSum>,
+}
+
+/// Checks every file of checkpoint `dir` (`RUN_DIR/checkpoint`) against its
+/// `checksums.json`: a missing, truncated or changed file is refused, naming it. A
+/// checkpoint written before checksums were kept (no `checksums.json` but its other files
+/// present) is accepted with a warning.
+pub fn verify_checkpoint(dir: &Path) -> anyhow::Result<()> {
+    let sums_path = dir.join(CHECKSUMS);
+    let damaged = |what: String| {
+        anyhow::anyhow!(
+            "checkpoint {} is damaged: {what}; it cannot be trusted: resume from a copy made before the damage, or delete the run directory and train again",
+            dir.display()
+        )
+    };
+    let sums: Checksums = match std::fs::read(&sums_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| damaged(format!("{CHECKSUMS} does not parse ({e})")))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(f) = CHECKPOINT_FILES.iter().find(|f| !dir.join(f).is_file()) {
+                return Err(damaged(format!("{f} and {CHECKSUMS} are missing")));
+            }
+            tracing::warn!(
+                "checkpoint {} has no {CHECKSUMS} (written by an older logitcache): its files are not verified",
+                dir.display()
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", sums_path.display())),
+    };
+    for f in CHECKPOINT_FILES {
+        let want = sums
+            .files
+            .get(f)
+            .ok_or_else(|| damaged(format!("{CHECKSUMS} does not list {f}")))?;
+        let path = dir.join(f);
+        let (sha, bytes) = match crate::util::sha256_file(&path) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(damaged(format!("{f} is missing")));
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if bytes != want.bytes {
+            return Err(damaged(format!(
+                "{f} has {bytes} bytes, {CHECKSUMS} records {}",
+                want.bytes
+            )));
+        }
+        if sha != want.sha256 {
+            return Err(damaged(format!(
+                "{f} has sha256 {sha}, {CHECKSUMS} records {}",
+                want.sha256
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Puts back the checkpoint of a save that was interrupted between its two renames
+/// (`checkpoint` moved to `checkpoint.old`, `checkpoint.tmp` not yet in place): returns
+/// whether it did. Called by `train` under the run lock before it looks for a checkpoint.
+pub fn recover_interrupted_save(run: &Path) -> anyhow::Result<bool> {
+    let (dst, old) = (run.join("checkpoint"), run.join("checkpoint.old"));
+    if !old.exists() {
+        return Ok(false);
+    }
+    if dst.exists() {
+        // Interrupted after the new checkpoint was in place: the old one is stale.
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        return Ok(false);
+    }
+    std::fs::rename(&old, &dst)
+        .with_context(|| format!("moving {} back to {}", old.display(), dst.display()))?;
+    crate::util::sync_dir(run).with_context(|| format!("syncing {}", run.display()))?;
+    tracing::warn!(
+        "{}: a checkpoint save was interrupted; restored the previous checkpoint",
+        run.display()
+    );
+    Ok(true)
+}
 
 fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
@@ -342,18 +460,24 @@ pub fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
         &state_dir.join("trainer.json"),
         &serde_json::to_vec_pretty(state)?,
     )?;
-    for f in [
-        "model.safetensors",
-        "state/model.mpk",
-        "state/optim.mpk",
-        "state/trainer.json",
-        "config.json",
-    ] {
+    let mut files = BTreeMap::new();
+    for f in CHECKPOINT_FILES {
         let path = tmp.join(f);
         std::fs::File::open(&path)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("syncing {}", path.display()))?;
+        let (sha256, bytes) = crate::util::sha256_file(&path)
+            .with_context(|| format!("hashing {}", path.display()))?;
+        files.insert(f.to_string(), FileSum { sha256, bytes });
     }
+    // Last: a checkpoint whose checksums.json exists is complete.
+    crate::util::write_atomic(
+        &tmp.join(CHECKSUMS),
+        &serde_json::to_vec_pretty(&Checksums { files })?,
+    )
+    .with_context(|| format!("writing {}", tmp.join(CHECKSUMS).display()))?;
+    crate::util::sync_dir(&state_dir)
+        .with_context(|| format!("syncing {}", state_dir.display()))?;
     let dst = run.join("checkpoint");
     let old = run.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
@@ -361,6 +485,7 @@ pub fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
         std::fs::rename(&dst, &old)
             .with_context(|| format!("moving {} to {}", dst.display(), old.display()))?;
     }
+    crate::util::failpoint("checkpoint-swap");
     std::fs::rename(&tmp, &dst)
         .with_context(|| format!("moving {} to {}", tmp.display(), dst.display()))?;
     crate::util::sync_dir(run).with_context(|| format!("syncing {}", run.display()))?;

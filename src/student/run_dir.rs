@@ -153,11 +153,18 @@ impl MetricsWriter {
             .filter(|l| serde_json::from_str::<Step>(l).is_ok_and(|s| (s.step as usize) <= step))
             .map(String::from)
             .collect();
-        let mut file =
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        // Rewritten atomically: a run killed here keeps every line it had.
+        let mut text = String::new();
         for l in &kept {
-            writeln!(file, "{l}").with_context(|| format!("writing {}", path.display()))?;
+            text.push_str(l);
+            text.push('\n');
         }
+        crate::util::write_atomic(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         Ok(MetricsWriter { file, path })
     }
 

@@ -29,6 +29,7 @@ use super::eval::{EvalMetrics, evaluate};
 use super::model::Llama;
 use super::run_dir::{EvalLine, MetricsWriter, RunDir, TrainLine};
 use super::step::{clip_global, loss_and_grads};
+use crate::cache::manifest::Manifest;
 use crate::cache::reader::Cache;
 use crate::cache::schema::CacheMode;
 use crate::cache::stream::{Cursor, Split, Stream, StreamConfig};
@@ -41,7 +42,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The CPU training backend.
@@ -107,6 +108,7 @@ fn check_resume_matches(
     student: &StudentConfig,
 ) -> anyhow::Result<()> {
     use super::run_dir::TrainConfigFile;
+    super::checkpoint::verify_checkpoint(ckpt)?;
     let path = ckpt.join("train_config.json");
     let bytes = std::fs::read(&path).with_context(|| {
         format!(
@@ -176,6 +178,67 @@ pub fn train_student(
     }
 }
 
+/// Bytes per parameter that training holds at least: f32 weights, gradients and AdamW's two
+/// moments (activations come on top).
+const TRAIN_BYTES_PER_PARAM: f64 = 16.0;
+
+/// Refuses a student whose weights, gradients and optimizer state alone exceed `available`
+/// bytes of memory (when known), naming its parameter count: allocating it would abort the
+/// process with a backtrace instead.
+fn check_fits_in_memory(student: &StudentConfig, available: Option<u64>) -> anyhow::Result<()> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let params = student.num_params() as f64;
+    let need = params * TRAIN_BYTES_PER_PARAM;
+    if need > available as f64 {
+        bail!(
+            "student {} has {} parameters: training it needs at least {:.1} GiB (f32 weights, gradients and AdamW's two moments, {TRAIN_BYTES_PER_PARAM} bytes per parameter, before activations), more than the {:.1} GiB of memory available; choose a smaller student (hidden_size, num_hidden_layers, intermediate_size)",
+            student.name,
+            crate::law::human(params),
+            need / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (Linux), or `None` where it cannot be read.
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The held-out fraction a run uses: `requested`, or 0 (train on every window, no
+/// evaluation, with a warning) when no window of a small cache falls in the held-out split
+/// (it is chosen by seq_id hash), so the defaults never fail. A split that holds out every
+/// window, leaving nothing to train on, is refused.
+fn held_out_fraction(m: &Manifest, requested: f64, cache: &Path) -> anyhow::Result<f64> {
+    if requested <= 0.0 {
+        return Ok(0.0);
+    }
+    let n = m.totals.sequences;
+    let held = (0..n)
+        .filter(|&s| crate::rng::is_eval(s, requested))
+        .count() as u64;
+    if held == 0 {
+        tracing::warn!(
+            "none of the {n} windows of {} falls in the held-out split (--eval-fraction {requested}): training on all of them without evaluation; raise --eval-fraction (or use a larger cache) to evaluate",
+            cache.display()
+        );
+        return Ok(0.0);
+    }
+    if held == n {
+        bail!(
+            "--eval-fraction {requested} holds out all {n} windows of {}, leaving none to train on; lower --eval-fraction",
+            cache.display()
+        );
+    }
+    Ok(requested)
+}
+
 /// The GPU training backend (CUDA, found at run time).
 #[cfg(feature = "cuda")]
 pub type GpuBackend = Autodiff<burn::backend::Cuda>;
@@ -189,6 +252,9 @@ fn train_on<B: AutodiffBackend>(
 ) -> anyhow::Result<RunResult> {
     let m = &cache.manifest;
     cache.check_tokenizer(&cfg.tokenizer)?;
+    if cfg.device == crate::device::Device::Cpu {
+        check_fits_in_memory(student, available_memory_bytes())?;
+    }
     if student.vocab_size < m.vocab_size {
         bail!(
             "student {} has vocab_size {} but the cache's token ids go up to {} (vocab {}); set vocab_size ≥ {} (or leave it out to use the cache's)",
@@ -232,12 +298,14 @@ fn train_on<B: AutodiffBackend>(
             m.params.seq_len
         );
     }
+    let eval_fraction = held_out_fraction(m, cfg.eval_fraction, &cfg.cache)?;
     let run_dir = RunDir::new(cfg.out.join(&student.name));
     let run = run_dir.path.clone();
     let ckpt = run_dir.checkpoint();
     std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
     // Held until the run returns: a second `train` on this directory is refused.
     let _lock = crate::cache::lock::RunLock::acquire(&run)?;
+    super::checkpoint::recover_interrupted_save(&run)?;
     let adamw = AdamWConfig::new()
         .with_beta_1(cfg.beta1 as f32)
         .with_beta_2(cfg.beta2 as f32)
@@ -297,12 +365,12 @@ fn train_on<B: AutodiffBackend>(
             batch_size: cfg.batch_size,
             seed: cfg.seed,
             epochs: None,
-            split: if cfg.eval_fraction > 0.0 {
+            split: if eval_fraction > 0.0 {
                 Split::Train
             } else {
                 Split::All
             },
-            eval_fraction: cfg.eval_fraction,
+            eval_fraction,
             start: state.cursor,
             ..Default::default()
         },
@@ -317,7 +385,7 @@ fn train_on<B: AutodiffBackend>(
         let e = evaluate(
             &model.valid(),
             cache,
-            cfg.eval_fraction,
+            eval_fraction,
             cfg.batch_size,
             cfg.eval_batches,
             &cfg.loss,
@@ -391,7 +459,7 @@ fn train_on<B: AutodiffBackend>(
         // (The last step's evaluation is the final one below.)
         if cfg.eval_every > 0
             && state.step.is_multiple_of(cfg.eval_every)
-            && cfg.eval_fraction > 0.0
+            && eval_fraction > 0.0
             && state.step < cfg.steps
         {
             run_eval(&model, &mut metrics, state.step)?;
@@ -417,7 +485,7 @@ fn train_on<B: AutodiffBackend>(
         .filter(|e| e.step == state.step);
     let eval = match done_eval {
         Some(e) => Some(e.metrics),
-        None if cfg.eval_fraction > 0.0 && state.step == cfg.steps => {
+        None if eval_fraction > 0.0 && state.step == cfg.steps => {
             Some(run_eval(&model, &mut metrics, state.step)?)
         }
         None => None,
@@ -436,4 +504,24 @@ fn train_on<B: AutodiffBackend>(
         eval,
         peak_rss_mib: peak_rss_mib(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_student_larger_than_memory_is_refused_naming_its_size() {
+        let s = StudentConfig::load("preset:nano", 400).unwrap();
+        let need = s.num_params() as f64 * TRAIN_BYTES_PER_PARAM;
+        assert!(check_fits_in_memory(&s, Some(need as u64 + 1)).is_ok());
+        assert!(check_fits_in_memory(&s, None).is_ok());
+        let e = check_fits_in_memory(&s, Some(need as u64 / 2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&crate::law::human(s.num_params() as f64)) && e.contains("smaller student"),
+            "{e}"
+        );
+    }
 }
