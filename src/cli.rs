@@ -71,8 +71,10 @@ pub struct TeacherArgs {
     #[arg(long)]
     pub tokenizer: PathBuf,
     /// Corpus files or directories: .jsonl (text in --text-field), .parquet (a string column
-    /// named --text-field) and .txt (one document per file). Directories are searched
-    /// recursively in sorted order.
+    /// named --text-field) and .txt (one document per file); .jsonl and .txt may be compressed
+    /// (.jsonl.gz, .jsonl.zst). Directories are searched recursively in sorted order; the files
+    /// they hold that are not corpus files are listed in a warning. A file given twice is read
+    /// once.
     #[arg(long, num_args = 1.., required = true)]
     pub corpus: Vec<PathBuf>,
     /// The cache directory (created if needed; an existing cache with the same parameters
@@ -679,6 +681,17 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                         "stored entropy   {:.4} nats (tail as one outcome; ≤ {:.4} with the tail spread evenly)",
                         r.mean_entropy_estimate, r.mean_entropy_upper
                     )?;
+                }
+                if r.bad_rows_skipped > 0 {
+                    writeln!(
+                        out,
+                        "bad rows skipped {} (--skip-bad-rows); first: {}",
+                        r.bad_rows_skipped,
+                        r.bad_row_examples.join("; ")
+                    )?;
+                }
+                if r.empty_documents > 0 {
+                    writeln!(out, "empty documents  {} (skipped)", r.empty_documents)?;
                 }
                 writeln!(out, "model sha256     {}", r.model_sha256)?;
                 writeln!(out, "tokenizer sha256 {}", r.tokenizer_sha256)?;

@@ -1,7 +1,10 @@
 //! Reading a text corpus: JSONL (one JSON object per line, text in a named field), Parquet
 //! (a string column of that name, the Hugging Face datasets layout) and `.txt` (one document
-//! per file). Paths may be files or directories (searched recursively, in sorted order), so
-//! the document order — and with it every `seq_id` — is deterministic.
+//! per file), each optionally compressed (`.gz`, `.zst`: `corpus.jsonl.gz`). Paths may be
+//! files or directories (searched recursively, in sorted order), so the document order — and
+//! with it every `seq_id` — is deterministic. Files a directory holds that are not corpus
+//! files are listed in a warning, not read; a file given twice (or a file and a directory
+//! holding it) is read once, with a warning. A UTF-8 byte-order mark is ignored.
 
 use crate::util::sha256_file;
 use arrow_array::{Array, cast::AsArray};
@@ -23,10 +26,12 @@ pub enum CorpusError {
         source: std::io::Error,
     },
     #[error(
-        "corpus file {0} has an unsupported extension; use .jsonl (or .json lines), .parquet or .txt"
+        "corpus file {0} has an unsupported extension; use .jsonl (or .json lines), .parquet or .txt, optionally compressed as .gz or .zst (e.g. .jsonl.gz)"
     )]
     Unsupported(PathBuf),
-    #[error("corpus directory {0} contains no .jsonl, .parquet or .txt files")]
+    #[error(
+        "corpus directory {0} contains no .jsonl, .parquet or .txt files (nor .gz/.zst of them)"
+    )]
     EmptyDir(PathBuf),
     #[error("no corpus given; pass --corpus PATH (files or directories)")]
     NoPaths,
@@ -63,13 +68,51 @@ pub enum CorpusKind {
     Text,
 }
 
+/// How a corpus file is compressed, from its last extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The compression of `name` (lowercase) and the name without its extension.
+    fn of(name: &str) -> (Self, &str) {
+        if let Some(n) = name.strip_suffix(".gz") {
+            (Compression::Gzip, n)
+        } else if let Some(n) = name.strip_suffix(".zst") {
+            (Compression::Zstd, n)
+        } else {
+            (Compression::None, name)
+        }
+    }
+
+    /// A reader of `path`'s decompressed bytes.
+    fn open(path: &Path) -> std::io::Result<Box<dyn std::io::Read>> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        let file = std::fs::File::open(path)?;
+        Ok(match Compression::of(&name).0 {
+            Compression::None => Box::new(file),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file))),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file)?),
+        })
+    }
+}
+
 impl CorpusKind {
     fn of(path: &Path) -> Option<Self> {
-        let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+        let lower = path.file_name()?.to_str()?.to_ascii_lowercase();
+        let (compression, name) = Compression::of(&lower);
+        if name.ends_with(".parquet") {
+            // Parquet compresses its own pages; a compressed Parquet file is not readable.
+            return (compression == Compression::None).then_some(CorpusKind::Parquet);
+        }
         if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json") {
             Some(CorpusKind::Jsonl)
-        } else if name.ends_with(".parquet") {
-            Some(CorpusKind::Parquet)
         } else if name.ends_with(".txt") {
             Some(CorpusKind::Text)
         } else {
@@ -106,16 +149,44 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<CorpusFile>, CorpusError> {
         })?;
         if meta.is_dir() {
             let before = files.len();
-            walk(p, &mut files)?;
+            let mut skipped = Vec::new();
+            walk(p, &mut files, &mut skipped)?;
             if files.len() == before {
                 return Err(CorpusError::EmptyDir(p.clone()));
+            }
+            if !skipped.is_empty() {
+                let names: Vec<String> = skipped.iter().map(|f| f.display().to_string()).collect();
+                tracing::warn!(
+                    "corpus directory {}: skipped {} file(s) that are not corpus files (.jsonl, .parquet, .txt, or .gz/.zst of them): {}",
+                    p.display(),
+                    names.len(),
+                    names.join(", ")
+                );
             }
         } else {
             let kind = CorpusKind::of(p).ok_or_else(|| CorpusError::Unsupported(p.clone()))?;
             files.push((p.clone(), kind));
         }
     }
-    files
+    // The same file twice (given twice, or as a file and inside a directory) would double
+    // its documents: it is read once, where it first appears.
+    let mut seen: std::collections::HashMap<PathBuf, PathBuf> = std::collections::HashMap::new();
+    let mut unique = Vec::with_capacity(files.len());
+    for (path, kind) in files {
+        let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        match seen.get(&key) {
+            Some(first) => tracing::warn!(
+                "corpus file {} is given more than once (also as {}): reading it once",
+                path.display(),
+                first.display()
+            ),
+            None => {
+                seen.insert(key, path.clone());
+                unique.push((path, kind));
+            }
+        }
+    }
+    unique
         .into_iter()
         .map(|(path, kind)| {
             let (sha256, bytes) = sha256_file(&path).map_err(|e| CorpusError::Io {
@@ -132,7 +203,11 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<CorpusFile>, CorpusError> {
         .collect()
 }
 
-fn walk(dir: &Path, out: &mut Vec<(PathBuf, CorpusKind)>) -> Result<(), CorpusError> {
+fn walk(
+    dir: &Path,
+    out: &mut Vec<(PathBuf, CorpusKind)>,
+    skipped: &mut Vec<PathBuf>,
+) -> Result<(), CorpusError> {
     let io = |e| CorpusError::Io {
         path: dir.to_path_buf(),
         source: e,
@@ -144,16 +219,24 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, CorpusKind)>) -> Result<(), CorpusEr
         .map_err(io)?;
     entries.sort();
     for p in entries {
+        let hidden = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
         if p.is_dir() {
-            walk(&p, out)?;
+            walk(&p, out, skipped)?;
         } else if let Some(kind) = CorpusKind::of(&p) {
             out.push((p, kind));
+        } else if hidden {
+            tracing::debug!("skipping hidden file {}", p.display());
         } else {
-            tracing::debug!("skipping {} (not a corpus file)", p.display());
+            skipped.push(p);
         }
     }
     Ok(())
 }
+
+/// The UTF-8 byte-order mark some editors write at the start of a file.
+const BOM: &str = "\u{feff}";
 
 /// Where a document came from: a file and a 1-based line (JSONL) or row (Parquet) number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,15 +298,23 @@ pub fn for_each_document(
         };
         match file.kind {
             CorpusKind::Text => {
-                let bytes = std::fs::read(path).map_err(io)?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut Compression::open(path).map_err(io)?, &mut bytes)
+                    .map_err(io)?;
                 match String::from_utf8(bytes) {
-                    Ok(text) => emit(&mut skips, 1, text)?,
+                    Ok(text) => {
+                        let text = match text.strip_prefix(BOM) {
+                            Some(t) => t.to_string(),
+                            None => text,
+                        };
+                        emit(&mut skips, 1, text)?
+                    }
                     Err(e) => bad(&mut skips, path, 1, format!("text file is not UTF-8 ({e})"))?,
                 }
             }
             CorpusKind::Jsonl => {
                 let mut reader =
-                    BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io)?);
+                    BufReader::with_capacity(1 << 20, Compression::open(path).map_err(io)?);
                 let mut buf = Vec::new();
                 let mut line = 0u64;
                 loop {
@@ -232,10 +323,13 @@ pub fn for_each_document(
                         break;
                     }
                     line += 1;
-                    let Ok(s) = std::str::from_utf8(&buf) else {
+                    let Ok(mut s) = std::str::from_utf8(&buf) else {
                         bad(&mut skips, path, line, "line is not UTF-8".into())?;
                         continue;
                     };
+                    if line == 1 {
+                        s = s.strip_prefix(BOM).unwrap_or(s);
+                    }
                     if s.trim().is_empty() {
                         continue;
                     }

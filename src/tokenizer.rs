@@ -36,14 +36,48 @@ pub struct LoadedTokenizer {
 
 /// Loads `tokenizer.json`.
 pub fn load(path: &Path) -> Result<LoadedTokenizer, TokenizerError> {
+    if path.is_dir() {
+        return Err(TokenizerError::Load {
+            path: path.to_path_buf(),
+            why: format!(
+                "it is a directory{}",
+                if path.join("tokenizer.json").is_file() {
+                    format!(" (pass {})", path.join("tokenizer.json").display())
+                } else {
+                    String::new()
+                }
+            ),
+        });
+    }
     if !path.is_file() {
         return Err(TokenizerError::Missing {
             path: path.to_path_buf(),
         });
     }
-    let tokenizer = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-        path: path.to_path_buf(),
-        why: e.to_string(),
+    let tokenizer = Tokenizer::from_file(path).map_err(|e| {
+        // Valid JSON of another kind (a config.json, a vocab.json) is named as such, not
+        // reported as the parser's complaint about a missing field.
+        let json = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        let why = match json {
+            Some(serde_json::Value::Object(m)) if !m.contains_key("model") => {
+                let mut keys: Vec<&str> = m.keys().map(String::as_str).take(8).collect();
+                keys.sort();
+                format!(
+                    "it is JSON but not a tokenizer.json (no `model` key; its keys: {})",
+                    keys.join(", ")
+                )
+            }
+            Some(v) if !v.is_object() => {
+                "it is JSON but not a tokenizer.json (not an object)".to_string()
+            }
+            _ => e.to_string(),
+        };
+        TokenizerError::Load {
+            path: path.to_path_buf(),
+            why,
+        }
     })?;
     let vocab_size = tokenizer
         .get_vocab(true)

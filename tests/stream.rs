@@ -244,7 +244,76 @@ fn damaged_or_incomplete_caches_are_refused_naming_the_shard() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("the cache is incomplete"), "{err}");
+    assert!(
+        err.contains("is incomplete (")
+            && err.contains("shards written)")
+            && err.contains("same `logitcache teacher` command")
+            && !err.contains("damaged")
+            && !err.contains("delete"),
+        "{err}"
+    );
+}
+
+/// A missing shard is named as missing (it was reported as "18446744073709551615 bytes on
+/// disk"), and a manifest forged to another vocabulary (its checksum recomputed) is caught by
+/// the shards' own metadata, by the stream and by `verify`; a shard path outside the cache is
+/// refused when the manifest is read.
+#[test]
+fn missing_shards_and_forged_manifests_are_named() {
+    use logitcache::cache::manifest::Manifest;
+    let dir = shared_dir().join("stream-forged");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_ok(&run_strings(&teacher_args(&plain_model(), &dir, 60)));
+    let good = Manifest::load(&dir).unwrap();
+    // Sealed as logitcache seals it: the checksum is recomputed, so only the values lie.
+    let write = |m: &Manifest| m.clone().store(&dir).unwrap();
+    let mut m = good.clone();
+    m.vocab_size = 100;
+    write(&m);
+    let err = Stream::start(&Cache::open(&dir).unwrap(), StreamConfig::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("logitcache.vocab_size = 400 but the manifest says 100"),
+        "{err}"
+    );
+    let v = run(&["verify", dir.to_str().unwrap()]);
+    assert_eq!(v.status.code(), Some(1), "{}", stdout(&v));
+    assert!(
+        stdout(&v).contains("the manifest says 100"),
+        "{}",
+        stdout(&v)
+    );
+    for bad in [
+        "../elsewhere.parquet",
+        "/tmp/x.parquet",
+        "shards/../../x.parquet",
+    ] {
+        let mut m = good.clone();
+        m.shards[0].file = bad.into();
+        write(&m);
+        let err = Manifest::load(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains(bad) && err.contains("outside the cache directory"),
+            "{err}"
+        );
+        assert_fails(
+            &run(&["verify", dir.to_str().unwrap()]),
+            &["outside the cache directory"],
+        );
+    }
+    write(&good);
+    let shard = dir.join(&good.shards[1].file);
+    std::fs::remove_file(&shard).unwrap();
+    let err = Stream::start(&Cache::open(&dir).unwrap(), StreamConfig::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(shard.to_str().unwrap()) && !err.contains("18446744073709551615"),
+        "{err}"
+    );
 }
 
 #[test]

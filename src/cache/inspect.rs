@@ -46,6 +46,12 @@ pub struct InspectReport {
     /// temperature), measured while writing at one position in 16; `null` when a shard did
     /// not record it.
     pub mean_entropy: Option<f64>,
+    /// Corpus rows that were not valid and were skipped (`--skip-bad-rows`; 0 otherwise).
+    pub bad_rows_skipped: u64,
+    /// The first few of them, as `path:line: problem`.
+    pub bad_row_examples: Vec<String>,
+    /// Documents with empty text (skipped).
+    pub empty_documents: u64,
 }
 
 /// Reads every shard of `dir` and summarises it.
@@ -121,6 +127,9 @@ pub fn inspect(dir: &Path) -> Result<InspectReport, ReadError> {
             .collect::<Option<Vec<f32>>>()
             .and_then(|v| v.into_iter().reduce(f32::max)),
         mean_entropy: m.token_mean(|t| t.mean_entropy),
+        bad_rows_skipped: m.plan.bad_rows_skipped,
+        bad_row_examples: m.plan.bad_row_examples.clone(),
+        empty_documents: m.plan.empty_documents,
     })
 }
 

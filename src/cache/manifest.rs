@@ -124,6 +124,20 @@ pub struct ModelInfo {
     pub logits_dtype: String,
     /// Size of the logits' last dimension (may exceed the tokenizer's vocabulary).
     pub logits_vocab: usize,
+    /// The external data files the model reads (its weights, for exports over 2 GB), each
+    /// hashed: `sha256` above covers only the graph file. Absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_data: Vec<ExternalDataFile>,
+}
+
+/// One external data file of the teacher model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalDataFile {
+    /// As the model names it, relative to the model's directory.
+    pub location: String,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,6 +345,24 @@ impl Manifest {
                 expected,
             });
         }
+        // Shards are read from `dir/<file>`: a path that leaves the cache directory (absolute,
+        // or through `..`) would make `verify` vouch for files that are not the cache's.
+        for s in &m.shards {
+            let p = Path::new(&s.file);
+            if s.file.is_empty()
+                || !p
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(ManifestError::Invalid {
+                    path,
+                    what: format!(
+                        "shard {} has file `{}`, outside the cache directory (shard files are relative paths inside it, e.g. shards/shard-000000.parquet)",
+                        s.index, s.file
+                    ),
+                });
+            }
+        }
         Ok(m)
     }
 
@@ -372,6 +404,14 @@ impl Manifest {
         cmp!("--store-logprobs", a.store_logprobs, b.store_logprobs);
         cmp!("--cache-seed", a.seed, b.seed);
         cmp!("--model (sha256)", self.model.sha256, other.model.sha256);
+        let ext = |m: &Manifest| {
+            m.model
+                .external_data
+                .iter()
+                .map(|e| format!("{} {}", e.location, e.sha256))
+                .collect::<Vec<_>>()
+        };
+        cmp!("--model (external data sha256)", ext(self), ext(other));
         cmp!(
             "--tokenizer (sha256)",
             self.tokenizer.sha256,

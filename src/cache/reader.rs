@@ -4,7 +4,7 @@
 
 use super::manifest::{Manifest, ManifestError, ShardEntry};
 use super::rows::{ShardRows, append_batch};
-use super::schema::{Layout, check_schema};
+use super::schema::{Layout, check_metadata, check_schema, shard_schema_with_metadata};
 use crate::util::sha256_file;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,14 @@ pub enum ReadError {
         "shard {path} is damaged: {what}; delete it and run the teacher again with the same arguments to recompute it"
     )]
     Corrupt { path: PathBuf, what: String },
+    #[error(
+        "cache {dir} is incomplete ({written} of {planned} shards written); finish it by running the same `logitcache teacher` command again before reading it"
+    )]
+    Incomplete {
+        dir: PathBuf,
+        written: u64,
+        planned: u64,
+    },
     #[error(
         "the cache in {dir} was built with tokenizer sha256 {cache} ({cache_path}), but the tokenizer given ({given_path}) has sha256 {given}; pass the tokenizer the cache was built with"
     )]
@@ -85,7 +93,22 @@ impl Cache {
 
     /// Reads a shard whole, checking its schema and top-k.
     pub fn read_shard(&self, entry: &ShardEntry) -> Result<ShardRows, ReadError> {
-        read_shard_file(&self.dir.join(&entry.file), &self.manifest.params.layout())
+        read_shard_file(
+            &self.dir.join(&entry.file),
+            &self.manifest.params.layout(),
+            Some(&self.expected_schema(entry)),
+        )
+    }
+
+    /// The schema, with its key-value metadata, that the manifest says `entry` has.
+    pub fn expected_schema(&self, entry: &ShardEntry) -> arrow_schema::Schema {
+        let m = &self.manifest;
+        shard_schema_with_metadata(
+            &m.params.layout(),
+            m.vocab_size,
+            &m.tokenizer.sha256,
+            entry.index,
+        )
     }
 }
 
@@ -106,7 +129,11 @@ pub fn open_shard(path: &Path) -> Result<std::fs::File, ReadError> {
 }
 
 /// Reads a shard file whole, checking its schema against `layout`.
-pub fn read_shard_file(path: &Path, layout: &Layout) -> Result<ShardRows, ReadError> {
+pub fn read_shard_file(
+    path: &Path,
+    layout: &Layout,
+    expected: Option<&arrow_schema::Schema>,
+) -> Result<ShardRows, ReadError> {
     let corrupt = |what: String| ReadError::Corrupt {
         path: path.to_path_buf(),
         what,
@@ -115,6 +142,9 @@ pub fn read_shard_file(path: &Path, layout: &Layout) -> Result<ShardRows, ReadEr
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| corrupt(format!("not a readable Parquet file ({e})")))?;
     check_schema(builder.schema(), layout).map_err(corrupt)?;
+    if let Some(want) = expected {
+        check_metadata(builder.schema(), want).map_err(corrupt)?;
+    }
     let reader = builder
         .with_batch_size(1024)
         .build()

@@ -318,6 +318,30 @@ pub fn shard_schema_with_metadata(
     shard_schema(layout).with_metadata(meta)
 }
 
+/// Compares a shard's key-value metadata with what its manifest says of it (`expected`, from
+/// [`shard_schema_with_metadata`]'s keys): a manifest edited to another vocabulary, top-k,
+/// mode or tokenizer (with its checksum recomputed) is caught here, before a student is built
+/// for the wrong vocabulary. Keys a shard lacks (older writers) are not compared. Returns the
+/// first difference.
+pub fn check_metadata(found: &Schema, expected: &Schema) -> Result<(), String> {
+    let mut keys: Vec<&String> = expected.metadata().keys().collect();
+    keys.sort();
+    for key in keys {
+        if key == META_FORMAT_VERSION {
+            continue; // a v1 shard in a cache read by this version says 1
+        }
+        if let Some(got) = found.metadata().get(key)
+            && *got != expected.metadata()[key]
+        {
+            return Err(format!(
+                "its metadata says {key} = {got} but the manifest says {} (the manifest was edited, or the shard comes from another cache)",
+                expected.metadata()[key]
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Compares a file's schema with the expected one for `layout`, ignoring metadata. Returns a
 /// description of the first difference.
 pub fn check_schema(found: &Schema, layout: &Layout) -> Result<(), String> {

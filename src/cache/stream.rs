@@ -13,7 +13,9 @@ use super::pages;
 use super::reader::{Cache, ReadError, open_shard};
 use super::rows::q8_codes_from_deltas;
 use super::rows::{ShardRows, append_batch, append_per_position};
-use super::schema::{COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_TOPK_IDS, Layout, check_schema};
+use super::schema::{
+    COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_TOPK_IDS, Layout, check_metadata, check_schema,
+};
 use crate::rng::{is_eval, mix, permutation};
 use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
@@ -373,12 +375,10 @@ impl Stream {
     pub fn start(cache: &Cache, cfg: StreamConfig) -> Result<Stream, ReadError> {
         let m = &cache.manifest;
         if !m.totals.complete {
-            return Err(ReadError::Corrupt {
-                path: cache.dir.join(super::manifest::MANIFEST_FILE),
-                what: format!(
-                    "the cache is incomplete ({} of {} shards); finish the teacher run (same command) before training",
-                    m.totals.shards, m.plan.shards
-                ),
+            return Err(ReadError::Incomplete {
+                dir: cache.dir.clone(),
+                written: m.totals.shards,
+                planned: m.plan.shards,
             });
         }
         assert!(cfg.world_size >= 1 && cfg.rank < cfg.world_size && cfg.batch_size >= 1);
@@ -386,17 +386,27 @@ impl Stream {
         let mut shards = Vec::with_capacity(m.shards.len());
         for s in &m.shards {
             let path = cache.dir.join(&s.file);
-            let len = std::fs::metadata(&path)
-                .map(|md| md.len())
-                .unwrap_or(u64::MAX);
+            let len = match std::fs::metadata(&path) {
+                Ok(md) => md.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ReadError::MissingShard { path });
+                }
+                Err(source) => return Err(ReadError::Io { path, source }),
+            };
             if len != s.bytes {
                 return Err(ReadError::Corrupt {
                     path,
-                    what: format!("{len} bytes on disk, manifest says {}", s.bytes),
+                    what: format!(
+                        "{len} bytes on disk, manifest says {} (truncated or replaced)",
+                        s.bytes
+                    ),
                 });
             }
             // SAFETY: shards are immutable once written (replaced only by rename).
-            shards.push(unsafe { MappedShard::open(&path, &layout)? });
+            let shard = unsafe { MappedShard::open(&path, &layout)? };
+            check_metadata(shard.meta.schema(), &cache.expected_schema(s))
+                .map_err(|what| ReadError::Corrupt { path, what })?;
+            shards.push(shard);
         }
         let units: Vec<(usize, usize)> = shards
             .iter()
