@@ -77,7 +77,26 @@ fn unreadable_model_and_tokenizer() {
     std::fs::write(&bad_tok, b"{\"not\": \"a tokenizer\"}").unwrap();
     assert_fails(
         &run_strings(&with(&a, "--tokenizer", bad_tok.to_str().unwrap())),
-        &["cannot load tokenizer", "tokenizer.json"],
+        &[
+            "cannot load tokenizer",
+            "it is JSON but not a tokenizer.json (no `model` key; its keys: not)",
+        ],
+    );
+    // Directories given where a file belongs are named as directories.
+    let model_dir = shared_dir().join("model-dir");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    std::fs::copy(plain_model(), model_dir.join("model.onnx")).unwrap();
+    assert_fails(
+        &run_strings(&with(&a, "--model", model_dir.to_str().unwrap())),
+        &[
+            "is a directory",
+            "--model PATH to the .onnx file",
+            "it holds model.onnx",
+        ],
+    );
+    assert_fails(
+        &run_strings(&with(&a, "--tokenizer", model_dir.to_str().unwrap())),
+        &["cannot load tokenizer", "it is a directory"],
     );
 }
 
@@ -288,7 +307,21 @@ fn bad_rows_are_named_or_skipped_and_counted() {
     let out = fresh_out("badrows-skip");
     let mut s = with(&a, "--out", out.to_str().unwrap());
     s.push("--skip-bad-rows".into());
-    assert_ok(&run_strings(&s));
+    let o = run_strings(&s);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("skipped 4 bad corpus rows")
+            && stderr(&o).contains(":4: not valid JSON"),
+        "{}",
+        stderr(&o)
+    );
+    let i = run(&["inspect", out.to_str().unwrap()]);
+    assert_ok(&i);
+    assert!(stdout(&i).contains("bad rows skipped 4"), "{}", stdout(&i));
+    let j: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["inspect", out.to_str().unwrap(), "--json"]))).unwrap();
+    assert_eq!(j["bad_rows_skipped"], 4);
+    assert_eq!(j["bad_row_examples"].as_array().unwrap().len(), 4);
     let m = logitcache::cache::manifest::Manifest::load(&out).unwrap();
     assert_eq!(m.plan.bad_rows_skipped, 4);
     assert_eq!(m.plan.documents, 20);
@@ -572,4 +605,162 @@ fn inspect_refuses_another_tokenizer_naming_both_hashes() {
         ]),
         &["position 999 is outside seq_id 2"],
     );
+}
+
+/// Compressed corpora (.jsonl.gz, .jsonl.zst), a UTF-8 byte-order mark, a file given twice
+/// and a directory with other files in it all give the cache of the plain corpus; what was
+/// skipped or deduplicated is said in a warning; a compressed Parquet file is refused.
+#[test]
+fn corpus_forms_give_the_same_cache() {
+    use std::io::Write;
+    let plain = corpus(20);
+    let text = std::fs::read(&plain).unwrap();
+    let dir = shared_dir().join("corpus-forms");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("mixed")).unwrap();
+    let gz = dir.join("c.jsonl.gz");
+    let mut e = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    e.write_all(&text).unwrap();
+    e.finish().unwrap();
+    let zst = dir.join("c.jsonl.zst");
+    std::fs::write(&zst, zstd::stream::encode_all(&text[..], 3).unwrap()).unwrap();
+    let bom = dir.join("bom.jsonl");
+    std::fs::write(&bom, [b"\xef\xbb\xbf".as_slice(), &text].concat()).unwrap();
+    let mixed = dir.join("mixed");
+    std::fs::copy(&plain, mixed.join("a.jsonl")).unwrap();
+    std::fs::write(mixed.join("notes.csv"), "a,b\n").unwrap();
+    std::fs::write(mixed.join("blob.bin"), [0u8; 4]).unwrap();
+    std::fs::write(mixed.join(".hidden"), "x").unwrap();
+
+    let mixed_a = mixed.join("a.jsonl");
+    let reference = fresh_out("forms-plain");
+    assert_ok(&run_strings(&with(
+        &teacher_args(&plain_model(), &reference, 20),
+        "--corpus",
+        plain.to_str().unwrap(),
+    )));
+    let want = all_rows(&reference);
+    let cases: Vec<(&str, Vec<&Path>, Vec<&str>)> = vec![
+        ("gz", vec![&gz], vec![]),
+        ("zst", vec![&zst], vec![]),
+        ("bom", vec![&bom], vec![]),
+        (
+            "twice",
+            vec![&plain, &plain],
+            vec!["is given more than once", "reading it once"],
+        ),
+        (
+            "file-and-dir",
+            vec![&mixed, &mixed_a],
+            vec!["given more than once"],
+        ),
+        (
+            "mixed-dir",
+            vec![&mixed],
+            vec!["skipped 2 file(s)", "notes.csv", "blob.bin"],
+        ),
+    ];
+    for (name, paths, warnings) in cases {
+        let out = fresh_out(&format!("forms-{name}"));
+        let mut a = teacher_args(&plain_model(), &out, 20);
+        let c = a.iter().position(|x| x == "--corpus").unwrap();
+        a.remove(c + 1);
+        for (i, p) in paths.iter().enumerate() {
+            a.insert(c + 1 + i, p.to_str().unwrap().to_string());
+        }
+        let o = run_strings(&a);
+        assert_ok(&o);
+        for w in warnings {
+            assert!(
+                stderr(&o).contains(w),
+                "{name}: no {w:?} in\n{}",
+                stderr(&o)
+            );
+        }
+        assert!(!stderr(&o).contains(".hidden"), "{name}: {}", stderr(&o));
+        let got = all_rows(&out);
+        assert_eq!(got.seq_ids, want.seq_ids, "{name}");
+        assert_eq!(got.input_ids, want.input_ids, "{name}");
+    }
+    let pq_gz = dir.join("c.parquet.gz");
+    std::fs::write(&pq_gz, b"x").unwrap();
+    assert_fails(
+        &run_strings(&with(
+            &base("forms-pqgz"),
+            "--corpus",
+            pq_gz.to_str().unwrap(),
+        )),
+        &["unsupported extension", ".gz or .zst"],
+    );
+}
+
+/// A teacher saved with external data (weights in a file beside the .onnx, as every export
+/// over 2 GB is) gives the plain model's cache, records the data file's sha256, and a cache
+/// made from other weights under the same graph file is not taken for the same teacher. A
+/// missing data file is named before anything is written.
+#[test]
+fn external_data_is_hashed_into_the_provenance() {
+    use logitcache::cache::manifest::Manifest;
+    use logitcache::onnx::external::move_to_external;
+    let dir = shared_dir().join("external-data");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (graph, data) =
+        move_to_external(&std::fs::read(plain_model()).unwrap(), "teacher.onnx.data").unwrap();
+    assert!(
+        graph.len() < 4096 && data.len() > 10_000,
+        "{} {}",
+        graph.len(),
+        data.len()
+    );
+    let onnx = dir.join("teacher.onnx");
+    std::fs::write(&onnx, &graph).unwrap();
+    std::fs::write(dir.join("teacher.onnx.data"), &data).unwrap();
+
+    let reference = fresh_out("ext-plain");
+    assert_ok(&run_strings(&teacher_args(&plain_model(), &reference, 20)));
+    let out = fresh_out("ext");
+    let args = teacher_args(&onnx, &out, 20);
+    assert_ok(&run_strings(&args));
+    let (a, b) = (all_rows(&reference), all_rows(&out));
+    assert_eq!(a.topk_ids, b.topk_ids);
+    assert_eq!(a.topk_logprobs, b.topk_logprobs);
+    let m = Manifest::load(&out).unwrap();
+    assert_eq!(m.model.external_data.len(), 1);
+    let e = &m.model.external_data[0];
+    assert_eq!(
+        (e.location.as_str(), e.bytes),
+        ("teacher.onnx.data", data.len() as u64)
+    );
+    assert_eq!(
+        e.sha256,
+        logitcache::util::sha256_file(&dir.join("teacher.onnx.data"))
+            .unwrap()
+            .0
+    );
+
+    // Other weights, same graph file: resuming into the cache is refused.
+    let mut other = data.clone();
+    let mid = other.len() / 2;
+    other[mid] ^= 0x40;
+    std::fs::write(dir.join("teacher.onnx.data"), &other).unwrap();
+    assert_fails(
+        &run_strings(&args),
+        &["different --model (external data sha256)"],
+    );
+    // A missing data file is named, and no cache is started.
+    std::fs::remove_file(dir.join("teacher.onnx.data")).unwrap();
+    let out2 = fresh_out("ext-missing");
+    assert_fails(
+        &run_strings(&teacher_args(&onnx, &out2, 20)),
+        &[
+            "external file `teacher.onnx.data`",
+            "does not exist",
+            "beside the .onnx",
+        ],
+    );
+    assert!(!out2.join("manifest.json").exists());
 }

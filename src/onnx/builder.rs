@@ -127,6 +127,7 @@ pub fn tensor_raw(name: &str, elem_type: i32, dims: &[i64], raw: Vec<u8>) -> Ten
         data_type: Some(elem_type),
         name: Some(name.to_string()),
         raw_data: Some(raw),
+        ..Default::default()
     }
 }
 

@@ -6,6 +6,7 @@
 //! This module imports no stage: `teacher`, `student` and `pipeline` build on it.
 
 pub mod builder;
+pub mod external;
 pub mod proto;
 pub mod toy;
 

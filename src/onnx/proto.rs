@@ -121,6 +121,12 @@ pub struct TensorProto {
     pub name: Option<String>,
     #[prost(bytes = "vec", optional, tag = "9")]
     pub raw_data: Option<Vec<u8>>,
+    /// `location`, `offset`, `length` of data kept in an external file.
+    #[prost(message, repeated, tag = "13")]
+    pub external_data: Vec<StringStringEntryProto>,
+    /// 1 (`EXTERNAL`) when the data is in `external_data`'s file.
+    #[prost(int32, optional, tag = "14")]
+    pub data_location: Option<i32>,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -18,7 +18,8 @@ pub mod topk;
 
 use crate::cache::lock::{CacheLock, ManifestLock};
 use crate::cache::manifest::{
-    CacheParams, Manifest, ModelInfo, ShardEntry, ShardStats, TokenizerInfo, shard_file_name,
+    CacheParams, ExternalDataFile, Manifest, ModelInfo, ShardEntry, ShardStats, TokenizerInfo,
+    shard_file_name,
 };
 use crate::cache::rows::{LogprobDtype, ShardRows, StorageError, WindowTopK};
 use crate::cache::schema::{CacheMode, Layout};
@@ -491,12 +492,38 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             tok.vocab_size
         );
     }
+    if cfg.model.is_dir() {
+        let inside: Vec<String> = std::fs::read_dir(&cfg.model)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".onnx"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        bail!(
+            "teacher model {} is a directory; pass --model PATH to the .onnx file ({})",
+            cfg.model.display(),
+            if inside.is_empty() {
+                "it holds none: export one with `optimum-cli export onnx` or `logitcache export-onnx`".to_string()
+            } else {
+                format!("it holds {}", inside.join(", "))
+            }
+        );
+    }
     if !cfg.model.is_file() {
         bail!(
             "teacher model {} does not exist; pass --model PATH to an ONNX file",
             cfg.model.display()
         );
     }
+    // External data files (weights beside the .onnx) are checked before anything is
+    // written, and hashed into the manifest with the graph file. A file that does not
+    // decode is left to ONNX Runtime, whose error says more.
+    let external = match crate::onnx::external::references(&cfg.model) {
+        Err(crate::onnx::external::ExternalError::Decode { .. }) => Vec::new(),
+        other => other?,
+    };
     let files = crate::corpus::discover(&cfg.corpus)?;
     crate::cache::dir::prepare(&cfg.out)?;
     let _lock = CacheLock::acquire(&cfg.out, cfg.worker_index, cfg.num_workers)?;
@@ -511,9 +538,23 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             let t = Instant::now();
             let model = sha256_file(&cfg.model)
                 .with_context(|| format!("reading {}", cfg.model.display()))?;
+            let dir = cfg.model.parent().unwrap_or(Path::new("."));
+            let external = external
+                .iter()
+                .map(|location| {
+                    let path = dir.join(location);
+                    let (sha256, bytes) = sha256_file(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    anyhow::Ok(ExternalDataFile {
+                        location: location.clone(),
+                        sha256,
+                        bytes,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let tok = sha256_file(&cfg.tokenizer)
                 .with_context(|| format!("reading {}", cfg.tokenizer.display()))?;
-            Ok((model, tok, t.elapsed().as_secs_f64()))
+            Ok(((model, external), tok, t.elapsed().as_secs_f64()))
         });
         let opened = ort_backend::OrtTeacher::open(
             &cfg.model,
@@ -534,7 +575,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
         (opened, hashed)
     });
     let mut teacher = opened?;
-    let ((model_sha, model_bytes), (tok_sha, _), hash_s) = hashed?;
+    let (((model_sha, model_bytes), external_data), (tok_sha, _), hash_s) = hashed?;
     let session_s = t_session.elapsed().as_secs_f64();
     let iface = teacher.interface().clone();
     if let Some(v) = iface.logits_vocab {
@@ -576,21 +617,29 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             store_logprobs: cfg.store_logprobs,
             seed: cfg.seed,
         },
+        // Paths are recorded absolute, so they resolve from wherever the cache is read.
         ModelInfo {
-            path: cfg.model.clone(),
+            path: absolute(&cfg.model),
             sha256: model_sha,
             bytes: model_bytes,
             inputs: iface.inputs.clone(),
             outputs: iface.outputs.clone(),
             logits_dtype: iface.logits.name().into(),
             logits_vocab: iface.logits_vocab.unwrap_or(tok.vocab_size),
+            external_data,
         },
         TokenizerInfo {
-            path: cfg.tokenizer.clone(),
+            path: absolute(&cfg.tokenizer),
             sha256: tok_sha,
             vocab_size: tok.vocab_size,
         },
-        files.clone(),
+        files
+            .iter()
+            .map(|f| crate::corpus::CorpusFile {
+                path: absolute(&f.path),
+                ..f.clone()
+            })
+            .collect(),
     );
 
     // Create or check the manifest under the directory-wide lock.
@@ -620,6 +669,18 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     };
     let manifest = existing.unwrap_or(fresh);
     let plan = manifest.plan.clone();
+    if plan.bad_rows_skipped > 0 {
+        tracing::warn!(
+            "--skip-bad-rows: skipped {} bad corpus rows (listed by `logitcache inspect`); the first: {}",
+            plan.bad_rows_skipped,
+            plan.bad_row_examples
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
 
     // Which shards this worker owns and still has to compute.
     let done = crate::cache::dir::finished_shards(&cfg.out, &manifest);
@@ -847,4 +908,9 @@ fn write_loop(
         );
     }
     Ok(())
+}
+
+/// `p` made absolute against the working directory (unchanged if that fails).
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
