@@ -242,8 +242,17 @@ pub fn read_results(path: &Path) -> Result<Vec<ResultRow>, LawError> {
             ))
         })?;
         let rows = v.get("rows").cloned().unwrap_or(v);
-        return serde_json::from_value(rows)
-            .map_err(|e| err(format!("not a list of results: {e}")));
+        let rows: Vec<ResultRow> =
+            serde_json::from_value(rows).map_err(|e| err(format!("not a list of results: {e}")))?;
+        for (i, r) in rows.iter().enumerate() {
+            if r.student_params == 0 || r.teacher_params == Some(0) {
+                return Err(err(format!(
+                    "row {i} ({} from {}): a parameter count of 0; sizes must be ≥ 1",
+                    r.student, r.teacher
+                )));
+            }
+        }
+        return Ok(rows);
     }
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines
@@ -285,6 +294,17 @@ pub fn read_results(path: &Path) -> Result<Vec<ResultRow>, LawError> {
         };
         let eval_loss =
             num("eval_loss")?.ok_or_else(|| err(format!("line {}: no eval_loss", i + 2)))?;
+        // A size ≤ 0 (or a fraction of a parameter) would become 0 params and a log of 0.
+        for name in ["teacher_params", "student_params"] {
+            if let Some(v) = num(name)?
+                && !(v >= 1.0 && v.is_finite())
+            {
+                return Err(err(format!(
+                    "line {}: {name} {v} is not a parameter count (must be ≥ 1)",
+                    i + 2
+                )));
+            }
+        }
         rows.push(ResultRow {
             teacher: get("teacher").unwrap_or("").to_string(),
             teacher_params: num("teacher_params")?.map(|v| v as u64),

@@ -340,6 +340,37 @@ fn law_and_pipeline_errors_are_clear() {
         };
         assert_refused(&dir, name, &text, frags);
     }
+    // Bad values in [train] / [cache] are refused before anything runs, naming the file's
+    // keys (they were named as CLI flags, and [train] values were not checked at all).
+    for (name, from, to, frags) in [
+        (
+            "kd-weight",
+            "lr = 3e-3\nevals = 2",
+            "lr = 3e-3\nkd_weight = -1.0\nevals = 2",
+            &["`[train] kd_weight` must be", "pl-errors/kd-weight.toml"][..],
+        ),
+        (
+            "min-lr",
+            "lr = 3e-3\nevals = 2",
+            "lr = 3e-3\nmin_lr = 1.0\nevals = 2",
+            &["`[train] min_lr` must be in [0, `[train] lr`]"][..],
+        ),
+        (
+            "cache-temperature",
+            "top_k = 8\n",
+            "top_k = 8\ntemperature = 1e-30\n",
+            &["`[cache] temperature`"][..],
+        ),
+    ] {
+        assert!(base.contains(from), "{from}");
+        let text = base.replacen(from, to, 1);
+        assert_refused(&dir, name, &text, frags);
+        let o = dir.join("o");
+        assert!(
+            !o.join("tokenizer").exists(),
+            "{name}: a stage ran before the check"
+        );
+    }
     // law: too few student sizes, bad --predict, unreadable file.
     let csv = dir.join("two.csv");
     std::fs::write(
@@ -371,6 +402,43 @@ fn law_and_pipeline_errors_are_clear() {
         &run(&["law", dir.join("none.csv").to_str().unwrap()]),
         &["cannot read results", "none.csv"],
     );
+    // Sizes ≤ 0, in CSV and JSON results, and as --predict.
+    for (bad, frag) in [("-5", "student_params -5"), ("0", "student_params 0")] {
+        std::fs::write(
+            &csv,
+            format!("teacher,teacher_params,student,student_params,eval_loss\na,10,s,{bad},3.0\n"),
+        )
+        .unwrap();
+        assert_fails(
+            &run(&["law", csv.to_str().unwrap()]),
+            &["line 2", frag, "not a parameter count"],
+        );
+    }
+    std::fs::write(
+        &csv,
+        "teacher,teacher_params,student,student_params,eval_loss\na,-10,s,5,3.0\n",
+    )
+    .unwrap();
+    assert_fails(
+        &run(&["law", csv.to_str().unwrap()]),
+        &["teacher_params -10"],
+    );
+    let json = dir.join("zero.json");
+    std::fs::write(
+        &json,
+        r#"[{"teacher":"a","teacher_params":0,"student":"s","student_params":5,"eval_loss":3.0,"eval_ppl":20.0,"steps":1,"run_dir":""}]"#,
+    )
+    .unwrap();
+    assert_fails(
+        &run(&["law", json.to_str().unwrap()]),
+        &["a parameter count of 0"],
+    );
+    for bad in ["--predict=0", "--predict=-3M"] {
+        assert_fails(
+            &run(&["law", csv.to_str().unwrap(), bad]),
+            &["not a parameter count"],
+        );
+    }
 }
 
 /// A pipeline comparing three caches of one teacher, two recipes and two seeds.

@@ -295,69 +295,29 @@ impl Runner<'_> {
         Ok((run, cfg.steps))
     }
 
-    /// Builds the cache of `model` into `dir` unless done; returns its fingerprint.
-    /// `model_id` identifies the model in the fingerprint (its sha256, or the data model's
-    /// version and shape).
-    #[allow(clippy::too_many_arguments)]
-    fn cache(
-        &mut self,
-        what: &str,
+    /// The teacher-stage configuration of one cache (`sampled`: the cache's own mode and
+    /// storage; otherwise a plain float16 top-k cache, as the CE runs' token data is).
+    fn teacher_config(
+        &self,
         model: &Path,
-        model_id: &str,
         tokenizer: &Path,
         dir: &Path,
         c: &CacheSection,
         top_k: usize,
         sampled: bool,
-        upstream: &str,
-    ) -> anyhow::Result<String> {
+    ) -> TeacherConfig {
         let d = &self.p.file.data;
         let mode = if sampled { c.mode } else { CacheMode::Topk };
         let samples = match mode {
             CacheMode::Topk => 0,
             _ => c.samples.unwrap_or(teacher::DEFAULT_SAMPLES),
         };
-        let mut inputs = json!({
-            "upstream": upstream, "model_sha256": model_id, "top_k": top_k,
-            "seq_len": d.seq_len, "batch_size": c.batch_size, "temperature": c.temperature,
-            "shard_size": c.shard_size, "text_field": d.text_field, "skip_bad_rows": d.skip_bad_rows,
-        });
-        // Only sampled caches carry the sample settings, so a top-k pipeline's fingerprints
-        // are what they were before the modes existed.
-        if mode != CacheMode::Topk {
-            inputs["mode"] = json!(mode.name());
-            inputs["samples"] = json!(samples);
-            inputs["seed"] = json!(c.seed);
-            if c.proposal_temperature != teacher::DEFAULT_PROPOSAL_TEMPERATURE {
-                inputs["proposal_temperature"] = json!(c.proposal_temperature);
-            }
-        }
         let logprob_dtype = if sampled {
             c.logprob_dtype
         } else {
             LogprobDtype::Float16
         };
-        if logprob_dtype != LogprobDtype::Float16 {
-            inputs["logprob_dtype"] = json!(logprob_dtype.name());
-        }
-        let fp = fingerprint(&inputs);
-        let st = state(dir, &fp, what)?;
-        if st == StepState::Done {
-            match crate::cache::verify::verify(dir) {
-                Ok(r) if r.ok => {
-                    tracing::info!("{what}: done before and verified, skipped");
-                    return Ok(fp);
-                }
-                Ok(r) => tracing::warn!(
-                    "{what}: the cache fails verification ({}); rebuilding",
-                    r.problems.join("; ")
-                ),
-                Err(e) => tracing::warn!("{what}: the cache cannot be read ({e}); rebuilding"),
-            }
-            std::fs::remove_dir_all(dir)?;
-        }
-        mark(dir, &fp, "running", &inputs)?;
-        let cfg = TeacherConfig {
+        TeacherConfig {
             model: model.to_path_buf(),
             tokenizer: tokenizer.to_path_buf(),
             corpus: d.corpus.clone(),
@@ -382,8 +342,93 @@ impl Runner<'_> {
             ort_lib: self.opts.ort_lib.clone(),
             progress: self.opts.progress,
             ..Default::default()
-        };
-        cfg.validate()?;
+        }
+    }
+
+    /// Validates every `[cache]` / `[[cache_variant]]` and `[train]` / `[[recipe]]` section
+    /// as the stages will, before anything runs, naming the pipeline file's keys.
+    fn check_sections(&self) -> anyhow::Result<()> {
+        let path = &self.p.path;
+        let nowhere = Path::new("");
+        for v in &self.p.caches {
+            let section = match &v.name {
+                Some(n) => format!("[[cache_variant]] `{n}`"),
+                None => "[cache]".into(),
+            };
+            self.teacher_config(nowhere, nowhere, nowhere, &v.cache, v.cache.top_k, true)
+                .validate()
+                .map_err(|e| in_pipeline_terms(e, path, &section))?;
+        }
+        let temperature = self.p.caches.first().map_or(1.0, |v| v.cache.temperature);
+        for r in &self.p.recipes {
+            let section = match &r.name {
+                Some(n) => format!("[[recipe]] `{n}`"),
+                None => "[train]".into(),
+            };
+            self.train_config(&r.train, nowhere, nowhere, nowhere, false, temperature)
+                .validate()
+                .map_err(|e| in_pipeline_terms(e, path, &section))?;
+        }
+        Ok(())
+    }
+
+    /// Builds the cache of `model` into `dir` unless done; returns its fingerprint.
+    /// `model_id` identifies the model in the fingerprint (its sha256, or the data model's
+    /// version and shape).
+    #[allow(clippy::too_many_arguments)]
+    fn cache(
+        &mut self,
+        what: &str,
+        model: &Path,
+        model_id: &str,
+        tokenizer: &Path,
+        dir: &Path,
+        c: &CacheSection,
+        top_k: usize,
+        sampled: bool,
+        upstream: &str,
+    ) -> anyhow::Result<String> {
+        let d = &self.p.file.data;
+        let cfg = self.teacher_config(model, tokenizer, dir, c, top_k, sampled);
+        let (mode, samples) = (cfg.mode, cfg.samples);
+        let mut inputs = json!({
+            "upstream": upstream, "model_sha256": model_id, "top_k": top_k,
+            "seq_len": d.seq_len, "batch_size": c.batch_size, "temperature": c.temperature,
+            "shard_size": c.shard_size, "text_field": d.text_field, "skip_bad_rows": d.skip_bad_rows,
+        });
+        // Only sampled caches carry the sample settings, so a top-k pipeline's fingerprints
+        // are what they were before the modes existed.
+        if mode != CacheMode::Topk {
+            inputs["mode"] = json!(mode.name());
+            inputs["samples"] = json!(samples);
+            inputs["seed"] = json!(c.seed);
+            if c.proposal_temperature != teacher::DEFAULT_PROPOSAL_TEMPERATURE {
+                inputs["proposal_temperature"] = json!(c.proposal_temperature);
+            }
+        }
+        let logprob_dtype = cfg.logprob_dtype;
+        if logprob_dtype != LogprobDtype::Float16 {
+            inputs["logprob_dtype"] = json!(logprob_dtype.name());
+        }
+        let fp = fingerprint(&inputs);
+        let st = state(dir, &fp, what)?;
+        if st == StepState::Done {
+            match crate::cache::verify::verify(dir) {
+                Ok(r) if r.ok => {
+                    tracing::info!("{what}: done before and verified, skipped");
+                    return Ok(fp);
+                }
+                Ok(r) => tracing::warn!(
+                    "{what}: the cache fails verification ({}); rebuilding",
+                    r.problems.join("; ")
+                ),
+                Err(e) => tracing::warn!("{what}: the cache cannot be read ({e}); rebuilding"),
+            }
+            std::fs::remove_dir_all(dir)?;
+        }
+        mark(dir, &fp, "running", &inputs)?;
+        cfg.validate()
+            .map_err(|e| in_pipeline_terms(e, &self.p.path, "[cache]"))?;
         let s = teacher::run(&cfg)?;
         if !s.complete {
             bail!("{what}: the cache in {} is incomplete", dir.display());
@@ -396,6 +441,35 @@ impl Runner<'_> {
         mark(dir, &fp, "done", &inputs)?;
         Ok(fp)
     }
+}
+
+/// A stage's validation error in the pipeline file's terms: each `--flag` it names becomes
+/// the key of `section` (`--kd-weight` → `` `[train] kd_weight` ``; the data flags →
+/// `[data]`), prefixed with the file's path.
+fn in_pipeline_terms(e: anyhow::Error, path: &Path, section: &str) -> anyhow::Error {
+    let text = format!("{e:#}");
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("--") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 2..];
+        let n = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .unwrap_or(tail.len());
+        let flag = &tail[..n];
+        let key = flag.replace('-', "_");
+        match flag {
+            "" => out.push_str("--"),
+            "cache-seed" => out.push_str(&format!("`{section} seed`")),
+            "eval-fraction" | "seq-len" | "text-field" | "skip-bad-rows" => {
+                out.push_str(&format!("`[data] {key}`"))
+            }
+            _ => out.push_str(&format!("`{section} {key}`")),
+        }
+        rest = &tail[n..];
+    }
+    out.push_str(rest);
+    anyhow::anyhow!("{}: {out}", path.display())
 }
 
 /// Runs the pipeline; returns the path of `report.md`.
@@ -452,6 +526,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
             },
         t0: Instant::now(),
     };
+    r.check_sections()?;
 
     // 1. Tokenizer.
     r.header("tokenizer");
