@@ -80,6 +80,28 @@ fn shard_schema_matches_the_committed_arrow_json() {
 /// Checks `v` against the subset of JSON Schema used in `schemas/manifest.schema.json`
 /// (type, const, enum, pattern-free string checks, properties, required,
 /// additionalProperties: false, items, $ref to $defs).
+/// The JSON-schema keywords [`validate`] checks (or that carry no constraint); a schema
+/// using another one fails the test instead of passing unchecked.
+const KNOWN_KEYWORDS: [&str; 17] = [
+    "$schema",
+    "$id",
+    "$ref",
+    "$defs",
+    "title",
+    "description",
+    "type",
+    "const",
+    "enum",
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "pattern",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+];
+
 fn validate(v: &Value, schema: &Value, root: &Value, path: &str, errors: &mut Vec<String>) {
     let schema = match schema.get("$ref").and_then(Value::as_str) {
         Some(r) => &root["$defs"][r.trim_start_matches("#/$defs/")],
@@ -109,6 +131,34 @@ fn validate(v: &Value, schema: &Value, root: &Value, path: &str, errors: &mut Ve
         && !e.contains(v)
     {
         errors.push(format!("{path}: {v} not in {e:?}"));
+    }
+    if let (Some(x), Some(min)) = (v.as_f64(), schema.get("minimum").and_then(Value::as_f64))
+        && x < min
+    {
+        errors.push(format!("{path}: {x} < minimum {min}"));
+    }
+    if let (Some(x), Some(min)) = (
+        v.as_f64(),
+        schema.get("exclusiveMinimum").and_then(Value::as_f64),
+    ) && x <= min
+    {
+        errors.push(format!("{path}: {x} ≤ exclusiveMinimum {min}"));
+    }
+    if let (Some(x), Some(max)) = (v.as_f64(), schema.get("maximum").and_then(Value::as_f64))
+        && x > max
+    {
+        errors.push(format!("{path}: {x} > maximum {max}"));
+    }
+    if let (Some(x), Some(p)) = (v.as_str(), schema.get("pattern").and_then(Value::as_str))
+        && !regex::Regex::new(p).unwrap().is_match(x)
+    {
+        errors.push(format!("{path}: {x:?} does not match {p}"));
+    }
+    for k in schema.as_object().into_iter().flat_map(|o| o.keys()) {
+        assert!(
+            KNOWN_KEYWORDS.contains(&k.as_str()),
+            "{path}: the schema uses `{k}`, which this validator does not check: add it"
+        );
     }
     if let Some(props) = schema.get("properties").and_then(Value::as_object) {
         let obj = v.as_object().unwrap();
@@ -159,9 +209,11 @@ fn manifest_matches_its_json_schema() {
         .as_object_mut()
         .unwrap()
         .remove("sha256");
+    broken["model"]["sha256"] = Value::String("not-a-sha".into());
+    broken["totals"]["bytes"] = serde_json::json!(-1);
     let mut errors = vec![];
     validate(&broken, &schema, &schema, "$", &mut errors);
-    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert_eq!(errors.len(), 5, "{errors:#?}");
 }
 
 #[test]
@@ -195,6 +247,49 @@ fn pyarrow_reads_the_same_values() {
         py["topk_logprobs_type"].as_str().unwrap(),
         "list<item: fixed_size_list<item: halffloat not null>[8] not null>"
     );
+    // Every row, element by element: ids, list lengths and order, values.
+    let full = py["rows_full"].as_array().unwrap();
+    assert_eq!(full.len(), rows.rows());
+    let k = 8;
+    for (r, row) in full.iter().enumerate() {
+        assert_eq!(row["seq_id"].as_u64().unwrap(), rows.seq_ids[r], "row {r}");
+        assert_eq!(row["doc_id"].as_u64().unwrap(), rows.doc_ids[r], "row {r}");
+        assert_eq!(
+            row["window_index"].as_u64().unwrap(),
+            rows.window_index[r] as u64,
+            "row {r}"
+        );
+        let (a, b) = (rows.offsets[r] as usize, rows.offsets[r + 1] as usize);
+        let ids: Vec<u32> = serde_json::from_value(row["input_ids"].clone()).unwrap();
+        assert_eq!(ids, rows.input_ids[a..b], "row {r}: input_ids");
+        let topk: Vec<Vec<u32>> = serde_json::from_value(row["topk_ids"].clone()).unwrap();
+        let lps: Vec<Vec<f64>> = serde_json::from_value(row["topk_logprobs"].clone()).unwrap();
+        let tails: Vec<Option<f64>> = serde_json::from_value(row["tail_logprob"].clone()).unwrap();
+        assert_eq!(
+            (topk.len(), lps.len(), tails.len()),
+            (b - a, b - a, b - a),
+            "row {r}"
+        );
+        for (i, p) in (a..b).enumerate() {
+            assert_eq!(
+                topk[i],
+                rows.topk_ids[p * k..(p + 1) * k],
+                "row {r} position {i}"
+            );
+            let want: Vec<f32> = rows.topk_logprobs[p * k..(p + 1) * k]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            let got: Vec<f32> = lps[i].iter().map(|&x| x as f32).collect();
+            assert_eq!(got, want, "row {r} position {i}: topk_logprobs");
+            let t = rows.tail_logprob[p];
+            assert_eq!(
+                tails[i].map(|x| x as f32),
+                t.is_finite().then_some(t),
+                "row {r} position {i}"
+            );
+        }
+    }
     // A spot check of one position, element by element.
     let first = &py["first_position"];
     for j in 0..8 {

@@ -1,4 +1,5 @@
-"""Reads a logitcache cache with pyarrow alone and prints sums the Rust test compares.
+"""Reads a logitcache cache with pyarrow alone and prints sums and every row, which the Rust
+test compares with its own reader.
 
 Usage: python pyarrow_check.py CACHE_DIR
 """
@@ -32,4 +33,14 @@ out["first_position"] = {
     "ids": first.column("topk_ids")[0].as_py()[0],
     "logprobs": [float(x) for x in first.column("topk_logprobs")[0].as_py()[0]],
 }
+# Every row, in shard order: ids, list lengths and order, and each value.
+out["rows_full"] = []
+for t in tables:
+    for r in t.to_pylist():
+        out["rows_full"].append({
+            "seq_id": r["seq_id"], "doc_id": r["doc_id"], "window_index": r["window_index"],
+            "input_ids": r["input_ids"], "topk_ids": r["topk_ids"],
+            "topk_logprobs": [[float(x) for x in p] for p in r["topk_logprobs"]],
+            "tail_logprob": [None if not np.isfinite(x) else float(x) for x in r["tail_logprob"]],
+        })
 print(json.dumps(out))

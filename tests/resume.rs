@@ -71,16 +71,35 @@ fn killed_at_each_failpoint_then_resumed() {
         // A killed cache is never mistaken for a complete one.
         let v = run(&["verify", out.to_str().unwrap()]);
         assert_eq!(v.status.code(), Some(1), "{point}: {}", stdout(&v));
-        let before = Manifest::load(&out).unwrap().shards.len();
+        // The shards the manifest lists as finished, with each file's inode and mtime.
+        let finished = |out: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt;
+            Manifest::load(out)
+                .unwrap()
+                .shards
+                .iter()
+                .map(|s| {
+                    let md = std::fs::metadata(out.join(&s.file)).unwrap();
+                    (s.file.clone(), md.ino(), md.mtime_nsec(), s.sha256.clone())
+                })
+                .collect::<Vec<_>>()
+        };
+        let before = finished(&out);
+        // Killed inside the first shard, nothing is finished; otherwise something is.
+        assert_eq!(
+            before.is_empty(),
+            point == "shard-written:1",
+            "{point}: {before:?}"
+        );
         let o = run_strings(&args);
         assert_ok(&o);
         let m = Manifest::load(&out).unwrap();
         assert!(m.totals.complete);
-        // Finished shards were kept (not recomputed): their entries are unchanged.
-        assert!(
-            before >= 1 || point == "shard-written:1" || point == "shard-renamed:3",
-            "{point}"
-        );
+        // Finished shards were kept, not recomputed: same file, same entry.
+        let after = finished(&out);
+        for b in &before {
+            assert!(after.contains(b), "{point}: {} was rewritten", b.0);
+        }
         assert_same_content(&out);
     }
 }
@@ -111,12 +130,46 @@ fn killed_at_a_random_moment_then_resumed() {
         .map(|s| (s.index, s.sha256.clone()))
         .collect();
     assert!(!m.totals.complete && !kept.is_empty());
-    assert_ok(&run_strings(&args_for(&out)));
+    // A file's identity: a rewrite (even of the same bytes, as a deterministic recompute
+    // would make) gets a new inode through the temporary-file rename, and a new mtime.
+    let identity = |file: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(out.join(file)).unwrap();
+        (md.ino(), md.mtime(), md.mtime_nsec())
+    };
+    let files: Vec<String> = m.shards.iter().map(|s| s.file.clone()).collect();
+    let before: Vec<_> = files.iter().map(|f| identity(f)).collect();
+    // One finished shard is damaged while the run is down: it alone is computed again.
+    let damaged = m.shards[0].file.clone();
+    let mut bytes = std::fs::read(out.join(&damaged)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x04;
+    std::fs::write(out.join(&damaged), &bytes).unwrap();
+    let before_damaged = identity(&damaged);
+    let o = run_strings(&args_for(&out));
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains(&format!(
+            "shard {damaged} is missing or damaged; computing it again"
+        )),
+        "{}",
+        stderr(&o)
+    );
     let m = Manifest::load(&out).unwrap();
     for (i, sha) in kept {
         let s = m.shards.iter().find(|s| s.index == i).unwrap();
         assert_eq!(s.sha256, sha, "shard {i} was rewritten");
     }
+    for (f, was) in files.iter().zip(&before) {
+        if *f != damaged {
+            assert_eq!(identity(f), *was, "finished shard {f} was rewritten");
+        }
+    }
+    assert_ne!(
+        identity(&damaged),
+        before_damaged,
+        "{damaged} was not recomputed"
+    );
     assert_same_content(&out);
 }
 

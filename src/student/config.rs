@@ -262,6 +262,36 @@ mod tests {
     }
 
     #[test]
+    fn the_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr() {
+        let c = TrainConfig {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup: 4,
+            steps: 14,
+            ..Default::default()
+        };
+        // Values worked out by hand: warmup (s + 1) / 4; then 0.1 + 0.45 (1 + cos(π t)),
+        // t = (s − 4) / 10.
+        for (step, want) in [
+            (0, 0.25),
+            (1, 0.5),
+            (3, 1.0),
+            (4, 1.0),
+            (9, 0.55),
+            (14, 0.1),
+            (20, 0.1),
+        ] {
+            let got = c.lr_at(step);
+            assert!((got - want).abs() < 1e-12, "step {step}: {got} vs {want}");
+        }
+        let after: Vec<f64> = (4..=14).map(|s| c.lr_at(s)).collect();
+        assert!(after.windows(2).all(|w| w[1] <= w[0]), "{after:?}");
+        // No warmup: the first step is at the peak.
+        let c = TrainConfig { warmup: 0, ..c };
+        assert_eq!(c.lr_at(0), 1.0);
+    }
+
+    #[test]
     fn tensorrt_is_refused_for_training() {
         let c = TrainConfig {
             device: Device::TensorRt(0),
