@@ -780,3 +780,123 @@ fn manifest_paths_resolve_from_anywhere() {
     let o = command().args(&args).current_dir("/").output().unwrap();
     assert_ok(&o);
 }
+
+/// `eval`'s metrics against an independent computation: the f64 reference Llama
+/// (`llama_ref.rs`) on the checkpoint's weights over every window of the held-out split,
+/// with cross-entropy, the tail-as-an-outcome KL and top-1 agreement written out here.
+#[test]
+fn eval_metrics_equal_an_independent_computation() {
+    use crate::llama_ref::{RefConfig, forward};
+    use logitcache::cache::reader::Cache;
+    use logitcache::cache::stream::{Split, Stream, StreamConfig};
+    let t = tiny_student();
+    let out = shared_dir().join("train-eval-ref");
+    let _ = std::fs::remove_dir_all(&out);
+    assert_ok(&run_strings(&train_args(
+        &out,
+        &[t.to_str().unwrap()],
+        8,
+        &["--eval-fraction", "0.1"],
+    )));
+    let run_dir = out.join("tiny");
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        run_dir.to_str().unwrap(),
+        "--cache",
+        cache().to_str().unwrap(),
+        "--batches",
+        "100000",
+        "--json",
+    ]);
+    assert_ok(&o);
+    let e: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+
+    let ckpt = run_dir.join("checkpoint");
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).unwrap()).unwrap();
+    let u = |k: &str| c[k].as_u64().unwrap() as usize;
+    let rc = RefConfig {
+        hidden: u("hidden_size"),
+        layers: u("num_hidden_layers"),
+        heads: u("num_attention_heads"),
+        kv_heads: u("num_key_value_heads"),
+        intermediate: u("intermediate_size"),
+        vocab: u("vocab_size"),
+        theta: c["rope_theta"].as_f64().unwrap(),
+        eps: c["rms_norm_eps"].as_f64().unwrap(),
+        tied: c["tie_word_embeddings"].as_bool().unwrap(),
+    };
+    let w: std::collections::HashMap<String, Vec<f64>> =
+        read_safetensors(&ckpt.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, (_, v))| (n, v.into_iter().map(f64::from).collect()))
+            .collect();
+    let cache = Cache::open(cache()).unwrap();
+    let stream = Stream::start(
+        &cache,
+        StreamConfig {
+            batch_size: 4,
+            shuffle: false,
+            split: Split::Eval,
+            eval_fraction: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (mut ce, mut n_ce, mut kl, mut top1, mut n_kd) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for b in stream {
+        let b = b.unwrap();
+        for r in 0..b.batch {
+            let o = r * b.len;
+            let mask: Vec<bool> = (0..b.len).map(|i| b.mask[o + i] > 0.0).collect();
+            let logits = forward(&rc, &w, &b.input_ids[o..o + b.len], &mask);
+            for (i, z) in logits.iter().enumerate().filter(|(i, _)| mask[*i]) {
+                let p = o + i;
+                let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                let lq = |id: u32| z[id as usize] - lse;
+                if b.target_mask[p] > 0.0 {
+                    ce -= lq(b.target_ids[p]);
+                    n_ce += 1.0;
+                }
+                let ids = &b.topk_ids[p * b.k..(p + 1) * b.k];
+                let lps = &b.topk_logprobs[p * b.k..(p + 1) * b.k];
+                let mut d = 0f64;
+                let mut q_top = 0f64;
+                for (&id, &lp) in ids.iter().zip(lps) {
+                    let lp = lp as f64;
+                    d += lp.exp() * (lp - lq(id));
+                    q_top += lq(id).exp();
+                }
+                let lpt = b.tail_logprob[p] as f64;
+                if lpt.is_finite() {
+                    d += lpt.exp() * (lpt - (1.0 - q_top).ln());
+                }
+                kl += d;
+                n_kd += 1.0;
+                let argmax = (0..z.len()).max_by(|&a, &b| z[a].total_cmp(&z[b])).unwrap();
+                top1 += (argmax as u32 == ids[0]) as u64 as f64;
+            }
+        }
+    }
+    assert!(
+        n_kd > 20.0,
+        "the held-out split is too small to test: {n_kd}"
+    );
+    let (ce, kl, top1) = (ce / n_ce, kl / n_kd, top1 / n_kd);
+    for (key, want, tol) in [
+        ("eval_loss", ce, 1e-4),
+        ("eval_ppl", ce.exp(), 1e-3),
+        ("eval_kl", kl, 1e-4),
+        // f32 against f64: one near-tie argmax may differ.
+        ("eval_top1", top1, 1.01 / n_kd),
+    ] {
+        let got = e[key].as_f64().unwrap();
+        assert!(
+            (got - want).abs() <= tol * want.abs().max(1.0),
+            "{key}: eval says {got}, the independent computation {want}"
+        );
+    }
+}
