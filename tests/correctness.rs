@@ -180,6 +180,45 @@ fn empty_past_key_values_are_fed() {
     check_cache_against_reference(&model, &out, 1.0);
 }
 
+/// KV-cache exports as Optimum writes them: past keys/values that really feed `Concat`
+/// nodes into `present.*` outputs (`…with_past`), and a merged decoder whose
+/// `use_cache_branch` selects an `If` branch (the wrong branch halves every logit). Fed empty
+/// pasts and `use_cache_branch = false`, the cache equals the reference computation.
+#[test]
+fn kv_cache_exports_give_the_plain_models_cache() {
+    let plain = model(
+        "pkv-plain",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            seed: 9,
+            ..Default::default()
+        },
+    );
+    let want = all_rows(&make_cache("pkv-plain", &plain, &[]));
+    for (name, branch) in [("pkv-present", false), ("pkv-merged", true)] {
+        let model = model(
+            name,
+            &ToyLmSpec {
+                vocab: VOCAB,
+                past_key_values: true,
+                present_outputs: true,
+                use_cache_branch: branch,
+                seed: 9,
+                ..Default::default()
+            },
+        );
+        let out = make_cache(name, &model, &[]);
+        check_cache_against_reference(&model, &out, 1.0);
+        let m = Cache::open(&out).unwrap().manifest;
+        let outputs: Vec<&str> = m.model.outputs.iter().map(|o| o.name.as_str()).collect();
+        assert!(outputs.contains(&"present.0.key"), "{outputs:?}");
+        // The same logits as the model without a KV cache (same weights).
+        let got = all_rows(&out);
+        assert_eq!(got.topk_ids, want.topk_ids, "{name}");
+        assert_eq!(got.topk_logprobs, want.topk_logprobs, "{name}");
+    }
+}
+
 #[test]
 fn onnx_topk_head_matches_host_topk() {
     // The GPU path (teacher → top-k head chained with IoBinding) run on the CPU provider.

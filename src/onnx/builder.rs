@@ -131,6 +131,16 @@ pub fn tensor_raw(name: &str, elem_type: i32, dims: &[i64], raw: Vec<u8>) -> Ten
     }
 }
 
+/// A subgraph attribute (an `If` node's `then_branch` / `else_branch`).
+pub fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        g: Some(g),
+        r#type: Some(5), // GRAPH
+        ..Default::default()
+    }
+}
+
 /// An f32 tensor.
 pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
     assert_eq!(

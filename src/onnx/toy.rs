@@ -44,6 +44,14 @@ pub struct ToyLmSpec {
     pub position_ids_input: bool,
     /// Take (unused, empty) `past_key_values.0.{key,value}` inputs like a KV-cache export.
     pub past_key_values: bool,
+    /// With `past_key_values`: like Optimum's `…with_past` exports, the past keys/values are
+    /// concatenated (on the sequence axis) with this step's, computed from the hidden state,
+    /// into `present.0.{key,value}` outputs. The logits are unchanged.
+    pub present_outputs: bool,
+    /// Like `decoder_model_merged.onnx`: a `use_cache_branch` input selects, through an `If`
+    /// node, between the no-cache logits (false) and a branch whose logits are halved (true:
+    /// a flatter distribution), so feeding the wrong branch shows in the cache.
+    pub use_cache_branch: bool,
     /// Multiplier on the logits: larger means peakier distributions.
     pub logit_scale: f32,
     /// Residual feed-forward blocks `h += tanh(h W1) W2` (width 4·hidden) before the head:
@@ -63,6 +71,8 @@ impl Default for ToyLmSpec {
             f16_logits: false,
             position_ids_input: false,
             past_key_values: false,
+            present_outputs: false,
+            use_cache_branch: false,
             logit_scale: 4.0,
             ffn_layers: 0,
             fault: ToyFault::None,
@@ -96,9 +106,10 @@ pub fn toy_lm(spec: &ToyLmSpec) -> Vec<u8> {
     let pos_in = spec
         .position_ids_input
         .then(|| g.input("position_ids", data_type::INT64, &bs));
+    let mut past = Vec::new();
     if spec.past_key_values {
         for kind in ["key", "value"] {
-            g.input(
+            past.push(g.input(
                 &format!("past_key_values.0.{kind}"),
                 data_type::FLOAT,
                 &[
@@ -107,9 +118,12 @@ pub fn toy_lm(spec: &ToyLmSpec) -> Vec<u8> {
                     Dim::sym("past_sequence_length"),
                     Dim::Fixed(4),
                 ],
-            );
+            ));
         }
     }
+    let cache_branch = spec
+        .use_cache_branch
+        .then(|| g.input("use_cache_branch", data_type::BOOL, &[Dim::Fixed(1)]));
 
     let emb_table = g.init_f32("embed", &[v, d], &rng.vec((v * d) as usize, 1.0));
     let pos_table = g.init_f32("pos_embed", &[p, d], &rng.vec((p * d) as usize, 0.5));
@@ -163,9 +177,57 @@ pub fn toy_lm(spec: &ToyLmSpec) -> Vec<u8> {
         let u = g.node("MatMul", &[&u, &w2], vec![]);
         h = g.node("Add", &[&h, &u], vec![]);
     }
+    if spec.present_outputs {
+        // This step's keys/values: [batch, seq, 8] → [batch, seq, 2, 4] → [batch, 2, seq, 4].
+        let shape = g.init_i64("kv_shape", &[4], &[0, 0, 2, 4]);
+        for (i, kind) in ["key", "value"].iter().enumerate() {
+            let wk = g.init_f32(
+                &format!("w_{kind}"),
+                &[d, 8],
+                &rng.vec((d * 8) as usize, 0.5),
+            );
+            let new = g.node("MatMul", &[&h, &wk], vec![]);
+            let new = g.node("Reshape", &[&new, &shape], vec![]);
+            let new = g.node("Transpose", &[&new], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+            let present = g.node("Concat", &[&past[i], &new], vec![attr_int("axis", 2)]);
+            g.output_as(
+                &present,
+                &format!("present.0.{kind}"),
+                data_type::FLOAT,
+                &[
+                    Dim::sym("batch_size"),
+                    Dim::Fixed(2),
+                    Dim::sym("total_sequence_length"),
+                    Dim::Fixed(4),
+                ],
+            );
+        }
+    }
     let logits = g.node("MatMul", &[&h, &w], vec![]);
     let logits = g.node("Add", &[&logits, &b], vec![]);
     let mut logits = g.node("Mul", &[&logits, &scale], vec![]);
+    if let Some(cond) = &cache_branch {
+        let dims = [
+            Dim::sym("batch_size"),
+            Dim::sym("sequence_length"),
+            Dim::Fixed(v),
+        ];
+        let branch = |name: &str, factor: f32| {
+            let mut sub = GraphBuilder::new(name);
+            let c = sub.init_f32("factor", &[], &[factor]);
+            let out = sub.node("Mul", &[&logits, &c], vec![]);
+            sub.output_as(&out, &format!("{name}_logits"), data_type::FLOAT, &dims);
+            sub.finish().graph.expect("a graph")
+        };
+        logits = g.node(
+            "If",
+            &[cond],
+            vec![
+                super::builder::attr_graph("then_branch", branch("with_cache", 0.5)),
+                super::builder::attr_graph("else_branch", branch("without_cache", 1.0)),
+            ],
+        );
+    }
 
     if let ToyFault::NanOnToken(tok) = spec.fault {
         let t = g.init_i64("nan_token", &[], &[tok]);
