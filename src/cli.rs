@@ -865,7 +865,14 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<i32> {
             tcfg.batch_size,
             args.batches,
             &tcfg.loss,
-        )?;
+        )
+        .with_context(|| {
+            format!(
+                "evaluating {} on the held-out split (--eval-fraction {} of its training run); a run on a cache too small for a held-out window trained on every window, so evaluate it with --corpus on held-out text instead",
+                ckpt.display(),
+                tcfg.eval_fraction
+            )
+        })?;
         serde_json::to_value(e)?
     } else if !args.corpus.is_empty() {
         let tok_path = args

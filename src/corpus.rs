@@ -26,9 +26,13 @@ pub enum CorpusError {
         source: std::io::Error,
     },
     #[error(
-        "corpus file {0} has an unsupported extension; use .jsonl (or .json lines), .parquet or .txt, optionally compressed as .gz or .zst (e.g. .jsonl.gz)"
+        "corpus file {0} has an unsupported extension; use .jsonl (or .json lines), .parquet or .txt (.jsonl and .txt may be compressed as .gz or .zst, e.g. .jsonl.gz)"
     )]
     Unsupported(PathBuf),
+    #[error(
+        "corpus file {0} is a compressed Parquet file; Parquet compresses its own pages, so decompress it (or write it with zstd/snappy page compression)"
+    )]
+    CompressedParquet(PathBuf),
     #[error(
         "corpus directory {0} contains no .jsonl, .parquet or .txt files (nor .gz/.zst of them)"
     )]
@@ -155,16 +159,31 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<CorpusFile>, CorpusError> {
                 return Err(CorpusError::EmptyDir(p.clone()));
             }
             if !skipped.is_empty() {
-                let names: Vec<String> = skipped.iter().map(|f| f.display().to_string()).collect();
+                const SHOWN: usize = 10;
+                let mut names: Vec<String> = skipped
+                    .iter()
+                    .take(SHOWN)
+                    .map(|f| f.display().to_string())
+                    .collect();
+                if skipped.len() > SHOWN {
+                    names.push(format!("and {} more", skipped.len() - SHOWN));
+                }
                 tracing::warn!(
                     "corpus directory {}: skipped {} file(s) that are not corpus files (.jsonl, .parquet, .txt, or .gz/.zst of them): {}",
                     p.display(),
-                    names.len(),
+                    skipped.len(),
                     names.join(", ")
                 );
             }
         } else {
-            let kind = CorpusKind::of(p).ok_or_else(|| CorpusError::Unsupported(p.clone()))?;
+            let kind = CorpusKind::of(p).ok_or_else(|| {
+                let name = p.to_string_lossy().to_ascii_lowercase();
+                if name.ends_with(".parquet.gz") || name.ends_with(".parquet.zst") {
+                    CorpusError::CompressedParquet(p.clone())
+                } else {
+                    CorpusError::Unsupported(p.clone())
+                }
+            })?;
             files.push((p.clone(), kind));
         }
     }
@@ -222,7 +241,10 @@ fn walk(
         let hidden = p
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if p.is_dir() {
+        if p.is_dir() && hidden {
+            // `.git`, `.cache/huggingface`: never corpus data.
+            tracing::debug!("skipping hidden directory {}", p.display());
+        } else if p.is_dir() {
             walk(&p, out, skipped)?;
         } else if let Some(kind) = CorpusKind::of(&p) {
             out.push((p, kind));

@@ -634,6 +634,9 @@ fn corpus_forms_give_the_same_cache() {
     std::fs::write(mixed.join("notes.csv"), "a,b\n").unwrap();
     std::fs::write(mixed.join("blob.bin"), [0u8; 4]).unwrap();
     std::fs::write(mixed.join(".hidden"), "x").unwrap();
+    // A hidden directory (a git or Hugging Face checkout) is not walked, its files not listed.
+    std::fs::create_dir_all(mixed.join(".git")).unwrap();
+    std::fs::write(mixed.join(".git/config"), "x").unwrap();
 
     let mixed_a = mixed.join("a.jsonl");
     let reference = fresh_out("forms-plain");
@@ -680,7 +683,11 @@ fn corpus_forms_give_the_same_cache() {
                 stderr(&o)
             );
         }
-        assert!(!stderr(&o).contains(".hidden"), "{name}: {}", stderr(&o));
+        assert!(
+            !stderr(&o).contains(".hidden") && !stderr(&o).contains(".git"),
+            "{name}: {}",
+            stderr(&o)
+        );
         let got = all_rows(&out);
         assert_eq!(got.seq_ids, want.seq_ids, "{name}");
         assert_eq!(got.input_ids, want.input_ids, "{name}");
@@ -693,7 +700,7 @@ fn corpus_forms_give_the_same_cache() {
             "--corpus",
             pq_gz.to_str().unwrap(),
         )),
-        &["unsupported extension", ".gz or .zst"],
+        &["is a compressed Parquet file", "decompress it"],
     );
 }
 

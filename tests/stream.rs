@@ -275,7 +275,8 @@ fn missing_shards_and_forged_manifests_are_named() {
         .unwrap()
         .to_string();
     assert!(
-        err.contains("logitcache.vocab_size = 400 but the manifest says 100"),
+        err.contains("logitcache.vocab_size = 400 but the manifest says 100")
+            && err.contains("and the manifest disagree"),
         "{err}"
     );
     let v = run(&["verify", dir.to_str().unwrap()]);
@@ -311,7 +312,9 @@ fn missing_shards_and_forged_manifests_are_named() {
         .unwrap()
         .to_string();
     assert!(
-        err.contains(shard.to_str().unwrap()) && !err.contains("18446744073709551615"),
+        err.contains(shard.to_str().unwrap())
+            && err.contains("is missing")
+            && !err.contains("18446744073709551615"),
         "{err}"
     );
 }

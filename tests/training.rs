@@ -618,7 +618,9 @@ fn training_killed_at_random_moments_resumes_exactly() {
     for d in [&straight, &killed] {
         let _ = std::fs::remove_dir_all(d);
     }
-    const STEPS: usize = 40;
+    // Enough steps that ten kills (each after at most 5 logged steps and 15 ms) come
+    // before the end: ten kills reached step 15 of 40 here.
+    const STEPS: usize = 60;
     let extra = ["--save-every", "3", "--grad-accum", "2"];
     assert_ok(&run_strings(&train_args(
         &straight,

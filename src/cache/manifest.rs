@@ -411,7 +411,11 @@ impl Manifest {
                 .map(|e| format!("{} {}", e.location, e.sha256))
                 .collect::<Vec<_>>()
         };
-        cmp!("--model (external data sha256)", ext(self), ext(other));
+        // A cache written before external data was hashed records none: its weights cannot
+        // be compared (they were not recorded), so only the graph file's sha256 decides.
+        if !self.model.external_data.is_empty() {
+            cmp!("--model (external data sha256)", ext(self), ext(other));
+        }
         cmp!(
             "--tokenizer (sha256)",
             self.tokenizer.sha256,

@@ -26,6 +26,10 @@ pub enum ReadError {
     )]
     Corrupt { path: PathBuf, what: String },
     #[error(
+        "shard {path} and the manifest disagree: {what}; the shards are not what this manifest describes: restore the cache's original manifest.json, or delete the cache directory and run the teacher again (recomputing the shard would not help)"
+    )]
+    MetadataMismatch { path: PathBuf, what: String },
+    #[error(
         "cache {dir} is incomplete ({written} of {planned} shards written); finish it by running the same `logitcache teacher` command again before reading it"
     )]
     Incomplete {
@@ -143,7 +147,10 @@ pub fn read_shard_file(
         .map_err(|e| corrupt(format!("not a readable Parquet file ({e})")))?;
     check_schema(builder.schema(), layout).map_err(corrupt)?;
     if let Some(want) = expected {
-        check_metadata(builder.schema(), want).map_err(corrupt)?;
+        check_metadata(builder.schema(), want).map_err(|what| ReadError::MetadataMismatch {
+            path: path.to_path_buf(),
+            what,
+        })?;
     }
     let reader = builder
         .with_batch_size(1024)

@@ -334,7 +334,7 @@ pub fn check_metadata(found: &Schema, expected: &Schema) -> Result<(), String> {
             && *got != expected.metadata()[key]
         {
             return Err(format!(
-                "its metadata says {key} = {got} but the manifest says {} (the manifest was edited, or the shard comes from another cache)",
+                "its metadata says {key} = {got} but the manifest says {}",
                 expected.metadata()[key]
             ));
         }

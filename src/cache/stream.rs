@@ -405,7 +405,7 @@ impl Stream {
             // SAFETY: shards are immutable once written (replaced only by rename).
             let shard = unsafe { MappedShard::open(&path, &layout)? };
             check_metadata(shard.meta.schema(), &cache.expected_schema(s))
-                .map_err(|what| ReadError::Corrupt { path, what })?;
+                .map_err(|what| ReadError::MetadataMismatch { path, what })?;
             shards.push(shard);
         }
         let units: Vec<(usize, usize)> = shards

@@ -19,7 +19,7 @@ pub const EXTERNAL: i32 = 1;
 struct LiteModel {
     #[prost(message, optional, tag = "7")]
     graph: Option<LiteGraph>,
-    #[prost(message, repeated, tag = "20")]
+    #[prost(message, repeated, tag = "25")]
     functions: Vec<LiteFunction>,
 }
 
@@ -55,6 +55,10 @@ struct LiteAttribute {
     tensors: Vec<LiteTensor>,
     #[prost(message, repeated, tag = "11")]
     graphs: Vec<LiteGraph>,
+    #[prost(message, optional, tag = "22")]
+    sparse_tensor: Option<LiteSparseTensor>,
+    #[prost(message, repeated, tag = "23")]
+    sparse_tensors: Vec<LiteSparseTensor>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -169,6 +173,9 @@ fn graph_tensors<'a>(g: &'a LiteGraph, out: &mut Vec<&'a LiteTensor>) {
 fn nodes_tensors<'a>(nodes: &'a [LiteNode], out: &mut Vec<&'a LiteTensor>) {
     for a in nodes.iter().flat_map(|n| &n.attribute) {
         out.extend(a.t.iter().chain(&a.tensors));
+        for s in a.sparse_tensor.iter().chain(&a.sparse_tensors) {
+            out.extend(s.values.iter().chain(&s.indices));
+        }
         for g in a.g.iter().chain(&a.graphs) {
             graph_tensors(g, out);
         }

@@ -241,12 +241,27 @@ impl Runner<'_> {
         if st == StepState::Done {
             std::fs::remove_dir_all(&run)?;
         }
+        if st == StepState::Resume {
+            // A kill between a save's two renames left only checkpoint.old: put it back
+            // (under the pipeline's lock), or the run below would be deleted and restarted.
+            crate::student::checkpoint::recover_interrupted_save(&run)?;
+        }
         let resume = st == StepState::Resume && run.join("checkpoint/state/trainer.json").is_file();
         if !resume && run.exists() {
             std::fs::remove_dir_all(&run)?;
         }
         mark(&run, &fp, "running", &inputs)?;
         let cache = Cache::open(&cfg.cache)?;
+        // Every run of a pipeline is compared on the held-out split: one with no window
+        // there is refused (a plain `train` would go on without evaluation).
+        let n = cache.manifest.totals.sequences;
+        if !(0..n).any(|s| crate::rng::is_eval(s, cfg.eval_fraction)) {
+            bail!(
+                "{what}: `[data] eval_fraction` {} holds out none of the {n} windows of {}, and the pipeline compares every run on the held-out split; raise eval_fraction or use a larger corpus",
+                cfg.eval_fraction,
+                cfg.cache.display()
+            );
+        }
         tracing::info!(
             "{what}: {} parameters, {} steps",
             arch.num_params(),

@@ -247,7 +247,7 @@ impl RunCheckpoint {
                 run_dir.display()
             );
         }
-        if dir.join("train_config.json").exists() {
+        if dir.join("train_config.json").exists() || dir.join(CHECKSUMS).exists() {
             verify_checkpoint(&dir)?;
         }
         let bytes = std::fs::read(dir.join("train_config.json")).with_context(|| {

@@ -147,8 +147,12 @@ impl MetricsWriter {
             step: u64,
         }
         let path = run.metrics();
-        let kept: Vec<String> = std::fs::read_to_string(&path)
-            .unwrap_or_default()
+        let text = match std::fs::read(&path) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let kept: Vec<String> = text
             .lines()
             .filter(|l| serde_json::from_str::<Step>(l).is_ok_and(|s| (s.step as usize) <= step))
             .map(String::from)
