@@ -120,6 +120,13 @@ pub struct TeacherArgs {
     /// Windows per teacher batch (windows of similar length are batched together).
     #[arg(long, default_value_t = teacher::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
+    /// Most tokens per teacher batch (windows × their padded length), which bounds the
+    /// logits' memory (tokens × vocab × 4 bytes). Default: what keeps the logits within
+    /// 512 MiB for the model's vocabulary (at least one --seq-len window), so --batch-size
+    /// is lowered for large vocabularies and long windows; recorded per shard in the
+    /// manifest. Must be ≥ --seq-len. Does not change the cache's values.
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
     /// Softmax temperature applied to the teacher's logits before storing log-probs.
     #[arg(long, allow_negative_numbers = true, default_value_t = teacher::DEFAULT_TEMPERATURE)]
     pub temperature: f32,
@@ -457,6 +464,7 @@ impl TeacherArgs {
             top_k: self.top_k,
             seq_len: self.seq_len,
             batch_size: self.batch_size,
+            max_batch_tokens: self.max_batch_tokens,
             temperature: self.temperature,
             text_field: self.text_field,
             skip_bad_rows: self.skip_bad_rows,

@@ -81,6 +81,32 @@ pub fn batch_order(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
     order.chunks(batch_size).map(|c| c.to_vec()).collect()
 }
 
+/// [`batch_order`] under a token budget as well: a batch takes windows (longest first)
+/// while it has fewer than `batch_size` and its padded size, windows × its longest
+/// window, stays within `max_tokens`. A window longer than the budget goes alone.
+pub fn batch_order_budget(
+    lengths: &[usize],
+    batch_size: usize,
+    max_tokens: usize,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    for i in order {
+        // Longest first: the batch's first window sets its padded length.
+        let longest = cur.first().map_or(lengths[i], |&f| lengths[f]).max(1);
+        if !cur.is_empty() && (cur.len() >= batch_size || (cur.len() + 1) * longest > max_tokens) {
+            batches.push(std::mem::take(&mut cur));
+        }
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        batches.push(cur);
+    }
+    batches
+}
+
 /// Tokenises documents in chunks and calls `f(doc_id, tokens)` in order until it returns
 /// `false`; returns the number of documents seen and what reading skipped.
 pub fn tokenize_corpus(
@@ -238,4 +264,42 @@ pub fn for_each_window(
         Ok(true)
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_budget_bounds_every_batch_and_keeps_every_window() {
+        let lengths: Vec<usize> = (0..200).map(|i| 1 + (i * 37) % 64).collect();
+        // No budget: exactly the count-only order.
+        assert_eq!(
+            batch_order_budget(&lengths, 8, usize::MAX),
+            batch_order(&lengths, 8)
+        );
+        for (batch, budget) in [(8, 64), (8, 100), (3, 1000), (16, 128), (4, 1)] {
+            let b = batch_order_budget(&lengths, batch, budget);
+            let mut seen: Vec<usize> = b.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());
+            for c in &b {
+                let longest = c.iter().map(|&i| lengths[i]).max().unwrap();
+                assert!(c.len() <= batch && !c.is_empty());
+                assert!(
+                    c.len() == 1 || c.len() * longest <= budget,
+                    "{batch}/{budget}: {c:?}"
+                );
+                // Longest first, so the first window is the longest.
+                assert_eq!(lengths[c[0]], longest);
+            }
+        }
+        // Hand-worked: budget 10 over lengths 5, 5, 4, 3, 2 gives [5,5], [4,3], [2].
+        assert_eq!(
+            batch_order_budget(&[2, 5, 3, 5, 4], 8, 10),
+            vec![vec![1, 3], vec![4, 2], vec![0]]
+        );
+        // A window longer than the budget goes alone.
+        assert_eq!(batch_order_budget(&[20, 3], 8, 10), vec![vec![0], vec![1]]);
+    }
 }

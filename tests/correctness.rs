@@ -228,3 +228,43 @@ fn onnx_topk_head_matches_host_topk() {
     let m = Cache::open(&out).unwrap().manifest;
     assert!(m.shards.iter().all(|s| s.topk == "onnx"));
 }
+
+#[test]
+fn token_budget_batches_give_the_same_cache() {
+    // Windows are at most 24 tokens: a budget of 30 puts every full window in a batch of its
+    // own and pairs only short ones (the default budget keeps --batch-size 4).
+    let model = plain_model();
+    let small = make_cache("budget-30", &model, &["--max-batch-tokens", "30"]);
+    let default = make_cache("budget-default", &model, &[]);
+    check_cache_against_reference(&model, &small, 1.0);
+    let (a, b) = (all_rows(&small), all_rows(&default));
+    assert_eq!(a.seq_ids, b.seq_ids);
+    assert_eq!(a.input_ids, b.input_ids);
+    assert_eq!(a.topk_ids, b.topk_ids);
+    let worst = a
+        .topk_logprobs
+        .iter()
+        .zip(&b.topk_logprobs)
+        .map(|(x, y)| (x.to_f32() - y.to_f32()).abs())
+        .fold(0f32, f32::max);
+    // Any misplaced row would differ by far more than a float16 step.
+    assert!(worst <= 1e-2, "largest log-prob difference {worst}");
+    let ms = Cache::open(&small).unwrap().manifest;
+    let md = Cache::open(&default).unwrap().manifest;
+    assert!(ms.shards.iter().all(|s| s.max_batch_tokens == Some(30)));
+    let want = logitcache::teacher::default_max_batch_tokens(VOCAB, 24);
+    assert_eq!(want, (512 << 20) / (4 * VOCAB));
+    assert!(md.shards.iter().all(|s| s.max_batch_tokens == Some(want)));
+    // Smaller batches pad less: full windows now run unpadded.
+    assert!(ms.totals.computed_tokens < md.totals.computed_tokens);
+
+    let mut args = teacher_args(&model, &shared_dir().join("budget-bad"), 10);
+    args.extend(["--max-batch-tokens".into(), "10".into()]);
+    assert_fails(
+        &run_strings(&args),
+        &[
+            "--max-batch-tokens 10 is below --seq-len 24",
+            "pass at least 24",
+        ],
+    );
+}

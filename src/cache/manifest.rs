@@ -165,6 +165,10 @@ pub struct ShardEntry {
     pub worker: String,
     pub device: String,
     pub batch_size: usize,
+    /// The token budget of the shard's batches (`--max-batch-tokens`); absent in caches
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<usize>,
     pub topk: String,
     /// Wall time of the shard's teacher batches and top-k, plus the writer's CPU time for it.
     pub seconds: f64,

@@ -91,6 +91,10 @@ pub struct CacheSection {
     pub top_k: usize,
     #[serde(default = "default_cache_batch")]
     pub batch_size: usize,
+    /// Most tokens per teacher batch (`teacher --max-batch-tokens`; default from the
+    /// model's vocabulary, logits within 512 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<usize>,
     #[serde(default = "default_temperature")]
     pub temperature: f32,
     #[serde(default = "default_shard_size")]
@@ -135,6 +139,7 @@ impl Default for CacheSection {
         CacheSection {
             top_k: default_k(),
             batch_size: default_cache_batch(),
+            max_batch_tokens: None,
             temperature: default_temperature(),
             shard_size: default_shard_size(),
             mode: CacheMode::Topk,

@@ -340,6 +340,7 @@ impl Runner<'_> {
             top_k,
             seq_len: d.seq_len,
             batch_size: c.batch_size,
+            max_batch_tokens: c.max_batch_tokens,
             temperature: c.temperature,
             text_field: d.text_field.clone(),
             skip_bad_rows: d.skip_bad_rows,
@@ -411,6 +412,10 @@ impl Runner<'_> {
             "seq_len": d.seq_len, "batch_size": c.batch_size, "temperature": c.temperature,
             "shard_size": c.shard_size, "text_field": d.text_field, "skip_bad_rows": d.skip_bad_rows,
         });
+        // The batches' budget only when set, so existing pipelines keep their fingerprints.
+        if let Some(m) = c.max_batch_tokens {
+            inputs["max_batch_tokens"] = json!(m);
+        }
         // Only sampled caches carry the sample settings, so a top-k pipeline's fingerprints
         // are what they were before the modes existed.
         if mode != CacheMode::Topk {

@@ -28,7 +28,7 @@ use crate::cache::writer::{
 };
 use crate::progress::{Progress, ProgressMode};
 use crate::util::{failpoint, sha256_file};
-use crate::windows::{ShardWork, WindowSpec, batch_order, make_plan, produce_shards};
+use crate::windows::{ShardWork, WindowSpec, batch_order_budget, make_plan, produce_shards};
 use anyhow::{Context, bail};
 use backend::{Batch, Device, PaddingSide, TeacherBackend, TeacherError, TopKMode};
 use host_topk::SampleOptions;
@@ -40,6 +40,16 @@ use std::time::Instant;
 pub const DEFAULT_TOP_K: usize = 64;
 pub const DEFAULT_SEQ_LEN: usize = 512;
 pub const DEFAULT_BATCH_SIZE: usize = 8;
+/// What the teacher's logits of one batch (batch × tokens × V × 4 bytes) may take when
+/// `--max-batch-tokens` is not given: 512 MiB keeps the default batch of 8 windows of 512
+/// tokens at V = 32000, and 2 windows of 512 tokens (or one of 2048) at V = 152064.
+pub const LOGITS_BUDGET_BYTES: usize = 512 << 20;
+
+/// The default token budget of a batch for a model whose logits have `vocab` entries per
+/// position: what keeps them within [`LOGITS_BUDGET_BYTES`], and at least one window.
+pub fn default_max_batch_tokens(vocab: usize, seq_len: usize) -> usize {
+    (LOGITS_BUDGET_BYTES / (4 * vocab.max(1))).max(seq_len)
+}
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
 pub const DEFAULT_TEXT_FIELD: &str = "text";
 /// What a cache stores per position.
@@ -69,6 +79,9 @@ pub struct TeacherConfig {
     pub top_k: usize,
     pub seq_len: usize,
     pub batch_size: usize,
+    /// Most tokens (windows × their padded length) per teacher batch (`--max-batch-tokens`);
+    /// `None` until [`run`] sets it from the model's vocabulary ([`default_max_batch_tokens`]).
+    pub max_batch_tokens: Option<usize>,
     pub temperature: f32,
     pub text_field: String,
     pub skip_bad_rows: bool,
@@ -107,6 +120,7 @@ impl Default for TeacherConfig {
             top_k: DEFAULT_TOP_K,
             seq_len: DEFAULT_SEQ_LEN,
             batch_size: DEFAULT_BATCH_SIZE,
+            max_batch_tokens: None,
             temperature: DEFAULT_TEMPERATURE,
             text_field: DEFAULT_TEXT_FIELD.into(),
             skip_bad_rows: false,
@@ -251,6 +265,16 @@ impl TeacherConfig {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
+        if let Some(m) = self.max_batch_tokens
+            && m < self.seq_len
+        {
+            bail!(
+                "--max-batch-tokens {m} is below --seq-len {}: a window of {} tokens is never split across batches, so it could not fit; pass at least {} (or a smaller --seq-len)",
+                self.seq_len,
+                self.seq_len,
+                self.seq_len
+            );
+        }
         if self.shard_size == 0 {
             bail!("--shard-size must be at least 1");
         }
@@ -305,7 +329,8 @@ fn compute_shard(
     let mut place: Vec<Option<(usize, usize, usize)>> = vec![None; work.windows.len()];
     let mut outputs = Vec::with_capacity(work.windows.len().div_ceil(cfg.batch_size));
     let mut computed = 0u64;
-    for chunk in &batch_order(&lengths, cfg.batch_size) {
+    let max_tokens = cfg.max_batch_tokens.unwrap_or(usize::MAX);
+    for chunk in &batch_order_budget(&lengths, cfg.batch_size, max_tokens) {
         let toks: Vec<&[u32]> = chunk
             .iter()
             .map(|&i| work.windows[i].tokens.as_slice())
@@ -595,6 +620,27 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             );
         }
     }
+    // The batches' token budget, from the model's own vocabulary unless given.
+    let logits_vocab = iface.logits_vocab.unwrap_or(tok.vocab_size);
+    let resolved = TeacherConfig {
+        max_batch_tokens: Some(
+            cfg.max_batch_tokens
+                .unwrap_or_else(|| default_max_batch_tokens(logits_vocab, cfg.seq_len)),
+        ),
+        ..cfg.clone()
+    };
+    let cfg = &resolved;
+    let windows_per_batch = (cfg.max_batch_tokens.unwrap_or(usize::MAX) / cfg.seq_len).max(1);
+    if windows_per_batch < cfg.batch_size {
+        tracing::info!(
+            "batches of at most {} tokens (--max-batch-tokens; {:.0} MiB of logits at vocab {logits_vocab}): {} window(s) of {} tokens per batch, not --batch-size {}",
+            cfg.max_batch_tokens.unwrap_or(0),
+            (cfg.max_batch_tokens.unwrap_or(0) * 4 * logits_vocab) as f64 / (1u64 << 20) as f64,
+            windows_per_batch,
+            cfg.seq_len,
+            cfg.batch_size
+        );
+    }
     if cfg.padding_side == PaddingSide::Left && !iface.has_position_ids {
         bail!(
             "--padding-side left needs a model with a `position_ids` input (this one derives positions itself); use --padding-side right"
@@ -877,6 +923,7 @@ fn write_loop(
             worker: worker.to_string(),
             device: cfg.device.to_string(),
             batch_size: cfg.batch_size,
+            max_batch_tokens: cfg.max_batch_tokens,
             topk: topk.to_string(),
             seconds: seconds + (crate::util::thread_cpu_seconds() - cpu0),
             stats: Some(stats),
