@@ -902,3 +902,75 @@ fn eval_metrics_equal_an_independent_computation() {
         );
     }
 }
+
+/// A disk that fills while a checkpoint is saved (here a file-size limit, which fails the
+/// write the same way, with EFBIG instead of ENOSPC) stops the run naming the file; no
+/// checkpoint that looks complete is left, and `--resume` then trains to the same weights as
+/// a run that never failed.
+#[test]
+fn a_checkpoint_that_cannot_be_written_is_named_and_leaves_nothing_complete() {
+    use std::os::unix::process::CommandExt;
+    let t = tiny_student();
+    let straight = shared_dir().join("train-full-straight");
+    let failed = shared_dir().join("train-full-failed");
+    for d in [&straight, &failed] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let extra = ["--save-every", "2"];
+    assert_ok(&run_strings(&train_args(
+        &straight,
+        &[t.to_str().unwrap()],
+        4,
+        &extra,
+    )));
+    let ck = straight.join("tiny/checkpoint");
+    let size = |p: &str| std::fs::metadata(ck.join(p)).unwrap().len();
+    let (weights, model, optim) = (
+        size("model.safetensors"),
+        size("state/model.mpk"),
+        size("state/optim.mpk"),
+    );
+    // Room for every file but the optimizer state (Adam's two moments per weight).
+    let limit = (weights.max(model) + optim) / 2;
+    assert!(
+        weights.max(model) < limit && limit < optim,
+        "{weights} {model} {optim}"
+    );
+    let mut args = train_args(&failed, &[t.to_str().unwrap()], 4, &extra);
+    args.push("--resume".into());
+    let mut c = command();
+    c.args(&args);
+    // SAFETY: the closure runs between fork and exec and calls only setrlimit and signal,
+    // which are async-signal-safe; it touches no memory shared with the parent's threads.
+    unsafe {
+        c.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A write past the limit then fails with EFBIG instead of killing the process.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap();
+    assert_fails(&o, &["optim.mpk", "File too large"]);
+    let run_dir = failed.join("tiny");
+    assert!(!run_dir.join("checkpoint").exists(), "{}", stderr(&o));
+    assert_fails(
+        &run(&[
+            "eval",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--cache",
+            cache().to_str().unwrap(),
+        ]),
+        &["checkpoint"],
+    );
+    assert_ok(&run_strings(&args));
+    assert!(!run_dir.join("checkpoint.tmp").exists());
+    assert_same_weights(&straight.join("tiny"), &run_dir);
+}

@@ -31,7 +31,7 @@ use anyhow::{Context, bail};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::Optimizer;
 use burn::prelude::*;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::record::{BurnRecord, FullPrecisionSettings, NamedMpkFileRecorder, Record, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -402,6 +402,55 @@ pub fn recover_interrupted_save(run: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Writes `record` to `path` as [`Rec`] does (and reads back: the same named MessagePack
+/// bytes), streamed through a buffer, but keeping the OS error of a failed write (a full
+/// disk), which burn's recorder reduces to "error while writing multi-byte MessagePack
+/// value" without the file.
+fn write_record<B: Backend, R: Record<B>>(record: R, path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    struct Kept<W> {
+        inner: W,
+        error: Option<std::io::Error>,
+    }
+    impl<W: Write> Kept<W> {
+        fn keep<T>(&mut self, r: std::io::Result<T>) -> std::io::Result<T> {
+            if let Err(e) = &r
+                && self.error.is_none()
+            {
+                self.error = Some(match e.raw_os_error() {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::new(e.kind(), e.to_string()),
+                });
+            }
+            r
+        }
+    }
+    impl<W: Write> Write for Kept<W> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let r = self.inner.write(b);
+            self.keep(r)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            let r = self.inner.flush();
+            self.keep(r)
+        }
+    }
+    let item = BurnRecord::<_, B>::new::<Rec>(record.into_item::<FullPrecisionSettings>());
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = Kept {
+        inner: std::io::BufWriter::new(file),
+        error: None,
+    };
+    let encoded = rmp_serde::encode::write_named(&mut w, &item);
+    let flushed = w.flush();
+    if let Some(e) = w.error.take() {
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    encoded.with_context(|| format!("writing {}", path.display()))?;
+    flushed.with_context(|| format!("writing {}", path.display()))
+}
+
 fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
@@ -444,18 +493,10 @@ pub fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
         student: student.clone(),
     };
     write_file(&tmp.join("train_config.json"), &file.to_json()?)?;
-    let rec = Rec::new();
-    let model_rec = state_dir.join("model");
-    Recorder::<B>::record(&rec, model.clone().into_record(), model_rec.clone()).map_err(|e| {
-        anyhow::anyhow!("saving the model state to {}.mpk: {e}", model_rec.display())
-    })?;
-    let optim_rec = state_dir.join("optim");
-    Recorder::<B>::record(&rec, optim.to_record(), optim_rec.clone()).map_err(|e| {
-        anyhow::anyhow!(
-            "saving the optimizer state to {}.mpk: {e}",
-            optim_rec.display()
-        )
-    })?;
+    write_record::<B, _>(model.clone().into_record(), &state_dir.join("model.mpk"))
+        .context("saving the model state")?;
+    write_record::<B, _>(optim.to_record(), &state_dir.join("optim.mpk"))
+        .context("saving the optimizer state")?;
     write_file(
         &state_dir.join("trainer.json"),
         &serde_json::to_vec_pretty(state)?,
