@@ -258,6 +258,31 @@ fn token_budget_batches_give_the_same_cache() {
     // Smaller batches pad less: full windows now run unpadded.
     assert!(ms.totals.computed_tokens < md.totals.computed_tokens);
 
+    // One shard of more windows than a compute group (256): its rows, computed group by
+    // group, equal those of 16-window shards.
+    let one = shared_dir().join("budget-one-shard");
+    let many = shared_dir().join("budget-many-shards");
+    for (dir, shard) in [(&one, "1024"), (&many, "16")] {
+        let _ = std::fs::remove_dir_all(dir);
+        let mut args = teacher_args(&model, dir, 300);
+        let s = args.iter().position(|a| a == "--shard-size").unwrap();
+        args[s + 1] = shard.into();
+        assert_ok(&run_strings(&args));
+    }
+    let m = Cache::open(&one).unwrap().manifest;
+    assert!(
+        m.shards.len() == 1 && m.totals.sequences > 256,
+        "{:?}",
+        m.totals
+    );
+    let (a, b) = (all_rows(&one), all_rows(&many));
+    assert_eq!(a.seq_ids, b.seq_ids);
+    assert_eq!(a.input_ids, b.input_ids);
+    assert_eq!(a.topk_ids, b.topk_ids);
+    assert_eq!(a.topk_logprobs, b.topk_logprobs);
+    assert_eq!(a.tail_logprob, b.tail_logprob);
+    check_cache_against_reference(&model, &one, 1.0);
+
     let mut args = teacher_args(&model, &shared_dir().join("budget-bad"), 10);
     args.extend(["--max-batch-tokens".into(), "10".into()]);
     assert_fails(

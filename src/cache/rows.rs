@@ -479,10 +479,17 @@ impl ShardRows {
     }
 
     /// The rows as a record batch with `schema` (from
-    /// [`super::schema::shard_schema_with_metadata`] for this layout).
+    /// [`super::schema::shard_schema_with_metadata`] for this layout); copies them (see
+    /// [`Self::into_record_batch`]).
     pub fn to_record_batch(&self, schema: Arc<arrow_schema::Schema>) -> RecordBatch {
+        self.clone().into_record_batch(schema)
+    }
+
+    /// [`Self::to_record_batch`] without a copy: the columns take the rows' buffers (a
+    /// shard's rows are ~0.8 GB at 1024 windows of 2048 tokens and k = 64).
+    pub fn into_record_batch(mut self, schema: Arc<arrow_schema::Schema>) -> RecordBatch {
         let (k, l) = (self.k, self.layout);
-        let offs = OffsetBuffer::new(ScalarBuffer::from(self.offsets.clone()));
+        let offs = OffsetBuffer::new(ScalarBuffer::from(std::mem::take(&mut self.offsets)));
         let list = |dt: DataType, values: ArrayRef| -> ArrayRef {
             Arc::new(ListArray::new(item(dt), offs.clone(), values, None))
         };
@@ -495,7 +502,7 @@ impl ShardRows {
                 None,
             ))
         };
-        let soffs = OffsetBuffer::new(ScalarBuffer::from(self.sample_offsets.clone()));
+        let soffs = OffsetBuffer::new(ScalarBuffer::from(std::mem::take(&mut self.sample_offsets)));
         let list_list = |dt: DataType, values: ArrayRef| -> ArrayRef {
             let inner = ListArray::new(item(dt.clone()), soffs.clone(), values, None);
             Arc::new(ListArray::new(
@@ -506,25 +513,24 @@ impl ShardRows {
             ))
         };
         let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(UInt64Array::from(self.seq_ids.clone())),
-            Arc::new(UInt64Array::from(self.doc_ids.clone())),
-            Arc::new(UInt32Array::from(self.window_index.clone())),
+            Arc::new(UInt64Array::from(std::mem::take(&mut self.seq_ids))),
+            Arc::new(UInt64Array::from(std::mem::take(&mut self.doc_ids))),
+            Arc::new(UInt32Array::from(std::mem::take(&mut self.window_index))),
             list(
                 DataType::UInt32,
-                Arc::new(UInt32Array::from(self.input_ids.clone())),
+                Arc::new(UInt32Array::from(std::mem::take(&mut self.input_ids))),
             ),
         ];
         if l.has_topk() {
             columns.push(fsl_list(
                 DataType::UInt32,
-                Arc::new(UInt32Array::from(self.topk_ids.clone())),
+                Arc::new(UInt32Array::from(std::mem::take(&mut self.topk_ids))),
             ));
-            let f16_list =
-                |v: &[f16]| list(DataType::Float16, Arc::new(Float16Array::from(v.to_vec())));
+            let f16_list = |v: Vec<f16>| list(DataType::Float16, Arc::new(Float16Array::from(v)));
             if l.q8() {
                 columns.extend([
-                    f16_list(&self.topk_logprob_max),
-                    f16_list(&self.topk_logprob_step),
+                    f16_list(std::mem::take(&mut self.topk_logprob_max)),
+                    f16_list(std::mem::take(&mut self.topk_logprob_step)),
                     fsl_list(
                         DataType::UInt8,
                         Arc::new(UInt8Array::from(q8_deltas(&self.topk_logprob_codes, k))),
@@ -533,36 +539,40 @@ impl ShardRows {
             } else {
                 columns.push(fsl_list(
                     DataType::Float16,
-                    Arc::new(Float16Array::from(self.topk_logprobs.clone())),
+                    Arc::new(Float16Array::from(std::mem::take(&mut self.topk_logprobs))),
                 ));
             }
             columns.push(list(
                 DataType::Float32,
-                Arc::new(Float32Array::from(self.tail_logprob.clone())),
+                Arc::new(Float32Array::from(std::mem::take(&mut self.tail_logprob))),
             ));
         }
         if l.has_samples() {
             columns.push(list_list(
                 DataType::UInt32,
-                Arc::new(UInt32Array::from(self.sample_ids.clone())),
+                Arc::new(UInt32Array::from(std::mem::take(&mut self.sample_ids))),
             ));
             let counts: ArrayRef = match l.count_type() {
                 DataType::UInt8 => Arc::new(UInt8Array::from_iter_values(
                     self.sample_counts.iter().map(|&c| c as u8),
                 )),
-                _ => Arc::new(UInt16Array::from(self.sample_counts.clone())),
+                _ => Arc::new(UInt16Array::from(std::mem::take(&mut self.sample_counts))),
             };
             columns.push(list_list(l.count_type(), counts));
             if l.sample_logprobs {
                 columns.push(list_list(
                     DataType::Float16,
-                    Arc::new(Float16Array::from(self.sample_logprobs.clone())),
+                    Arc::new(Float16Array::from(std::mem::take(
+                        &mut self.sample_logprobs,
+                    ))),
                 ));
             }
             if l.sample_log_weights {
                 columns.push(list_list(
                     DataType::Float32,
-                    Arc::new(Float32Array::from(self.sample_log_weights.clone())),
+                    Arc::new(Float32Array::from(std::mem::take(
+                        &mut self.sample_log_weights,
+                    ))),
                 ));
             }
         }

@@ -126,6 +126,17 @@ pub fn write_shard(
     rows: &ShardRows,
     opts: &ShardWriteOptions,
 ) -> Result<WrittenShard, std::io::Error> {
+    write_shard_owned(path, index, rows.clone(), opts)
+}
+
+/// [`write_shard`] of rows it may consume: their buffers become the Parquet writer's input
+/// instead of being copied (the teacher's writer holds one shard's rows, not two).
+pub fn write_shard_owned(
+    path: &Path,
+    index: u64,
+    rows: ShardRows,
+    opts: &ShardWriteOptions,
+) -> Result<WrittenShard, std::io::Error> {
     let dir = path
         .parent()
         .expect("shard path has a parent: this is a bug");
@@ -136,7 +147,8 @@ pub fn write_shard(
         &opts.tokenizer_sha256,
         index,
     ));
-    let batch = rows.to_record_batch(schema.clone());
+    let (n_rows, positions) = (rows.rows() as u64, rows.positions() as u64);
+    let batch = rows.into_record_batch(schema.clone());
     let file = std::fs::File::create(&tmp)?;
     let hw = HashingWriter {
         inner: std::io::BufWriter::with_capacity(1 << 20, file),
@@ -169,8 +181,8 @@ pub fn write_shard(
     failpoint("shard-renamed");
     Ok(WrittenShard {
         path: path.to_path_buf(),
-        rows: rows.rows() as u64,
-        tokens: rows.positions() as u64,
+        rows: n_rows,
+        tokens: positions,
         bytes: hw.bytes,
         sha256: hex::encode(hw.hasher.finalize()),
     })

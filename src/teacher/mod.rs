@@ -24,7 +24,7 @@ use crate::cache::manifest::{
 use crate::cache::rows::{LogprobDtype, ShardRows, StorageError, WindowTopK};
 use crate::cache::schema::{CacheMode, Layout};
 use crate::cache::writer::{
-    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriteOptions, write_shard,
+    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriteOptions, write_shard_owned,
 };
 use crate::progress::{Progress, ProgressMode};
 use crate::util::{failpoint, sha256_file};
@@ -314,6 +314,11 @@ pub struct RunSummary {
     pub complete: bool,
 }
 
+/// Windows batched together at most: a shard is computed in groups of this many
+/// consecutive windows (by length within a group), so only one group's teacher outputs are
+/// held at once (at seq_len 2048 and k = 64, a whole shard's were ~1 GB beside its rows).
+const WINDOW_GROUP: usize = 256;
+
 /// Runs the teacher over one shard's windows, batching windows of similar length.
 fn compute_shard(
     teacher: &mut dyn TeacherBackend,
@@ -323,120 +328,118 @@ fn compute_shard(
 ) -> anyhow::Result<(ShardRows, u64, ShardStats)> {
     let layout = cfg.layout();
     let k = layout.k;
-    let lengths: Vec<usize> = work.windows.iter().map(|w| w.tokens.len()).collect();
-    // Each window's place in the batch outputs: (batch, first position, positions). The
-    // rows are then written once, in seq_id order, straight from those outputs.
-    let mut place: Vec<Option<(usize, usize, usize)>> = vec![None; work.windows.len()];
-    let mut outputs = Vec::with_capacity(work.windows.len().div_ceil(cfg.batch_size));
-    let mut computed = 0u64;
-    let max_tokens = cfg.max_batch_tokens.unwrap_or(usize::MAX);
-    for chunk in &batch_order_budget(&lengths, cfg.batch_size, max_tokens) {
-        let toks: Vec<&[u32]> = chunk
-            .iter()
-            .map(|&i| work.windows[i].tokens.as_slice())
-            .collect();
-        let mut batch = Batch::pad(&toks, cfg.padding_side, pad_id);
-        batch.seq_ids = chunk.iter().map(|&i| work.windows[i].seq_id).collect();
-        computed += (batch.batch * batch.len) as u64;
-        let out = teacher.run(&batch).map_err(|e| match e {
-            TeacherError::NonFinite { window, position, token, value } => {
-                let w = &work.windows[chunk[window]];
-                anyhow::anyhow!(
-                    "the teacher produced a non-finite logit ({value}, vocab id {token}) for seq_id {} (document {}, window {}) at position {position}; the model is broken for this input (an fp16 overflow is a common cause): check the export",
-                    w.seq_id,
-                    w.doc_id,
-                    w.window_index
-                )
-            }
-            other => anyhow::Error::new(other),
-        })?;
-        let mut at = 0usize;
-        for (j, &i) in chunk.iter().enumerate() {
-            place[i] = Some((outputs.len(), at, batch.lengths[j]));
-            at += batch.lengths[j];
-        }
-        outputs.push(out);
-    }
     let positions: usize = work.windows.iter().map(|w| w.tokens.len()).sum();
-    // Where each position's draws start in its batch's sample outputs.
-    let sample_starts: Vec<Vec<usize>> = outputs
-        .iter()
-        .map(|o| {
-            let mut at = 0usize;
-            let mut v = Vec::with_capacity(o.sample_lens.len() + 1);
-            v.push(0);
-            for &c in &o.sample_lens {
-                at += c as usize;
-                v.push(at);
-            }
-            v
-        })
-        .collect();
     let mut rows = ShardRows::with_capacity(layout, work.windows.len(), positions);
     // What the float16 or q8 storage rounds away, from what `push` stored.
     let mut error = StorageError::default();
-    for (w, p) in work.windows.iter().zip(place) {
-        let (b, at, n) = p.expect("every window computed: this is a bug");
-        let out = &outputs[b];
-        let mut window = WindowTopK {
-            seq_id: w.seq_id,
-            doc_id: w.doc_id,
-            window_index: w.window_index,
-            input_ids: &w.tokens,
-            ..Default::default()
-        };
-        if layout.has_topk() {
-            window.topk_ids = &out.ids[at * k..(at + n) * k];
-            window.topk_logprobs = &out.logprobs[at * k..(at + n) * k];
-            window.tail_logprob = &out.tail_logprob[at..at + n];
-        }
-        if layout.has_samples() {
-            let (s, e) = (sample_starts[b][at], sample_starts[b][at + n]);
-            window.sample_lens = &out.sample_lens[at..at + n];
-            window.sample_ids = &out.sample_ids[s..e];
-            window.sample_counts = &out.sample_counts[s..e];
-            if layout.sample_logprobs {
-                window.sample_logprobs = &out.sample_logprobs[s..e];
+    let mut computed = 0u64;
+    let (mut mass, mut entropy, mut entropy_n) = (0f64, 0f64, 0u64);
+    let max_tokens = cfg.max_batch_tokens.unwrap_or(usize::MAX);
+    let group_len = WINDOW_GROUP.max(cfg.batch_size);
+    for (g, group) in work.windows.chunks(group_len).enumerate() {
+        let lengths: Vec<usize> = group.iter().map(|w| w.tokens.len()).collect();
+        // Each window's place in the batch outputs: (batch, first position, positions).
+        // The group's rows are then written once, in seq_id order, from those outputs.
+        let mut place: Vec<Option<(usize, usize, usize)>> = vec![None; group.len()];
+        let mut outputs = Vec::with_capacity(group.len().div_ceil(cfg.batch_size));
+        for chunk in &batch_order_budget(&lengths, cfg.batch_size, max_tokens) {
+            let toks: Vec<&[u32]> = chunk.iter().map(|&i| group[i].tokens.as_slice()).collect();
+            let mut batch = Batch::pad(&toks, cfg.padding_side, pad_id);
+            batch.seq_ids = chunk.iter().map(|&i| group[i].seq_id).collect();
+            computed += (batch.batch * batch.len) as u64;
+            let out = teacher.run(&batch).map_err(|e| match e {
+                TeacherError::NonFinite { window, position, token, value } => {
+                    let w = &group[chunk[window]];
+                    anyhow::anyhow!(
+                        "the teacher produced a non-finite logit ({value}, vocab id {token}) for seq_id {} (document {}, window {}) at position {position}; the model is broken for this input (an fp16 overflow is a common cause): check the export",
+                        w.seq_id,
+                        w.doc_id,
+                        w.window_index
+                    )
+                }
+                other => anyhow::Error::new(other),
+            })?;
+            let mut at = 0usize;
+            for (j, &i) in chunk.iter().enumerate() {
+                place[i] = Some((outputs.len(), at, batch.lengths[j]));
+                at += batch.lengths[j];
             }
-            if layout.sample_log_weights {
-                window.sample_log_weights = &out.sample_log_weights[s..e];
+            outputs.push(out);
+        }
+        // Where each position's draws start in its batch's sample outputs.
+        let sample_starts: Vec<Vec<usize>> = outputs
+            .iter()
+            .map(|o| {
+                let mut at = 0usize;
+                let mut v = Vec::with_capacity(o.sample_lens.len() + 1);
+                v.push(0);
+                for &c in &o.sample_lens {
+                    at += c as usize;
+                    v.push(at);
+                }
+                v
+            })
+            .collect();
+        for (w, p) in group.iter().zip(place) {
+            let (b, at, n) = p.unwrap_or_else(|| {
+                panic!(
+                    "window {} of group {g} not computed: this is a bug",
+                    w.seq_id
+                )
+            });
+            let out = &outputs[b];
+            let mut window = WindowTopK {
+                seq_id: w.seq_id,
+                doc_id: w.doc_id,
+                window_index: w.window_index,
+                input_ids: &w.tokens,
+                ..Default::default()
+            };
+            if layout.has_topk() {
+                window.topk_ids = &out.ids[at * k..(at + n) * k];
+                window.topk_logprobs = &out.logprobs[at * k..(at + n) * k];
+                window.tail_logprob = &out.tail_logprob[at..at + n];
+            }
+            if layout.has_samples() {
+                let (s, e) = (sample_starts[b][at], sample_starts[b][at + n]);
+                window.sample_lens = &out.sample_lens[at..at + n];
+                window.sample_ids = &out.sample_ids[s..e];
+                window.sample_counts = &out.sample_counts[s..e];
+                if layout.sample_logprobs {
+                    window.sample_logprobs = &out.sample_logprobs[s..e];
+                }
+                if layout.sample_log_weights {
+                    window.sample_log_weights = &out.sample_log_weights[s..e];
+                }
+            }
+            let (topk_from, sample_from) = (rows.topk_logprobs.len(), rows.sample_logprobs.len());
+            rows.push(&window);
+            error = error.max(rows.storage_error(
+                topk_from,
+                window.topk_logprobs,
+                sample_from,
+                window.sample_logprobs,
+            ));
+        }
+        // Measured from the exact f32 outputs: the top-k's mass and the entropy (at the
+        // positions where it was measured, one in 16; NaN elsewhere).
+        for o in &outputs {
+            mass += o.logprobs.iter().map(|&v| (v as f64).exp()).sum::<f64>();
+            for h in o.entropy.iter().filter(|h| !h.is_nan()) {
+                entropy += *h as f64;
+                entropy_n += 1;
             }
         }
-        let (topk_from, sample_from) = (rows.topk_logprobs.len(), rows.sample_logprobs.len());
-        rows.push(&window);
-        error = error.max(rows.storage_error(
-            topk_from,
-            window.topk_logprobs,
-            sample_from,
-            window.sample_logprobs,
-        ));
     }
     let positions = rows.positions().max(1) as f64;
-    // Measured from the exact f32 outputs: the storage's error (above), the top-k's mass and
-    // the distinct draws.
     let stats = ShardStats {
         max_logprob_error: error.logprob,
         max_prob_error: Some(error.prob),
-        mean_topk_mass: layout.has_topk().then(|| {
-            outputs
-                .iter()
-                .flat_map(|o| &o.logprobs)
-                .map(|&v| (v as f64).exp())
-                .sum::<f64>()
-                / positions
-        }),
+        mean_topk_mass: layout.has_topk().then(|| mass / positions),
         mean_distinct_ids: layout
             .has_samples()
             .then(|| rows.sample_ids.len() as f64 / positions),
-        // Over the positions where it was measured (one in 16; NaN elsewhere).
-        mean_entropy: {
-            let (sum, n) = outputs
-                .iter()
-                .flat_map(|o| &o.entropy)
-                .filter(|h| !h.is_nan())
-                .fold((0f64, 0u64), |(s, n), &h| (s + h as f64, n + 1));
-            (n > 0).then(|| sum / n as f64)
-        },
+        mean_entropy: (entropy_n > 0).then(|| entropy / entropy_n as f64),
     };
     Ok((rows, computed, stats))
 }
@@ -775,7 +778,10 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     };
     if !wanted.is_empty() {
         let (work_tx, work_rx) = sync_channel::<ShardWork>(2);
-        let (write_tx, write_rx) = sync_channel::<Computed>(2);
+        // At most one computed shard waits for the writer (a shard's rows are ~0.8 GB at
+        // 1024 windows of 2048 tokens, k = 64): the teacher computes the next while the
+        // writer writes one, and blocks rather than queue more.
+        let (write_tx, write_rx) = sync_channel::<Computed>(0);
         let write_opts = ShardWriteOptions {
             vocab_size: tok.vocab_size,
             tokenizer_sha256: manifest.tokenizer.sha256.clone(),
@@ -905,7 +911,7 @@ fn write_loop(
         // shard's time is the CPU it used, not the wall time.
         let cpu0 = crate::util::thread_cpu_seconds();
         let rel = shard_file_name(index);
-        let written = write_shard(&out.join(&rel), index, &rows, opts).with_context(|| {
+        let written = write_shard_owned(&out.join(&rel), index, rows, opts).with_context(|| {
             format!(
                 "writing shard {} in {}; check free space and permissions",
                 rel,
