@@ -209,3 +209,145 @@ pub fn word_level_tokenizer(
     tok.save(out, false)
         .map_err(|e| TokenizerError::Train(e.to_string()))
 }
+
+/// Documents longer than this (bytes of UTF-8) are tokenised in pieces of about this size
+/// when [`piecewise_blocker`] allows it: the whole document's encoding (offsets, token
+/// strings, and the normaliser's alignments per byte) took 5 GB for one of 20 MB.
+pub const LONG_DOCUMENT_BYTES: usize = 1 << 20;
+
+/// Why `tok` cannot be applied to a text piece by piece with exactly the ids of the whole
+/// text, or `None` when it can. The pieces are cut before a single ASCII space between two
+/// non-space characters, so the check is that every step treats that space as a hard
+/// boundary: a normaliser that works character by character, a pre-tokenizer that splits
+/// there (whitespace, BERT, byte-level with its regex, Metaspace with `split`) followed only
+/// by ones that split further, and no added token that could span or absorb the space. A
+/// tokenizer outside these (a `Prepend` normaliser as in Llama 2, a custom `Split` regex as
+/// in Llama 3 and Qwen, truncation) is tokenised whole.
+pub fn piecewise_blocker(tok: &Tokenizer) -> Option<String> {
+    use tokenizers::pre_tokenizers::PreTokenizerWrapper as P;
+    fn normalizer_ok(n: &NormalizerWrapper) -> bool {
+        use NormalizerWrapper as N;
+        match n {
+            N::NFC(_)
+            | N::NFD(_)
+            | N::NFKC(_)
+            | N::NFKD(_)
+            | N::Lowercase(_)
+            | N::StripAccents(_)
+            | N::BertNormalizer(_)
+            | N::Nmt(_)
+            | N::ByteLevel(_) => true,
+            N::Sequence(s) => s.as_ref().iter().all(normalizer_ok),
+            _ => false,
+        }
+    }
+    let splits_at_spaces = |p: &P| match p {
+        P::Whitespace(_) | P::WhitespaceSplit(_) | P::BertPreTokenizer(_) => true,
+        P::ByteLevel(b) => b.use_regex,
+        P::Metaspace(m) => m.get_split(),
+        _ => false,
+    };
+    let refines = |p: &P| match p {
+        P::Punctuation(_) | P::Digits(_) => true,
+        P::ByteLevel(b) => !b.use_regex,
+        _ => false,
+    };
+    if tok.get_truncation().is_some() {
+        return Some("it truncates".into());
+    }
+    if let Some(n) = tok.get_normalizer()
+        && !normalizer_ok(n)
+    {
+        return Some("its normalizer is not character by character".into());
+    }
+    let ok = match tok.get_pre_tokenizer() {
+        None => false,
+        Some(P::Sequence(s)) => {
+            let steps = s.as_ref();
+            !steps.is_empty() && splits_at_spaces(&steps[0]) && steps[1..].iter().all(refines)
+        }
+        Some(p) => splits_at_spaces(p),
+    };
+    if !ok {
+        return Some("its pre-tokenizer does not always split at spaces".into());
+    }
+    if let Some(t) = tok
+        .get_added_tokens_decoder()
+        .values()
+        .find(|t| t.rstrip || t.content.chars().any(char::is_whitespace))
+    {
+        return Some(format!(
+            "its added token {:?} could span or absorb a space",
+            t.content
+        ));
+    }
+    None
+}
+
+/// The ids of `tok.encode(text, true)`, computed piece by piece (pieces of about `piece`
+/// bytes, see [`piecewise_blocker`]), with the post-processor's special tokens put around
+/// them as it puts them around the whole text. `None` when the tokenizer does not allow it
+/// or its post-processor does more than add tokens at both ends.
+pub fn encode_piecewise(
+    tok: &Tokenizer,
+    text: &str,
+    piece: usize,
+) -> tokenizers::Result<Option<Vec<u32>>> {
+    if piecewise_blocker(tok).is_some() {
+        return Ok(None);
+    }
+    let b = text.as_bytes();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut first: Option<tokenizers::Encoding> = None;
+    let mut start = 0usize;
+    while start < b.len() {
+        // The next cut: a single ASCII space between two non-space characters.
+        let mut end = b.len();
+        let mut i = (start + piece.max(1)).min(b.len());
+        while i < b.len() {
+            if b[i] == b' '
+                && text[..i]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| !c.is_whitespace())
+                && text[i + 1..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| !c.is_whitespace())
+            {
+                end = i;
+                break;
+            }
+            i += 1;
+        }
+        let enc = tok.encode_fast(&text[start..end], false)?;
+        ids.extend_from_slice(enc.get_ids());
+        if first.is_none() {
+            first = Some(enc);
+        }
+        start = end;
+    }
+    // prefix + first piece + suffix, from the post-processor itself.
+    let first = first.unwrap_or_default();
+    let n = first.get_ids().len();
+    let first_ids = first.get_ids().to_vec();
+    let around = tok.post_process(tokenizers::Encoding::default(), None, true)?;
+    let around = around.get_ids();
+    let processed = tok.post_process(first, None, true)?;
+    let got = processed.get_ids();
+    if got.len() != n + around.len() {
+        return Ok(None);
+    }
+    let fits = |p: usize| {
+        got[..p] == around[..p] && got[p..p + n] == first_ids[..] && got[p + n..] == around[p..]
+    };
+    let places: Vec<usize> = (0..=around.len()).filter(|&p| fits(p)).collect();
+    let [p] = places[..] else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(ids.len() + around.len());
+    out.extend_from_slice(&around[..p]);
+    out.extend_from_slice(&ids);
+    out.extend_from_slice(&around[p..]);
+    Ok(Some(out))
+}

@@ -25,6 +25,9 @@ use std::sync::mpsc::SyncSender;
 
 /// Documents tokenised per `encode_batch` call.
 const TOKENIZE_CHUNK: usize = 512;
+/// Bytes of text tokenised per `encode_batch` call at most (a call's encodings hold far more
+/// than the text while they live).
+const TOKENIZE_BYTES: usize = 4 << 20;
 
 /// How a corpus becomes windows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,31 +121,80 @@ pub fn tokenize_corpus(
     let mut pending: Vec<String> = Vec::with_capacity(TOKENIZE_CHUNK);
     let mut doc_id = 0u64;
     let mut stop = false;
-    let mut flush =
-        |pending: &mut Vec<String>, doc_id: &mut u64, stop: &mut bool| -> anyhow::Result<()> {
-            if pending.is_empty() || *stop {
-                pending.clear();
-                return Ok(());
-            }
-            let encs = tok
-                .tokenizer
-                .encode_batch(pending.iter().map(|s| s.as_str()).collect::<Vec<_>>(), true)
-                .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
-            for e in encs {
-                if !f(*doc_id, e.get_ids())? {
-                    *stop = true;
-                    break;
-                }
-                *doc_id += 1;
-            }
+    let mut flush = |pending: &mut Vec<String>,
+                     doc_id: &mut u64,
+                     stop: &mut bool|
+     -> anyhow::Result<()> {
+        if pending.is_empty() || *stop {
             pending.clear();
-            Ok(())
-        };
+            return Ok(());
+        }
+        let failed = |e: tokenizers::Error| anyhow::anyhow!("tokenizing failed: {e}");
+        // Long documents are tokenised alone, piece by piece where the tokenizer gives
+        // the same ids that way; the others together.
+        let long = |t: &String| t.len() > crate::tokenizer::LONG_DOCUMENT_BYTES;
+        let short: Vec<&str> = pending
+            .iter()
+            .filter(|t| !long(t))
+            .map(|s| s.as_str())
+            .collect();
+        let mut encs = tok
+            .tokenizer
+            .encode_batch(short, true)
+            .map_err(failed)?
+            .into_iter();
+        for text in pending.iter() {
+            let ids: Vec<u32> = if long(text) {
+                match crate::tokenizer::encode_piecewise(
+                    &tok.tokenizer,
+                    text,
+                    crate::tokenizer::LONG_DOCUMENT_BYTES,
+                )
+                .map_err(failed)?
+                {
+                    Some(ids) => ids,
+                    None => {
+                        tracing::warn!(
+                            "document {} is {:.1} MB and is tokenised whole ({}; a 20 MB document took ~5 GB): split very long documents in the corpus to bound the memory",
+                            *doc_id,
+                            text.len() as f64 / 1e6,
+                            crate::tokenizer::piecewise_blocker(&tok.tokenizer).unwrap_or_else(
+                                || "its post-processor does more than add tokens at both ends"
+                                    .into()
+                            )
+                        );
+                        tok.tokenizer
+                            .encode(text.as_str(), true)
+                            .map_err(failed)?
+                            .get_ids()
+                            .to_vec()
+                    }
+                }
+            } else {
+                encs.next()
+                    .expect("one encoding per short document: this is a bug")
+                    .get_ids()
+                    .to_vec()
+            };
+            if !f(*doc_id, &ids)? {
+                *stop = true;
+                break;
+            }
+            *doc_id += 1;
+        }
+        pending.clear();
+        Ok(())
+    };
+    // Documents per `encode_batch` call, and their bytes: the encodings take ~250 bytes per
+    // byte of text while they live.
+    let mut pending_bytes = 0usize;
     let skips =
         corpus::for_each_document(files, &spec.text_field, spec.skip_bad_rows, |_, text| {
+            pending_bytes += text.len();
             pending.push(text);
-            if pending.len() == TOKENIZE_CHUNK {
+            if pending.len() == TOKENIZE_CHUNK || pending_bytes >= TOKENIZE_BYTES {
                 flush(&mut pending, &mut doc_id, &mut stop)?;
+                pending_bytes = 0;
             }
             Ok(())
         })?;

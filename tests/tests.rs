@@ -13,4 +13,5 @@ mod pipeline;
 mod resume;
 mod stream;
 mod student;
+mod tokenize;
 mod training;

@@ -1,0 +1,204 @@
+//! Long documents tokenised piece by piece give exactly the ids of the whole document, for
+//! every tokenizer kind that allows it (byte-level BPE, word-level, Metaspace), and the
+//! others (a Prepend normaliser, a Split regex, an added token that absorbs spaces) are
+//! tokenised whole; end to end, a document over the threshold gives the cache of the whole.
+
+use crate::util::*;
+use logitcache::tokenizer::{LONG_DOCUMENT_BYTES, encode_piecewise, piecewise_blocker};
+use tokenizers::Tokenizer;
+
+/// Texts with every kind of space and character around the cuts: runs of spaces, tabs,
+/// newlines, punctuation, digits, contractions, accents, CJK and emoji.
+fn texts() -> Vec<String> {
+    let words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "it's",
+        "don't",
+        "42",
+        "3.14",
+        "café",
+        "naïve",
+        "日本語",
+        "🎉",
+        "(x)",
+        "end.",
+        "--",
+        "A",
+        "Über",
+        "x'y",
+        "ok!",
+        "foo_bar",
+        "1,000",
+    ];
+    let seps = [
+        " ", " ", " ", " ", "  ", "\n", "\t", " \n ", "\n\n", "   ", " . ", ", ",
+    ];
+    let mut state: u64 = 7;
+    let mut next = |n: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % n as u64) as usize
+    };
+    (0..120)
+        .map(|i| {
+            let mut t = String::new();
+            if i % 3 == 0 {
+                t.push(' ');
+            }
+            for _ in 0..(20 + next(300)) {
+                t.push_str(words[next(words.len())]);
+                t.push_str(seps[next(seps.len())]);
+            }
+            t
+        })
+        .collect()
+}
+
+fn assert_piecewise_exact(name: &str, tok: &Tokenizer) {
+    assert_eq!(piecewise_blocker(tok), None, "{name}");
+    for (i, text) in texts().iter().enumerate() {
+        let whole = tok.encode(text.as_str(), true).unwrap().get_ids().to_vec();
+        for piece in [1, 5, 17, 64, 300] {
+            let got = encode_piecewise(tok, text, piece).unwrap();
+            assert_eq!(
+                got.as_ref(),
+                Some(&whole),
+                "{name}: text {i}, pieces of {piece}"
+            );
+        }
+    }
+}
+
+fn edited(f: impl FnOnce(&mut serde_json::Value)) -> Tokenizer {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tokenizer()).unwrap()).unwrap();
+    f(&mut v);
+    Tokenizer::from_bytes(serde_json::to_vec(&v).unwrap()).unwrap()
+}
+
+#[test]
+fn pieces_give_the_whole_documents_ids() {
+    // The test's byte-level BPE with `<s> $A </s>`.
+    let bpe = Tokenizer::from_file(tokenizer()).unwrap();
+    assert_piecewise_exact("byte-level BPE", &bpe);
+    // Word-level over whitespace.
+    let path = shared_dir().join("piecewise-word-level.json");
+    let corpus_texts: Vec<String> = texts();
+    logitcache::tokenizer::word_level_tokenizer(&corpus_texts, 300, &path).unwrap();
+    assert_piecewise_exact("word-level", &Tokenizer::from_file(&path).unwrap());
+    // Metaspace (SentencePiece-style) BPE, with each prepend scheme.
+    for scheme in ["first", "always", "never"] {
+        let tok = metaspace_bpe(&corpus_texts, scheme);
+        assert_piecewise_exact(&format!("Metaspace {scheme}"), &tok);
+    }
+}
+
+fn metaspace_bpe(texts: &[String], scheme: &str) -> Tokenizer {
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    use tokenizers::processors::template::TemplateProcessing;
+    let scheme = match scheme {
+        "first" => PrependScheme::First,
+        "always" => PrependScheme::Always,
+        _ => PrependScheme::Never,
+    };
+    let mut tok = Tokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, true)));
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(300)
+        .show_progress(false)
+        .special_tokens(vec![
+            tokenizers::AddedToken::from("<s>", true),
+            tokenizers::AddedToken::from("</s>", true),
+        ])
+        .build()
+        .into();
+    tok.train(&mut trainer, texts.iter()).unwrap();
+    tok.with_post_processor(Some(
+        TemplateProcessing::builder()
+            .try_single("<s> $A </s>")
+            .unwrap()
+            .special_tokens(vec![("<s>", 0), ("</s>", 1)])
+            .build()
+            .unwrap(),
+    ));
+    tok
+}
+
+#[test]
+fn tokenizers_that_depend_on_the_whole_text_are_not_cut() {
+    let cases: Vec<(&str, Tokenizer)> = vec![
+        (
+            "normalizer",
+            edited(|v| v["normalizer"] = serde_json::json!({"type": "Prepend", "prepend": "▁"})),
+        ),
+        (
+            "pre-tokenizer",
+            edited(|v| {
+                v["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": false},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+                ]})
+            }),
+        ),
+        (
+            "added token",
+            edited(|v| {
+                v["added_tokens"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(serde_json::json!({
+                        "id": VOCAB, "content": "<x>", "single_word": false, "lstrip": false,
+                        "rstrip": true, "normalized": false, "special": true
+                    }))
+            }),
+        ),
+    ];
+    for (what, tok) in cases {
+        let why = piecewise_blocker(&tok).unwrap_or_else(|| panic!("{what} not refused"));
+        assert!(why.contains(what), "{what}: {why}");
+        assert_eq!(encode_piecewise(&tok, "a b c", 1).unwrap(), None, "{what}");
+    }
+}
+
+#[test]
+fn a_long_document_gives_the_cache_of_the_whole() {
+    // One document past the threshold, tokenised in pieces; its windows hold exactly the
+    // ids of the whole document's encoding.
+    let text: String = texts().concat().repeat(LONG_DOCUMENT_BYTES / 20_000 + 1);
+    assert!(text.len() > LONG_DOCUMENT_BYTES);
+    let dir = shared_dir().join("long-doc");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus = dir.join("one.jsonl");
+    std::fs::write(
+        &corpus,
+        serde_json::json!({ "text": text }).to_string() + "\n",
+    )
+    .unwrap();
+    let out = dir.join("cache");
+    let mut args = teacher_args(&plain_model(), &out, 1);
+    let c = args.iter().position(|a| a == "--corpus").unwrap();
+    args[c + 1] = corpus.to_str().unwrap().into();
+    for (flag, value) in [("--seq-len", "512"), ("--shard-size", "4096")] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = value.into();
+    }
+    let o = run_strings(&args);
+    assert_ok(&o);
+    assert!(!stderr(&o).contains("tokenised whole"), "{}", stderr(&o));
+    let whole = Tokenizer::from_file(tokenizer())
+        .unwrap()
+        .encode(text.as_str(), true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_eq!(all_rows(&out).input_ids, whole);
+}
