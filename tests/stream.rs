@@ -196,12 +196,20 @@ fn damaged_or_incomplete_caches_are_refused_naming_the_shard() {
             .all(|b| b.is_ok())
     );
     // ...and a shard changed afterwards (same inode, new mtime) is hashed again.
-    std::thread::sleep(std::time::Duration::from_millis(50));
     let victim = dir.join(&cache.manifest.shards[2].file);
+    let before = std::fs::metadata(&victim).unwrap().modified().unwrap();
     let mut bytes = std::fs::read(&victim).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     std::fs::write(&victim, &bytes).unwrap();
+    // A later mtime whatever the filesystem's timestamp granularity (a 50 ms sleep relied
+    // on it).
+    std::fs::File::options()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_modified(before + std::time::Duration::from_secs(10))
+        .unwrap();
     let errs: Vec<String> = Stream::start(
         &cache,
         StreamConfig {

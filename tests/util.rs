@@ -30,10 +30,28 @@ pub fn ort_lib() -> PathBuf {
 }
 
 /// A directory that lives for the whole test process (fixtures shared by tests).
+/// This run's scratch directory, `target/tmp/tests-PID`. A static is never dropped, so a
+/// temporary directory would outlive every run: instead each run removes the directories of
+/// earlier runs whose process is gone.
 pub fn shared_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
-        .path()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(root).expect("target tmp dir");
+        for e in std::fs::read_dir(root).expect("target tmp dir").flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("tests-")
+                && pid.parse::<u32>().is_ok()
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let dir = root.join(format!("tests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        dir
+    })
 }
 
 /// A number no other call in this process gets (for temporary file names).
