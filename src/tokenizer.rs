@@ -54,7 +54,7 @@ pub fn load(path: &Path) -> Result<LoadedTokenizer, TokenizerError> {
             path: path.to_path_buf(),
         });
     }
-    let tokenizer = Tokenizer::from_file(path).map_err(|e| {
+    let mut tokenizer = Tokenizer::from_file(path).map_err(|e| {
         // Valid JSON of another kind (a config.json, a vocab.json) is named as such, not
         // reported as the parser's complaint about a missing field.
         let json = std::fs::read(path)
@@ -96,6 +96,29 @@ pub fn load(path: &Path) -> Result<LoadedTokenizer, TokenizerError> {
         .map(|p| p.pad_id)
         .or_else(|| tokenizer.token_to_id("<pad>"))
         .unwrap_or(0);
+    // Documents are cut into windows here: a tokenizer.json's own truncation would drop the
+    // rest of every long document, and its padding would put pad ids inside documents (both
+    // silently, as they did before this was checked).
+    if let Some(t) = tokenizer.get_truncation() {
+        tracing::warn!(
+            "{} truncates to {} tokens; logitcache ignores that and cuts documents into --seq-len windows itself (no text is dropped)",
+            path.display(),
+            t.max_length
+        );
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| TokenizerError::Load {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            })?;
+    }
+    if tokenizer.get_padding().is_some() {
+        tracing::info!(
+            "{} pads its encodings; logitcache ignores that (batches are padded and masked by the stages)",
+            path.display()
+        );
+        tokenizer.with_padding(None);
+    }
     Ok(LoadedTokenizer {
         tokenizer,
         vocab_size,

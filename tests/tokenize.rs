@@ -202,3 +202,42 @@ fn a_long_document_gives_the_cache_of_the_whole() {
         .to_vec();
     assert_eq!(all_rows(&out).input_ids, whole);
 }
+
+#[test]
+fn a_tokenizers_own_truncation_and_padding_are_ignored() {
+    // A tokenizer.json that truncates to 8 tokens and pads batches to their longest: the
+    // teacher cuts windows itself, so the cache holds every token and no pad inside.
+    let path = shared_dir().join("truncating-tokenizer.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tokenizer()).unwrap()).unwrap();
+    v["truncation"] = serde_json::json!({
+        "direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0
+    });
+    v["padding"] = serde_json::json!({
+        "strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": null,
+        "pad_id": 3, "pad_type_id": 0, "pad_token": "<pad>"
+    });
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let plain = shared_dir().join("trunc-plain");
+    let edited = shared_dir().join("trunc-edited");
+    let mut runs = Vec::new();
+    for (out, tok) in [(&plain, tokenizer()), (&edited, path.clone())] {
+        let _ = std::fs::remove_dir_all(out);
+        let mut args = teacher_args(&plain_model(), out, 30);
+        let t = args.iter().position(|a| a == "--tokenizer").unwrap();
+        args[t + 1] = tok.to_str().unwrap().into();
+        let o = run_strings(&args);
+        assert_ok(&o);
+        runs.push(o);
+    }
+    assert!(
+        stderr(&runs[1]).contains("truncates to 8 tokens"),
+        "{}",
+        stderr(&runs[1])
+    );
+    let (a, b) = (all_rows(&plain), all_rows(&edited));
+    assert!(a.input_ids.len() > 30 * 8);
+    assert_eq!(a.seq_ids, b.seq_ids);
+    assert_eq!(a.input_ids, b.input_ids);
+    assert_eq!(a.topk_ids, b.topk_ids);
+}

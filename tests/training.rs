@@ -974,3 +974,40 @@ fn a_checkpoint_that_cannot_be_written_is_named_and_leaves_nothing_complete() {
     assert!(!run_dir.join("checkpoint.tmp").exists());
     assert_same_weights(&straight.join("tiny"), &run_dir);
 }
+
+/// eval/export reading a run while `train` saves it (the checkpoint is swapped by renames)
+/// say that a training process is writing it, naming its pid, not that it is damaged.
+#[test]
+fn reading_a_run_that_is_being_trained_names_the_trainer() {
+    let t = tiny_student();
+    let out = shared_dir().join("train-busy");
+    let _ = std::fs::remove_dir_all(&out);
+    assert_ok(&run_strings(&train_args(
+        &out,
+        &[t.to_str().unwrap()],
+        2,
+        &[],
+    )));
+    let run_dir = out.join("tiny");
+    let eval = || {
+        run(&[
+            "eval",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--cache",
+            cache().to_str().unwrap(),
+        ])
+    };
+    // The moment between a save's two renames, with this process holding the run's lock
+    // as a running `train` does.
+    std::fs::rename(run_dir.join("checkpoint"), run_dir.join("checkpoint.old")).unwrap();
+    let lock = logitcache::cache::lock::RunLock::acquire(&run_dir).unwrap();
+    let me = format!("pid {}", std::process::id());
+    assert_fails(&eval(), &["is writing", &me, "wait for the run to finish"]);
+    drop(lock);
+    let o = eval();
+    assert_fails(&o, &["interrupted", "--resume"]);
+    assert!(!stderr(&o).contains("is writing"), "{}", stderr(&o));
+    std::fs::rename(run_dir.join("checkpoint.old"), run_dir.join("checkpoint")).unwrap();
+    assert_ok(&eval());
+}

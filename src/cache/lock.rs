@@ -146,6 +146,25 @@ impl RunLock {
             })?;
         Ok(RunLock { _file: file })
     }
+
+    /// Who holds `run/train.lock` now (its "pid N" line), or `None` when no `train` is
+    /// writing the run. Creates nothing: for readers (eval, export) that failed and want to
+    /// say whether a training process was changing the run under them.
+    pub fn holder(run: &Path) -> Option<String> {
+        let path = run.join("train.lock");
+        let file = File::open(&path).ok()?;
+        match file.try_lock_shared() {
+            Ok(()) => None,
+            Err(std::fs::TryLockError::WouldBlock) => Some(
+                std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "pid unknown".into()),
+            ),
+            Err(std::fs::TryLockError::Error(_)) => None,
+        }
+    }
 }
 
 #[cfg(test)]

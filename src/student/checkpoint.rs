@@ -240,6 +240,20 @@ pub struct RunCheckpoint {
 impl RunCheckpoint {
     /// Opens `run_dir` (a directory written by `logitcache train`, i.e. `OUT/<student>`).
     pub fn open(run_dir: &Path) -> anyhow::Result<Self> {
+        Self::open_inner(run_dir).map_err(|e| {
+            // A save swaps the checkpoint by renames: read while a `train` is running, it
+            // can be missing or change under the reader, which is not damage.
+            match crate::cache::lock::RunLock::holder(run_dir) {
+                Some(holder) => e.context(format!(
+                    "a `logitcache train` ({holder}) is writing {} now and its checkpoint changes while it saves; wait for the run to finish (or for its next save) and try again",
+                    run_dir.display()
+                )),
+                None => e,
+            }
+        })
+    }
+
+    fn open_inner(run_dir: &Path) -> anyhow::Result<Self> {
         let dir = run_dir.join("checkpoint");
         if !dir.exists() && run_dir.join("checkpoint.old").exists() {
             bail!(
