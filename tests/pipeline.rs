@@ -361,6 +361,12 @@ fn law_and_pipeline_errors_are_clear() {
             "top_k = 8\ntemperature = 1e-30\n",
             &["`[cache] temperature`"][..],
         ),
+        (
+            "teacher-train",
+            "steps = 10\nbatch_size = 4\nlr = 3e-3",
+            "steps = 10\nbatch_size = 4\nlr = 3e-3\nweight_decay = -1.0",
+            &["`[teacher_train] weight_decay`"][..],
+        ),
     ] {
         assert!(base.contains(from), "{from}");
         let text = base.replacen(from, to, 1);

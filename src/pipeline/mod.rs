@@ -373,7 +373,7 @@ impl Runner<'_> {
             };
             self.teacher_config(nowhere, nowhere, nowhere, &v.cache, v.cache.top_k, true)
                 .validate()
-                .map_err(|e| in_pipeline_terms(e, path, &section))?;
+                .map_err(|e| in_pipeline_terms(e, path, &section, &cache_keys()))?;
         }
         let temperature = self.p.caches.first().map_or(1.0, |v| v.cache.temperature);
         for r in &self.p.recipes {
@@ -383,7 +383,14 @@ impl Runner<'_> {
             };
             self.train_config(&r.train, nowhere, nowhere, nowhere, false, temperature)
                 .validate()
-                .map_err(|e| in_pipeline_terms(e, path, &section))?;
+                .map_err(|e| in_pipeline_terms(e, path, &section, &train_keys(&r.train)))?;
+        }
+        // The teachers' CE pretraining (with each teacher's own steps and lr).
+        if self.p.file.teacher_train.is_some() {
+            let tt = self.p.teacher_train();
+            self.train_config(&tt, nowhere, nowhere, nowhere, true, temperature)
+                .validate()
+                .map_err(|e| in_pipeline_terms(e, path, "[teacher_train]", &train_keys(&tt)))?;
         }
         Ok(())
     }
@@ -448,7 +455,7 @@ impl Runner<'_> {
         }
         mark(dir, &fp, "running", &inputs)?;
         cfg.validate()
-            .map_err(|e| in_pipeline_terms(e, &self.p.path, "[cache]"))?;
+            .map_err(|e| in_pipeline_terms(e, &self.p.path, "[cache]", &cache_keys()))?;
         let s = teacher::run(&cfg)?;
         if !s.complete {
             bail!("{what}: the cache in {} is incomplete", dir.display());
@@ -463,10 +470,35 @@ impl Runner<'_> {
     }
 }
 
-/// A stage's validation error in the pipeline file's terms: each `--flag` it names becomes
-/// the key of `section` (`--kd-weight` → `` `[train] kd_weight` ``; the data flags →
-/// `[data]`), prefixed with the file's path.
-fn in_pipeline_terms(e: anyhow::Error, path: &Path, section: &str) -> anyhow::Error {
+/// The keys a `[cache]` (or `[[cache_variant]]`) section takes.
+fn cache_keys() -> Vec<String> {
+    section_keys(&CacheSection::default(), &["samples", "max_batch_tokens"])
+}
+
+/// The keys a `[train]` (`[[recipe]]`, `[teacher_train]`) section takes.
+fn train_keys(t: &crate::pipeline::config::TrainSection) -> Vec<String> {
+    section_keys(t, &["seeds"])
+}
+
+fn section_keys<T: serde::Serialize>(section: &T, optional: &[&str]) -> Vec<String> {
+    let mut keys: Vec<String> = match serde_json::to_value(section) {
+        Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
+    keys.extend(optional.iter().map(|k| k.to_string()));
+    keys
+}
+
+/// A stage's validation error in the pipeline file's terms: each `--flag` it names that
+/// is a key of `section` (`keys`) becomes that key (`--kd-weight` → `` `[train] kd_weight` ``;
+/// the data flags → `[data]`; `--cache-seed` → `seed`); other flags are left as they are.
+/// Prefixed with the file's path.
+fn in_pipeline_terms(
+    e: anyhow::Error,
+    path: &Path,
+    section: &str,
+    keys: &[String],
+) -> anyhow::Error {
     let text = format!("{e:#}");
     let mut out = String::new();
     let mut rest = text.as_str();
@@ -478,13 +510,24 @@ fn in_pipeline_terms(e: anyhow::Error, path: &Path, section: &str) -> anyhow::Er
             .unwrap_or(tail.len());
         let flag = &tail[..n];
         let key = flag.replace('-', "_");
+        // `[train] lr`, or `lr` of [[recipe]] `fast` (a named variant's own backticks).
+        let in_section = |key: &str| {
+            if section.contains('`') {
+                format!("`{key}` of {section}")
+            } else {
+                format!("`{section} {key}`")
+            }
+        };
         match flag {
-            "" => out.push_str("--"),
-            "cache-seed" => out.push_str(&format!("`{section} seed`")),
+            "cache-seed" => out.push_str(&in_section("seed")),
             "eval-fraction" | "seq-len" | "text-field" | "skip-bad-rows" => {
                 out.push_str(&format!("`[data] {key}`"))
             }
-            _ => out.push_str(&format!("`{section} {key}`")),
+            _ if keys.contains(&key) => out.push_str(&in_section(&key)),
+            _ => {
+                out.push_str("--");
+                out.push_str(flag);
+            }
         }
         rest = &tail[n..];
     }
@@ -803,4 +846,27 @@ fn corpus_sha(path: &Path) -> anyhow::Result<String> {
         all.push_str(&f.sha256);
     }
     Ok(sha256_bytes(all.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_become_the_sections_keys_and_only_those() {
+        let e = anyhow::anyhow!(
+            "--kd-weight must be ≥ 0; --seq-len too; --cache-seed; --grad-accum is not a key; a -- b"
+        );
+        let keys = vec!["kd_weight".to_string()];
+        let got = in_pipeline_terms(e, Path::new("p.toml"), "[[recipe]] `r`", &keys).to_string();
+        assert_eq!(
+            got,
+            "p.toml: `kd_weight` of [[recipe]] `r` must be ≥ 0; `[data] seq_len` too; `seed` of [[recipe]] `r`; --grad-accum is not a key; a -- b"
+        );
+        let e = anyhow::anyhow!("--kd-weight must be ≥ 0");
+        let got = in_pipeline_terms(e, Path::new("p.toml"), "[train]", &keys).to_string();
+        assert_eq!(got, "p.toml: `[train] kd_weight` must be ≥ 0");
+        assert!(cache_keys().contains(&"max_batch_tokens".to_string()));
+        assert!(cache_keys().contains(&"logprob_dtype".to_string()));
+    }
 }
