@@ -433,6 +433,10 @@ pub struct ToyTeacherArgs {
     /// Residual feed-forward blocks before the head (adds compute, e.g. for benchmarks).
     #[arg(long, default_value_t = 0)]
     pub ffn_layers: usize,
+    /// Make the head one MatMul, as in real exports (scale folded into the weights, no
+    /// bias), so the graph holds one logits-sized tensor (for memory benchmarks).
+    #[arg(long)]
+    pub plain_head: bool,
     /// Where to write the .onnx file.
     #[arg(long)]
     pub out: PathBuf,
@@ -742,6 +746,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 f16_logits: args.f16,
                 position_ids_input: args.position_ids,
                 ffn_layers: args.ffn_layers,
+                plain_head: args.plain_head,
                 ..Default::default()
             });
             std::fs::write(&args.out, bytes)

@@ -293,3 +293,19 @@ fn token_budget_batches_give_the_same_cache() {
         ],
     );
 }
+
+#[test]
+fn a_one_matmul_head_gives_the_reference_cache() {
+    // The memory benchmark's teacher (`toy-teacher --plain-head`): no bias, scale folded in.
+    let model = model(
+        "plain-head",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            plain_head: true,
+            seed: 5,
+            ..Default::default()
+        },
+    );
+    let out = make_cache("plain-head", &model, &[]);
+    check_cache_against_reference(&model, &out, 1.0);
+}

@@ -58,6 +58,9 @@ pub struct ToyLmSpec {
     /// compute without changing the interface, for benchmarks that need a teacher of a
     /// realistic cost.
     pub ffn_layers: usize,
+    /// The head is one MatMul, as in real exports (the scale folded into its weights, no
+    /// bias): the graph then holds one logits-sized tensor, not three, for memory benchmarks.
+    pub plain_head: bool,
     pub fault: ToyFault,
 }
 
@@ -75,6 +78,7 @@ impl Default for ToyLmSpec {
             use_cache_branch: false,
             logit_scale: 4.0,
             ffn_layers: 0,
+            plain_head: false,
             fault: ToyFault::None,
         }
     }
@@ -127,9 +131,18 @@ pub fn toy_lm(spec: &ToyLmSpec) -> Vec<u8> {
 
     let emb_table = g.init_f32("embed", &[v, d], &rng.vec((v * d) as usize, 1.0));
     let pos_table = g.init_f32("pos_embed", &[p, d], &rng.vec((p * d) as usize, 0.5));
-    let w = g.init_f32("lm_head", &[d, v], &rng.vec((d * v) as usize, 1.0));
-    let b = g.init_f32("lm_bias", &[v], &rng.vec(v as usize, 0.5));
-    let scale = g.init_f32("scale", &[], &[spec.logit_scale]);
+    let mut w_values = rng.vec((d * v) as usize, 1.0);
+    let b_values = rng.vec(v as usize, 0.5);
+    if spec.plain_head {
+        w_values.iter_mut().for_each(|x| *x *= spec.logit_scale);
+    }
+    let w = g.init_f32("lm_head", &[d, v], &w_values);
+    let head = (!spec.plain_head).then(|| {
+        (
+            g.init_f32("lm_bias", &[v], &b_values),
+            g.init_f32("scale", &[], &[spec.logit_scale]),
+        )
+    });
     let axis1 = g.init_i64("axis1", &[], &[1]);
     let axes2 = g.init_i64("axes2", &[1], &[2]);
     let one_f = g.init_f32("one_f", &[], &[1.0]);
@@ -203,9 +216,11 @@ pub fn toy_lm(spec: &ToyLmSpec) -> Vec<u8> {
             );
         }
     }
-    let logits = g.node("MatMul", &[&h, &w], vec![]);
-    let logits = g.node("Add", &[&logits, &b], vec![]);
-    let mut logits = g.node("Mul", &[&logits, &scale], vec![]);
+    let mut logits = g.node("MatMul", &[&h, &w], vec![]);
+    if let Some((b, scale)) = &head {
+        let biased = g.node("Add", &[&logits, b], vec![]);
+        logits = g.node("Mul", &[&biased, scale], vec![]);
+    }
     if let Some(cond) = &cache_branch {
         let dims = [
             Dim::sym("batch_size"),
