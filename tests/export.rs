@@ -119,12 +119,14 @@ fn exported_logits_equal_burns_forward() {
 
 #[test]
 fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
-    // Teacher ta's pretraining run: the pipeline test rebuilds student runs concurrently,
-    // never the teachers.
+    // A copy of teacher ta's pretraining run: the pipeline test reruns the shared baseline
+    // (rebuilding its student runs) concurrently, so nothing here reads the baseline after
+    // this copy.
     let (out, _) = crate::pipeline::baseline();
-    let run_dir = out.join("teachers/ta/run/ta");
     let dir = shared_dir().join("export-cli");
     std::fs::create_dir_all(&dir).unwrap();
+    let run_dir = dir.join("ta-run");
+    copy_tree(&out.join("teachers/ta/run/ta"), &run_dir);
     let f32_path = dir.join("ta.onnx");
     let f16_path = dir.join("ta-fp16.onnx");
     for (p, extra) in [(&f32_path, None), (&f16_path, Some("--fp16"))] {

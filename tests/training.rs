@@ -494,20 +494,6 @@ fn reseal(ckpt: &Path) {
     .unwrap();
 }
 
-/// Copies the directory tree `from` to `to` (replacing `to`).
-fn copy_tree(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
 #[track_caller]
 fn assert_same_weights(a: &Path, b: &Path) {
     let a = read_safetensors(&a.join("checkpoint/model.safetensors")).unwrap();

@@ -253,3 +253,17 @@ pub fn python_check(script: &str, cache: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// Copies the directory tree `from` to `to` (replacing `to`).
+pub fn copy_tree(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
