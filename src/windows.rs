@@ -12,8 +12,10 @@
 //! let ids = [1u32, 2, 3, 4, 5];
 //! let w: Vec<&[u32]> = cut(&ids, 2).collect();
 //! assert_eq!(w, vec![&[1, 2][..], &[3, 4], &[5]]);
-//! // Longest first (stable), in batches of 2.
-//! assert_eq!(batch_order(&[1, 3, 2, 3], 2), vec![vec![1, 3], vec![2, 0]]);
+//! // Longest first (stable), in batches of 2 (no token budget).
+//! assert_eq!(batch_order(&[1, 3, 2, 3], 2, usize::MAX), vec![vec![1, 3], vec![2, 0]]);
+//! // At most 6 padded tokens per batch: the two 3s fill one.
+//! assert_eq!(batch_order(&[1, 3, 2, 3], 8, 6), vec![vec![1, 3], vec![2, 0]]);
 //! ```
 
 use crate::corpus::{self, CorpusFile, SkipCounts};
@@ -76,22 +78,11 @@ pub fn cut(ids: &[u32], seq_len: usize) -> std::slice::Chunks<'_, u32> {
 }
 
 /// The order in which windows of the given lengths are batched: longest first, stable in
-/// index (so deterministic), in batches of `batch_size`: windows of similar length share a
-/// batch and little is padded.
-pub fn batch_order(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
-    order.chunks(batch_size).map(|c| c.to_vec()).collect()
-}
-
-/// [`batch_order`] under a token budget as well: a batch takes windows (longest first)
-/// while it has fewer than `batch_size` and its padded size, windows × its longest
-/// window, stays within `max_tokens`. A window longer than the budget goes alone.
-pub fn batch_order_budget(
-    lengths: &[usize],
-    batch_size: usize,
-    max_tokens: usize,
-) -> Vec<Vec<usize>> {
+/// index (so deterministic), so windows of similar length share a batch and little is
+/// padded. A batch takes windows while it has fewer than `batch_size` and its padded size,
+/// windows × its longest window, stays within `max_tokens` (`usize::MAX`: no budget); a
+/// window longer than the budget goes alone.
+pub fn batch_order(lengths: &[usize], batch_size: usize, max_tokens: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     let mut batches: Vec<Vec<usize>> = Vec::new();
@@ -325,13 +316,13 @@ mod tests {
     #[test]
     fn token_budget_bounds_every_batch_and_keeps_every_window() {
         let lengths: Vec<usize> = (0..200).map(|i| 1 + (i * 37) % 64).collect();
-        // No budget: exactly the count-only order.
-        assert_eq!(
-            batch_order_budget(&lengths, 8, usize::MAX),
-            batch_order(&lengths, 8)
-        );
+        // No budget: the sorted order cut into chunks of 8 (written out independently).
+        let mut sorted: Vec<usize> = (0..lengths.len()).collect();
+        sorted.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        let chunks: Vec<Vec<usize>> = sorted.chunks(8).map(|c| c.to_vec()).collect();
+        assert_eq!(batch_order(&lengths, 8, usize::MAX), chunks);
         for (batch, budget) in [(8, 64), (8, 100), (3, 1000), (16, 128), (4, 1)] {
-            let b = batch_order_budget(&lengths, batch, budget);
+            let b = batch_order(&lengths, batch, budget);
             let mut seen: Vec<usize> = b.iter().flatten().copied().collect();
             seen.sort_unstable();
             assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());
@@ -348,10 +339,10 @@ mod tests {
         }
         // Hand-worked: budget 10 over lengths 5, 5, 4, 3, 2 gives [5,5], [4,3], [2].
         assert_eq!(
-            batch_order_budget(&[2, 5, 3, 5, 4], 8, 10),
+            batch_order(&[2, 5, 3, 5, 4], 8, 10),
             vec![vec![1, 3], vec![4, 2], vec![0]]
         );
         // A window longer than the budget goes alone.
-        assert_eq!(batch_order_budget(&[20, 3], 8, 10), vec![vec![0], vec![1]]);
+        assert_eq!(batch_order(&[20, 3], 8, 10), vec![vec![0], vec![1]]);
     }
 }

@@ -260,10 +260,11 @@ fn token_budget_batches_give_the_same_cache() {
 
     // One shard of more windows than a compute group (256): its rows, computed group by
     // group, equal those of 16-window shards.
-    let one = shared_dir().join("budget-one-shard");
-    let many = shared_dir().join("budget-many-shards");
+    let (one, many) = (
+        fresh_dir("budget-one-shard"),
+        fresh_dir("budget-many-shards"),
+    );
     for (dir, shard) in [(&one, "1024"), (&many, "16")] {
-        let _ = std::fs::remove_dir_all(dir);
         let mut args = teacher_args(&model, dir, 300);
         let s = args.iter().position(|a| a == "--shard-size").unwrap();
         args[s + 1] = shard.into();
@@ -297,15 +298,45 @@ fn token_budget_batches_give_the_same_cache() {
 #[test]
 fn a_one_matmul_head_gives_the_reference_cache() {
     // The memory benchmark's teacher (`toy-teacher --plain-head`): no bias, scale folded in.
-    let model = model(
-        "plain-head",
-        &ToyLmSpec {
-            vocab: VOCAB,
-            plain_head: true,
-            seed: 5,
-            ..Default::default()
-        },
-    );
-    let out = make_cache("plain-head", &model, &[]);
-    check_cache_against_reference(&model, &out, 1.0);
+    let spec = |plain_head| ToyLmSpec {
+        vocab: VOCAB,
+        plain_head,
+        seed: 5,
+        ..Default::default()
+    };
+    let plain = model("plain-head", &spec(true));
+    let full = model("full-head", &spec(false));
+    let out = make_cache("plain-head", &plain, &[]);
+    check_cache_against_reference(&plain, &out, 1.0);
+    // Same weights, head without its bias: the logits differ from the default head's by
+    // scale × bias, the same vector at every position.
+    let logits = |m: &Path| {
+        let mut t = OrtTeacher::open(
+            m,
+            OrtOptions {
+                library: ort_lib(),
+                device: Device::Cpu,
+                threads: 1,
+                topk_on: TopKMode::Host,
+                sampling: None,
+                k: 8,
+                temperature: 1.0,
+                vocab: VOCAB,
+            },
+        )
+        .unwrap();
+        let a: Vec<u32> = (5..25).collect();
+        full_logits(&mut t, &Batch::pad(&[&a], PaddingSide::Right, 0))
+            .unwrap()
+            .1
+    };
+    let (p, f) = (logits(&plain), logits(&full));
+    let diff: Vec<f32> = f.iter().zip(&p).map(|(f, p)| f - p).collect();
+    let first = &diff[..VOCAB];
+    assert!(first.iter().any(|d| d.abs() > 0.1), "no bias removed");
+    for pos in diff.chunks(VOCAB) {
+        for (d, d0) in pos.iter().zip(first) {
+            assert!((d - d0).abs() < 1e-3, "{d} vs {d0}");
+        }
+    }
 }

@@ -6,9 +6,7 @@ use logitcache::onnx::{ToyFault, ToyLmSpec};
 use std::path::{Path, PathBuf};
 
 fn fresh_out(name: &str) -> PathBuf {
-    let d = shared_dir().join(format!("err-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    fresh_dir(&format!("err-{name}"))
 }
 
 /// Teacher args with one flag's value replaced (or appended).

@@ -174,8 +174,7 @@ fn a_long_document_gives_the_cache_of_the_whole() {
     // ids of the whole document's encoding.
     let text: String = texts().concat().repeat(LONG_DOCUMENT_BYTES / 20_000 + 1);
     assert!(text.len() > LONG_DOCUMENT_BYTES);
-    let dir = shared_dir().join("long-doc");
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = fresh_dir("long-doc");
     std::fs::create_dir_all(&dir).unwrap();
     let corpus = dir.join("one.jsonl");
     std::fs::write(
@@ -218,11 +217,9 @@ fn a_tokenizers_own_truncation_and_padding_are_ignored() {
         "pad_id": 3, "pad_type_id": 0, "pad_token": "<pad>"
     });
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
-    let plain = shared_dir().join("trunc-plain");
-    let edited = shared_dir().join("trunc-edited");
+    let (plain, edited) = (fresh_dir("trunc-plain"), fresh_dir("trunc-edited"));
     let mut runs = Vec::new();
     for (out, tok) in [(&plain, tokenizer()), (&edited, path.clone())] {
-        let _ = std::fs::remove_dir_all(out);
         let mut args = teacher_args(&plain_model(), out, 30);
         let t = args.iter().position(|a| a == "--tokenizer").unwrap();
         args[t + 1] = tok.to_str().unwrap().into();

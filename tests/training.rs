@@ -897,11 +897,10 @@ fn eval_metrics_equal_an_independent_computation() {
 fn a_checkpoint_that_cannot_be_written_is_named_and_leaves_nothing_complete() {
     use std::os::unix::process::CommandExt;
     let t = tiny_student();
-    let straight = shared_dir().join("train-full-straight");
-    let failed = shared_dir().join("train-full-failed");
-    for d in [&straight, &failed] {
-        let _ = std::fs::remove_dir_all(d);
-    }
+    let (straight, failed) = (
+        fresh_dir("train-full-straight"),
+        fresh_dir("train-full-failed"),
+    );
     let extra = ["--save-every", "2"];
     assert_ok(&run_strings(&train_args(
         &straight,
@@ -966,8 +965,7 @@ fn a_checkpoint_that_cannot_be_written_is_named_and_leaves_nothing_complete() {
 #[test]
 fn reading_a_run_that_is_being_trained_names_the_trainer() {
     let t = tiny_student();
-    let out = shared_dir().join("train-busy");
-    let _ = std::fs::remove_dir_all(&out);
+    let out = fresh_dir("train-busy");
     assert_ok(&run_strings(&train_args(
         &out,
         &[t.to_str().unwrap()],

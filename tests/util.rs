@@ -54,6 +54,13 @@ pub fn shared_dir() -> &'static Path {
     })
 }
 
+/// `shared_dir()/name`, emptied (removed if it exists; not created).
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let d = shared_dir().join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
 /// A number no other call in this process gets (for temporary file names).
 pub fn unique() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

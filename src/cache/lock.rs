@@ -112,6 +112,15 @@ impl ManifestLock {
     }
 }
 
+/// The "pid N" line a held `train.lock` records.
+fn holder_line(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "pid unknown".into())
+}
+
 /// Held by a `train` process for its run directory; released on drop (and by the kernel
 /// when the process dies, so a killed run never leaves a stale lock).
 #[derive(Debug)]
@@ -125,14 +134,9 @@ impl RunLock {
         use std::io::{Seek, Write};
         let path = run.join("train.lock");
         let Some(mut file) = try_hold(&path)? else {
-            let holder = std::fs::read_to_string(&path)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "pid unknown".into());
             return Err(LockError::RunBusy {
                 dir: run.to_path_buf(),
-                holder,
+                holder: holder_line(&path),
                 path,
             });
         };
@@ -155,13 +159,7 @@ impl RunLock {
         let file = File::open(&path).ok()?;
         match file.try_lock_shared() {
             Ok(()) => None,
-            Err(std::fs::TryLockError::WouldBlock) => Some(
-                std::fs::read_to_string(&path)
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "pid unknown".into()),
-            ),
+            Err(std::fs::TryLockError::WouldBlock) => Some(holder_line(&path)),
             Err(std::fs::TryLockError::Error(_)) => None,
         }
     }

@@ -28,7 +28,7 @@ use crate::cache::writer::{
 };
 use crate::progress::{Progress, ProgressMode};
 use crate::util::{failpoint, sha256_file};
-use crate::windows::{ShardWork, WindowSpec, batch_order_budget, make_plan, produce_shards};
+use crate::windows::{ShardWork, WindowSpec, batch_order, make_plan, produce_shards};
 use anyhow::{Context, bail};
 use backend::{Batch, Device, PaddingSide, TeacherBackend, TeacherError, TopKMode};
 use host_topk::SampleOptions;
@@ -342,7 +342,7 @@ fn compute_shard(
         // The group's rows are then written once, in seq_id order, from those outputs.
         let mut place: Vec<Option<(usize, usize, usize)>> = vec![None; group.len()];
         let mut outputs = Vec::with_capacity(group.len().div_ceil(cfg.batch_size));
-        for chunk in &batch_order_budget(&lengths, cfg.batch_size, max_tokens) {
+        for chunk in &batch_order(&lengths, cfg.batch_size, max_tokens) {
             let toks: Vec<&[u32]> = chunk.iter().map(|&i| group[i].tokens.as_slice()).collect();
             let mut batch = Batch::pad(&toks, cfg.padding_side, pad_id);
             batch.seq_ids = chunk.iter().map(|&i| group[i].seq_id).collect();
@@ -625,20 +625,19 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     }
     // The batches' token budget, from the model's own vocabulary unless given.
     let logits_vocab = iface.logits_vocab.unwrap_or(tok.vocab_size);
+    let budget = cfg
+        .max_batch_tokens
+        .unwrap_or_else(|| default_max_batch_tokens(logits_vocab, cfg.seq_len));
     let resolved = TeacherConfig {
-        max_batch_tokens: Some(
-            cfg.max_batch_tokens
-                .unwrap_or_else(|| default_max_batch_tokens(logits_vocab, cfg.seq_len)),
-        ),
+        max_batch_tokens: Some(budget),
         ..cfg.clone()
     };
     let cfg = &resolved;
-    let windows_per_batch = (cfg.max_batch_tokens.unwrap_or(usize::MAX) / cfg.seq_len).max(1);
+    let windows_per_batch = (budget / cfg.seq_len).max(1);
     if windows_per_batch < cfg.batch_size {
         tracing::info!(
-            "batches of at most {} tokens (--max-batch-tokens; {:.0} MiB of logits at vocab {logits_vocab}): {} window(s) of {} tokens per batch, not --batch-size {}",
-            cfg.max_batch_tokens.unwrap_or(0),
-            (cfg.max_batch_tokens.unwrap_or(0) * 4 * logits_vocab) as f64 / (1u64 << 20) as f64,
+            "batches of at most {budget} tokens (--max-batch-tokens; {:.0} MiB of logits at vocab {logits_vocab}): {} window(s) of {} tokens per batch, not --batch-size {}",
+            (budget * 4 * logits_vocab) as f64 / (1u64 << 20) as f64,
             windows_per_batch,
             cfg.seq_len,
             cfg.batch_size

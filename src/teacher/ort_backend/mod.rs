@@ -80,8 +80,9 @@ fn session_for(
         .with_config_entry("session.force_spinning_stop", "1")
         .map_err(|e| rt(ort::Error::<()>::from(e)))?
         // Batches change shape (windows × padded length) from one run to the next, and a
-        // memory pattern is planned and kept per shape: measured at V = 152064, seq_len 2048,
-        // one window per batch, peak RSS 7.5 GB with it, 3.9 GB without, at the same speed.
+        // memory pattern is planned and kept per shape: in a one-off measurement (toy
+        // teacher, V = 152064, seq_len 2048, one window per batch) peak RSS was 7.5 GB with
+        // it and 3.9 GB without, at the same speed.
         .with_memory_pattern(false)
         .map_err(|e| rt(ort::Error::<()>::from(e)))?;
     match opts.device {
