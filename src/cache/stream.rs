@@ -852,6 +852,18 @@ mod tests {
         unsafe { MappedShard::open(path, &rows.layout).unwrap() }
     }
 
+    /// The encodings of a column's leaf chunks in a shard file.
+    fn leaf_encodings(path: &Path, column: &str) -> Vec<Encoding> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let f = SerializedFileReader::new(std::fs::File::open(path).unwrap()).unwrap();
+        let md = f.metadata();
+        (0..md.num_row_groups())
+            .flat_map(|g| md.row_group(g).columns().to_vec())
+            .filter(|c| c.column_path().parts()[0] == column)
+            .flat_map(|c| c.encodings().collect::<Vec<_>>())
+            .collect()
+    }
+
     /// The row groups of a shard decoded one by one, concatenated.
     fn concat(k: usize, parts: impl Iterator<Item = ShardRows>) -> ShardRows {
         let mut parts = parts.peekable();
@@ -1037,14 +1049,42 @@ mod tests {
                 false,
             ),
         ];
+        // Sample caches written before the sample columns were split (2026-12-04) stored
+        // them DELTA_BINARY_PACKED: they read the same, on both paths.
+        let delta_samples = || {
+            let path = |c: &str| {
+                ColumnPath::new(
+                    [c, "list", "item", "list", "item"]
+                        .map(String::from)
+                        .to_vec(),
+                )
+            };
+            writer_properties(3, 64)
+                .into_builder()
+                .set_column_encoding(path("sample_ids"), Encoding::DELTA_BINARY_PACKED)
+                .set_column_encoding(path("sample_counts"), Encoding::DELTA_BINARY_PACKED)
+                .build()
+        };
         for (name, layout, empty, fast_samples) in cases {
             let want = sampled_rows(layout, empty);
             for (pages, props) in [
                 ("v1", writer_properties(3, 64)),
                 ("small-v2", small_pages()),
+                ("delta-samples", delta_samples()),
             ] {
                 let what = format!("{name} {pages}");
                 let shard = write(&dir.path().join(&what), &want, props);
+                let split = if pages == "delta-samples" {
+                    Encoding::DELTA_BINARY_PACKED
+                } else {
+                    Encoding::BYTE_STREAM_SPLIT
+                };
+                for column in ["sample_ids", "sample_counts"] {
+                    assert!(
+                        leaf_encodings(&dir.path().join(&what), column).contains(&split),
+                        "{what} {column}"
+                    );
+                }
                 let groups = 0..shard.row_groups();
                 assert!(groups.len() > 1, "{what}");
                 let fast: Vec<Option<ShardRows>> = groups
