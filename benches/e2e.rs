@@ -9,7 +9,9 @@
 //! ratio, teacher over the bare loop run just before it: on a shared machine whose speed
 //! drifts between rounds they are the figures to quote. Also reports cache bytes per token
 //! at k = 64 and k = 128 on a 32k-vocab teacher, with float16 and with q8 log-probs, and of
-//! the sampled modes (also at V = 131072).
+//! the sampled modes (also at V = 131072; `bytes_per_pair_*`: the sample columns' bytes per
+//! stored (id, count) pair; the sampled caches come from a teacher of hidden 32, whose
+//! entropy is like a trained LM's, E2E_SAMPLE_HIDDEN).
 //!
 //! Run: `cargo bench --bench e2e` (needs `make setup`). Knobs (env): E2E_DOCS (default 160),
 //! E2E_HIDDEN (512), E2E_LAYERS (4), E2E_ROUNDS (3), E2E_THREADS (2). Also reports process CPU
@@ -257,14 +259,35 @@ fn main() {
             logprob_dtype: dtype,
             ..cfg(k, &out)
         };
-        if v != vocab {
-            let (tok, model) = (big("tokenizer.json"), big("teacher.onnx"));
-            if !model.exists() {
+        // A sampled cache's size follows the teacher's entropy: the timed teacher (hidden
+        // 512) is far more peaked than trained LMs (0.23 nats at V = 32000: 1.7 distinct ids
+        // of 50 draws, so the per-position boundaries dominate), so the sampled modes use a
+        // hidden-32 teacher of the same vocabulary (1.8 nats at V = 32000, 2.2 at 131072:
+        // ~10-13 distinct ids, as trained teachers' ~12). E2E_SAMPLE_HIDDEN overrides it.
+        let sample_hidden = env("E2E_SAMPLE_HIDDEN", 32);
+        if v != vocab || mode != CacheMode::Topk {
+            let h = if mode == CacheMode::Topk {
+                hidden
+            } else {
+                sample_hidden
+            };
+            let at = |f: &str| dir.path().join(format!("{v}-h{h}-{f}"));
+            let (tok, model) = (
+                if v == vocab {
+                    tok_path.clone()
+                } else {
+                    big("tokenizer.json")
+                },
+                at("teacher.onnx"),
+            );
+            if !tok.exists() {
                 logitcache::tokenizer::word_level_tokenizer(&all, v, &tok).unwrap();
+            }
+            if !model.exists() {
                 let spec = ToyLmSpec {
                     vocab: v,
-                    hidden,
-                    ffn_layers: layers,
+                    hidden: h,
+                    ffn_layers: if mode == CacheMode::Topk { layers } else { 0 },
                     ..Default::default()
                 };
                 std::fs::write(&model, toy_lm(&spec)).unwrap();
@@ -295,10 +318,20 @@ fn main() {
         if let Some(e) = r.max_prob_error {
             sampled.insert(format!("max_prob_error_{name}"), e.into());
         }
-        sampled.insert(
-            format!("column_bytes_per_token_{name}"),
-            column_bytes(&out, r.tokens).into(),
-        );
+        let columns = column_bytes(&out, r.tokens);
+        if mode != CacheMode::Topk {
+            // The goal's unit: the sampled (id, count) pairs' own columns per pair, without
+            // the per-token columns every mode has (`input_ids`) or the hybrid's top-k.
+            let pair: f64 = ["sample_ids", "sample_counts"]
+                .iter()
+                .map(|c| columns[*c].as_f64().unwrap())
+                .sum();
+            sampled.insert(
+                format!("bytes_per_pair_{name}"),
+                (pair / r.mean_distinct_ids).into(),
+            );
+        }
+        sampled.insert(format!("column_bytes_per_token_{name}"), columns.into());
         if let Some(keep) = std::env::var_os("E2E_KEEP") {
             let to = Path::new(&keep).join(name);
             let _ = std::fs::remove_dir_all(&to);
