@@ -7,11 +7,12 @@
 //! L3, so every row comes from main memory, as a teacher's logits do (a batch of 8 x 128
 //! positions at V = 32000 is 131 MB). `sample_vs_topk` compares, on the same in-cache rows,
 //! the top-64 with the draws of a `sample` cache (N = 50) and of a `hybrid` one (top-8 + 42
-//! tail draws): the teacher-stage cost of each cache mode per row.
+//! tail draws; `hybrid8+42-fused` is the teacher stage's hybrid, drawing from the tail sums of
+//! its top-k pass): the teacher-stage cost of each cache mode per row.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use logitcache::teacher::sample::{SampleScratch, Sampler};
-use logitcache::teacher::topk::{Kernel, TopK, TopKScratch, row_entropy};
+use logitcache::teacher::topk::{Kernel, TailBlocks, TopK, TopKScratch, row_entropy};
 
 /// Logits shaped like a language model's: a few large values over a Gaussian bulk.
 fn logits(rows: usize, vocab: usize) -> Vec<f32> {
@@ -179,6 +180,42 @@ fn bench(c: &mut Criterion) {
                 })
             });
         }
+        // The hybrid as the teacher stage runs it: the draws come from the tail sums the
+        // top-k pass leaves (`row_and_tail_blocks` + `draw_tail`), one pass over the row less
+        // than the top-k followed by `draw` above.
+        group.bench_function(
+            BenchmarkId::new(format!("V{vocab}"), "hybrid8+42-fused"),
+            |b| {
+                let mut r = Reducer::new(8, kernel);
+                let s = Sampler {
+                    samples: 42,
+                    scale: 1.0,
+                    seed: 0,
+                };
+                let (mut sc, mut tail) = (SampleScratch::default(), TailBlocks::default());
+                let (mut ids, mut counts) = (Vec::new(), Vec::new());
+                b.iter(|| {
+                    ids.clear();
+                    counts.clear();
+                    for (p, row) in data.chunks(vocab).enumerate() {
+                        r.t.row_and_tail_blocks(
+                            row,
+                            &mut r.scratch,
+                            &mut r.ids,
+                            &mut r.lp,
+                            &mut tail,
+                        )
+                        .unwrap();
+                        if tail.ties {
+                            s.draw(row, &r.ids, (0, p as u64), &mut sc, &mut ids, &mut counts);
+                        } else {
+                            s.draw_tail(row, &tail, (0, p as u64), &mut sc, &mut ids, &mut counts);
+                        }
+                    }
+                    ids.len()
+                })
+            },
+        );
     }
     group.finish();
 

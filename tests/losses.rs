@@ -503,14 +503,16 @@ fn sparse_targets(
 /// The sampled estimators are unbiased: over many cache seeds, the mean gradient of `fkl` on
 /// a `sample` cache (and on a `hybrid` one) converges to the full-distribution KD gradient
 /// (q − p)/n, and the hybrid's head is exact in every single draw. The draws come from the
-/// teacher stage's own sampler and the stream's own conversion to targets.
+/// teacher stage's own reducer (`HostTopK`) and the stream's own conversion to targets.
 #[test]
 fn sampled_estimators_give_the_full_kd_gradient_on_average() {
     use logitcache::cache::rows::{ShardRows, WindowTopK};
     use logitcache::cache::schema::{CacheMode, Layout};
-    use logitcache::teacher::sample::{SampleScratch, Sampler};
+    use logitcache::teacher::backend::BatchTopK;
+    use logitcache::teacher::host_topk::{HostTopK, Logits, SampleOptions};
     use logitcache::teacher::topk::{TopK, TopKScratch};
     let (n, v, k, draws, seeds) = (3usize, 40usize, 4usize, 8usize, 600u64);
+    let rows_ref: Vec<(usize, usize, usize)> = (0..n).map(|p| (0, p, p)).collect();
     let c = case(n, v, 1, 99, 2.5);
     let student: Vec<f32> = c.logits.iter().map(|&x| x as f32).collect();
     // A teacher row per position, its exact distribution and the full-KD gradient.
@@ -553,50 +555,34 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
         let layout = Layout::of(mode, kk, draws, false);
         let mut mean = vec![0f64; n * v];
         for seed in 0..seeds {
-            let sampler = Sampler {
+            // The teacher stage's own reducer (a hybrid draws from the tail sums of its
+            // top-k pass).
+            let mut host = HostTopK::new(kk, 1.0, 1).with_sampling(SampleOptions {
+                mode,
                 samples: draws,
-                scale: 1.0,
                 seed,
+                store_logprobs: false,
+                proposal_temperature: 1.0,
+            });
+            let mut out = BatchTopK {
+                k: kk,
+                ids: vec![0; n * kk],
+                logprobs: vec![0.0; n * kk],
+                tail_logprob: vec![0.0; n],
+                ..Default::default()
             };
-            let (mut top_ids, mut top_lps, mut tails) =
-                (vec![0u32; n * kk], vec![0f32; n * kk], vec![]);
-            let (mut lens, mut ids, mut counts) = (vec![], vec![], vec![]);
-            for (pos, row) in teacher.iter().enumerate() {
-                let before = ids.len();
-                if kk > 0 {
-                    let tail = TopK {
-                        k: kk,
-                        inv_temperature: 1.0,
-                    }
-                    .row(
-                        row,
-                        &mut TopKScratch::default(),
-                        &mut top_ids[pos * kk..(pos + 1) * kk],
-                        &mut top_lps[pos * kk..(pos + 1) * kk],
-                    )
-                    .unwrap();
-                    tails.push(tail);
-                }
-                let exclude = top_ids[pos * kk..(pos + 1) * kk].to_vec();
-                sampler.draw(
-                    row,
-                    &exclude,
-                    (0, pos as u64),
-                    &mut SampleScratch::default(),
-                    &mut ids,
-                    &mut counts,
-                );
-                lens.push((ids.len() - before) as u32);
-            }
+            host.reduce(Logits::F32(&flat), v, v, &rows_ref, &[0], &mut out)
+                .unwrap();
+            let top_ids = &out.ids;
             let mut rows = ShardRows::with_layout(layout);
             rows.push(&WindowTopK {
                 input_ids: &vec![0; n],
-                topk_ids: &top_ids,
-                topk_logprobs: &top_lps,
-                tail_logprob: &tails,
-                sample_lens: &lens,
-                sample_ids: &ids,
-                sample_counts: &counts,
+                topk_ids: &out.ids,
+                topk_logprobs: &out.logprobs,
+                tail_logprob: if kk > 0 { &out.tail_logprob } else { &[] },
+                sample_lens: &out.sample_lens,
+                sample_ids: &out.sample_ids,
+                sample_counts: &out.sample_counts,
                 ..Default::default()
             });
             let targets = sparse_targets(&rows, &layout);

@@ -22,7 +22,7 @@
 
 use super::backend::{BatchTopK, TeacherError};
 use super::sample::{SampleScratch, Sampler, log_sum_exp};
-use super::topk::{TopK, TopKScratch, entropy_measured_at, row_entropy};
+use super::topk::{TailBlocks, TopK, TopKScratch, entropy_measured_at, row_entropy};
 use crate::cache::schema::CacheMode;
 use half::f16;
 
@@ -57,6 +57,8 @@ pub struct SampleOptions {
 struct Worker {
     scratch: TopKScratch,
     sample: SampleScratch,
+    /// A hybrid's tail sums, from the top-k pass to the draws.
+    tail: TailBlocks,
     /// An f16 row converted to f32.
     row_f32: Vec<f32>,
 }
@@ -144,6 +146,10 @@ impl HostTopK {
             scale: self.scale / o.proposal_temperature,
             seed: o.seed,
         });
+        // A hybrid at τ = 1 draws from the tail the top-k pass summed (one pass over the row
+        // less; at another τ the proposal's weights are not the top-k's).
+        let fused =
+            sampling.is_some_and(|o| o.mode == CacheMode::Hybrid && o.proposal_temperature == 1.0);
         let per = rows.len().div_ceil(self.workers.len()).max(1);
         // Threads get disjoint ranges of rows; with k = 0 (a `sample` cache) the top-k
         // outputs are empty.
@@ -175,6 +181,7 @@ impl HostTopK {
                         let Worker {
                             scratch,
                             sample,
+                            tail,
                             row_f32,
                         } = worker;
                         let mut drawn = Drawn::default();
@@ -197,14 +204,14 @@ impl HostTopK {
                                 value,
                             };
                             let top: &[u32] = if k > 0 {
-                                tails[j] = topk
-                                    .row(
-                                        row,
-                                        scratch,
-                                        &mut ids[j * k..(j + 1) * k],
-                                        &mut lps[j * k..(j + 1) * k],
-                                    )
-                                    .map_err(|nf| non_finite(nf.index, nf.value))?;
+                                let (row_ids, row_lps) =
+                                    (&mut ids[j * k..(j + 1) * k], &mut lps[j * k..(j + 1) * k]);
+                                tails[j] = if fused {
+                                    topk.row_and_tail_blocks(row, scratch, row_ids, row_lps, tail)
+                                } else {
+                                    topk.row(row, scratch, row_ids, row_lps)
+                                }
+                                .map_err(|nf| non_finite(nf.index, nf.value))?;
                                 &ids[j * k..(j + 1) * k]
                             } else {
                                 if let Some((index, value)) = first_non_finite(row) {
@@ -226,14 +233,13 @@ impl HostTopK {
                                 } else {
                                     &[]
                                 };
-                                let info = s.draw(
-                                    row,
-                                    exclude,
-                                    (seq_ids[i], p as u64),
-                                    sample,
-                                    &mut drawn.ids,
-                                    &mut drawn.counts,
-                                );
+                                let key = (seq_ids[i], p as u64);
+                                let (out_ids, out_counts) = (&mut drawn.ids, &mut drawn.counts);
+                                let info = if fused && !tail.ties {
+                                    s.draw_tail(row, tail, key, sample, out_ids, out_counts)
+                                } else {
+                                    s.draw(row, exclude, key, sample, out_ids, out_counts)
+                                };
                                 drawn.lens.push((drawn.ids.len() - before) as u32);
                                 let weighted = o.proposal_temperature != 1.0;
                                 // ln Σ exp((x − max)/T): the teacher's own normaliser. At

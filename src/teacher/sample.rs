@@ -21,12 +21,12 @@
 //! assert!(ids.windows(2).all(|w| w[0] < w[1]));
 //! ```
 
-use super::topk::{Kernel, exp_nonpos, max_of};
+use super::topk::{Kernel, TailBlocks, exp_nonpos, max_of};
 use crate::rng::{SplitMix, mix};
 
 /// Values per block sum: a visited block costs BLOCK scalar exps, and a row BLOCK-th as
 /// many block sums (64 measured fastest of 64/256 at V = 32000 and 152064).
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// The sampler's parameters.
 #[derive(Debug, Clone, Copy)]
@@ -136,13 +136,92 @@ impl Sampler {
             log_z_all: z_all.ln(),
             max,
         };
-        if z <= 0.0 || self.samples == 0 {
-            return info;
+        if z > 0.0 {
+            let is_excluded = |i: usize, _: f32| excluded.binary_search(&(i as u32)).is_ok();
+            self.locate(
+                row,
+                block_sums,
+                z,
+                max,
+                is_excluded,
+                key,
+                targets,
+                ids,
+                counts,
+            );
         }
+        info
+    }
+
+    /// A hybrid's draws from the tail the top-k pass summed block by block
+    /// ([`super::topk::TopK::row_and_tail_blocks`], at this sampler's scale): the same
+    /// draws as [`Sampler::draw`] excluding the top-k (up to the rounding of the sums, which
+    /// moves a draw within ~1e-7 of a boundary), without a second pass over the row. The
+    /// tail's weights are relative to its own largest value, so a tail far below the row's
+    /// maximum (e^-200) is drawn from too. Call it only when `!tail.ties`: a value tying with
+    /// the k-th cannot be placed by value then (use [`Sampler::draw`]).
+    pub fn draw_tail(
+        &self,
+        row: &[f32],
+        tail: &TailBlocks,
+        key: (u64, u64),
+        scratch: &mut SampleScratch,
+        ids: &mut Vec<u32>,
+        counts: &mut Vec<u16>,
+    ) -> DrawInfo {
+        debug_assert!(
+            !tail.ties,
+            "tail sums with ties are incomplete: this is a bug"
+        );
+        let z: f64 = tail.sums.iter().sum();
+        let r = tail.reference;
+        if z > 0.0 {
+            // Without ties, the top-k's values are all above r and the tail's all at most r.
+            let in_top = |_: usize, x: f32| x > r;
+            self.locate(
+                row,
+                &tail.sums,
+                z,
+                r,
+                in_top,
+                key,
+                &mut scratch.targets,
+                ids,
+                counts,
+            );
+        }
+        DrawInfo {
+            log_z_support: ((r - tail.max) * self.scale) as f64 + z.ln(),
+            log_z_all: tail.log_z,
+            max: tail.max,
+        }
+    }
+
+    /// Draws `self.samples` ids from the weights exp((x − reference) · scale) of `row`,
+    /// skipping the ids `skip` excludes, given the weights' sums per block (`block_sums`,
+    /// total `z` > 0): the sorted uniforms are located block by block, and only the blocks
+    /// that hold a draw are visited value by value. Appends the distinct ids (ascending) and
+    /// their counts.
+    #[allow(clippy::too_many_arguments)]
+    fn locate(
+        &self,
+        row: &[f32],
+        block_sums: &[f64],
+        z: f64,
+        reference: f32,
+        skip: impl Fn(usize, f32) -> bool,
+        key: (u64, u64),
+        targets: &mut Vec<f64>,
+        ids: &mut Vec<u32>,
+        counts: &mut Vec<u16>,
+    ) {
+        if self.samples == 0 {
+            return;
+        }
+        let s = self.scale;
         targets.clear();
         targets.extend(uniforms(self.seed, key, self.samples).map(|u| u * z));
         targets.sort_unstable_by(|a, b| a.total_cmp(b));
-        let is_excluded = |i: usize| excluded.binary_search(&(i as u32)).is_ok();
         let (first_id, first_count) = (ids.len(), counts.len());
         // Ids arrive in ascending order: a repeat of this position's last id adds to its
         // count (earlier positions' entries before `first_id` are never touched).
@@ -173,11 +252,11 @@ impl Sampler {
             let block = &row[start..(start + BLOCK).min(row.len())];
             let mut ws = [0f32; BLOCK];
             for (w, &x) in ws.iter_mut().zip(block) {
-                *w = exp_nonpos(((x - max) * s).min(0.0));
+                *w = exp_nonpos(((x - reference) * s).min(0.0));
             }
-            for (i, &w) in ws[..block.len()].iter().enumerate() {
+            for (i, (&w, &x)) in ws.iter().zip(block).enumerate() {
                 let id = start + i;
-                if w == 0.0 || is_excluded(id) {
+                if w == 0.0 || skip(id, x) {
                     continue;
                 }
                 let w = w as f64;
@@ -215,7 +294,6 @@ impl Sampler {
                     .sum::<usize>()
             )
         );
-        info
     }
 }
 
@@ -236,6 +314,184 @@ mod tests {
     fn row(n: usize, seed: u64) -> Vec<f32> {
         let mut r = SplitMix::new(seed);
         (0..n).map(|_| r.next_f32() * 4.0).collect()
+    }
+
+    /// A top-k pass that keeps its tail sums (`row_and_tail_blocks`) gives `row`'s result,
+    /// and the draws from those sums (`draw_tail`, the teacher stage's hybrid) are
+    /// `draw`'s with the top-k excluded, but for a draw within rounding of a boundary.
+    #[test]
+    fn tail_draws_from_the_top_k_pass_equal_the_excluding_draws() {
+        use crate::teacher::topk::{TailBlocks, TopK, TopKScratch};
+        let k = 8;
+        let t = TopK {
+            k,
+            inv_temperature: 0.8,
+        };
+        let s = Sampler {
+            samples: 42,
+            scale: 0.8,
+            seed: 9,
+        };
+        let (mut sc, mut tsc, mut blocks) = (
+            SampleScratch::default(),
+            TopKScratch::default(),
+            TailBlocks::default(),
+        );
+        let (mut differ, mut positions) = (0, 0);
+        // Rows of whole blocks and with a partial last block.
+        for (n, seed) in [(1000usize, 1u64), (64 * 7, 2), (4099, 3)] {
+            for pos in 0..100u64 {
+                let x = row(n, seed * 1000 + pos);
+                let (mut ia, mut la, mut ib, mut lb) =
+                    (vec![0; k], vec![0.0; k], vec![0; k], vec![0.0; k]);
+                let ta = t.row(&x, &mut tsc, &mut ia, &mut la).unwrap();
+                let tb = t
+                    .row_and_tail_blocks(&x, &mut tsc, &mut ib, &mut lb, &mut blocks)
+                    .unwrap();
+                assert_eq!(ia, ib);
+                assert!(la.iter().zip(&lb).all(|(a, b)| (a - b).abs() < 1e-6));
+                assert!((ta - tb).abs() < 1e-5, "{ta} vs {tb}");
+                assert!(!blocks.ties);
+                assert_eq!(blocks.sums.len(), n.div_ceil(BLOCK));
+                let (mut a, mut b) = ((vec![], vec![]), (vec![], vec![]));
+                let ia_info = s.draw(&x, &ia, (seed, pos), &mut sc, &mut a.0, &mut a.1);
+                let ib_info = s.draw_tail(&x, &blocks, (seed, pos), &mut sc, &mut b.0, &mut b.1);
+                assert!((ia_info.log_z_all - ib_info.log_z_all).abs() < 1e-5);
+                assert!((ia_info.log_z_support - ib_info.log_z_support).abs() < 1e-5);
+                assert_eq!(b.1.iter().map(|&c| c as usize).sum::<usize>(), 42);
+                assert!(b.0.iter().all(|i| !ia.contains(i)));
+                positions += 1;
+                differ += (a != b) as usize;
+            }
+        }
+        // 12600 draws; a draw moves when its uniform lies within ~1e-7 of a boundary.
+        assert!(
+            differ <= 3,
+            "{differ} of {positions} positions drew otherwise"
+        );
+    }
+
+    /// A tail far below the row's maximum (e^-200 of the mass) is drawn from, by its own
+    /// distribution: the tail sums are relative to the tail's largest value. (`draw`,
+    /// relative to the maximum, sees no weight there and draws nothing.)
+    #[test]
+    fn a_tail_far_below_the_maximum_is_drawn_by_its_own_distribution() {
+        use crate::teacher::topk::{TailBlocks, TopK, TopKScratch};
+        let k = 4;
+        let mut x: Vec<f32> = row(300, 8).iter().map(|v| v - 200.0).collect();
+        for (i, v) in [0.0f32, -0.5, -1.0, -1.5].into_iter().enumerate() {
+            x[i * 70] = v;
+        }
+        let t = TopK {
+            k,
+            inv_temperature: 1.0,
+        };
+        let s = Sampler {
+            samples: 50,
+            scale: 1.0,
+            seed: 1,
+        };
+        let (mut ids, mut lps, mut blocks) = (vec![0; k], vec![0.0; k], TailBlocks::default());
+        let tail = t
+            .row_and_tail_blocks(
+                &x,
+                &mut TopKScratch::default(),
+                &mut ids,
+                &mut lps,
+                &mut blocks,
+            )
+            .unwrap();
+        assert!(tail < -150.0 && tail.is_finite(), "{tail}");
+        let mut sc = SampleScratch::default();
+        let (mut a, mut b) = (vec![], vec![]);
+        s.draw(&x, &ids, (0, 0), &mut sc, &mut a, &mut b);
+        assert!(a.is_empty());
+        let mut freq = vec![0f64; x.len()];
+        for pos in 0..2000u64 {
+            let (mut d, mut c) = (vec![], vec![]);
+            s.draw_tail(&x, &blocks, (0, pos), &mut sc, &mut d, &mut c);
+            assert_eq!(c.iter().map(|&c| c as usize).sum::<usize>(), 50);
+            for (i, c) in d.iter().zip(&c) {
+                assert!(!ids.contains(i));
+                freq[*i as usize] += *c as f64;
+            }
+        }
+        let mut q = x.clone();
+        for &i in &ids {
+            q[i as usize] = f32::NEG_INFINITY;
+        }
+        let p = softmax(&q, 1.0);
+        let tv: f64 = freq
+            .iter()
+            .zip(&p)
+            .map(|(f, p)| (f / 100_000.0 - p).abs())
+            .sum::<f64>()
+            / 2.0;
+        // 100k draws over 296 ids: the empirical TV is ~0.02.
+        assert!(tv < 0.035, "total variation {tv}");
+    }
+
+    /// When the k-th value ties with values outside the top-k, the top-k pass says so and
+    /// the teacher stage's hybrid draws by id exclusion instead: never a top-k id, and the
+    /// tied-out ids by their probability.
+    #[test]
+    fn a_tie_at_the_k_th_value_draws_by_exclusion() {
+        use crate::cache::schema::CacheMode;
+        use crate::teacher::backend::BatchTopK;
+        use crate::teacher::host_topk::{HostTopK, Logits, SampleOptions};
+        use crate::teacher::topk::{TailBlocks, TopK, TopKScratch};
+        // k = 2: ids 0 and 1 (2.0 and 1.0); ids 2 and 3 tie with the k-th and are the tail's
+        // largest.
+        let x = [2.0f32, 1.0, 1.0, 1.0, 0.0, -1.0];
+        let mut blocks = TailBlocks::default();
+        let (mut ids, mut lps) = (vec![0; 2], vec![0.0; 2]);
+        TopK {
+            k: 2,
+            inv_temperature: 1.0,
+        }
+        .row_and_tail_blocks(
+            &x,
+            &mut TopKScratch::default(),
+            &mut ids,
+            &mut lps,
+            &mut blocks,
+        )
+        .unwrap();
+        assert_eq!(ids, [0, 1]);
+        assert!(blocks.ties);
+        let mut freq = [0f64; 6];
+        let positions = 3000;
+        for seed in 0..positions {
+            let mut host = HostTopK::new(2, 1.0, 1).with_sampling(SampleOptions {
+                mode: CacheMode::Hybrid,
+                samples: 10,
+                seed,
+                store_logprobs: false,
+                proposal_temperature: 1.0,
+            });
+            let mut out = BatchTopK {
+                k: 2,
+                ids: vec![0; 2],
+                logprobs: vec![0.0; 2],
+                tail_logprob: vec![0.0],
+                ..Default::default()
+            };
+            host.reduce(Logits::F32(&x), 6, 6, &[(0, 0, 0)], &[0], &mut out)
+                .unwrap();
+            assert_eq!(out.ids, [0, 1]);
+            for (i, c) in out.sample_ids.iter().zip(&out.sample_counts) {
+                freq[*i as usize] += *c as f64;
+            }
+        }
+        assert_eq!(freq[0] + freq[1], 0.0);
+        let p = softmax(
+            &[f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0, 1.0, 0.0, -1.0],
+            1.0,
+        );
+        for i in 2..6 {
+            let f = freq[i] / (positions * 10) as f64;
+            assert!((f - p[i]).abs() < 0.02, "id {i}: {f} vs {}", p[i]);
+        }
     }
 
     #[test]

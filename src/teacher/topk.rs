@@ -49,6 +49,26 @@ pub struct TopKScratch {
     selected: Vec<u32>,
 }
 
+/// What a top-k pass leaves behind for a hybrid cache's tail draws
+/// ([`TopK::row_and_tail_blocks`], [`super::sample::Sampler::draw_tail`]): the tail's sums
+/// block by block, so the draws need no second pass over the row.
+#[derive(Debug, Default, Clone)]
+pub struct TailBlocks {
+    /// Σ exp((x − reference) · scale) over the values outside the top-k, per block of
+    /// [`super::sample::BLOCK`] ids (0 for a block the top-k fills).
+    pub sums: Vec<f64>,
+    /// The largest value outside the top-k: every tail value is at most this, and every
+    /// top-k value above it (unless `ties`).
+    pub reference: f32,
+    /// The row's maximum.
+    pub max: f32,
+    /// ln Σ exp((x − max) · scale) over the whole row.
+    pub log_z: f64,
+    /// Values equal to the k-th lie outside the top-k too (they tie with it and lose on
+    /// id): then a value equal to `reference` may be in either, and the sums miss them.
+    pub ties: bool,
+}
+
 /// The reduction's parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct TopK {
@@ -501,6 +521,32 @@ impl TopK {
         ids: &mut [u32],
         logprobs: &mut [f32],
     ) -> Result<f32, NonFinite> {
+        self.reduce(kernel, row, scratch, ids, logprobs, None)
+    }
+
+    /// [`TopK::row`] that also leaves the tail's block sums in `tail` (pass 3 sums block
+    /// by block instead of the whole row at once), for a hybrid's draws from the tail. The
+    /// result is that of [`TopK::row`] up to the rounding of the tail's sum.
+    pub fn row_and_tail_blocks(
+        &self,
+        row: &[f32],
+        scratch: &mut TopKScratch,
+        ids: &mut [u32],
+        logprobs: &mut [f32],
+        tail: &mut TailBlocks,
+    ) -> Result<f32, NonFinite> {
+        self.reduce(Kernel::best(), row, scratch, ids, logprobs, Some(tail))
+    }
+
+    fn reduce(
+        &self,
+        kernel: Kernel,
+        row: &[f32],
+        scratch: &mut TopKScratch,
+        ids: &mut [u32],
+        logprobs: &mut [f32],
+        mut tail: Option<&mut TailBlocks>,
+    ) -> Result<f32, NonFinite> {
         let k = self.k;
         assert!(
             k >= 1 && k <= row.len() && ids.len() == k && logprobs.len() == k,
@@ -598,7 +644,18 @@ impl TopK {
             // sum never underflows, however peaked the row (a tail of e^-200 stays exact).
             let kth = value(k - 1);
             let r = value(k);
-            let below = kernel.exp_sum(row, r, scale, kth);
+            let below = match tail.as_deref_mut() {
+                Some(t) => {
+                    t.sums.clear();
+                    t.sums.extend(
+                        row.chunks(super::sample::BLOCK)
+                            .map(|b| kernel.exp_sum(b, r, scale, kth)),
+                    );
+                    t.reference = r;
+                    t.sums.iter().sum()
+                }
+                None => kernel.exp_sum(row, r, scale, kth),
+            };
             // Values equal to the k-th but not chosen (higher ids) are outside the top-k
             // too; there are some only when r ties with the k-th, and each weighs exp(0).
             let ties_out = if r == kth {
@@ -607,10 +664,23 @@ impl TopK {
             } else {
                 0
             };
+            if let Some(t) = tail.as_deref_mut() {
+                t.ties = ties_out > 0;
+            }
             ((r - max) * scale) as f64 + (below + ties_out as f64).ln()
         };
         // log Z relative to the max: top_sum >= 1, and log_tail <= ln(row length).
         let log_z = (top_sum + log_tail.exp()).ln();
+        if let Some(t) = tail {
+            if keep == k {
+                // The top-k is the whole row: no tail to draw from.
+                t.sums.clear();
+                t.reference = f32::NEG_INFINITY;
+                t.ties = false;
+            }
+            t.max = max;
+            t.log_z = log_z;
+        }
         for (j, &c) in cand[..k].iter().enumerate() {
             ids[j] = unpack(c).1;
             logprobs[j] = (top(j) - log_z) as f32;
