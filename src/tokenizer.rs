@@ -238,16 +238,31 @@ pub fn word_level_tokenizer(
 /// strings, and the normaliser's alignments per byte) took 5 GB for one of 20 MB.
 pub const LONG_DOCUMENT_BYTES: usize = 1 << 20;
 
+/// The `Split` regexes of the Llama 3 (also tiktoken's cl100k) and Qwen 2 pre-tokenizers,
+/// as their tokenizer.json files spell them. Neither has an alternative that matches a
+/// non-space character followed by a space: the contractions and `\p{N}` runs hold no space,
+/// `[^\r\n\p{L}\p{N}]?\p{L}+` and ` ?[^\s\p{L}\p{N}]+[\r\n]*` hold one only as their first
+/// character, and the `\s` alternatives hold only whitespace. So every non-space–space
+/// position is a match boundary, and with no look-behind the matches after it are the same
+/// whether the text starts there or not: a cut before such a space changes nothing.
+pub const SPACE_BOUNDED_SPLIT_REGEXES: [&str; 2] = [
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+];
+
 /// Why `tok` cannot be applied to a text piece by piece with exactly the ids of the whole
 /// text, or `None` when it can. The pieces are cut before a single ASCII space between two
 /// non-space characters, so the check is that every step treats that space as a hard
 /// boundary: a normaliser that works character by character, a pre-tokenizer that splits
-/// there (whitespace, BERT, byte-level with its regex, Metaspace with `split`) followed only
-/// by ones that split further, and no added token that could span or absorb the space. A
-/// tokenizer outside these (a `Prepend` normaliser as in Llama 2, a custom `Split` regex as
-/// in Llama 3 and Qwen, truncation) is tokenised whole.
+/// there (whitespace, BERT, byte-level with its regex, Metaspace with `split`, the `Split`
+/// regexes of Llama 3 and Qwen 2 ([`SPACE_BOUNDED_SPLIT_REGEXES`])) followed only by ones
+/// that split further, and no added token that could span or absorb the space. A tokenizer
+/// outside these (a `Prepend` normaliser as in Llama 2, any other `Split` pattern,
+/// truncation) is tokenised whole.
 pub fn piecewise_blocker(tok: &Tokenizer) -> Option<String> {
+    use tokenizers::SplitDelimiterBehavior;
     use tokenizers::pre_tokenizers::PreTokenizerWrapper as P;
+    use tokenizers::pre_tokenizers::split::SplitPattern;
     fn normalizer_ok(n: &NormalizerWrapper) -> bool {
         use NormalizerWrapper as N;
         match n {
@@ -268,6 +283,11 @@ pub fn piecewise_blocker(tok: &Tokenizer) -> Option<String> {
         P::Whitespace(_) | P::WhitespaceSplit(_) | P::BertPreTokenizer(_) => true,
         P::ByteLevel(b) => b.use_regex,
         P::Metaspace(m) => m.get_split(),
+        P::Split(s) => {
+            matches!(&s.pattern, SplitPattern::Regex(r) if SPACE_BOUNDED_SPLIT_REGEXES.contains(&r.as_str()))
+                && s.behavior == SplitDelimiterBehavior::Isolated
+                && !s.invert
+        }
         _ => false,
     };
     let refines = |p: &P| match p {

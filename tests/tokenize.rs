@@ -1,10 +1,13 @@
 //! Long documents tokenised piece by piece give exactly the ids of the whole document, for
-//! every tokenizer kind that allows it (byte-level BPE, word-level, Metaspace), and the
-//! others (a Prepend normaliser, a Split regex, an added token that absorbs spaces) are
+//! every tokenizer kind that allows it (byte-level BPE, word-level, Metaspace, the Split
+//! regexes of Llama 3 and Qwen 2), and the others (a Prepend normaliser, another Split
+//! pattern or behaviour, an added token that absorbs spaces) are
 //! tokenised whole; end to end, a document over the threshold gives the cache of the whole.
 
 use crate::util::*;
-use logitcache::tokenizer::{LONG_DOCUMENT_BYTES, encode_piecewise, piecewise_blocker};
+use logitcache::tokenizer::{
+    LONG_DOCUMENT_BYTES, SPACE_BOUNDED_SPLIT_REGEXES, encode_piecewise, piecewise_blocker,
+};
 use tokenizers::Tokenizer;
 
 /// Texts with every kind of space and character around the cuts: runs of spaces, tabs,
@@ -34,9 +37,11 @@ fn texts() -> Vec<String> {
         "ok!",
         "foo_bar",
         "1,000",
+        "123456789",
+        "x.\r\n",
     ];
     let seps = [
-        " ", " ", " ", " ", "  ", "\n", "\t", " \n ", "\n\n", "   ", " . ", ", ",
+        " ", " ", " ", " ", "  ", "\n", "\t", " \n ", "\n\n", "   ", " . ", ", ", "\r\n",
     ];
     let mut state: u64 = 7;
     let mut next = |n: usize| {
@@ -97,6 +102,28 @@ fn pieces_give_the_whole_documents_ids() {
         let tok = metaspace_bpe(&corpus_texts, scheme);
         assert_piecewise_exact(&format!("Metaspace {scheme}"), &tok);
     }
+    // The pre-tokenizers of Llama 3 and Qwen 2 (a Split regex, then byte-level without its
+    // own regex; Qwen's NFC normaliser), over the test's byte-level BPE.
+    for (name, regex) in [
+        ("Llama 3", SPACE_BOUNDED_SPLIT_REGEXES[0]),
+        ("Qwen 2", SPACE_BOUNDED_SPLIT_REGEXES[1]),
+    ] {
+        let tok = edited(|v| {
+            v["pre_tokenizer"] = split_pre_tokenizer(regex, "Isolated");
+            if name == "Qwen 2" {
+                v["normalizer"] = serde_json::json!({"type": "NFC"});
+            }
+        });
+        assert_piecewise_exact(name, &tok);
+    }
+}
+
+/// A pre-tokenizer as Llama 3's and Qwen 2's tokenizer.json spell it.
+fn split_pre_tokenizer(regex: &str, behavior: &str) -> serde_json::Value {
+    serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": behavior, "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+    ]})
 }
 
 fn metaspace_bpe(texts: &[String], scheme: &str) -> Tokenizer {
@@ -141,11 +168,14 @@ fn tokenizers_that_depend_on_the_whole_text_are_not_cut() {
         ),
         (
             "pre-tokenizer",
+            edited(|v| v["pre_tokenizer"] = split_pre_tokenizer("\\s+", "Isolated")),
+        ),
+        // Llama 3's regex, but the matches merged with the text before them.
+        (
+            "pre-tokenizer",
             edited(|v| {
-                v["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated", "invert": false},
-                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
-                ]})
+                v["pre_tokenizer"] =
+                    split_pre_tokenizer(SPACE_BOUNDED_SPLIT_REGEXES[0], "MergedWithPrevious")
             }),
         ),
         (
