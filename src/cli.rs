@@ -96,7 +96,7 @@ pub struct TeacherArgs {
     /// Temperature τ of the sampling proposal q ∝ p^(1/τ) (default 1: the teacher's own
     /// distribution). Other values store each draw's importance weight ln p/q
     /// (`sample_log_weights`), which keeps the estimate unbiased; τ > 1 is flatter and
-    /// reaches more of the tail. Host sampling only (`--topk-on host`; `auto` picks it).
+    /// reaches more of the tail. On the host and in the device head alike.
     #[arg(long, allow_negative_numbers = true)]
     pub proposal_temperature: Option<f32>,
     /// Also store the teacher's exact log-prob of each sampled id (`sample_logprobs`).

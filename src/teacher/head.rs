@@ -17,7 +17,9 @@
 //!   support's total (inverse CDF over the ids in order, the host sampler's mapping), found
 //!   in three levels (4096-id super-blocks, 64-id blocks, ids), so no tensor larger than
 //!   [batch, seq, N, 64] is made besides the logits' own. A hybrid's support is the ids
-//!   outside the top-k.
+//!   outside the top-k. With a proposal temperature τ ≠ 1 the draws come from q ∝ p^(1/τ)
+//!   over the support, and `sample_log_weights` f32 [batch, seq, N] holds each draw's
+//!   ln p − ln q.
 
 use crate::onnx::builder::{Dim, GraphBuilder, attr_int, attr_ints, tensor_f32};
 use crate::onnx::proto::data_type;
@@ -41,6 +43,9 @@ pub struct HeadSpec {
     pub samples: usize,
     /// Draw from outside the top-k (`hybrid`).
     pub hybrid: bool,
+    /// τ of the proposal q ∝ p^(1/τ) the draws come from (1: p itself); other than 1, the
+    /// head also outputs each draw's ln p/q (`sample_log_weights`).
+    pub proposal_temperature: f32,
 }
 
 /// Builds the top-k-only head for `vocab` columns (of `logits_vocab` in the input).
@@ -59,6 +64,7 @@ pub fn topk_head(
         f16,
         samples: 0,
         hybrid: false,
+        proposal_temperature: 1.0,
     })
 }
 
@@ -72,6 +78,7 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
         f16,
         samples,
         hybrid,
+        proposal_temperature,
     } = spec;
     let mut g = GraphBuilder::new("logitcache_topk_head");
     let bsk = |last: Dim| [Dim::sym("batch_size"), Dim::sym("sequence_length"), last];
@@ -172,17 +179,53 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
             data_type::FLOAT,
             &bsk(Dim::Fixed(samples as i64)),
         );
-        let ids = draws(
-            &mut g,
-            &p_all,
-            &u,
-            vocab,
-            if hybrid { top_ids } else { None },
-        );
+        let exclude = if hybrid { top_ids } else { None };
+        // The proposal's log-probs over the support (the ids outside the top-k in a hybrid)
+        // when τ ≠ 1: log-softmax of x/τ with the excluded ids at -inf. Otherwise the draws
+        // come from the entropy's softmax (the inverse CDF is scale-free).
+        let log_q = (proposal_temperature != 1.0).then(|| {
+            let inv_tau = g.init_f32(
+                "inv_proposal_temperature",
+                &[],
+                &[1.0 / proposal_temperature],
+            );
+            let mut xq = g.node("Mul", &[&x, &inv_tau], vec![]);
+            if let Some((ids, shape)) = &exclude {
+                let fill = g.node(
+                    "ConstantOfShape",
+                    &[shape],
+                    vec![crate::onnx::builder::attr_tensor(
+                        "value",
+                        tensor_f32("neg_inf_q", &[1], &[f32::NEG_INFINITY]),
+                    )],
+                );
+                xq = g.node(
+                    "ScatterElements",
+                    &[&xq, ids, &fill],
+                    vec![attr_int("axis", 2)],
+                );
+            }
+            let lse_q = g.node(
+                "ReduceLogSumExp",
+                &[&xq],
+                vec![attr_ints("axes", &[2]), attr_int("keepdims", 1)],
+            );
+            g.node("Sub", &[&xq, &lse_q], vec![])
+        });
+        let weights = match &log_q {
+            Some(lq) => g.node("Exp", &[lq], vec![]),
+            None => p_all.clone(),
+        };
+        let ids = draws(&mut g, &weights, &u, vocab, exclude);
         let picked = g.node("GatherElements", &[&x, &ids], vec![attr_int("axis", 2)]);
         let lps = g.node("Sub", &[&picked, &lse], vec![]);
         let n = Dim::Fixed(samples as i64);
         g.output_as(&ids, "sample_ids", data_type::INT64, &bsk(n.clone()));
+        if let Some(lq) = &log_q {
+            let lq = g.node("GatherElements", &[lq, &ids], vec![attr_int("axis", 2)]);
+            let w = g.node("Sub", &[&lps, &lq], vec![]);
+            g.output_as(&w, "sample_log_weights", data_type::FLOAT, &bsk(n.clone()));
+        }
         g.output_as(&lps, "sample_logprobs", data_type::FLOAT, &bsk(n));
     }
     g.to_bytes()

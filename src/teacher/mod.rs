@@ -174,19 +174,6 @@ impl TeacherConfig {
         })
     }
 
-    /// Where the top-k runs: `--topk-on`, except that `auto` keeps a proposal other than
-    /// τ = 1 on the host (the device head draws from p only).
-    pub fn effective_topk_on(&self) -> TopKMode {
-        if self.topk_on == TopKMode::Auto
-            && self.proposal_temperature != DEFAULT_PROPOSAL_TEMPERATURE
-            && self.mode != CacheMode::Topk
-        {
-            TopKMode::Host
-        } else {
-            self.topk_on
-        }
-    }
-
     /// Checks the values that need no file access.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.mode == CacheMode::Sample && self.logprob_dtype == LogprobDtype::Q8 {
@@ -237,14 +224,6 @@ impl TeacherConfig {
                 if !(self.proposal_temperature.is_finite() && self.proposal_temperature > 0.0) {
                     bail!(
                         "--proposal-temperature must be a finite number > 0 (got {}); 1 draws from the teacher's own distribution",
-                        self.proposal_temperature
-                    );
-                }
-                if self.proposal_temperature != DEFAULT_PROPOSAL_TEMPERATURE
-                    && self.topk_on == TopKMode::Onnx
-                {
-                    bail!(
-                        "--proposal-temperature {} needs --topk-on host: the device head draws from the teacher's own distribution only (τ = 1)",
                         self.proposal_temperature
                     );
                 }
@@ -590,7 +569,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                 library,
                 device: cfg.device,
                 threads: cfg.threads,
-                topk_on: cfg.effective_topk_on(),
+                topk_on: cfg.topk_on,
                 k: cfg.layout().k,
                 temperature: cfg.temperature,
                 vocab: tok.vocab_size,
@@ -809,7 +788,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     &write_opts,
                     cfg,
                     &worker_name,
-                    cfg.effective_topk_on().name(cfg.device),
+                    cfg.topk_on.name(cfg.device),
                     &progress,
                 )
             });

@@ -187,6 +187,7 @@ impl OrtTeacher {
                     .opts
                     .sampling
                     .is_some_and(|s| s.mode == crate::cache::schema::CacheMode::Hybrid),
+                proposal_temperature: self.opts.sampling.map_or(1.0, |s| s.proposal_temperature),
             });
             let head = session_for(env, &self.opts)?
                 .commit_from_memory(&bytes)
@@ -312,8 +313,12 @@ impl OrtTeacher {
             if k > 0 {
                 names.extend(["topk_logprobs", "topk_ids", "tail_logprob"]);
             }
+            let weighted = sampling.is_some_and(|s| s.proposal_temperature != 1.0);
             if sampling.is_some() {
                 names.extend(["sample_ids", "sample_logprobs"]);
+            }
+            if weighted {
+                names.push("sample_log_weights");
             }
             for name in names {
                 hb.bind_output_to_device(name, &cpu).map_err(|e| err(&e))?;
@@ -370,21 +375,30 @@ impl OrtTeacher {
             }
             if let Some(s) = sampling {
                 let (ids, lps) = (i64s("sample_ids")?, f32s("sample_logprobs")?);
+                let lws = if weighted {
+                    Some(f32s("sample_log_weights")?)
+                } else {
+                    None
+                };
                 let hybrid = s.mode == crate::cache::schema::CacheMode::Hybrid;
-                let mut drawn: Vec<(u32, f32)> = Vec::with_capacity(s.samples);
+                let mut drawn: Vec<(u32, f32, f32)> = Vec::with_capacity(s.samples);
                 for (o, &(_, _, r)) in rows.iter().enumerate() {
                     let before = out.sample_ids.len();
                     // A hybrid whose top-k holds all the mass draws nothing (as on the host).
                     if !(hybrid && (out.tail_logprob[o] as f64).exp() == 0.0) {
                         drawn.clear();
+                        let at = r * s.samples..(r + 1) * s.samples;
                         drawn.extend(
-                            ids[r * s.samples..(r + 1) * s.samples]
+                            ids[at.clone()]
                                 .iter()
-                                .zip(&lps[r * s.samples..(r + 1) * s.samples])
-                                .map(|(&i, &lp)| (i as u32, lp)),
+                                .zip(&lps[at.clone()])
+                                .enumerate()
+                                .map(|(j, (&i, &lp))| {
+                                    (i as u32, lp, lws.as_ref().map_or(0.0, |w| w[at.start + j]))
+                                }),
                         );
                         drawn.sort_unstable_by_key(|d| d.0);
-                        for &(id, lp) in &drawn {
+                        for &(id, lp, lw) in &drawn {
                             if out.sample_ids.len() > before && out.sample_ids.last() == Some(&id) {
                                 *out.sample_counts.last_mut().expect("a count per id") += 1;
                             } else {
@@ -392,6 +406,9 @@ impl OrtTeacher {
                                 out.sample_counts.push(1);
                                 if s.store_logprobs {
                                     out.sample_logprobs.push(lp);
+                                }
+                                if weighted {
+                                    out.sample_log_weights.push(lw);
                                 }
                             }
                         }
