@@ -3,7 +3,8 @@
 //! a k = 64 top-k cache (float16 and q8 log-probs), a sample (N = 50) and a hybrid (top-8 +
 //! 42) cache of the same windows.
 //! Run: `cargo bench --bench reader` (needs `make setup` and `make pycheck-setup`).
-//! Knobs: READER_DOCS (default 4584 = the whole demo corpus), READER_ROUNDS (3).
+//! Knobs: READER_DOCS (default 4584 = the whole demo corpus), READER_ROUNDS (3),
+//! READER_CACHES (a comma list of the caches to run, e.g. `sample50,hybrid8_42`).
 
 use logitcache::cache::reader::Cache;
 use logitcache::cache::schema::{CacheMode, LogprobDtype};
@@ -72,6 +73,11 @@ fn main() {
         ),
     ] {
         if smoke && name != "topk64" && name != "topk64_q8" {
+            continue;
+        }
+        if let Ok(only) = std::env::var("READER_CACHES")
+            && !only.split(',').any(|c| c == name)
+        {
             continue;
         }
         let out = dir.path().join(name);
