@@ -10,10 +10,11 @@
 //! are copied out of PLAIN or BYTE_STREAM_SPLIT pages.
 //!
 //! The sample columns (`sample_ids`, `sample_counts`: `list<list<…>>`, one list per
-//! position, DELTA_BINARY_PACKED) have lists of varying length, so their repetition levels
-//! carry information: they are decoded with the parquet crate's column reader into levels
-//! and values, and each position's length is read off the levels, without building the
-//! nested Arrow arrays.
+//! position, BYTE_STREAM_SPLIT) have lists of varying length, so their repetition levels
+//! carry information: they are decoded here (an RLE/bit-packed hybrid decoder) beside the
+//! values, and each position's length is read off the levels, without building the nested
+//! Arrow arrays. Sample columns in another encoding (DELTA_BINARY_PACKED, written before
+//! 2026-12-04) go through the parquet crate's column reader instead, the same way.
 //!
 //! Anything else (a dictionary page, another encoding, a bit-packed definition run, counts
 //! that do not add up, an empty or null list) returns `None`, and the caller decodes the row
@@ -36,6 +37,18 @@ pub(crate) fn leaf_values<T: Leaf>(
     chunk: &ColumnChunkMetaData,
     rows: usize,
     expected: usize,
+) -> Result<Option<Vec<T>>, String> {
+    page_values(file, chunk, rows, expected, None)
+}
+
+/// [`leaf_values`], also decoding the repetition levels into `reps` when given (a leaf whose
+/// lists vary in length); without, they are skipped.
+fn page_values<T: Leaf>(
+    file: &Bytes,
+    chunk: &ColumnChunkMetaData,
+    rows: usize,
+    expected: usize,
+    mut reps: Option<&mut Vec<u8>>,
 ) -> Result<Option<Vec<T>>, String> {
     let desc = chunk.column_descr();
     if chunk.column_type() != T::PHYSICAL
@@ -66,7 +79,12 @@ pub(crate) fn leaf_values<T: Leaf>(
                 let n = *num_values as usize;
                 let mut at = 0usize;
                 if max_rep > 0 {
-                    let (_, end) = prefixed(buf, at)?;
+                    let (start, end) = prefixed(buf, at)?;
+                    if let Some(reps) = reps.as_deref_mut()
+                        && !decode_levels(&buf[start..end], max_rep, n, reps)
+                    {
+                        return Ok(None);
+                    }
                     at = end;
                 }
                 if max_def > 0 {
@@ -95,6 +113,11 @@ pub(crate) fn leaf_values<T: Leaf>(
                 if max_def > 0 && !all_max(&buf[r..r + d], max_def, n) {
                     return Ok(None);
                 }
+                if let Some(reps) = reps.as_deref_mut()
+                    && (max_rep == 0 || !decode_levels(&buf[..r], max_rep, n, reps))
+                {
+                    return Ok(None);
+                }
                 (&buf[r + d..], n, *encoding)
             }
             Page::DictionaryPage { .. } => return Ok(None),
@@ -109,6 +132,123 @@ pub(crate) fn leaf_values<T: Leaf>(
         }
     }
     Ok((out.len() == expected).then_some(out))
+}
+
+/// The values of a `list<list<…>>` leaf column chunk stored PLAIN or BYTE_STREAM_SPLIT
+/// (the sample columns), and the offsets of its inner lists, decoded straight from the
+/// pages: the repetition levels by the RLE/bit-packed hybrid decoder below, the values as
+/// [`leaf_values`] copies them. `Ok(None)` for anything else (another encoding or nesting, a
+/// null or empty list): [`nested_values`] then decodes the chunk with the parquet crate's
+/// column reader.
+pub(crate) fn nested_leaf_values<T: Leaf>(
+    file: &Bytes,
+    chunk: &ColumnChunkMetaData,
+    rows: usize,
+) -> Result<Option<NestedValues<T>>, String> {
+    if chunk.column_descr().max_rep_level() != 2 {
+        return Ok(None);
+    }
+    let n = chunk.num_values().max(0) as usize;
+    let mut reps: Vec<u8> = Vec::with_capacity(n);
+    let Some(values) = page_values::<T>(file, chunk, rows, n, Some(&mut reps))? else {
+        return Ok(None);
+    };
+    if reps.len() != values.len() || reps.iter().filter(|&&r| r == 0).count() != rows {
+        return Ok(None);
+    }
+    Ok(offsets_from_reps(&reps).map(|o| (values, o)))
+}
+
+/// The offsets of the inner lists of a `list<list<…>>` leaf from its repetition levels, one
+/// per value (every list present and non-empty): level 0 starts a row (and its first
+/// position), 1 a position, 2 continues the position's list. `None` when the first level
+/// continues a list.
+fn offsets_from_reps<R: Copy + Into<i16>>(reps: &[R]) -> Option<Vec<i32>> {
+    if reps.first().is_some_and(|&r| r.into() > 1) {
+        return None;
+    }
+    let mut offsets: Vec<i32> = Vec::with_capacity(reps.len() / 4 + 2);
+    offsets.push(0);
+    for (i, &r) in reps.iter().enumerate().skip(1) {
+        if r.into() < 2 {
+            offsets.push(i as i32);
+        }
+    }
+    if !reps.is_empty() {
+        offsets.push(reps.len() as i32);
+    }
+    Some(offsets)
+}
+
+/// Appends `n` levels (at most `max`) decoded from the RLE/bit-packed hybrid `levels` to
+/// `out`; false when the bytes do not hold them (or a level is above `max`).
+fn decode_levels(levels: &[u8], max: i16, n: usize, out: &mut Vec<u8>) -> bool {
+    let bits = 16 - (max as u16).leading_zeros() as usize;
+    if bits == 0 || bits > 8 {
+        return false;
+    }
+    let width = bits.div_ceil(8);
+    let target = out.len() + n;
+    let mask = (1u16 << bits) - 1;
+    let mut at = 0usize;
+    while out.len() < target {
+        let mut header = 0u64;
+        let mut shift = 0;
+        loop {
+            let Some(&b) = levels.get(at) else {
+                return false;
+            };
+            at += 1;
+            header |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return false;
+            }
+        }
+        let count = (header >> 1) as usize;
+        if header & 1 == 0 {
+            // An RLE run: `count` copies of one value (`width` bytes, little-endian).
+            let Some(v) = levels.get(at..at + width) else {
+                return false;
+            };
+            at += width;
+            let value = v[0];
+            if count > target - out.len() || i16::from(value) > max {
+                return false;
+            }
+            out.resize(out.len() + count, value);
+        } else {
+            // `count` groups of 8 values, `bits` bits each, packed from the lowest bit;
+            // the last group may pad past the page's levels.
+            let Some(packed) = levels.get(at..at + count * bits) else {
+                return false;
+            };
+            at += count * bits;
+            let take = (count * 8).min(target - out.len());
+            let start = out.len();
+            if bits == 2 {
+                // The repetition levels of list<list<…>>: four per byte.
+                for &b in &packed[..take.div_ceil(4)] {
+                    out.extend_from_slice(&[b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6]);
+                }
+                out.truncate(start + take);
+            } else {
+                for v in 0..take {
+                    let bit = v * bits;
+                    let lo = u16::from(packed[bit / 8])
+                        | packed.get(bit / 8 + 1).map_or(0, |&b| u16::from(b) << 8);
+                    out.push(((lo >> (bit % 8)) & mask) as u8);
+                }
+            }
+            if out[start..].iter().any(|&l| i16::from(l) > max) {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// A nested leaf's values and the offsets of its inner lists (inner list p is
@@ -153,24 +293,8 @@ pub(crate) fn nested_values<T: DataType>(
     if def.len() != values.len() || def.iter().any(|&d| d != max_def) {
         return Ok(None);
     }
-    // Repetition level 0 starts a row (and its first position), 1 a position, 2 continues
-    // the position's list: with every list present and non-empty, one level per value.
-    if reps.first().is_some_and(|&r| r > 1) {
-        return Ok(None);
-    }
-    let mut offsets: Vec<i32> = Vec::with_capacity(n / 4 + 2);
-    offsets.push(0);
-    offsets.extend(
-        reps.iter()
-            .enumerate()
-            .skip(1)
-            .filter(|(_, r)| **r < 2)
-            .map(|(i, _)| i as i32),
-    );
-    if !reps.is_empty() {
-        offsets.push(reps.len() as i32);
-    }
-    Ok(Some((values, offsets)))
+    // With every list present and non-empty, one repetition level per value.
+    Ok(offsets_from_reps(&reps).map(|o| (values, o)))
 }
 
 /// A `u32` length prefix at `at` (levels of a v1 data page): the block's `(start, end)`.
@@ -241,6 +365,14 @@ fn unsplit<T: Leaf>(values: &[u8], n: usize, out: &mut Vec<T>) {
                 .zip(&streams[1][..n])
                 .map(|(&a, &b)| T::from_le(&[a, b])),
         ),
+        4 => out.extend(
+            streams[0][..n]
+                .iter()
+                .zip(&streams[1][..n])
+                .zip(&streams[2][..n])
+                .zip(&streams[3][..n])
+                .map(|(((&a, &b), &c), &d)| T::from_le(&[a, b, c, d])),
+        ),
         _ => out.extend((0..n).map(|i| {
             let mut word = [0u8; 4];
             for (w, s) in word.iter_mut().zip(&streams) {
@@ -289,6 +421,31 @@ mod tests {
         assert!(!all_max(&[0xd8, 0x04, 2], 2, 301));
         assert!(!all_max(&[0x03, 0xff], 2, 8));
         assert!(!all_max(&[0xd8], 2, 300));
+    }
+
+    #[test]
+    fn rle_bit_packed_levels_decode() {
+        // One bit-packed group of 8 two-bit levels (header 3; lowest bits first), then an
+        // RLE run of 5 ones (header 10).
+        let levels = [3, 100, 104, 10, 1];
+        let mut out = vec![];
+        assert!(decode_levels(&levels, 2, 13, &mut out));
+        assert_eq!(out, [0, 1, 2, 1, 0, 2, 2, 1, 1, 1, 1, 1, 1]);
+        // The group's padding past the page's levels is dropped.
+        out.clear();
+        assert!(decode_levels(&levels[..3], 2, 5, &mut out));
+        assert_eq!(out, [0, 1, 2, 1, 0]);
+        // A run longer than the page, a level above the maximum, truncated input.
+        assert!(!decode_levels(&levels, 2, 11, &mut vec![]));
+        assert!(!decode_levels(&levels, 1, 13, &mut vec![]));
+        assert!(!decode_levels(&levels[..2], 2, 8, &mut vec![]));
+        assert!(
+            !decode_levels(&[3, 0xff, 0xff], 2, 8, &mut vec![]),
+            "a level 3 above max 2"
+        );
+        // Levels 0 1 2 1 0: lists [0], [1, 2], [3], [4].
+        assert_eq!(offsets_from_reps(&out), Some(vec![0, 1, 3, 4, 5]));
+        assert_eq!(offsets_from_reps(&[2u8, 0]), None);
     }
 
     #[test]

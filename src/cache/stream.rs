@@ -286,11 +286,22 @@ impl MappedShard {
         let n = rg.num_rows() as usize;
         let pages_err = |e: String| self.corrupt(format!("row group {row_group}: {e}"));
         if let Some((ids_leaf, counts_leaf)) = sampled {
-            let ids = pages::nested_values::<Int32Type>(&self.bytes, rg.column(ids_leaf), n)
-                .map_err(pages_err)?;
-            let counts = pages::nested_values::<Int32Type>(&self.bytes, rg.column(counts_leaf), n)
-                .map_err(pages_err)?;
-            let (Some((ids, offsets)), Some((counts, counts_offsets))) = (ids, counts) else {
+            // Straight from PLAIN / BYTE_STREAM_SPLIT pages, else through the parquet
+            // crate's column reader (DELTA_BINARY_PACKED sample columns of older caches).
+            let nested = |leaf: usize| -> Result<Option<pages::NestedValues<u32>>, ReadError> {
+                let chunk = rg.column(leaf);
+                if let Some(v) =
+                    pages::nested_leaf_values::<u32>(&self.bytes, chunk, n).map_err(pages_err)?
+                {
+                    return Ok(Some(v));
+                }
+                let v =
+                    pages::nested_values::<Int32Type>(&self.bytes, chunk, n).map_err(pages_err)?;
+                Ok(v.map(|(v, o)| (v.into_iter().map(|x| x as u32).collect(), o)))
+            };
+            let (Some((ids, offsets)), Some((counts, counts_offsets))) =
+                (nested(ids_leaf)?, nested(counts_leaf)?)
+            else {
                 return Ok(None);
             };
             if offsets.len() != rows.positions() + 1 || counts_offsets != offsets {
@@ -299,16 +310,14 @@ impl MappedShard {
                 )));
             }
             rows.sample_offsets = offsets;
-            rows.sample_ids = ids.into_iter().map(|v| v as u32).collect();
-            rows.sample_counts = counts
-                .into_iter()
-                .map(|c| u16::try_from(c).ok())
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    self.corrupt(format!(
-                        "row group {row_group}: a sample_counts value is out of range"
-                    ))
-                })?;
+            rows.sample_ids = ids;
+            // Checked at once, then narrowed (both loops vectorise).
+            if counts.iter().max().is_some_and(|&c| c > u16::MAX as u32) {
+                return Err(self.corrupt(format!(
+                    "row group {row_group}: a sample_counts value is out of range"
+                )));
+            }
+            rows.sample_counts = counts.into_iter().map(|c| c as u16).collect();
         }
         let Some((ids_leaf, lp_leaf)) = topk else {
             return Ok(Some(rows));
@@ -1079,11 +1088,33 @@ mod tests {
                 } else {
                     Encoding::BYTE_STREAM_SPLIT
                 };
+                let md = shard.meta.metadata();
+                let schema = md.file_metadata().schema_descr();
                 for column in ["sample_ids", "sample_counts"] {
                     assert!(
                         leaf_encodings(&dir.path().join(&what), column).contains(&split),
                         "{what} {column}"
                     );
+                    // Split pages are decoded straight from the pages (delta ones by the
+                    // parquet crate's column reader), unless a list is empty.
+                    let leaf = (0..schema.num_columns())
+                        .find(|&i| schema.column(i).path().parts()[0] == column)
+                        .unwrap();
+                    for g in 0..md.num_row_groups() {
+                        let rg = md.row_group(g);
+                        let n = rg.num_rows() as usize;
+                        let direct = crate::cache::pages::nested_leaf_values::<u32>(
+                            &shard.bytes,
+                            rg.column(leaf),
+                            n,
+                        )
+                        .unwrap();
+                        assert_eq!(
+                            direct.is_some(),
+                            pages != "delta-samples" && !empty,
+                            "{what} {column} row group {g}"
+                        );
+                    }
                 }
                 let groups = 0..shard.row_groups();
                 assert!(groups.len() > 1, "{what}");
