@@ -14,11 +14,14 @@ ORT_WHEEL_SHA256 := 99e1074c4b2197accd5073052a465361be17b89c093b8ffb6e6bd8f986c5
 ORT_DIR := .ort
 ORT_LIB := $(ORT_DIR)/libonnxruntime.so.$(ORT_VERSION)
 
-# Python used only by the interoperability checks (pyarrow, DuckDB and Polars read our shards).
+# Python used only by the interoperability checks (pyarrow, DuckDB, Polars and Hugging Face
+# datasets read our shards).
 VENV := .venv
 PYARROW_VERSION := 26.0.1
 DUCKDB_VERSION := 2.0.1
 POLARS_VERSION := 2.1.0
+DATASETS_VERSION := 5.2.0
+VENV_STAMP := $(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION)-datasets-$(DATASETS_VERSION)
 
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
@@ -41,13 +44,13 @@ $(ORT_LIB):
 	@mv $(ORT_LIB).part $(ORT_LIB)
 	@echo "ONNX Runtime $(ORT_VERSION) ready at $(ORT_LIB)"
 
-$(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION):
+$(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "pyarrow==$(PYARROW_VERSION)" "numpy<3" \
-	  "duckdb==$(DUCKDB_VERSION)" "polars==$(POLARS_VERSION)"
+	  "duckdb==$(DUCKDB_VERSION)" "polars==$(POLARS_VERSION)" "datasets==$(DATASETS_VERSION)"
 	@touch $@
 
-pycheck-setup: $(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION)
+pycheck-setup: $(VENV_STAMP)
 
 test: setup pycheck-setup
 	LOGITCACHE_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --all-targets

@@ -379,10 +379,11 @@ fn format_1_caches_still_read_and_future_versions_are_refused() {
     assert_fails(&o, &["format version 3", "reads versions 1 to 2"]);
 }
 
-/// DuckDB and Polars read a cache of every mode and decode the same values as logitcache
-/// (DuckDB could not read top-k caches before format 2 wrote float16 log-probs PLAIN).
+/// DuckDB, Polars and Hugging Face `datasets` read a cache of every mode and decode the same
+/// values as logitcache (DuckDB could not read top-k caches before format 2 wrote float16
+/// log-probs PLAIN).
 #[test]
-fn duckdb_and_polars_read_every_mode() {
+fn duckdb_polars_and_datasets_read_every_mode() {
     for (name, extra) in [
         ("ix-topk", &[][..]),
         ("ix-sample", &["--mode", "sample", "--samples", "12"][..]),
@@ -394,7 +395,7 @@ fn duckdb_and_polars_read_every_mode() {
         let r = all_rows(&dir);
         let sum = |x: &[u32]| x.iter().map(|&i| i as u64).sum::<u64>();
         let lp_sum: f64 = r.topk_logprobs.iter().map(|x| x.to_f64()).sum();
-        for engine in ["duckdb", "polars"] {
+        for engine in ["duckdb", "polars", "datasets"] {
             let e = &v[engine];
             assert_eq!(
                 e["rows"].as_u64().unwrap() as usize,

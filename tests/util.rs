@@ -244,7 +244,7 @@ pub fn python_check(script: &str, cache: &Path) -> serde_json::Value {
         .unwrap_or_else(|_| Path::new(ROOT).join(".venv/bin/python"));
     assert!(
         python.is_file(),
-        "{} missing: run `make pycheck-setup` (make test does) or set LOGITCACHE_PYTHON to a Python with pyarrow, duckdb and polars",
+        "{} missing: run `make pycheck-setup` (make test does) or set LOGITCACHE_PYTHON to a Python with pyarrow, duckdb, polars and datasets",
         python.display()
     );
     let o = Command::new(&python)
