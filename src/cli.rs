@@ -311,10 +311,13 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportOnnxArgs {
-    /// A run directory written by `train` (OUT/<student>).
+    /// A run directory written by `train` (OUT/<student>), or a Hugging Face Llama checkpoint
+    /// directory as `save_pretrained` writes it (config.json + model.safetensors, or its
+    /// sharded form; float32, bfloat16 or float16 weights), e.g. a student trained in PyTorch.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Where to write the .onnx file (its tokenizer is RUN_DIR/checkpoint/tokenizer.json).
+    /// Where to write the .onnx file (its tokenizer is RUN_DIR/checkpoint/tokenizer.json, or
+    /// the Hugging Face directory's tokenizer.json).
     #[arg(long)]
     pub out: PathBuf,
     /// Store the weights as float16 (half the file; computed in float32, logits float32).
@@ -577,16 +580,36 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::ExportOnnx(args) => {
-            let run = student::checkpoint::RunCheckpoint::open(&args.checkpoint)?;
-            let bytes = student::export::llama_onnx(&run.student, &run.weights()?, args.fp16)?;
+            use student::checkpoint::{HfCheckpoint, RunCheckpoint};
+            // A run directory of `train`, or a Hugging Face Llama checkpoint directory.
+            let (student, weights, dir) = if HfCheckpoint::is_one(&args.checkpoint) {
+                let hf = HfCheckpoint::open(&args.checkpoint)?;
+                let w = hf.weights()?;
+                (hf.student, w, hf.dir)
+            } else {
+                let run = RunCheckpoint::open(&args.checkpoint).map_err(|e| {
+                    e.context("--checkpoint takes a run directory of `logitcache train` or a Hugging Face Llama checkpoint directory (config.json + model.safetensors)")
+                })?;
+                let w = run.weights()?;
+                (run.student, w, run.dir)
+            };
+            let bytes = student::export::llama_onnx(&student, &weights, args.fp16)?;
             crate::util::write_atomic(&args.out, &bytes)
                 .with_context(|| format!("writing {}", args.out.display()))?;
+            let tokenizer = dir.join("tokenizer.json");
             tracing::info!(
                 "wrote {} ({} parameters, {:.1} MiB); its tokenizer: {}",
                 args.out.display(),
-                run.student.num_params(),
+                student.num_params(),
                 bytes.len() as f64 / (1 << 20) as f64,
-                run.dir.join("tokenizer.json").display()
+                if tokenizer.is_file() {
+                    tokenizer.display().to_string()
+                } else {
+                    format!(
+                        "the one the checkpoint was trained with ({} has none)",
+                        dir.display()
+                    )
+                }
             );
             Ok(0)
         }

@@ -162,3 +162,171 @@ fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
     );
     assert!(!dir.join("x.onnx").exists());
 }
+
+/// `export-onnx` takes a Hugging Face Llama checkpoint directory as `save_pretrained` writes
+/// it, not only run directories: the same weights export to the same bytes; bfloat16 weights
+/// in a sharded checkpoint with an untied head give the cache of the same (rounded) values
+/// stored as float32 with a tied head; configurations the student model does not compute
+/// are refused by key.
+#[test]
+fn export_onnx_takes_a_hugging_face_llama_checkpoint_directory() {
+    use logitcache::student::checkpoint::read_safetensors;
+    use safetensors::{Dtype, tensor::TensorView};
+    let (out, _) = crate::pipeline::baseline();
+    let dir = shared_dir().join("export-hf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run_dir = dir.join("ta-run");
+    copy_tree(&out.join("teachers/ta/run/ta"), &run_dir);
+    let ckpt = run_dir.join("checkpoint");
+    let export = |from: &std::path::Path, to: &std::path::Path| {
+        run(&[
+            "export-onnx",
+            "--checkpoint",
+            from.to_str().unwrap(),
+            "--out",
+            to.to_str().unwrap(),
+        ])
+    };
+    let run_onnx = dir.join("run.onnx");
+    assert_ok(&export(&run_dir, &run_onnx));
+    // The config as transformers writes it (keys the student has no use for included).
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).unwrap()).unwrap();
+    config["transformers_version"] = "4.57.1".into();
+    config["rope_scaling"] = serde_json::Value::Null;
+    config["pretraining_tp"] = 1.into();
+    let hf_dir = |name: &str, config: &serde_json::Value| {
+        let d = dir.join(name);
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("config.json"), serde_json::to_vec(config).unwrap()).unwrap();
+        d
+    };
+    // 1. The run's own weights: the same graph, byte for byte (the directory named as the
+    // run, whose name the model's metadata records).
+    let a = hf_dir("hf-f32/ta", &config);
+    std::fs::copy(ckpt.join("model.safetensors"), a.join("model.safetensors")).unwrap();
+    assert_ok(&export(&a, &dir.join("a.onnx")));
+    assert!(
+        std::fs::read(dir.join("a.onnx")).unwrap() == std::fs::read(&run_onnx).unwrap(),
+        "the Hugging Face directory's export differs from the run's"
+    );
+    // 2. The weights rounded to bfloat16: stored as bfloat16 in two shards with an untied
+    // head (`lm_head.weight`, a copy of the embeddings), and as float32 with the tied head.
+    let w = read_safetensors(&ckpt.join("model.safetensors")).unwrap();
+    assert_eq!(config["tie_word_embeddings"], true);
+    let bf16: Vec<(String, Vec<usize>, Vec<u8>)> = w
+        .iter()
+        .chain(std::iter::once((
+            &"lm_head.weight".to_string(),
+            &w["model.embed_tokens.weight"],
+        )))
+        .map(|(name, (shape, v))| {
+            let bytes = v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect();
+            (name.clone(), shape.clone(), bytes)
+        })
+        .collect();
+    let write = |path: &std::path::Path, tensors: &[&(String, Vec<usize>, Vec<u8>)], dtype| {
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(n, s, b)| (n.clone(), TensorView::new(dtype, s.clone(), b).unwrap()))
+            .collect();
+        std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    };
+    let mut untied = config.clone();
+    untied["tie_word_embeddings"] = false.into();
+    untied["torch_dtype"] = "bfloat16".into();
+    let b = hf_dir("hf-bf16-sharded", &untied);
+    let (first, second): (Vec<_>, Vec<_>) = bf16.iter().partition(|t| t.0.contains("layers.0."));
+    assert!(!first.is_empty() && !second.is_empty());
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", &first),
+        ("model-00002-of-00002.safetensors", &second),
+    ] {
+        write(&b.join(file), part, Dtype::BF16);
+        for t in part.iter() {
+            weight_map.insert(t.0.clone(), file.into());
+        }
+    }
+    std::fs::write(
+        b.join("model.safetensors.index.json"),
+        serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": weight_map})).unwrap(),
+    )
+    .unwrap();
+    let c = hf_dir("hf-rounded-f32", &config);
+    let rounded: Vec<(String, Vec<usize>, Vec<u8>)> = bf16
+        .iter()
+        .filter(|t| t.0 != "lm_head.weight")
+        .map(|(n, s, bytes)| {
+            let f32s = bytes
+                .chunks_exact(2)
+                .flat_map(|p| {
+                    half::bf16::from_le_bytes([p[0], p[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
+                .collect();
+            (n.clone(), s.clone(), f32s)
+        })
+        .collect();
+    write(
+        &c.join("model.safetensors"),
+        &rounded.iter().collect::<Vec<_>>(),
+        Dtype::F32,
+    );
+    let cache = |onnx: &std::path::Path, name: &str| {
+        let out = dir.join(name);
+        assert_ok(&run_strings(&teacher_args(onnx, &out, 30)));
+        assert_ok(&run(&["verify", out.to_str().unwrap()]));
+        all_rows(&out)
+    };
+    assert_ok(&export(&b, &dir.join("b.onnx")));
+    assert_ok(&export(&c, &dir.join("c.onnx")));
+    let (rb, rc) = (
+        cache(&dir.join("b.onnx"), "cache-b"),
+        cache(&dir.join("c.onnx"), "cache-c"),
+    );
+    assert_eq!(rb.topk_ids, rc.topk_ids);
+    for (x, y) in rb.topk_logprobs.iter().zip(&rc.topk_logprobs) {
+        assert!((x.to_f32() - y.to_f32()).abs() < 2e-3, "{x} vs {y}");
+    }
+    // 3. Refused, naming the key (and nothing written).
+    let refused = |name: &str, edit: &dyn Fn(&mut serde_json::Value), want: &[&str]| {
+        let mut cfg = config.clone();
+        edit(&mut cfg);
+        let d = hf_dir(name, &cfg);
+        std::fs::copy(ckpt.join("model.safetensors"), d.join("model.safetensors")).unwrap();
+        let to = dir.join(format!("{name}.onnx"));
+        assert_fails(&export(&d, &to), want);
+        assert!(!to.exists(), "{name}");
+    };
+    refused(
+        "hf-rope-scaling",
+        &|c| c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+        &["rope_scaling", "plain rotary embeddings"],
+    );
+    refused(
+        "hf-mistral",
+        &|c| c["model_type"] = "mistral".into(),
+        &["model_type is \"mistral\"", "Llama checkpoints"],
+    );
+    refused(
+        "hf-bias",
+        &|c| c["attention_bias"] = true.into(),
+        &["attention_bias", "no biases"],
+    );
+    refused(
+        "hf-head-dim",
+        &|c| c["head_dim"] = 3.into(),
+        &["head_dim is 3"],
+    );
+    let no_weights = hf_dir("hf-no-weights", &config);
+    assert_fails(
+        &export(&no_weights, &dir.join("nw.onnx")),
+        &["no model.safetensors"],
+    );
+}

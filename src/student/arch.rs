@@ -210,6 +210,100 @@ impl StudentConfig {
         Self::from_file(&name, f, cache_vocab)
     }
 
+    /// The architecture of a Hugging Face `LlamaForCausalLM` `config.json` (as
+    /// `save_pretrained` writes it; the run's name is its directory's). What the student model
+    /// and the export do not compute is refused by key: another `model_type`, `hidden_act`
+    /// other than `silu`, attention or MLP biases, `rope_scaling`, a `head_dim` other than
+    /// `hidden_size / num_attention_heads`. `tie_word_embeddings` defaults to false, as in
+    /// transformers.
+    pub fn from_hf_config(path: &Path) -> Result<Self, ConfigError> {
+        let spec = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            path: spec.clone(),
+            source: e,
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: spec.clone(),
+            what: e.to_string(),
+        })?;
+        let name = path
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "student".into());
+        let bad = |what: String| ConfigError::Invalid {
+            name: spec.clone(),
+            what,
+        };
+        let model_type = v["model_type"].as_str().unwrap_or("(none)");
+        if model_type != "llama" {
+            return Err(bad(format!(
+                "model_type is {model_type:?}; export-onnx takes Llama checkpoints (model_type \"llama\", LlamaForCausalLM)"
+            )));
+        }
+        let unsupported = |key: &str, what: &str| bad(format!("{key} is {}: {what}", v[key]));
+        if !matches!(v["hidden_act"].as_str(), None | Some("silu")) {
+            return Err(unsupported(
+                "hidden_act",
+                "the student model computes SwiGLU (silu) only",
+            ));
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if v[key].as_bool() == Some(true) {
+                return Err(unsupported(key, "the student model has no biases"));
+            }
+        }
+        if !v["rope_scaling"].is_null() {
+            return Err(unsupported(
+                "rope_scaling",
+                "only plain rotary embeddings (rope_theta) are exported, not scaled ones",
+            ));
+        }
+        let count = |key: &str| -> Result<Option<usize>, ConfigError> {
+            match &v[key] {
+                serde_json::Value::Null => Ok(None),
+                x => x
+                    .as_u64()
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| bad(format!("{key} is {x}, not a whole number"))),
+            }
+        };
+        let need = |key: &str| {
+            count(key)?.ok_or_else(|| bad(format!("it has no {key}: not a Llama config.json")))
+        };
+        let real = |key: &str| -> Result<Option<f64>, ConfigError> {
+            match &v[key] {
+                serde_json::Value::Null => Ok(None),
+                x => x
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("{key} is {x}, not a number"))),
+            }
+        };
+        let f = StudentFile {
+            hidden_size: need("hidden_size")?,
+            num_hidden_layers: need("num_hidden_layers")?,
+            num_attention_heads: need("num_attention_heads")?,
+            num_key_value_heads: count("num_key_value_heads")?,
+            intermediate_size: need("intermediate_size")?,
+            vocab_size: Some(need("vocab_size")?),
+            max_position_embeddings: count("max_position_embeddings")?,
+            rope_theta: real("rope_theta")?,
+            rms_norm_eps: real("rms_norm_eps")?,
+            tie_word_embeddings: Some(v["tie_word_embeddings"].as_bool().unwrap_or(false)),
+        };
+        let c = Self::from_file(&name, f, 0)?;
+        if let Some(hd) = count("head_dim")?
+            && hd != c.head_dim()
+        {
+            return Err(bad(format!(
+                "head_dim is {hd}, not hidden_size / num_attention_heads = {}: the student model derives it",
+                c.head_dim()
+            )));
+        }
+        Ok(c)
+    }
+
     /// The Hugging Face `config.json` of a `LlamaForCausalLM` with this architecture.
     pub fn hf_config_json(&self, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
         serde_json::json!({

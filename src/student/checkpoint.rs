@@ -131,7 +131,8 @@ pub fn save_safetensors<B: Backend>(model: &Llama<B>, path: &Path) -> Result<(),
     })
 }
 
-/// Reads an f32 safetensors file into `name → (shape, values)`.
+/// Reads a safetensors file into `name → (shape, values)`: float32 tensors as they are,
+/// bfloat16 and float16 ones (as Hugging Face checkpoints often store them) widened to float32.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HfTensor>, CheckpointError> {
     let err = |why: String| CheckpointError::Read {
         path: path.display().to_string(),
@@ -141,20 +142,102 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HfTensor>, Checkp
     let st = SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(err(format!(
-                "tensor {name} is {:?}; logitcache reads float32 checkpoints",
-                view.dtype()
-            )));
-        }
-        let v: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data = view.data();
+        let v: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(err(format!(
+                    "tensor {name} is {other:?}; logitcache reads float32, bfloat16 and float16 weights"
+                )));
+            }
+        };
         out.insert(name, (view.shape().to_vec(), v));
     }
     Ok(out)
+}
+
+/// A Hugging Face `LlamaForCausalLM` checkpoint directory (`config.json` and
+/// `model.safetensors`, or the sharded `model.safetensors.index.json` with its files), as
+/// transformers' `save_pretrained` writes it: what `export-onnx` accepts besides run
+/// directories, so a student trained elsewhere (e.g. in PyTorch) becomes a teacher.
+#[derive(Debug, Clone)]
+pub struct HfCheckpoint {
+    pub dir: PathBuf,
+    pub student: StudentConfig,
+}
+
+/// The sharded checkpoint's index: which file holds each tensor.
+const HF_INDEX: &str = "model.safetensors.index.json";
+
+impl HfCheckpoint {
+    /// Whether `dir` looks like one (a `config.json`, and no run-directory checkpoint).
+    pub fn is_one(dir: &Path) -> bool {
+        dir.join("config.json").is_file()
+            && !dir.join("checkpoint").exists()
+            && !dir.join("checkpoint.old").exists()
+    }
+
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let student = StudentConfig::from_hf_config(&dir.join("config.json"))?;
+        if !dir.join("model.safetensors").is_file() && !dir.join(HF_INDEX).is_file() {
+            bail!(
+                "{} has a config.json but no model.safetensors (nor {HF_INDEX}); save the model with `save_pretrained(..., safe_serialization=True)`",
+                dir.display()
+            );
+        }
+        Ok(HfCheckpoint {
+            dir: dir.to_path_buf(),
+            student,
+        })
+    }
+
+    /// The weights by Hugging Face name, from one file or every file the index names.
+    pub fn weights(&self) -> Result<HashMap<String, HfTensor>, CheckpointError> {
+        let single = self.dir.join("model.safetensors");
+        if single.is_file() {
+            return read_safetensors(&single);
+        }
+        let index = self.dir.join(HF_INDEX);
+        let err = |why: String| CheckpointError::Read {
+            path: index.display().to_string(),
+            why,
+        };
+        let text = std::fs::read_to_string(&index).map_err(|e| err(e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let map = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| err("no `weight_map` object".into()))?;
+        let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        files.sort_unstable();
+        files.dedup();
+        let mut out = HashMap::new();
+        for f in files {
+            let path = self.dir.join(f);
+            if Path::new(f).components().count() != 1 {
+                return Err(err(format!(
+                    "the weight file {f:?} is not in the directory"
+                )));
+            }
+            out.extend(read_safetensors(&path)?);
+        }
+        if let Some(name) = map.keys().find(|k| !out.contains_key(*k)) {
+            return Err(err(format!(
+                "{name} is listed in the index but in none of its files"
+            )));
+        }
+        Ok(out)
+    }
 }
 
 struct Load<'a> {
