@@ -587,8 +587,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 let w = hf.weights()?;
                 (hf.student, w, hf.dir)
             } else {
-                let run = RunCheckpoint::open(&args.checkpoint).map_err(|e| {
-                    e.context("--checkpoint takes a run directory of `logitcache train` or a Hugging Face Llama checkpoint directory (config.json + model.safetensors)")
+                let dir = &args.checkpoint;
+                let run = RunCheckpoint::open(dir).map_err(|e| {
+                    // Neither kind of directory (a damaged run keeps its own message).
+                    if dir.join("checkpoint").exists() || dir.join("checkpoint.old").exists() {
+                        e
+                    } else {
+                        e.context("--checkpoint takes a run directory of `logitcache train` or a Hugging Face Llama checkpoint directory (config.json + model.safetensors)")
+                    }
                 })?;
                 let w = run.weights()?;
                 (run.student, w, run.dir)

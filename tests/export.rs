@@ -164,10 +164,10 @@ fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
 }
 
 /// `export-onnx` takes a Hugging Face Llama checkpoint directory as `save_pretrained` writes
-/// it, not only run directories: the same weights export to the same bytes; bfloat16 weights
-/// in a sharded checkpoint with an untied head give the cache of the same (rounded) values
-/// stored as float32 with a tied head; configurations the student model does not compute
-/// are refused by key.
+/// it (transformers 4 and 5 configs), not only run directories: the same weights export to
+/// the same bytes; bfloat16 weights in a sharded checkpoint with an untied head give the
+/// cache of the same (rounded) values stored as float32, and the head is the untied one;
+/// configurations the student model does not compute are refused by key.
 #[test]
 fn export_onnx_takes_a_hugging_face_llama_checkpoint_directory() {
     use logitcache::student::checkpoint::read_safetensors;
@@ -211,16 +211,31 @@ fn export_onnx_takes_a_hugging_face_llama_checkpoint_directory() {
         std::fs::read(dir.join("a.onnx")).unwrap() == std::fs::read(&run_onnx).unwrap(),
         "the Hugging Face directory's export differs from the run's"
     );
-    // 2. The weights rounded to bfloat16: stored as bfloat16 in two shards with an untied
-    // head (`lm_head.weight`, a copy of the embeddings), and as float32 with the tied head.
+    // The same in transformers 5's layout (rope_theta inside rope_parameters).
+    let mut v5 = config.clone();
+    let theta = v5["rope_theta"].take();
+    v5.as_object_mut().unwrap().remove("rope_scaling");
+    v5["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": theta});
+    let a5 = hf_dir("hf-v5/ta", &v5);
+    std::fs::copy(ckpt.join("model.safetensors"), a5.join("model.safetensors")).unwrap();
+    assert_ok(&export(&a5, &dir.join("a5.onnx")));
+    assert!(
+        std::fs::read(dir.join("a5.onnx")).unwrap() == std::fs::read(&run_onnx).unwrap(),
+        "the transformers 5 config's export differs from the run's"
+    );
+    // 2. The weights rounded to bfloat16, with an untied head (`lm_head.weight`: half the
+    // embeddings, so a head taken from the embeddings would show): stored as bfloat16 in two
+    // shards, and as float32 in one file; and the tied head for comparison.
     let w = read_safetensors(&ckpt.join("model.safetensors")).unwrap();
     assert_eq!(config["tie_word_embeddings"], true);
+    let (shape, embed) = &w["model.embed_tokens.weight"];
+    let head = (
+        shape.clone(),
+        embed.iter().map(|x| x * 0.5).collect::<Vec<f32>>(),
+    );
     let bf16: Vec<(String, Vec<usize>, Vec<u8>)> = w
         .iter()
-        .chain(std::iter::once((
-            &"lm_head.weight".to_string(),
-            &w["model.embed_tokens.weight"],
-        )))
+        .chain(std::iter::once((&"lm_head.weight".to_string(), &head)))
         .map(|(name, (shape, v))| {
             let bytes = v
                 .iter()
@@ -257,10 +272,10 @@ fn export_onnx_takes_a_hugging_face_llama_checkpoint_directory() {
         serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": weight_map})).unwrap(),
     )
     .unwrap();
-    let c = hf_dir("hf-rounded-f32", &config);
+    let c = hf_dir("hf-rounded-f32", &untied);
+    let t = hf_dir("hf-rounded-f32-tied", &config);
     let rounded: Vec<(String, Vec<usize>, Vec<u8>)> = bf16
         .iter()
-        .filter(|t| t.0 != "lm_head.weight")
         .map(|(n, s, bytes)| {
             let f32s = bytes
                 .chunks_exact(2)
@@ -276,6 +291,14 @@ fn export_onnx_takes_a_hugging_face_llama_checkpoint_directory() {
     write(
         &c.join("model.safetensors"),
         &rounded.iter().collect::<Vec<_>>(),
+        Dtype::F32,
+    );
+    write(
+        &t.join("model.safetensors"),
+        &rounded
+            .iter()
+            .filter(|t| t.0 != "lm_head.weight")
+            .collect::<Vec<_>>(),
         Dtype::F32,
     );
     let cache = |onnx: &std::path::Path, name: &str| {
@@ -294,6 +317,18 @@ fn export_onnx_takes_a_hugging_face_llama_checkpoint_directory() {
     for (x, y) in rb.topk_logprobs.iter().zip(&rc.topk_logprobs) {
         assert!((x.to_f32() - y.to_f32()).abs() < 2e-3, "{x} vs {y}");
     }
+    assert_ok(&export(&t, &dir.join("t.onnx")));
+    let rt = cache(&dir.join("t.onnx"), "cache-t");
+    let moved = rb
+        .topk_logprobs
+        .iter()
+        .zip(&rt.topk_logprobs)
+        .filter(|(x, y)| (x.to_f32() - y.to_f32()).abs() > 0.01)
+        .count();
+    assert!(
+        moved * 2 > rb.topk_logprobs.len(),
+        "the untied head's logits should be half the tied head's ({moved} differ)"
+    );
     // 3. Refused, naming the key (and nothing written).
     let refused = |name: &str, edit: &dyn Fn(&mut serde_json::Value), want: &[&str]| {
         let mut cfg = config.clone();
@@ -310,6 +345,14 @@ fn export_onnx_takes_a_hugging_face_llama_checkpoint_directory() {
         &["rope_scaling", "plain rotary embeddings"],
     );
     refused(
+        "hf-v5-rope-llama3",
+        &|c| {
+            c["rope_parameters"] =
+                serde_json::json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0})
+        },
+        &["rope_parameters", "plain rotary embeddings"],
+    );
+    refused(
         "hf-mistral",
         &|c| c["model_type"] = "mistral".into(),
         &["model_type is \"mistral\"", "Llama checkpoints"],
@@ -323,6 +366,15 @@ fn export_onnx_takes_a_hugging_face_llama_checkpoint_directory() {
         "hf-head-dim",
         &|c| c["head_dim"] = 3.into(),
         &["head_dim is 3"],
+    );
+    // A run's checkpoint/ folder is not taken for a Hugging Face directory (its checksums
+    // and lock are the run directory's): the run directory is asked for, as before.
+    assert_fails(
+        &export(&ckpt, &dir.join("ckpt.onnx")),
+        &[
+            "is not a run directory written by `logitcache train`",
+            "pass OUT/<student>",
+        ],
     );
     let no_weights = hf_dir("hf-no-weights", &config);
     assert_fails(

@@ -162,9 +162,9 @@ pub(crate) fn nested_leaf_values<T: Leaf>(
 /// The offsets of the inner lists of a `list<list<…>>` leaf from its repetition levels, one
 /// per value (every list present and non-empty): level 0 starts a row (and its first
 /// position), 1 a position, 2 continues the position's list. `None` when the first level
-/// continues a list.
+/// does not start a row.
 fn offsets_from_reps<R: Copy + Into<i16>>(reps: &[R]) -> Option<Vec<i32>> {
-    if reps.first().is_some_and(|&r| r.into() > 1) {
+    if reps.first().is_some_and(|&r| r.into() != 0) {
         return None;
     }
     let mut offsets: Vec<i32> = Vec::with_capacity(reps.len() / 4 + 2);
@@ -223,10 +223,13 @@ fn decode_levels(levels: &[u8], max: i16, n: usize, out: &mut Vec<u8>) -> bool {
         } else {
             // `count` groups of 8 values, `bits` bits each, packed from the lowest bit;
             // the last group may pad past the page's levels.
-            let Some(packed) = levels.get(at..at + count * bits) else {
+            let Some(end) = count.checked_mul(bits).and_then(|l| l.checked_add(at)) else {
                 return false;
             };
-            at += count * bits;
+            let Some(packed) = levels.get(at..end) else {
+                return false;
+            };
+            at = end;
             let take = (count * 8).min(target - out.len());
             let start = out.len();
             if bits == 2 {
@@ -435,7 +438,8 @@ mod tests {
         out.clear();
         assert!(decode_levels(&levels[..3], 2, 5, &mut out));
         assert_eq!(out, [0, 1, 2, 1, 0]);
-        // A run longer than the page, a level above the maximum, truncated input.
+        // A run longer than the page (also what these bytes are read as at one bit per
+        // level), truncated input, levels above the maximum.
         assert!(!decode_levels(&levels, 2, 11, &mut vec![]));
         assert!(!decode_levels(&levels, 1, 13, &mut vec![]));
         assert!(!decode_levels(&levels[..2], 2, 8, &mut vec![]));
@@ -443,9 +447,17 @@ mod tests {
             !decode_levels(&[3, 0xff, 0xff], 2, 8, &mut vec![]),
             "a level 3 above max 2"
         );
+        assert!(
+            !decode_levels(&[0x02, 3], 2, 1, &mut vec![]),
+            "an RLE level above max 2"
+        );
+        // A bit-packed header of 2^62 groups: no overflow, just not there.
+        let huge = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        assert!(!decode_levels(&huge, 2, 8, &mut vec![]));
         // Levels 0 1 2 1 0: lists [0], [1, 2], [3], [4].
         assert_eq!(offsets_from_reps(&out), Some(vec![0, 1, 3, 4, 5]));
         assert_eq!(offsets_from_reps(&[2u8, 0]), None);
+        assert_eq!(offsets_from_reps(&[1u8, 2]), None);
     }
 
     #[test]

@@ -213,9 +213,10 @@ impl StudentConfig {
     /// The architecture of a Hugging Face `LlamaForCausalLM` `config.json` (as
     /// `save_pretrained` writes it; the run's name is its directory's). What the student model
     /// and the export do not compute is refused by key: another `model_type`, `hidden_act`
-    /// other than `silu`, attention or MLP biases, `rope_scaling`, a `head_dim` other than
-    /// `hidden_size / num_attention_heads`. `tie_word_embeddings` defaults to false, as in
-    /// transformers.
+    /// other than `silu`, attention or MLP biases, scaled rotary embeddings (`rope_scaling`, or
+    /// transformers 5's `rope_parameters`, other than the default type), a `head_dim` other
+    /// than `hidden_size / num_attention_heads`. Missing keys take transformers' defaults
+    /// (`tie_word_embeddings` false, `rms_norm_eps` 1e-6).
     pub fn from_hf_config(path: &Path) -> Result<Self, ConfigError> {
         let spec = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
@@ -253,11 +254,25 @@ impl StudentConfig {
                 return Err(unsupported(key, "the student model has no biases"));
             }
         }
-        if !v["rope_scaling"].is_null() {
-            return Err(unsupported(
-                "rope_scaling",
-                "only plain rotary embeddings (rope_theta) are exported, not scaled ones",
-            ));
+        // Rotary embeddings: `rope_theta` and `rope_scaling` at the top level (transformers 4),
+        // or one `rope_parameters` object (transformers 5). Only plain RoPE is computed.
+        let plain_rope = |x: &serde_json::Value| {
+            x.is_null()
+                || x.as_object().is_some_and(|o| {
+                    o.iter().all(|(k, v)| match k.as_str() {
+                        "rope_type" | "type" => v == "default",
+                        "rope_theta" => true,
+                        _ => false,
+                    })
+                })
+        };
+        for key in ["rope_scaling", "rope_parameters"] {
+            if !plain_rope(&v[key]) {
+                return Err(unsupported(
+                    key,
+                    "only plain rotary embeddings (rope_theta) are exported, not scaled ones",
+                ));
+            }
         }
         let count = |key: &str| -> Result<Option<usize>, ConfigError> {
             match &v[key] {
@@ -280,6 +295,21 @@ impl StudentConfig {
                     .ok_or_else(|| bad(format!("{key} is {x}, not a number"))),
             }
         };
+        let nested_theta =
+            match &v["rope_parameters"]["rope_theta"] {
+                serde_json::Value::Null => None,
+                x => Some(x.as_f64().ok_or_else(|| {
+                    bad(format!("rope_parameters.rope_theta is {x}, not a number"))
+                })?),
+            };
+        let rope_theta = match (real("rope_theta")?, nested_theta) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(bad(format!(
+                    "rope_theta is {a} but rope_parameters.rope_theta is {b}"
+                )));
+            }
+            (a, b) => a.or(b),
+        };
         let f = StudentFile {
             hidden_size: need("hidden_size")?,
             num_hidden_layers: need("num_hidden_layers")?,
@@ -288,8 +318,9 @@ impl StudentConfig {
             intermediate_size: need("intermediate_size")?,
             vocab_size: Some(need("vocab_size")?),
             max_position_embeddings: count("max_position_embeddings")?,
-            rope_theta: real("rope_theta")?,
-            rms_norm_eps: real("rms_norm_eps")?,
+            rope_theta,
+            // transformers' LlamaConfig defaults (for keys a config.json leaves out).
+            rms_norm_eps: Some(real("rms_norm_eps")?.unwrap_or(1e-6)),
             tie_word_embeddings: Some(v["tie_word_embeddings"].as_bool().unwrap_or(false)),
         };
         let c = Self::from_file(&name, f, 0)?;

@@ -181,11 +181,15 @@ pub struct HfCheckpoint {
 const HF_INDEX: &str = "model.safetensors.index.json";
 
 impl HfCheckpoint {
-    /// Whether `dir` looks like one (a `config.json`, and no run-directory checkpoint).
+    /// Whether `dir` looks like one: a `config.json`, and neither a run directory (with its
+    /// `checkpoint/`) nor a run's `checkpoint/` itself (with `train_config.json`, whose
+    /// checksums and lock only the run directory's path checks).
     pub fn is_one(dir: &Path) -> bool {
         dir.join("config.json").is_file()
             && !dir.join("checkpoint").exists()
             && !dir.join("checkpoint.old").exists()
+            && !dir.join("train_config.json").exists()
+            && !dir.join(CHECKSUMS).exists()
     }
 
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
@@ -223,13 +227,16 @@ impl HfCheckpoint {
         files.dedup();
         let mut out = HashMap::new();
         for f in files {
-            let path = self.dir.join(f);
-            if Path::new(f).components().count() != 1 {
+            let mut parts = Path::new(f).components();
+            if !matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            ) {
                 return Err(err(format!(
-                    "the weight file {f:?} is not in the directory"
+                    "the weight file {f:?} is not a file name in the directory"
                 )));
             }
-            out.extend(read_safetensors(&path)?);
+            out.extend(read_safetensors(&self.dir.join(f))?);
         }
         if let Some(name) = map.keys().find(|k| !out.contains_key(*k)) {
             return Err(err(format!(

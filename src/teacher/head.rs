@@ -124,6 +124,10 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
     let entropy = g.node("Neg", &[&neg_h], vec![]);
     g.output_as(&entropy, "entropy", data_type::FLOAT, &bsk(Dim::Fixed(1)));
     let mut top_ids = None;
+    // The tail's log-probabilities renormalised (the top-k at -inf): a hybrid's draws at
+    // τ = 1 come from these, so a tail below float32's range relative to the maximum is
+    // drawn from as on the host.
+    let mut tail_log_weights = None;
     if k > 0 {
         let kk = g.init_i64("k", &[1], &[k as i64]);
         let top = g.node_n(
@@ -172,6 +176,7 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
         );
         g.output_as(&tail, "tail_logprob", data_type::FLOAT, &bsk(Dim::Fixed(1)));
         top_ids = Some((top[1].clone(), shape));
+        tail_log_weights = Some(g.node("Sub", &[&rest, &rest_lse], vec![]));
     }
     if samples > 0 {
         let u = g.input(
@@ -212,9 +217,10 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
             );
             g.node("Sub", &[&xq, &lse_q], vec![])
         });
-        let weights = match &log_q {
-            Some(lq) => g.node("Exp", &[lq], vec![]),
-            None => p_all.clone(),
+        let weights = match (&log_q, hybrid.then_some(tail_log_weights).flatten()) {
+            (Some(lq), _) => g.node("Exp", &[lq], vec![]),
+            (None, Some(tw)) => g.node("Exp", &[&tw], vec![]),
+            (None, None) => p_all.clone(),
         };
         let ids = draws(&mut g, &weights, &u, vocab, exclude);
         let picked = g.node("GatherElements", &[&x, &ids], vec![attr_int("axis", 2)]);

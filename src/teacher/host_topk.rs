@@ -148,8 +148,9 @@ impl HostTopK {
         });
         // A hybrid at τ = 1 draws from the tail the top-k pass summed (one pass over the row
         // less; at another τ the proposal's weights are not the top-k's).
-        let fused =
-            sampling.is_some_and(|o| o.mode == CacheMode::Hybrid && o.proposal_temperature == 1.0);
+        let fused = k > 0
+            && sampling
+                .is_some_and(|o| o.mode == CacheMode::Hybrid && o.proposal_temperature == 1.0);
         let per = rows.len().div_ceil(self.workers.len()).max(1);
         // Threads get disjoint ranges of rows; with k = 0 (a `sample` cache) the top-k
         // outputs are empty.

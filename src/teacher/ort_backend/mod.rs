@@ -384,8 +384,8 @@ impl OrtTeacher {
                 let mut drawn: Vec<(u32, f32, f32)> = Vec::with_capacity(s.samples);
                 for (o, &(_, _, r)) in rows.iter().enumerate() {
                     let before = out.sample_ids.len();
-                    // A hybrid whose top-k holds all the mass draws nothing (as on the host).
-                    if !(hybrid && (out.tail_logprob[o] as f64).exp() == 0.0) {
+                    // A hybrid without a tail (the top-k is every id) draws nothing.
+                    if !(hybrid && out.tail_logprob[o] == f32::NEG_INFINITY) {
                         drawn.clear();
                         let at = r * s.samples..(r + 1) * s.samples;
                         drawn.extend(
