@@ -240,11 +240,12 @@ pub const LONG_DOCUMENT_BYTES: usize = 1 << 20;
 
 /// The `Split` regexes of the Llama 3 (also tiktoken's cl100k) and Qwen 2 pre-tokenizers,
 /// as their tokenizer.json files spell them. Neither has an alternative that matches a
-/// non-space character followed by a space: the contractions and `\p{N}` runs hold no space,
-/// `[^\r\n\p{L}\p{N}]?\p{L}+` and ` ?[^\s\p{L}\p{N}]+[\r\n]*` hold one only as their first
-/// character, and the `\s` alternatives hold only whitespace. So every non-space–space
-/// position is a match boundary, and with no look-behind the matches after it are the same
-/// whether the text starts there or not: a cut before such a space changes nothing.
+/// non-whitespace character followed by a space: the contractions and `\p{N}` runs hold no
+/// space, `[^\r\n\p{L}\p{N}]?\p{L}+` and ` ?[^\s\p{L}\p{N}]+[\r\n]*` hold one only as their
+/// first character, and the `\s` alternatives hold only whitespace. So every position
+/// between a non-whitespace character and a space is a match boundary, and with no
+/// look-behind the matches after it are the same whether the text starts there or not: a cut
+/// before such a space changes nothing.
 pub const SPACE_BOUNDED_SPLIT_REGEXES: [&str; 2] = [
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
