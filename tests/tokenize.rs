@@ -65,8 +65,51 @@ fn texts() -> Vec<String> {
         .collect()
 }
 
+/// The pre-tokens of `text` under `tok`'s normaliser and pre-tokenizer.
+fn pre_tokens(tok: &Tokenizer, text: &str) -> Vec<String> {
+    use tokenizers::{
+        NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
+        PreTokenizer,
+    };
+    let mut n = NormalizedString::from(text);
+    if let Some(norm) = tok.get_normalizer() {
+        norm.normalize(&mut n).unwrap();
+    }
+    let mut p = PreTokenizedString::from(n);
+    if let Some(pre) = tok.get_pre_tokenizer() {
+        pre.pre_tokenize(&mut p).unwrap();
+    }
+    p.get_splits(OffsetReferential::Original, OffsetType::Byte)
+        .into_iter()
+        .map(|(s, _, _)| s.to_string())
+        .collect()
+}
+
 fn assert_piecewise_exact(name: &str, tok: &Tokenizer) {
     assert_eq!(piecewise_blocker(tok), None, "{name}");
+    // The property the cuts rely on, at every cut point (a single space between two
+    // non-whitespace characters) of the first texts: the pre-tokens of the whole are those
+    // of the part before it followed by those of the part after it. (Equal ids alone could
+    // hide a moved boundary that no merge of the test's vocabulary crosses.)
+    for (i, text) in texts().iter().take(30).enumerate() {
+        let whole = pre_tokens(tok, text);
+        let b = text.as_bytes();
+        for cut in (1..b.len().saturating_sub(1)).filter(|&c| {
+            b[c] == b' '
+                && text[..c]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| !c.is_whitespace())
+                && text[c + 1..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| !c.is_whitespace())
+        }) {
+            let mut parts = pre_tokens(tok, &text[..cut]);
+            parts.extend(pre_tokens(tok, &text[cut..]));
+            assert_eq!(parts, whole, "{name}: text {i}, cut at byte {cut}");
+        }
+    }
     for (i, text) in texts().iter().enumerate() {
         let whole = tok.encode(text.as_str(), true).unwrap().get_ids().to_vec();
         for piece in [1, 5, 17, 64, 300] {
