@@ -458,6 +458,19 @@ fn changed_parameters_are_refused_by_name() {
     );
     // The same command again is a no-op resume.
     assert_ok(&run_strings(&a));
+    // A cache written when a corpus file given twice was read twice lists it twice (and holds
+    // its documents twice): resuming it now, which reads the file once, is refused and says
+    // why.
+    let mut m = logitcache::cache::manifest::Manifest::load(&out).unwrap();
+    m.corpus.push(m.corpus[0].clone());
+    m.store(&out).unwrap();
+    assert_fails(
+        &run_strings(&a),
+        &[
+            "different --corpus",
+            "twice: it was written when a file given twice was read twice",
+        ],
+    );
 }
 
 #[test]

@@ -445,9 +445,20 @@ impl Manifest {
                 .collect::<Vec<_>>()
         };
         if hashes(self) != hashes(other) {
+            // A cache written before a file given twice was read once lists (and holds) it
+            // twice: the same files then, but not the same documents.
+            let mut seen = std::collections::HashSet::new();
+            let twice = self.corpus.iter().find(|c| !seen.insert(&c.path));
+            let note = match twice {
+                Some(c) => format!(
+                    " (it lists {} twice: it was written when a file given twice was read twice, so it holds those documents twice)",
+                    c.path.display()
+                ),
+                None => String::new(),
+            };
             return Some((
                 "--corpus (files and their sha256)".into(),
-                ca.join(", "),
+                ca.join(", ") + &note,
                 cb.join(", "),
             ));
         }
