@@ -246,7 +246,9 @@ impl Sampler {
                 continue;
             }
             // The block holds at least one draw: its values' exps at once (a loop that
-            // vectorises, the kernels' polynomial), then visited in id order.
+            // vectorises, the kernels' polynomial), the skipped ones zeroed, then visited in
+            // id order, a run of 16 at a time: a run that holds no draw is passed by its
+            // sum (and its last weighted id), the others value by value.
             let mut c = cum;
             let start = b * BLOCK;
             let block = &row[start..(start + BLOCK).min(row.len())];
@@ -254,17 +256,33 @@ impl Sampler {
             for (w, &x) in ws.iter_mut().zip(block) {
                 *w = exp_nonpos(((x - reference) * s).min(0.0));
             }
-            for (i, (&w, &x)) in ws.iter().zip(block).enumerate() {
-                let id = start + i;
-                if w == 0.0 || skip(id, x) {
+            for (i, (w, &x)) in ws.iter_mut().zip(block).enumerate() {
+                if skip(start + i, x) {
+                    *w = 0.0;
+                }
+            }
+            const RUN: usize = 16;
+            for (r, run) in ws[..block.len()].chunks(RUN).enumerate() {
+                let first = start + r * RUN;
+                let sum: f64 = run.iter().map(|&w| w as f64).sum();
+                if j == targets.len() || targets[j] >= end || targets[j] >= c + sum {
+                    if let Some(k) = run.iter().rposition(|&w| w != 0.0) {
+                        last_seen = Some(first + k);
+                    }
+                    c += sum;
                     continue;
                 }
-                let w = w as f64;
-                last_seen = Some(id);
-                c += w;
-                while j < targets.len() && targets[j] < c && targets[j] < end {
-                    emit(id, ids, counts);
-                    j += 1;
+                for (k, &w) in run.iter().enumerate() {
+                    if w == 0.0 {
+                        continue;
+                    }
+                    let id = first + k;
+                    last_seen = Some(id);
+                    c += w as f64;
+                    while j < targets.len() && targets[j] < c && targets[j] < end {
+                        emit(id, ids, counts);
+                        j += 1;
+                    }
                 }
             }
             // Rounding (the block sum and the values' own exps differ by ~1e-7): draws
