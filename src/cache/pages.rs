@@ -192,22 +192,9 @@ fn decode_levels(levels: &[u8], max: i16, n: usize, out: &mut Vec<u8>) -> bool {
     let mask = (1u16 << bits) - 1;
     let mut at = 0usize;
     while out.len() < target {
-        let mut header = 0u64;
-        let mut shift = 0;
-        loop {
-            let Some(&b) = levels.get(at) else {
-                return false;
-            };
-            at += 1;
-            header |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-            if shift > 63 {
-                return false;
-            }
-        }
+        let Some(header) = run_header(levels, &mut at) else {
+            return false;
+        };
         let count = (header >> 1) as usize;
         if header & 1 == 0 {
             // An RLE run: `count` copies of one value (`width` bytes, little-endian).
@@ -313,28 +300,30 @@ fn prefixed(buf: &[u8], at: usize) -> Result<(usize, usize), String> {
     Ok((at + 4, end))
 }
 
+/// The ULEB128 header of the RLE/bit-packed hybrid run at `*at` (advanced past it): the
+/// run's length times 2, plus 1 for a bit-packed run. `None` when the bytes end first.
+fn run_header(levels: &[u8], at: &mut usize) -> Option<u64> {
+    let mut header = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *levels.get(*at)?;
+        *at += 1;
+        header |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(header);
+        }
+    }
+    None
+}
+
 /// Whether RLE/bit-packed hybrid `levels` are `n` copies of `max` in RLE runs only (what a
 /// writer emits for a column with no nulls and no empty lists).
 fn all_max(levels: &[u8], max: i16, n: usize) -> bool {
     let width = (16 - (max as u16).leading_zeros()).div_ceil(8) as usize;
     let (mut at, mut seen) = (0usize, 0usize);
     while seen < n {
-        let mut header = 0u64;
-        let mut shift = 0;
-        loop {
-            let Some(&b) = levels.get(at) else {
-                return false;
-            };
-            at += 1;
-            header |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-            if shift > 63 {
-                return false;
-            }
-        }
+        let Some(header) = run_header(levels, &mut at) else {
+            return false;
+        };
         if header & 1 == 1 {
             return false; // a bit-packed run: the levels vary
         }
