@@ -328,6 +328,20 @@ pub fn piecewise_blocker(tok: &Tokenizer) -> Option<String> {
     None
 }
 
+/// Whether [`encode_piecewise`] may cut `text` before byte `i`: a single ASCII space between
+/// two non-whitespace characters (the boundary [`piecewise_blocker`] checks every step keeps).
+pub fn is_cut_point(text: &str, i: usize) -> bool {
+    text.as_bytes().get(i) == Some(&b' ')
+        && text[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| !c.is_whitespace())
+        && text[i + 1..]
+            .chars()
+            .next()
+            .is_some_and(|c| !c.is_whitespace())
+}
+
 /// The ids of `tok.encode(text, true)`, computed piece by piece (pieces of about `piece`
 /// bytes, see [`piecewise_blocker`]), with the post-processor's special tokens put around
 /// them as it puts them around the whole text. `None` when the tokenizer does not allow it
@@ -345,20 +359,11 @@ pub fn encode_piecewise(
     let mut first: Option<tokenizers::Encoding> = None;
     let mut start = 0usize;
     while start < b.len() {
-        // The next cut: a single ASCII space between two non-space characters.
+        // The next cut.
         let mut end = b.len();
         let mut i = (start + piece.max(1)).min(b.len());
         while i < b.len() {
-            if b[i] == b' '
-                && text[..i]
-                    .chars()
-                    .next_back()
-                    .is_some_and(|c| !c.is_whitespace())
-                && text[i + 1..]
-                    .chars()
-                    .next()
-                    .is_some_and(|c| !c.is_whitespace())
-            {
+            if is_cut_point(text, i) {
                 end = i;
                 break;
             }

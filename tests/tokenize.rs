@@ -6,7 +6,8 @@
 
 use crate::util::*;
 use logitcache::tokenizer::{
-    LONG_DOCUMENT_BYTES, SPACE_BOUNDED_SPLIT_REGEXES, encode_piecewise, piecewise_blocker,
+    LONG_DOCUMENT_BYTES, SPACE_BOUNDED_SPLIT_REGEXES, encode_piecewise, is_cut_point,
+    piecewise_blocker,
 };
 use tokenizers::Tokenizer;
 
@@ -93,18 +94,7 @@ fn assert_piecewise_exact(name: &str, tok: &Tokenizer) {
     // hide a moved boundary that no merge of the test's vocabulary crosses.)
     for (i, text) in texts().iter().take(30).enumerate() {
         let whole = pre_tokens(tok, text);
-        let b = text.as_bytes();
-        for cut in (1..b.len().saturating_sub(1)).filter(|&c| {
-            b[c] == b' '
-                && text[..c]
-                    .chars()
-                    .next_back()
-                    .is_some_and(|c| !c.is_whitespace())
-                && text[c + 1..]
-                    .chars()
-                    .next()
-                    .is_some_and(|c| !c.is_whitespace())
-        }) {
+        for cut in (0..text.len()).filter(|&c| is_cut_point(text, c)) {
             let mut parts = pre_tokens(tok, &text[..cut]);
             parts.extend(pre_tokens(tok, &text[cut..]));
             assert_eq!(parts, whole, "{name}: text {i}, cut at byte {cut}");
