@@ -123,11 +123,10 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
     );
     let entropy = g.node("Neg", &[&neg_h], vec![]);
     g.output_as(&entropy, "entropy", data_type::FLOAT, &bsk(Dim::Fixed(1)));
-    let mut top_ids = None;
-    // The tail's log-probabilities renormalised (the top-k at -inf): a hybrid's draws at
-    // τ = 1 come from these, so a tail below float32's range relative to the maximum is
-    // drawn from as on the host.
-    let mut tail_log_weights = None;
+    // A hybrid's tail: the logits with the top-k at -inf, and their log-sum-exp (what
+    // `tail_logprob` is made of, and what a hybrid draws from, so a tail below float32's range
+    // relative to the maximum is drawn from as on the host).
+    let mut tail_support = None;
     if k > 0 {
         let kk = g.init_i64("k", &[1], &[k as i64]);
         let top = g.node_n(
@@ -175,8 +174,7 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
             &bsk(Dim::Fixed(k as i64)),
         );
         g.output_as(&tail, "tail_logprob", data_type::FLOAT, &bsk(Dim::Fixed(1)));
-        top_ids = Some((top[1].clone(), shape));
-        tail_log_weights = Some(g.node("Sub", &[&rest, &rest_lse], vec![]));
+        tail_support = Some((rest, rest_lse));
     }
     if samples > 0 {
         let u = g.input(
@@ -184,45 +182,38 @@ pub fn head(spec: &HeadSpec) -> Vec<u8> {
             data_type::FLOAT,
             &bsk(Dim::Fixed(samples as i64)),
         );
-        let exclude = if hybrid { top_ids } else { None };
-        // The proposal's log-probs over the support (the ids outside the top-k in a hybrid)
-        // when τ ≠ 1: log-softmax of x/τ with the excluded ids at -inf. Otherwise the draws
-        // come from the entropy's softmax (the inverse CDF is scale-free).
-        let log_q = (proposal_temperature != 1.0).then(|| {
+        // The draws' support: the whole row, or a hybrid's tail (the top-k at -inf), with
+        // its log-sum-exp. At τ ≠ 1 the proposal is the log-softmax of support/τ; at τ = 1 the
+        // support's own log-softmax (the entropy's softmax for a whole row).
+        let (support, support_lse) = match (hybrid, tail_support) {
+            (true, Some(t)) => t,
+            _ => (x.clone(), lse.clone()),
+        };
+        let log_q = if proposal_temperature != 1.0 {
             let inv_tau = g.init_f32(
                 "inv_proposal_temperature",
                 &[],
                 &[1.0 / proposal_temperature],
             );
-            let mut xq = g.node("Mul", &[&x, &inv_tau], vec![]);
-            if let Some((ids, shape)) = &exclude {
-                let fill = g.node(
-                    "ConstantOfShape",
-                    &[shape],
-                    vec![crate::onnx::builder::attr_tensor(
-                        "value",
-                        tensor_f32("neg_inf_q", &[1], &[f32::NEG_INFINITY]),
-                    )],
-                );
-                xq = g.node(
-                    "ScatterElements",
-                    &[&xq, ids, &fill],
-                    vec![attr_int("axis", 2)],
-                );
-            }
+            let xq = g.node("Mul", &[&support, &inv_tau], vec![]);
             let lse_q = g.node(
                 "ReduceLogSumExp",
                 &[&xq],
                 vec![attr_ints("axes", &[2]), attr_int("keepdims", 1)],
             );
-            g.node("Sub", &[&xq, &lse_q], vec![])
-        });
-        let weights = match (&log_q, hybrid.then_some(tail_log_weights).flatten()) {
-            (Some(lq), _) => g.node("Exp", &[lq], vec![]),
-            (None, Some(tw)) => g.node("Exp", &[&tw], vec![]),
-            (None, None) => p_all.clone(),
+            Some(g.node("Sub", &[&xq, &lse_q], vec![]))
+        } else {
+            None
         };
-        let ids = draws(&mut g, &weights, &u, vocab, exclude);
+        let weights = match (&log_q, hybrid) {
+            (Some(lq), _) => g.node("Exp", &[lq], vec![]),
+            (None, true) => {
+                let lw = g.node("Sub", &[&support, &support_lse], vec![]);
+                g.node("Exp", &[&lw], vec![])
+            }
+            (None, false) => p_all.clone(),
+        };
+        let ids = draws(&mut g, &weights, &u, vocab);
         let picked = g.node("GatherElements", &[&x, &ids], vec![attr_int("axis", 2)]);
         let lps = g.node("Sub", &[&picked, &lse], vec![]);
         let n = Dim::Fixed(samples as i64);
@@ -278,36 +269,15 @@ fn locate(g: &mut GraphBuilder, cum: &str, t: &str, last: &str, axis: i64) -> St
     )
 }
 
-/// The draws' ids i64 [batch, seq, N] from the probabilities `p` [batch, seq, vocab] and the
-/// uniforms `u` [batch, seq, N]; `exclude`: (top-k ids, their shape) to leave out.
-fn draws(
-    g: &mut GraphBuilder,
-    p: &str,
-    u: &str,
-    vocab: usize,
-    exclude: Option<(String, String)>,
-) -> String {
+/// The draws' ids i64 [batch, seq, N] from the weights `p` [batch, seq, vocab] (≥ 0, any
+/// scale: the inverse CDF is scale-free; 0 at ids outside the support) and the uniforms `u`
+/// [batch, seq, N].
+fn draws(g: &mut GraphBuilder, p: &str, u: &str, vocab: usize) -> String {
     let super_len = BLOCK * BLOCK;
     let supers = vocab.div_ceil(super_len);
     let padded = supers * super_len;
-    // The probabilities as weights (the inverse CDF is scale-free, so the entropy's softmax
-    // serves), 0 at the excluded ids and the padding.
+    // The padding weighs 0 too.
     let mut e = p.to_string();
-    if let Some((ids, shape)) = exclude {
-        let zeros = g.node(
-            "ConstantOfShape",
-            &[&shape],
-            vec![crate::onnx::builder::attr_tensor(
-                "value",
-                tensor_f32("zero_fill", &[1], &[0.0]),
-            )],
-        );
-        e = g.node(
-            "ScatterElements",
-            &[&e, &ids, &zeros],
-            vec![attr_int("axis", 2)],
-        );
-    }
     if padded > vocab {
         let pads = g.init_i64("pads", &[6], &[0, 0, 0, 0, 0, (padded - vocab) as i64]);
         e = g.node("Pad", &[&e, &pads], vec![]);
