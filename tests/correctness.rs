@@ -6,8 +6,8 @@
 use crate::util::*;
 use logitcache::cache::reader::Cache;
 use logitcache::onnx::ToyLmSpec;
-use logitcache::teacher::backend::{Batch, Device, PaddingSide, TopKMode};
-use logitcache::teacher::ort_backend::{OrtOptions, OrtTeacher, full_logits};
+use logitcache::teacher::backend::{Batch, PaddingSide};
+use logitcache::teacher::ort_backend::full_logits;
 use logitcache::teacher::topk::reference_topk;
 use std::path::Path;
 
@@ -16,20 +16,7 @@ fn check_cache_against_reference(model: &Path, cache_dir: &Path, temperature: f6
     let m = &cache.manifest;
     assert!(m.totals.complete);
     let k = m.params.top_k;
-    let mut teacher = OrtTeacher::open(
-        model,
-        OrtOptions {
-            library: ort_lib(),
-            device: Device::Cpu,
-            threads: 1,
-            topk_on: TopKMode::Host,
-            sampling: None,
-            k,
-            temperature: temperature as f32,
-            vocab: VOCAB,
-        },
-    )
-    .unwrap();
+    let mut teacher = host_teacher(model, k, temperature as f32, VOCAB);
     let rows = all_rows(cache_dir);
     assert_eq!(rows.rows() as u64, m.plan.sequences);
     assert!(
@@ -311,20 +298,7 @@ fn a_one_matmul_head_gives_the_reference_cache() {
     // Same weights, head without its bias: the logits differ from the default head's by
     // scale × bias, the same vector at every position.
     let logits = |m: &Path| {
-        let mut t = OrtTeacher::open(
-            m,
-            OrtOptions {
-                library: ort_lib(),
-                device: Device::Cpu,
-                threads: 1,
-                topk_on: TopKMode::Host,
-                sampling: None,
-                k: 8,
-                temperature: 1.0,
-                vocab: VOCAB,
-            },
-        )
-        .unwrap();
+        let mut t = host_teacher(m, 8, 1.0, VOCAB);
         let a: Vec<u32> = (5..25).collect();
         full_logits(&mut t, &Batch::pad(&[&a], PaddingSide::Right, 0))
             .unwrap()

@@ -10,8 +10,8 @@ use logitcache::student::arch::StudentConfig;
 use logitcache::student::checkpoint::load_hf;
 use logitcache::student::export::llama_onnx;
 use logitcache::student::model::Llama;
-use logitcache::teacher::backend::{Batch, Device, PaddingSide, TopKMode};
-use logitcache::teacher::ort_backend::{OrtOptions, OrtTeacher, full_logits};
+use logitcache::teacher::backend::{Batch, PaddingSide};
+use logitcache::teacher::ort_backend::full_logits;
 
 fn cfg(tied: bool, kv_heads: usize) -> StudentConfig {
     StudentConfig {
@@ -37,20 +37,7 @@ fn max_diff(cfg: &StudentConfig, fp16: bool, batch: &Batch, seed: u64) -> f64 {
         cfg.tie_word_embeddings, cfg.num_key_value_heads
     ));
     std::fs::write(&onnx, llama_onnx(cfg, &w, fp16).unwrap()).unwrap();
-    let mut t = OrtTeacher::open(
-        &onnx,
-        OrtOptions {
-            library: ort_lib(),
-            device: Device::Cpu,
-            threads: 1,
-            topk_on: TopKMode::Host,
-            sampling: None,
-            k: 4,
-            temperature: 1.0,
-            vocab: cfg.vocab_size,
-        },
-    )
-    .unwrap();
+    let mut t = host_teacher(&onnx, 4, 1.0, cfg.vocab_size);
     let (dims, got) = full_logits(&mut t, batch).unwrap();
     assert_eq!(dims, vec![batch.batch, batch.len, cfg.vocab_size]);
     let dev = Default::default();

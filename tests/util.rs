@@ -274,3 +274,29 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `model` on ONNX Runtime's CPU provider, one thread, the top-k (`k`, at `temperature`) on
+/// the host, no sampling: the reference teacher the tests compare caches and logits with.
+pub fn host_teacher(
+    model: &Path,
+    k: usize,
+    temperature: f32,
+    vocab: usize,
+) -> logitcache::teacher::ort_backend::OrtTeacher {
+    use logitcache::teacher::backend::{Device, TopKMode};
+    use logitcache::teacher::ort_backend::{OrtOptions, OrtTeacher};
+    OrtTeacher::open(
+        model,
+        OrtOptions {
+            library: ort_lib(),
+            device: Device::Cpu,
+            threads: 1,
+            topk_on: TopKMode::Host,
+            sampling: None,
+            k,
+            temperature,
+            vocab,
+        },
+    )
+    .unwrap()
+}
