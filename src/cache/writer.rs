@@ -37,9 +37,10 @@ pub fn writer_properties(zstd_level: i32, row_group_rows: usize) -> WriterProper
     // too. DELTA_BINARY_PACKED, used before, packs each miniblock of 32 values at the width
     // of its widest delta, and every position boundary is a delta as wide as the vocabulary
     // (the ids start again from a small one): with ~10-40 ids per position every miniblock
-    // holds one. Measured on 50-draw caches of a toy teacher (2026-12-04), sample ids +
-    // counts per pair: 2.94 -> 2.63 B at V = 32000 (10.4 distinct ids per position) and
-    // 3.29 -> 2.75 B at V = 131072 (13.2); counts alone 0.95 -> 0.57 B.
+    // holds one. A one-off measurement (2026-12-04: the same 50-draw toy-teacher caches
+    // re-encoded with pyarrow both ways), sample ids + counts per pair: 2.94 -> 2.63 B at
+    // V = 32000 (10.4 distinct ids per position) and 3.29 -> 2.75 B at V = 131072 (13.2);
+    // `cargo bench --bench e2e` reports the current encoding's `bytes_per_pair_*`.
     // float16 log-probs (top-k and sampled) are PLAIN: DuckDB reads BYTE_STREAM_SPLIT only
     // for 4- and 8-byte types, not float16 (format version 1 wrote BYTE_STREAM_SPLIT; those
     // caches still read here and in pyarrow). (Settings for columns a layout does not have are ignored.)
