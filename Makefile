@@ -21,11 +21,16 @@ PYARROW_VERSION := 26.0.1
 DUCKDB_VERSION := 2.0.1
 POLARS_VERSION := 2.1.0
 DATASETS_VERSION := 5.2.0
-VENV_STAMP := $(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION)-datasets-$(DATASETS_VERSION)
+# The Python package's tests (python/, tests/python_pkg.rs): torch for the KD losses and maturin to
+# build the package. torch's wheel is large (with its CUDA libraries ~5 GB installed), so the venv is
+# made once and reused; the stamp's name changes when a pin does.
+TORCH_VERSION := 2.15.0
+MATURIN_VERSION := 1.16.0
+VENV_STAMP := $(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION)-datasets-$(DATASETS_VERSION)-torch-$(TORCH_VERSION)-maturin-$(MATURIN_VERSION)
 
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: setup test lint bench demo clean-demo pycheck-setup fidelity
+.PHONY: setup test lint bench demo clean-demo pycheck-setup python fidelity
 
 setup: $(ORT_LIB)
 
@@ -47,22 +52,29 @@ $(ORT_LIB):
 $(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "pyarrow==$(PYARROW_VERSION)" "numpy<3" \
-	  "duckdb==$(DUCKDB_VERSION)" "polars==$(POLARS_VERSION)" "datasets==$(DATASETS_VERSION)"
+	  "duckdb==$(DUCKDB_VERSION)" "polars==$(POLARS_VERSION)" "datasets==$(DATASETS_VERSION)" \
+	  "torch==$(TORCH_VERSION)" "maturin==$(MATURIN_VERSION)"
 	@touch $@
 
 pycheck-setup: $(VENV_STAMP)
 
-test: setup pycheck-setup
+# The `logitcache` Python package (python/), built from this tree and installed into the venv.
+# Always rebuilt (cargo makes an unchanged rebuild cheap), so tests never see a stale package.
+python: $(VENV_STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/pip install --quiet --no-build-isolation --force-reinstall --no-deps ./python
+
+test: setup pycheck-setup python
 	LOGITCACHE_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) test --all-targets
 	$(CARGO) test --doc
 	$(MAKE) --no-print-directory lint
 
 lint:
-	$(CARGO) fmt --check
+	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings -D clippy::undocumented_unsafe_blocks
+	$(CARGO) clippy -p logitcache-python -- -D warnings -D clippy::undocumented_unsafe_blocks
 	$(CARGO) clippy --all-targets --features cuda,tensorrt -- -D warnings -D clippy::undocumented_unsafe_blocks
 
-bench: setup pycheck-setup
+bench: setup pycheck-setup python
 	$(CARGO) bench --bench topk --bench shard_write --bench e2e
 	LOGITCACHE_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) bench --bench reader
 	bash benches/student.sh

@@ -10,6 +10,7 @@ mod export;
 mod llama_ref;
 mod losses;
 mod pipeline;
+mod python_pkg;
 mod resume;
 mod stream;
 mod student;

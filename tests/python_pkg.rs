@@ -1,0 +1,271 @@
+//! The Python package (`python/`, installed into the test venv by `make python`): its stream
+//! yields the Rust stream's batches byte for byte (every cache mode, splits, ranks, resume),
+//! its errors are Python exceptions naming the problem, and `logitcache.torch.kd_loss`
+//! equals the Rust loss and its gradient (golden values computed here by `src/loss.rs`).
+
+use crate::util::*;
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use logitcache::cache::reader::Cache;
+use logitcache::cache::stream::{Split, Stream, StreamConfig, TrainBatch};
+use logitcache::loss::{KdLoss, LossConfig, loss};
+use logitcache::rng::SplitMix;
+use logitcache::student::data::targets;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+type AB = Autodiff<Flex>;
+
+fn cache(name: &str, extra: &[&str]) -> PathBuf {
+    let out = shared_dir().join(format!("py-{name}-{}", unique()));
+    let mut args = teacher_args(&plain_model(), &out, 30);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    assert_ok(&run_strings(&args));
+    out
+}
+
+fn sha<T: Copy>(v: &[T]) -> String {
+    // SAFETY: T is u32, u64 or f32: plain values, `size_of_val(v)` initialised bytes.
+    let raw = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(v)) };
+    hex::encode(Sha256::digest(raw))
+}
+
+fn batch_json(b: &TrainBatch) -> Value {
+    json!({
+        "seq_ids": b.seq_ids,
+        "cursor": [b.cursor.epoch, b.cursor.group, b.cursor.offset],
+        "shape": [b.batch, b.len, b.k],
+        "sha256": {
+            "seq_ids": sha(&b.seq_ids), "input_ids": sha(&b.input_ids),
+            "target_ids": sha(&b.target_ids), "target_mask": sha(&b.target_mask),
+            "mask": sha(&b.mask), "topk_ids": sha(&b.topk_ids),
+            "topk_logprobs": sha(&b.topk_logprobs), "tail_logprob": sha(&b.tail_logprob),
+        },
+    })
+}
+
+/// (split, eval_fraction, seed, rank, world_size, batch_size, shuffle, epochs)
+type Conf = (
+    &'static str,
+    f64,
+    u64,
+    usize,
+    usize,
+    usize,
+    bool,
+    Option<u64>,
+);
+
+const CONFS: [Conf; 5] = [
+    ("train", 0.25, 7, 0, 1, 3, true, Some(1)),
+    ("train", 0.25, 7, 1, 2, 2, true, Some(2)),
+    ("eval", 0.25, 7, 0, 1, 2, false, Some(1)),
+    ("all", 0.0, 1, 0, 1, 5, true, Some(1)),
+    // The trainer's own stream: endless (the check takes the first 12 batches).
+    ("train", 0.02, 3, 0, 1, 4, true, None),
+];
+
+fn rust_batches(dir: &Path, c: &Conf) -> Vec<TrainBatch> {
+    let split = match c.0 {
+        "train" => Split::Train,
+        "eval" => Split::Eval,
+        _ => Split::All,
+    };
+    let cfg = StreamConfig {
+        batch_size: c.5,
+        seed: c.2,
+        shuffle: c.6,
+        epochs: c.7,
+        rank: c.3,
+        world_size: c.4,
+        split,
+        eval_fraction: c.1,
+        ..Default::default()
+    };
+    let s = Stream::start(&Cache::open(dir).unwrap(), cfg).unwrap();
+    s.take(12).map(|b| b.unwrap()).collect()
+}
+
+fn python(script: &str, spec: &Value) -> Value {
+    let python = std::env::var("LOGITCACHE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let spec_path = shared_dir().join(format!("py-spec-{}.json", unique()));
+    std::fs::write(&spec_path, serde_json::to_vec(spec).unwrap()).unwrap();
+    let o = Command::new(&python)
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests")
+                .join(script),
+        )
+        .arg(&spec_path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{script} failed (is the package installed? `make python`):\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn python_stream_yields_the_rust_streams_batches_and_python_errors() {
+    let mut caches = vec![];
+    for (name, extra) in [
+        ("topk", &[][..]),
+        ("sample", &["--mode", "sample", "--samples", "12"][..]),
+        ("hybrid", &["--mode", "hybrid", "--samples", "12"][..]),
+        ("q8", &["--logprob-dtype", "q8"][..]),
+    ] {
+        let dir = cache(name, extra);
+        let confs: Vec<Value> = CONFS
+            .iter()
+            .map(|c| {
+                let batches: Vec<Value> = rust_batches(&dir, c).iter().map(batch_json).collect();
+                json!({
+                    "split": c.0, "eval_fraction": c.1, "seed": c.2, "rank": c.3,
+                    "world_size": c.4, "batch_size": c.5, "shuffle": c.6, "epochs": c.7,
+                    "batches": batches,
+                })
+            })
+            .collect();
+        caches.push(json!({"name": name, "path": dir, "confs": confs}));
+    }
+    let tokenizer = tokenizer();
+    let v = python(
+        "python_stream_check.py",
+        &json!({"caches": caches, "tokenizer": tokenizer, "scratch": shared_dir()}),
+    );
+    let mismatches = v["mismatches"].as_array().unwrap();
+    assert!(mismatches.is_empty(), "python vs rust: {mismatches:?}");
+    assert_eq!(v["compared"].as_u64().unwrap(), 4 * CONFS.len() as u64);
+    assert!(v["batches"].as_u64().unwrap() > 100, "{v}");
+    assert_eq!(v["resumed_equal"], json!(true), "{v}");
+    assert_eq!(v["ranks_disjoint_and_cover"], json!(true), "{v}");
+    assert_eq!(v["metadata"]["mode"], json!("hybrid"));
+    assert_eq!(v["metadata"]["k"], json!(8));
+    assert_eq!(v["metadata"]["verify_ok"], json!(true));
+    // Each bad input: the exception type and the fragments of its message.
+    for (case, ty, fragments) in [
+        (
+            "rank_ge_world",
+            "ValueError",
+            &["rank 2", "world_size 2"][..],
+        ),
+        ("empty_split", "CacheError", &["holds no sequences"][..]),
+        (
+            "tokenizer",
+            "CacheError",
+            &["sha256", "pass the tokenizer the cache was built with"][..],
+        ),
+        (
+            "missing_shard",
+            "CacheError",
+            &["is missing", "run the teacher again"][..],
+        ),
+        ("corrupt_shard", "CacheError", &["sha256"][..]),
+        ("edited_manifest", "CacheError", &["checksum"][..]),
+        (
+            "not_a_cache",
+            "CacheError",
+            &["manifest.json is missing"][..],
+        ),
+        (
+            "other_stream_state",
+            "ValueError",
+            &["different stream", "seed"][..],
+        ),
+        ("bad_split", "ValueError", &["split must be"][..]),
+    ] {
+        let e = &v["errors"][case];
+        assert_eq!(e["type"], json!(ty), "{case}: {e}");
+        let msg = e["message"].as_str().unwrap();
+        for f in fragments {
+            assert!(msg.contains(f), "{case}: {msg:?} lacks {f:?}");
+        }
+    }
+}
+
+/// The loss and its gradient for every kind, on a batch of each cache mode, against the
+/// torch implementation.
+#[test]
+fn torch_kd_loss_equals_the_rust_loss_and_gradient() {
+    let mut cases = vec![];
+    for (name, extra) in [
+        ("loss-topk", &[][..]),
+        ("loss-hybrid", &["--mode", "hybrid", "--samples", "12"][..]),
+        ("loss-sample", &["--mode", "sample", "--samples", "12"][..]),
+    ] {
+        let dir = cache(name, extra);
+        let c = CONFS[0];
+        let b = rust_batches(&dir, &c).remove(0);
+        let v = Cache::open(&dir).unwrap().manifest.vocab_size;
+        let n = b.batch * b.len;
+        let logits = SplitMix::new(11).vec(n * v, 4.0);
+        let logits_path = shared_dir().join(format!("py-logits-{}.f32", unique()));
+        write_f32(&logits_path, &logits);
+        let dev = Default::default();
+        let t = targets::<AB>(&b, &dev);
+        let mut runs = vec![];
+        for (kind, temperature, kd_weight, ce_weight) in [
+            (KdLoss::Fkl, 1.0, 1.0, 0.0),
+            (KdLoss::Fkl, 2.0, 0.7, 0.3),
+            (KdLoss::FklTopk, 1.5, 1.0, 0.5),
+            (KdLoss::Rkl, 1.0, 1.0, 0.0),
+            (KdLoss::Jsd, 2.0, 1.0, 0.2),
+            (KdLoss::Ce, 1.0, 1.0, 0.0),
+        ] {
+            let cfg = LossConfig {
+                kind,
+                kd_weight,
+                ce_weight,
+                temperature,
+                ..Default::default()
+            };
+            let z = Tensor::<AB, 1>::from_data(TensorData::new(logits.clone(), [n * v]), &dev)
+                .reshape([n, v])
+                .require_grad();
+            let parts = loss(z.clone(), &t, &cfg, None);
+            let grads = parts.total.backward();
+            let g: Vec<f32> = z.grad(&grads).unwrap().into_data().to_vec().unwrap();
+            let grad_path = shared_dir().join(format!("py-grad-{}.f32", unique()));
+            write_f32(&grad_path, &g);
+            let scalar = |x: Tensor<AB, 1>| x.into_scalar().elem::<f64>();
+            runs.push(json!({
+                "loss": kind.name(), "temperature": temperature, "kd_weight": kd_weight,
+                "ce_weight": ce_weight, "total": scalar(parts.total), "kd": scalar(parts.kd),
+                "ce": scalar(parts.ce), "grad": grad_path,
+            }));
+        }
+        cases.push(json!({
+            "name": name, "path": dir, "vocab": v, "logits": logits_path, "runs": runs,
+            "conf": {"split": c.0, "eval_fraction": c.1, "seed": c.2, "rank": c.3,
+                     "world_size": c.4, "batch_size": c.5, "shuffle": c.6, "epochs": c.7},
+        }));
+    }
+    let v = python("python_loss_check.py", &json!({"cases": cases}));
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3 * 6);
+    for r in results {
+        for key in ["total", "kd", "ce"] {
+            let d = r[format!("{key}_abs_diff")].as_f64().unwrap();
+            assert!(d <= 1e-5, "{r}");
+        }
+        // The gradient, unchunked and in chunks of 7 positions (recomputed in backward).
+        for key in ["grad_max_abs_diff", "grad_chunked_max_abs_diff"] {
+            assert!(r[key].as_f64().unwrap() <= 1e-5, "{r}");
+        }
+        assert!(
+            r["grad_max_abs"].as_f64().unwrap() > 1e-4,
+            "a zero gradient proves nothing: {r}"
+        );
+    }
+}
+
+fn write_f32(path: &Path, v: &[f32]) {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+}
