@@ -21,12 +21,14 @@ PYARROW_VERSION := 26.0.1
 DUCKDB_VERSION := 2.0.1
 POLARS_VERSION := 2.1.0
 DATASETS_VERSION := 5.2.0
-# The Python package's tests (python/, tests/python_pkg.rs): torch for the KD losses and maturin to
-# build the package. torch's wheel is large (with its CUDA libraries ~5 GB installed), so the venv is
-# made once and reused; the stamp's name changes when a pin does.
+# The Python package's tests (python/, tests/python_pkg.rs): torch for the KD losses, maturin to
+# build the package, transformers for the torchrun example (examples/distill_torch.py). torch's
+# wheel is large (with its CUDA libraries ~5 GB installed), so the venv is made once and reused;
+# the stamp's name changes when a pin does.
 TORCH_VERSION := 2.15.0
 MATURIN_VERSION := 1.16.0
-VENV_STAMP := $(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION)-datasets-$(DATASETS_VERSION)-torch-$(TORCH_VERSION)-maturin-$(MATURIN_VERSION)
+TRANSFORMERS_VERSION := 5.25.0
+VENV_STAMP := $(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION)-datasets-$(DATASETS_VERSION)-torch-$(TORCH_VERSION)-maturin-$(MATURIN_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
@@ -53,7 +55,7 @@ $(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "pyarrow==$(PYARROW_VERSION)" "numpy<3" \
 	  "duckdb==$(DUCKDB_VERSION)" "polars==$(POLARS_VERSION)" "datasets==$(DATASETS_VERSION)" \
-	  "torch==$(TORCH_VERSION)" "maturin==$(MATURIN_VERSION)"
+	  "torch==$(TORCH_VERSION)" "maturin==$(MATURIN_VERSION)" "transformers==$(TRANSFORMERS_VERSION)"
 	@touch $@
 
 pycheck-setup: $(VENV_STAMP)

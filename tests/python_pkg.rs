@@ -269,3 +269,200 @@ fn write_f32(path: &Path, v: &[f32]) {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(path, bytes).unwrap();
 }
+
+fn python_bin() -> PathBuf {
+    std::env::var("LOGITCACHE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+}
+
+/// `torchrun --nproc_per_node PROCS examples/distill_torch.py ARGS` (CPU, gloo).
+fn distill_torch(procs: usize, args: &[String]) -> std::process::Output {
+    let mut c = Command::new(python_bin());
+    c.args(["-m", "torch.distributed.run", "--standalone"])
+        .arg(format!("--nproc_per_node={procs}"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/distill_torch.py"))
+        .args(args)
+        // Deterministic CPU runs on any machine: no GPU, one thread per process.
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .env("OMP_NUM_THREADS", "1");
+    c.output().unwrap()
+}
+
+fn metrics_lines(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher() {
+    let dir = cache("torchrun", &[]);
+    let student = shared_dir().join(format!("torch-student-{}.json", unique()));
+    std::fs::write(
+        &student,
+        r#"{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 64}"#,
+    )
+    .unwrap();
+    let (steps, batch, seed, eval_fraction) = (14, 3, 5, 0.25);
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--cache",
+            dir.to_str().unwrap(),
+            "--student",
+            student.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            &steps.to_string(),
+            "--batch-size",
+            &batch.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--eval-fraction",
+            &eval_fraction.to_string(),
+            "--lr",
+            "5e-3",
+            "--warmup",
+            "2",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "7",
+            "--loss-chunk",
+            "16",
+            "--threads",
+            "1",
+            "--log-windows",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run_dir = shared_dir().join(format!("torch-run-{}", unique()));
+    let o = distill_torch(2, &args(&run_dir, &[]));
+    assert_ok(&o);
+
+    // metrics.jsonl: logitcache train's keys, one train line per step, eval lines at 7 and 14,
+    // and the loss goes down.
+    let lines = metrics_lines(&run_dir);
+    let train: Vec<&Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    let evals: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("eval_loss").is_some())
+        .collect();
+    let keys = |l: &Value| -> Vec<String> { l.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(
+        keys(train[0]),
+        [
+            "ce",
+            "grad_norm",
+            "kd",
+            "loss",
+            "lr",
+            "step",
+            "tokens",
+            "tokens_per_s"
+        ]
+    );
+    assert_eq!(
+        keys(evals[0]),
+        [
+            "eval_kl",
+            "eval_loss",
+            "eval_ppl",
+            "eval_tokens",
+            "eval_top1",
+            "step"
+        ]
+    );
+    assert_eq!(train.len(), steps);
+    assert_eq!(
+        evals
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [7, 14]
+    );
+    let loss = |l: &Value| l["loss"].as_f64().unwrap();
+    let first = loss(train[0]);
+    let last = train[steps - 3..].iter().map(|l| loss(l)).sum::<f64>() / 3.0;
+    assert!(last < first - 0.1, "loss {first} -> {last}");
+    assert!(evals[1]["eval_kl"].as_f64().unwrap() < evals[0]["eval_kl"].as_f64().unwrap() + 0.05);
+
+    // Interrupted after step 6 (its --resume finds no checkpoint: a fresh start), then resumed.
+    let resumed = shared_dir().join(format!("torch-resumed-{}", unique()));
+    let o = distill_torch(2, &args(&resumed, &["--stop-after", "6", "--resume"]));
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("no checkpoint yet; starting fresh"),
+        "{}",
+        stderr(&o)
+    );
+    let o = distill_torch(2, &args(&resumed, &["--resume"]));
+    assert_ok(&o);
+    assert!(stderr(&o).contains("resuming"), "{}", stderr(&o));
+    let both = |l: &Vec<Value>| -> Vec<(u64, f64)> {
+        l.iter()
+            .filter(|l| l.get("loss").is_some())
+            .map(|l| (l["step"].as_u64().unwrap(), loss(l)))
+            .collect()
+    };
+    assert_eq!(both(&metrics_lines(&resumed)), both(&lines));
+
+    // A checkpoint of another run is refused, naming what differs.
+    let o = distill_torch(1, &args(&resumed, &["--resume"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("world_size: 2 there, 1 here"),
+        "{}",
+        stderr(&o)
+    );
+
+    let v = python(
+        "torch_example_check.py",
+        &json!({
+            "cache": dir, "run": run_dir, "resumed": resumed, "world_size": 2,
+            "stream": {"batch_size": batch, "seed": seed, "eval_fraction": eval_fraction},
+        }),
+    );
+    for k in [
+        "rank_matches_stream",
+        "disjoint",
+        "union_is_split",
+        "from_pretrained_equal",
+        "forward_finite",
+        "resume_same_keys",
+    ] {
+        assert_eq!(v[k], json!(true), "{k}: {v}");
+    }
+    assert_eq!(v["resume_max_abs_diff"], json!(0.0), "{v}");
+    // The run covered each rank's first epoch (the check needs it).
+    let logged = v["logged_windows"].as_array().unwrap();
+    let epoch = v["epoch_windows"].as_array().unwrap();
+    assert!(
+        logged
+            .iter()
+            .zip(epoch)
+            .all(|(l, e)| l.as_u64() >= e.as_u64()),
+        "{v}"
+    );
+
+    // The torch-trained student becomes a teacher.
+    let onnx = shared_dir().join(format!("torch-teacher-{}.onnx", unique()));
+    assert_ok(&run_strings(&[
+        "export-onnx".into(),
+        "--checkpoint".into(),
+        run_dir.join("checkpoint").display().to_string(),
+        "--out".into(),
+        onnx.display().to_string(),
+    ]));
+    let next = shared_dir().join(format!("torch-next-cache-{}", unique()));
+    assert_ok(&run_strings(&teacher_args(&onnx, &next, 8)));
+    assert_ok(&run(&["verify", next.to_str().unwrap()]));
+}
