@@ -466,3 +466,27 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
     assert_ok(&run_strings(&teacher_args(&onnx, &next, 8)));
     assert_ok(&run(&["verify", next.to_str().unwrap()]));
 }
+
+#[test]
+fn cache_dataset_splits_ranks_and_dataloader_workers_and_resumes() {
+    let dir = cache("dataset", &[]);
+    let v = python(
+        "python_dataset_check.py",
+        &json!({"cache": dir, "batch_size": 3, "seed": 4, "eval_fraction": 0.25}),
+    );
+    for k in ["ranks1_workers2", "ranks2_workers2", "ranks3_workers0"] {
+        for f in ["no_repeats", "union_is_split", "every_rank_got_windows"] {
+            assert_eq!(v[k][f], json!(true), "{k} {f}: {v}");
+        }
+        assert_eq!(v[k]["types"], json!(["Tensor:torch.int64"]), "{v}");
+    }
+    assert!(v["split_windows"].as_u64().unwrap() > 20, "{v}");
+    for k in [
+        "resume_equal",
+        "resume_with_workers_refused",
+        "bad_rank_refused",
+    ] {
+        assert_eq!(v[k], json!(true), "{k}: {v}");
+    }
+    assert!(v["resume_batches"].as_u64().unwrap() > 3, "{v}");
+}

@@ -424,9 +424,24 @@ impl Stream {
             .collect();
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
         let shas: Vec<String> = m.shards.iter().map(|s| s.sha256.clone()).collect();
+        // The decoding runs on a thread pool of the stream's own, as wide as rayon's global
+        // one (which `--threads` sets), not on the global pool itself: a process forked after
+        // a stream ran (PyTorch DataLoader workers) inherits the global pool's state but none
+        // of its threads, and its streams would wait on them forever.
+        let threads = rayon::current_num_threads();
         let handle = std::thread::Builder::new()
             .name("logitcache-reader".into())
-            .spawn(move || produce(shards, shas, units, layout, cfg, tx))
+            .spawn(move || {
+                match rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("logitcache-decode-{i}"))
+                    .build()
+                {
+                    Ok(pool) => pool.install(|| produce(shards, shas, units, layout, cfg, tx)),
+                    // No threads to be had: rayon's global pool, as before.
+                    Err(_) => produce(shards, shas, units, layout, cfg, tx),
+                }
+            })
             .expect("spawn the reader thread");
         Ok(Stream {
             rx: Some(rx),
