@@ -1,8 +1,9 @@
 //! Reader throughput: positions/s decoded into training batches (warm page cache) by the
 //! memory-mapped stream, and pyarrow reading the same files into numpy in the same run, for
 //! a k = 64 top-k cache (float16 and q8 log-probs), a sample (N = 50) and a hybrid (top-8 +
-//! 42) cache of the same windows.
-//! Run: `cargo bench --bench reader` (needs `make setup` and `make pycheck-setup`).
+//! 42) cache of the same windows; and the `logitcache` Python package's stream (the same
+//! stream, as NumPy arrays: `python_*` keys).
+//! Run: `cargo bench --bench reader` (needs `make setup`, `make pycheck-setup` and `make python`).
 //! Knobs: READER_DOCS (default 4584 = the whole demo corpus), READER_ROUNDS (3),
 //! READER_CACHES (a comma list of the caches to run, e.g. `sample50,hybrid8_42`).
 
@@ -129,21 +130,38 @@ fn main() {
         let python = std::env::var("LOGITCACHE_PYTHON")
             .map(PathBuf::from)
             .unwrap_or_else(|_| root.join(".venv/bin/python"));
-        let o = std::process::Command::new(python)
-            .arg(root.join("benches/pyarrow_read.py"))
-            .arg(&out)
-            .arg(rounds.to_string())
-            .output()
-            .expect("run python (make pycheck-setup)");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let py: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let py_rate = py["positions"].as_f64().unwrap() / py["seconds"].as_f64().unwrap();
+        let script_rate = |script: &str| -> (f64, f64) {
+            let o = std::process::Command::new(&python)
+                .arg(root.join("benches").join(script))
+                .arg(&out)
+                .arg(rounds.to_string())
+                .output()
+                .expect("run python (make pycheck-setup python)");
+            assert!(
+                o.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let n = v["positions"].as_f64().unwrap();
+            (n, n / v["seconds"].as_f64().unwrap())
+        };
+        let (_, py_rate) = script_rate("pyarrow_read.py");
+        // The Python package's stream (the same stream as here, into NumPy arrays).
+        let (pkg_positions, pkg_rate) = script_rate("python_stream.py");
+        assert_eq!(
+            pkg_positions as usize, positions,
+            "{name}: python stream positions"
+        );
         let rate = positions as f64 / best;
         results.push(serde_json::json!({
             "cache": name, "positions": positions, "bytes": cache.manifest.totals.bytes,
             "stream_positions_per_s": rate,
             "stream_first_pass_positions_per_s": positions as f64 / first,
             "pyarrow_positions_per_s": py_rate, "ratio_vs_pyarrow": rate / py_rate,
+            "python_stream_positions_per_s": pkg_rate,
+            "python_ratio_vs_pyarrow": pkg_rate / py_rate,
+            "python_ratio_vs_stream": pkg_rate / rate,
         }));
     }
     println!(

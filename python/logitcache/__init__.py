@@ -141,8 +141,10 @@ def _batch(raw: Dict[str, Any]) -> Batch:
     shapes = {1: (b,), 2: (b, n), 3: (b, n, k)}
     out = Batch(batch=b, len=n, k=k, cursor=tuple(raw["cursor"]))
     for name, (dtype, rank) in _FIELDS.items():
-        # The bytearray is the array's buffer: no copy, writable.
-        out[name] = np.frombuffer(raw[name], dtype=dtype).reshape(shapes[rank])
+        # A view of the Rust vector (no copy, writable); the array keeps it alive.
+        a = np.asarray(raw[name])
+        assert a.dtype == dtype, (name, a.dtype)
+        out[name] = a.reshape(shapes[rank])
     return out
 
 

@@ -2,8 +2,8 @@
 //!
 //! Thin: the manifest, `verify`, the tokenizer check and the training stream are the crate's
 //! own code, so a Python stream yields exactly the batches the Rust trainer sees. Batches
-//! cross as `bytearray`s of little-endian values (one copy each), which the Python side views
-//! as NumPy arrays without another copy. The pure-Python package (`logitcache/`) holds the
+//! cross without a copy: each field's values stay in the Rust vector, which NumPy views
+//! through the array interface. The pure-Python package (`logitcache/`) holds the
 //! public API.
 
 use logitcache::cache::reader::{Cache, ReadError};
@@ -11,7 +11,7 @@ use logitcache::cache::stream::{Cursor, Split, Stream, StreamConfig, TrainBatch}
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyDict};
+use pyo3::types::PyDict;
 use std::path::PathBuf;
 
 create_exception!(
@@ -73,27 +73,63 @@ fn split_of(name: &str) -> PyResult<Split> {
     }
 }
 
-fn bytes_of<'py, T: Copy>(py: Python<'py>, v: &[T]) -> Bound<'py, PyByteArray> {
-    // SAFETY: T is one of u32, u64, f32 (plain values without padding), so its slice is
-    // `size_of_val(v)` initialised bytes.
-    let raw = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(v)) };
-    PyByteArray::new(py, raw)
+/// A batch field's values, owned here and shown to NumPy through `__array_interface__`
+/// (`numpy.asarray(field)` is an array over this memory, keeping the object alive as its
+/// base): the batch crosses to Python without a copy. (abi3 before 3.11 has no buffer
+/// protocol, so this protocol, which NumPy reads from any Python object.)
+#[pyclass(module = "logitcache._native")]
+struct Field {
+    data: FieldData,
 }
 
-fn batch_dict<'py>(py: Python<'py>, b: &TrainBatch) -> PyResult<Bound<'py, PyDict>> {
+enum FieldData {
+    U32(Vec<u32>),
+    U64(Vec<u64>),
+    F32(Vec<f32>),
+}
+
+#[pymethods]
+impl Field {
+    /// NumPy's array interface (version 3): one dimension, little-endian, writable.
+    #[getter]
+    fn __array_interface__<'py>(
+        mut slf: PyRefMut<'py, Self>,
+        py: Python<'py>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        // The pointer is taken from `&mut`: after this only NumPy touches the values (Rust
+        // reads them never again and frees them when the last array over them is gone).
+        let (ptr, len, typestr) = match &mut slf.data {
+            FieldData::U32(v) => (v.as_mut_ptr() as usize, v.len(), "<u4"),
+            FieldData::U64(v) => (v.as_mut_ptr() as usize, v.len(), "<u8"),
+            FieldData::F32(v) => (v.as_mut_ptr() as usize, v.len(), "<f4"),
+        };
+        let d = PyDict::new(py);
+        d.set_item("shape", (len,))?;
+        d.set_item("typestr", typestr)?;
+        d.set_item("data", (ptr, false))?;
+        d.set_item("version", 3)?;
+        Ok(d)
+    }
+}
+
+fn field(py: Python<'_>, data: FieldData) -> PyResult<Bound<'_, Field>> {
+    Bound::new(py, Field { data })
+}
+
+fn batch_dict(py: Python<'_>, b: TrainBatch) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("batch", b.batch)?;
     d.set_item("len", b.len)?;
     d.set_item("k", b.k)?;
-    d.set_item("seq_ids", bytes_of(py, &b.seq_ids))?;
-    d.set_item("input_ids", bytes_of(py, &b.input_ids))?;
-    d.set_item("target_ids", bytes_of(py, &b.target_ids))?;
-    d.set_item("target_mask", bytes_of(py, &b.target_mask))?;
-    d.set_item("mask", bytes_of(py, &b.mask))?;
-    d.set_item("topk_ids", bytes_of(py, &b.topk_ids))?;
-    d.set_item("topk_logprobs", bytes_of(py, &b.topk_logprobs))?;
-    d.set_item("tail_logprob", bytes_of(py, &b.tail_logprob))?;
     d.set_item("cursor", (b.cursor.epoch, b.cursor.group, b.cursor.offset))?;
+    d.set_item("seq_ids", field(py, FieldData::U64(b.seq_ids))?)?;
+    d.set_item("input_ids", field(py, FieldData::U32(b.input_ids))?)?;
+    d.set_item("target_ids", field(py, FieldData::U32(b.target_ids))?)?;
+    d.set_item("target_mask", field(py, FieldData::F32(b.target_mask))?)?;
+    d.set_item("mask", field(py, FieldData::F32(b.mask))?)?;
+    d.set_item("topk_ids", field(py, FieldData::U32(b.topk_ids))?)?;
+    d.set_item("topk_logprobs", field(py, FieldData::F32(b.topk_logprobs))?)?;
+    d.set_item("tail_logprob", field(py, FieldData::F32(b.tail_logprob))?)?;
     Ok(d)
 }
 
@@ -162,7 +198,7 @@ impl NativeStream {
         slf
     }
 
-    /// The next batch as a dict of `bytearray`s and sizes; `None` at the end.
+    /// The next batch as a dict of [`Field`]s and sizes; `None` at the end.
     fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let inner = self
             .inner
@@ -171,7 +207,7 @@ impl NativeStream {
         match py.allow_threads(|| inner.next_batch()) {
             None => Ok(None),
             Some(Err(e)) => Err(cache_error(e)),
-            Some(Ok(b)) => batch_dict(py, &b).map(Some),
+            Some(Ok(b)) => batch_dict(py, b).map(Some),
         }
     }
 }
@@ -183,5 +219,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify_json, m)?)?;
     m.add_function(wrap_pyfunction!(check_tokenizer, m)?)?;
     m.add_class::<NativeStream>()?;
+    m.add_class::<Field>()?;
     Ok(())
 }
