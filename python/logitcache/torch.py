@@ -82,6 +82,83 @@ def _chunk_terms(z, ids, lp, lpt, mask, targets, tmask, kind, temperature, beta,
     return kd, ce
 
 
+class _FklCe(torch.autograd.Function):
+    """Forward KL (tail as one outcome) and CE sums of a chunk, with the gradient written out
+    (as src/loss.rs has it) instead of autograd's: the backward pass is one softmax over the
+    chunk, and nothing of size [positions, vocab] is kept between the passes.
+
+    With q = softmax(z/T), p the teacher's top-k probabilities, pt its tail mass, qt the
+    student's, the divergence's gradient in z/T is q·A − p at the top-k ids and q·(A − B)
+    elsewhere, A = Σp + pt, B = pt/qt (the pt terms vanish where lqt is clamped, as autograd's
+    clamp makes them); CE adds softmax(z) − onehot(target).
+    """
+
+    @staticmethod
+    def forward(ctx, z, ids, lp, lpt, wk, targets, wc, temperature, use_kd, use_ce):
+        zf = z.float()
+        zt = zf if temperature == 1.0 else zf / temperature
+        kd = zf.new_zeros(())
+        ce = zf.new_zeros(())
+        lse = lset = zf.new_zeros((zf.shape[0], 1))
+        if use_kd:
+            lse = torch.logsumexp(zt, dim=1, keepdim=True)
+            lq = zt.gather(1, ids) - lse
+            lpc = lp.clamp_min(LOG_ZERO)
+            lptc = lpt.clamp_min(LOG_ZERO).reshape(-1, 1)
+            lset = torch.logsumexp(zt.scatter(1, ids, LOG_ZERO), dim=1, keepdim=True)
+            lqt = (lset - lse).clamp_min(LOG_ZERO)
+            d = (lpc.exp() * (lpc - lq)).sum(1, keepdim=True) + lptc.exp() * (lptc - lqt)
+            kd = (d.reshape(-1) * wk).sum()
+        lse1 = lse
+        if use_ce:
+            if not (use_kd and temperature == 1.0):
+                lse1 = torch.logsumexp(zf, dim=1, keepdim=True)
+            c = lse1.reshape(-1) - zf.gather(1, targets.reshape(-1, 1)).reshape(-1)
+            ce = (c * wc).sum()
+        ctx.save_for_backward(z, ids, lp, lpt, wk, targets, wc, lse, lset, lse1)
+        ctx.conf = (temperature, use_kd, use_ce)
+        return kd, ce
+
+    @staticmethod
+    def backward(ctx, gkd, gce):
+        z, ids, lp, lpt, wk, targets, wc, lse, lset, lse1 = ctx.saved_tensors
+        temperature, use_kd, use_ce = ctx.conf
+        zf = z.float()
+        grad = None
+        wc2 = gce * wc.reshape(-1, 1)
+        ce_done = False
+        if use_kd:
+            zt = zf if temperature == 1.0 else zf / temperature
+            grad = (zt - lse).exp_()  # q
+            p = lp.clamp_min(LOG_ZERO).exp()
+            pt = lpt.clamp_min(LOG_ZERO).exp().reshape(-1, 1)
+            live = ((lset - lse) >= LOG_ZERO).to(zf.dtype)
+            a = p.sum(1, keepdim=True) + pt * live
+            b = pt * live * (lse - lset).exp()
+            w = gkd * wk.reshape(-1, 1) / temperature
+            q_top = grad.gather(1, ids)
+            coef = w * (a - b)
+            top = w * q_top * a
+            # At T = 1 the CE's softmax is q: one pass for both.
+            ce_done = use_ce and temperature == 1.0
+            if ce_done:
+                coef = coef + wc2
+                top = top + wc2 * q_top
+            grad.mul_(coef)
+            # Top-k ids: q·A − p (scatter for q·A, the same value for a repeated id; scatter_add
+            # for −p, so a repeated id with log-prob −inf adds nothing).
+            grad.scatter_(1, ids, top)
+            grad.scatter_add_(1, ids, -w * p)
+            if ce_done:
+                grad.scatter_add_(1, targets.reshape(-1, 1), -wc2)
+        if use_ce and not ce_done:
+            soft = (zf - lse1).exp_()
+            soft.mul_(wc2)
+            soft.scatter_add_(1, targets.reshape(-1, 1), -wc2)
+            grad = soft if grad is None else grad.add_(soft)
+        return grad.to(z.dtype), None, None, None, None, None, None, None, None, None
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     batch: Dict[str, Any],
@@ -96,9 +173,11 @@ def kd_loss(
     against a cache batch (from :func:`to_torch`, or NumPy arrays, converted here).
 
     Returns ``(total, {"kd": mean divergence before T² and weight, "ce": mean CE})``;
-    differentiate ``total``. ``chunk`` positions are computed at a time, each recomputed in
-    the backward pass (``torch.utils.checkpoint``), so no ``[positions, vocab]``
-    intermediate exists whole; ``None`` computes all positions at once.
+    differentiate ``total``. ``chunk`` positions are computed at a time, so no
+    ``[positions, vocab]`` intermediate exists whole (``None``: all positions at once).
+    ``fkl`` and ``ce`` have their gradient written out (one softmax pass in backward,
+    nothing of the vocabulary's size kept between the passes); the other losses use autograd
+    and recompute each chunk in the backward pass (``torch.utils.checkpoint``).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
@@ -136,7 +215,9 @@ def kd_loss(
         e = min(n, s + step)
         args = (z[s:e], ids[s:e], lp[s:e], lpt[s:e], mask[s:e], targets[s:e], tmask[s:e])
         rest = (loss, float(temperature), float(jsd_beta), use_kd, use_ce)
-        if chunk is not None and z.requires_grad:
+        if loss in ("fkl", "ce"):
+            kd_c, ce_c = _FklCe.apply(*args, float(temperature), use_kd, use_ce)
+        elif chunk is not None and z.requires_grad:
             kd_c, ce_c = torch.utils.checkpoint.checkpoint(_chunk_terms, *args, *rest, use_reentrant=False)
         else:
             kd_c, ce_c = _chunk_terms(*args, *rest)
