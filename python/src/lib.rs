@@ -14,6 +14,12 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::path::PathBuf;
 
+/// Every allocation of the extension (the crate's stream included): with glibc's malloc each
+/// batch's vectors were mapped and page-faulted afresh (the stream ran at 0.6-0.8x the Rust
+/// trainer's; see benches/reader.rs).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 create_exception!(
     _native,
     CacheError,
