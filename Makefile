@@ -80,6 +80,7 @@ bench: setup pycheck-setup python
 	$(CARGO) bench --bench topk --bench shard_write --bench e2e
 	LOGITCACHE_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) bench --bench reader
 	bash benches/student.sh
+	bash benches/torch_student.sh
 
 DEMO_OUT := demo-out
 demo: setup
