@@ -300,7 +300,9 @@ fn distill_torch(procs: usize, args: &[String]) -> std::process::Output {
         .args(args)
         // Deterministic CPU runs on any machine: no GPU, one thread per process.
         .env("CUDA_VISIBLE_DEVICES", "")
-        .env("OMP_NUM_THREADS", "1");
+        .env("OMP_NUM_THREADS", "1")
+        // torchrun's scratch directories go with the test's, not into /tmp.
+        .env("TMPDIR", shared_dir());
     c.output().unwrap()
 }
 
