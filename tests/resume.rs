@@ -232,3 +232,98 @@ fn scheduler_environment_picks_the_worker() {
     assert_ok(&run_env(&refs, &[("JOB_COMPLETION_INDEX", "0")]));
     assert!(Manifest::load(&out).unwrap().totals.complete);
 }
+
+/// Teacher args over `corpus` with one shard of every window (the teacher hands it to the
+/// writer in groups of 256 windows).
+fn one_shard_args(
+    model: &std::path::Path,
+    corpus: &std::path::Path,
+    out: &std::path::Path,
+) -> Vec<String> {
+    let mut a = teacher_args(model, out, 1);
+    let c = a.iter().position(|x| x == "--corpus").unwrap();
+    a[c + 1] = corpus.to_str().unwrap().into();
+    let s = a.iter().position(|x| x == "--shard-size").unwrap();
+    a[s + 1] = "100000".into();
+    a
+}
+
+#[test]
+fn a_shard_of_several_window_groups_is_written_in_parts_with_the_same_content() {
+    let small = shared_dir().join("parts-small-shards");
+    let big = shared_dir().join("parts-one-shard");
+    for d in [&small, &big] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    assert_ok(&run_strings(&teacher_args(&plain_model(), &small, 800)));
+    assert_ok(&run_strings(&one_shard_args(
+        &plain_model(),
+        &corpus(800),
+        &big,
+    )));
+    let m = Manifest::load(&big).unwrap();
+    assert_eq!(m.shards.len(), 1);
+    // Three groups at least: two parts were written before the last.
+    assert!(m.shards[0].rows > 512, "{} windows", m.shards[0].rows);
+    // Same windows and teacher values as 16-window shards, written in one piece each.
+    let (a, b) = (all_rows(&small), all_rows(&big));
+    assert_eq!(a.seq_ids, b.seq_ids);
+    assert_eq!(a.input_ids, b.input_ids);
+    assert_eq!(a.topk_ids, b.topk_ids);
+    assert_eq!(a.topk_logprobs, b.topk_logprobs);
+    assert_eq!(a.tail_logprob, b.tail_logprob);
+    // The recorded size and sha256 are the file's.
+    assert_ok(&run(&["verify", big.to_str().unwrap()]));
+}
+
+#[test]
+fn a_teacher_failing_mid_shard_leaves_no_partial_shard() {
+    // The corpus's documents, then one whose text only it has: its bytes are tokens no other
+    // window holds, and the model's logits are NaN there, so the teacher fails in the
+    // shard's last group, after the first groups went to the writer.
+    let tok = logitcache::tokenizer::load(&tokenizer()).unwrap();
+    let text = std::fs::read_to_string(corpus(800)).unwrap();
+    let odd = "\u{00a7}\u{00b6}\u{00a7}";
+    let bad = tok.tokenizer.encode(odd, false).unwrap().get_ids()[0];
+    let all: Vec<u32> = text
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            tok.tokenizer
+                .encode(v["text"].as_str().unwrap(), true)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        })
+        .collect();
+    assert!(!all.contains(&bad), "token {bad} occurs in the corpus");
+    let path = shared_dir().join("corpus-800-odd.jsonl");
+    std::fs::write(
+        &path,
+        text + &serde_json::json!({ "text": format!("a {odd} b") }).to_string() + "\n",
+    )
+    .unwrap();
+    let m = model(
+        "nan-late",
+        &logitcache::onnx::ToyLmSpec {
+            vocab: VOCAB,
+            fault: logitcache::onnx::ToyFault::NanOnToken(bad as i64),
+            ..Default::default()
+        },
+    );
+    let out = shared_dir().join("parts-failed");
+    let _ = std::fs::remove_dir_all(&out);
+    assert_fails(
+        &run_strings(&one_shard_args(&m, &path, &out)),
+        &["non-finite logit (NaN"],
+    );
+    let left: Vec<_> = std::fs::read_dir(out.join("shards"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "files left in shards/: {left:?}");
+    let v = run(&["verify", out.to_str().unwrap()]);
+    assert_eq!(v.status.code(), Some(1), "{}", stdout(&v));
+    assert!(stdout(&v).contains("incomplete"), "{}", stdout(&v));
+}

@@ -485,8 +485,8 @@ impl ShardRows {
         self.clone().into_record_batch(schema)
     }
 
-    /// [`Self::to_record_batch`] without a copy: the columns take the rows' buffers (a
-    /// shard's rows are ~0.8 GB at 1024 windows of 2048 tokens and k = 64).
+    /// [`Self::to_record_batch`] without a copy: the columns take the rows' buffers (256
+    /// windows of 2048 tokens at k = 64 are ~0.2 GB).
     pub fn into_record_batch(mut self, schema: Arc<arrow_schema::Schema>) -> RecordBatch {
         let (k, l) = (self.k, self.layout);
         let offs = OffsetBuffer::new(ScalarBuffer::from(std::mem::take(&mut self.offsets)));

@@ -1,12 +1,12 @@
-//! Writing one shard: [`ShardRows`] → one Arrow `RecordBatch` (`cache::rows`) → a zstd Parquet file,
-//! written under a temporary name, fsynced, then renamed into place, with its sha256
-//! computed while the bytes go out.
+//! Writing one shard: [`ShardRows`] → Arrow `RecordBatch`es (`cache::rows`) → a zstd Parquet
+//! file, written part by part ([`ShardFile`]) under a temporary name, fsynced, then renamed
+//! into place, with its sha256 computed while the bytes go out.
 
 use super::rows::ShardRows;
 use super::schema::{
     COL_INPUT_IDS, COL_SAMPLE_COUNTS, COL_SAMPLE_IDS, COL_SAMPLE_LOG_WEIGHTS, COL_SAMPLE_LOGPROBS,
     COL_SEQ_ID, COL_TAIL_LOGPROB, COL_TOPK_IDS, COL_TOPK_LOGPROB_DELTAS, COL_TOPK_LOGPROB_MAX,
-    COL_TOPK_LOGPROB_STEP, COL_TOPK_LOGPROBS, shard_schema_with_metadata,
+    COL_TOPK_LOGPROB_STEP, COL_TOPK_LOGPROBS, Layout, shard_schema_with_metadata,
 };
 use crate::util::{failpoint, sync_dir};
 use parquet::arrow::ArrowWriter;
@@ -136,60 +136,242 @@ pub fn write_shard(
 }
 
 /// [`write_shard`] of rows it may consume: their buffers become the Parquet writer's input
-/// instead of being copied (the teacher's writer holds one shard's rows, not two).
+/// instead of being copied.
 pub fn write_shard_owned(
     path: &Path,
     index: u64,
     rows: ShardRows,
     opts: &ShardWriteOptions,
 ) -> Result<WrittenShard, std::io::Error> {
-    let dir = path
-        .parent()
-        .expect("shard path has a parent: this is a bug");
-    let tmp = path.with_extension(format!("parquet.tmp-{}", std::process::id()));
-    let schema = Arc::new(shard_schema_with_metadata(
-        &rows.layout,
-        opts.vocab_size,
-        &opts.tokenizer_sha256,
-        index,
-    ));
-    let (n_rows, positions) = (rows.rows() as u64, rows.positions() as u64);
-    let batch = rows.into_record_batch(schema.clone());
-    let file = std::fs::File::create(&tmp)?;
-    let hw = HashingWriter {
-        inner: std::io::BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
-        bytes: 0,
-    };
-    let props = writer_properties(opts.zstd_level, opts.row_group_rows);
-    let result = (|| -> parquet::errors::Result<HashingWriter<_>> {
-        let mut w = ArrowWriter::try_new(hw, schema, Some(props))?;
-        w.write(&batch)?;
-        w.into_inner()
-    })();
-    let mut hw = match result {
-        Ok(hw) => hw,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(std::io::Error::other(e));
+    let mut file = ShardFile::create(path, index, &rows.layout, opts)?;
+    file.write(rows)?;
+    file.finish()
+}
+
+/// A shard written part by part: each [`ShardFile::write`] adds the next windows (in
+/// `seq_id` order) and their row groups go to disk as they fill, so the teacher holds one
+/// part's rows at a time instead of the whole shard's. The file is written under a
+/// temporary name and appears under its own only on [`ShardFile::finish`] (fsync, rename,
+/// fsync of the directory); dropped unfinished (an error anywhere), the temporary file is
+/// removed. Parts whose lengths are multiples of the row group size give the same bytes
+/// as one [`write_shard`] of all the rows.
+pub struct ShardFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    layout: Layout,
+    schema: Arc<arrow_schema::Schema>,
+    /// `None` once finished (or failed).
+    writer: Option<ArrowWriter<HashingWriter<std::io::BufWriter<std::fs::File>>>>,
+    rows: u64,
+    positions: u64,
+}
+
+impl ShardFile {
+    /// Starts shard `index` of `layout` at `path` (written to `path.parquet.tmp-PID`).
+    pub fn create(
+        path: &Path,
+        index: u64,
+        layout: &Layout,
+        opts: &ShardWriteOptions,
+    ) -> Result<ShardFile, std::io::Error> {
+        let tmp = path.with_extension(format!("parquet.tmp-{}", std::process::id()));
+        let schema = Arc::new(shard_schema_with_metadata(
+            layout,
+            opts.vocab_size,
+            &opts.tokenizer_sha256,
+            index,
+        ));
+        let file = std::fs::File::create(&tmp)?;
+        let hw = HashingWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        let props = writer_properties(opts.zstd_level, opts.row_group_rows);
+        let mut shard = ShardFile {
+            path: path.to_path_buf(),
+            tmp,
+            layout: *layout,
+            schema: schema.clone(),
+            writer: None,
+            rows: 0,
+            positions: 0,
+        };
+        // On an error `shard` is dropped here, which removes the temporary file.
+        shard.writer =
+            Some(ArrowWriter::try_new(hw, schema, Some(props)).map_err(std::io::Error::other)?);
+        Ok(shard)
+    }
+
+    /// Appends `rows` (the next windows of the shard, of the layout it was created with).
+    pub fn write(&mut self, rows: ShardRows) -> Result<(), std::io::Error> {
+        assert_eq!(
+            rows.layout, self.layout,
+            "a shard's parts have one layout: this is a bug"
+        );
+        let w = self
+            .writer
+            .as_mut()
+            .expect("write after finish: this is a bug");
+        self.rows += rows.rows() as u64;
+        self.positions += rows.positions() as u64;
+        let batch = rows.into_record_batch(self.schema.clone());
+        let result = w.write(&batch).map_err(std::io::Error::other);
+        if result.is_err() {
+            self.writer = None;
         }
-    };
-    hw.flush()?;
-    let file = hw
-        .inner
-        .into_inner()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    file.sync_all()?;
-    drop(file);
-    failpoint("shard-written");
-    std::fs::rename(&tmp, path)?;
-    sync_dir(dir)?;
-    failpoint("shard-renamed");
-    Ok(WrittenShard {
-        path: path.to_path_buf(),
-        rows: n_rows,
-        tokens: positions,
-        bytes: hw.bytes,
-        sha256: hex::encode(hw.hasher.finalize()),
-    })
+        result
+    }
+
+    /// Closes the file, fsyncs it and renames it into place.
+    pub fn finish(mut self) -> Result<WrittenShard, std::io::Error> {
+        let w = self
+            .writer
+            .take()
+            .expect("finish of a failed shard: this is a bug");
+        let mut hw = w.into_inner().map_err(std::io::Error::other)?;
+        hw.flush()?;
+        let bytes = hw.bytes;
+        let sha256 = hex::encode(std::mem::take(&mut hw.hasher).finalize());
+        let file = hw
+            .inner
+            .into_inner()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        file.sync_all()?;
+        drop(file);
+        failpoint("shard-written");
+        std::fs::rename(&self.tmp, &self.path)?;
+        let dir = self
+            .path
+            .parent()
+            .expect("shard path has a parent: this is a bug");
+        sync_dir(dir)?;
+        failpoint("shard-renamed");
+        Ok(WrittenShard {
+            path: self.path.clone(),
+            rows: self.rows,
+            tokens: self.positions,
+            bytes,
+            sha256,
+        })
+    }
+}
+
+impl Drop for ShardFile {
+    fn drop(&mut self) {
+        // Unfinished (an error, or the teacher stopped mid-shard): nothing may look written.
+        // After `finish` the temporary name no longer exists, and this does nothing.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::rows::WindowTopK;
+    use crate::cache::schema::CacheMode;
+
+    /// splitmix64: `n` pseudo-random numbers below `below` from `state`.
+    fn draw(state: &mut u64, below: u64) -> u64 {
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % below
+    }
+
+    /// Hybrid rows (top-4, up to 6 sampled ids per position, random lengths) of windows
+    /// `from..to` of one deterministic sequence of windows.
+    fn rows(from: usize, to: usize) -> ShardRows {
+        let mut st = 7u64;
+        let mut rows = ShardRows::with_layout(Layout::of(CacheMode::Hybrid, 4, 20, false));
+        for w in 0..to {
+            let n = 1 + draw(&mut st, 11) as usize;
+            let input: Vec<u32> = (0..n).map(|_| draw(&mut st, 1000) as u32).collect();
+            let topk_ids: Vec<u32> = (0..4 * n).map(|_| draw(&mut st, 1000) as u32).collect();
+            let topk_lps: Vec<f32> = (0..4 * n)
+                .map(|i| -0.5 - (i % 4) as f32 - draw(&mut st, 100) as f32 / 1000.0)
+                .collect();
+            let tail: Vec<f32> = (0..n)
+                .map(|_| -0.1 - draw(&mut st, 300) as f32 / 100.0)
+                .collect();
+            let lens: Vec<u32> = (0..n).map(|_| draw(&mut st, 7) as u32).collect();
+            // Ascending distinct ids per position.
+            let ids: Vec<u32> = lens
+                .iter()
+                .flat_map(|&l| {
+                    (0..l)
+                        .map(|j| 10 * j + draw(&mut st, 10) as u32)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let counts: Vec<u16> = ids.iter().map(|_| 1 + draw(&mut st, 3) as u16).collect();
+            if w < from {
+                continue;
+            }
+            rows.push(&WindowTopK {
+                seq_id: w as u64,
+                doc_id: w as u64 / 3,
+                window_index: w as u32 % 3,
+                input_ids: &input,
+                topk_ids: &topk_ids,
+                topk_logprobs: &topk_lps,
+                tail_logprob: &tail,
+                sample_lens: &lens,
+                sample_ids: &ids,
+                sample_counts: &counts,
+                ..Default::default()
+            });
+        }
+        rows
+    }
+
+    fn opts() -> ShardWriteOptions {
+        ShardWriteOptions {
+            vocab_size: 1100,
+            tokenizer_sha256: "00".repeat(32),
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+        }
+    }
+
+    #[test]
+    fn a_shard_written_in_parts_of_whole_row_groups_has_the_bytes_of_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = rows(0, 600);
+        let one = write_shard(&dir.path().join("one.parquet"), 3, &all, &opts()).unwrap();
+        // The teacher's parts: whole row groups (256 windows, here also 128), then the rest.
+        for cuts in [&[0, 256, 512, 600][..], &[0, 128, 384, 600], &[0, 600]] {
+            let path = dir.path().join(format!("parts-{}.parquet", cuts.len()));
+            let mut f = ShardFile::create(&path, 3, &all.layout, &opts()).unwrap();
+            for c in cuts.windows(2) {
+                f.write(rows(c[0], c[1])).unwrap();
+            }
+            let parts = f.finish().unwrap();
+            assert_eq!(
+                (parts.rows, parts.tokens, parts.bytes, &parts.sha256),
+                (one.rows, one.tokens, one.bytes, &one.sha256),
+                "{cuts:?}"
+            );
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                std::fs::read(&one.path).unwrap()
+            );
+        }
+        assert_eq!(one.rows, 600);
+    }
+
+    #[test]
+    fn a_shard_dropped_unfinished_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard-00000.parquet");
+        let mut f = ShardFile::create(&path, 0, &rows(0, 1).layout, &opts()).unwrap();
+        f.write(rows(0, 300)).unwrap(); // two row groups are written out
+        let on_disk: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(on_disk.len(), 1, "the temporary file: {on_disk:?}");
+        assert!(on_disk[0].file_name().to_string_lossy().contains(".tmp-"));
+        drop(f);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 }

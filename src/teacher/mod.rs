@@ -24,7 +24,7 @@ use crate::cache::manifest::{
 use crate::cache::rows::{LogprobDtype, ShardRows, StorageError, WindowTopK};
 use crate::cache::schema::{CacheMode, Layout};
 use crate::cache::writer::{
-    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriteOptions, write_shard_owned,
+    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardFile, ShardWriteOptions,
 };
 use crate::progress::{Progress, ProgressMode};
 use crate::util::{failpoint, sha256_file};
@@ -298,24 +298,53 @@ pub struct RunSummary {
 /// held at once (at seq_len 2048 and k = 64, a whole shard's were ~1 GB beside its rows).
 const WINDOW_GROUP: usize = 256;
 
-/// Runs the teacher over one shard's windows, batching windows of similar length.
+/// What a shard's computation adds up to, sent with its last part.
+struct ShardDone {
+    /// Positions the teacher computed, padding included.
+    computed: u64,
+    seconds: f64,
+    stats: ShardStats,
+}
+
+/// Runs the teacher over one shard's windows, batching windows of similar length, and hands
+/// each group's rows to `emit` as soon as they are made (the last part with the shard's
+/// totals), so no more than one group's rows exist here. `emit` returns false when the
+/// writer is gone (its error is reported); then this stops and returns `Ok(false)`.
 fn compute_shard(
     teacher: &mut dyn TeacherBackend,
     work: &ShardWork,
     cfg: &TeacherConfig,
     pad_id: u32,
-) -> anyhow::Result<(ShardRows, u64, ShardStats)> {
+    emit: &mut dyn FnMut(ShardRows, Option<ShardDone>) -> bool,
+) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
     let layout = cfg.layout();
     let k = layout.k;
-    let positions: usize = work.windows.iter().map(|w| w.tokens.len()).sum();
-    let mut rows = ShardRows::with_capacity(layout, work.windows.len(), positions);
     // What the float16 or q8 storage rounds away, from what `push` stored.
     let mut error = StorageError::default();
     let mut computed = 0u64;
     let (mut mass, mut entropy, mut entropy_n) = (0f64, 0f64, 0u64);
+    let (mut positions, mut sample_ids) = (0usize, 0usize);
+    let mut blocked = 0f64;
     let max_tokens = cfg.max_batch_tokens.unwrap_or(usize::MAX);
-    let group_len = WINDOW_GROUP.max(cfg.batch_size);
+    // Whole row groups per part: the parts then give the same bytes as one write of the
+    // shard (the writer's row groups and pages do not depend on where a part ends).
+    let group_len = WINDOW_GROUP
+        .max(cfg.batch_size)
+        .next_multiple_of(DEFAULT_ROW_GROUP_ROWS);
+    let groups = work.windows.len().div_ceil(group_len);
+    if groups == 0 {
+        // A shard without windows (the plan makes none): one empty part, so it is written.
+        let done = ShardDone {
+            computed: 0,
+            seconds: 0.0,
+            stats: ShardStats::default(),
+        };
+        return Ok(emit(ShardRows::with_layout(layout), Some(done)));
+    }
     for (g, group) in work.windows.chunks(group_len).enumerate() {
+        let group_positions: usize = group.iter().map(|w| w.tokens.len()).sum();
+        let mut rows = ShardRows::with_capacity(layout, group.len(), group_positions);
         let lengths: Vec<usize> = group.iter().map(|w| w.tokens.len()).collect();
         // Each window's place in the batch outputs: (batch, first position, positions).
         // The group's rows are then written once, in seq_id order, from those outputs.
@@ -409,28 +438,40 @@ fn compute_shard(
                 entropy_n += 1;
             }
         }
+        drop(outputs);
+        positions += rows.positions();
+        sample_ids += rows.sample_ids.len();
+        let done = (g + 1 == groups).then(|| {
+            let n = positions.max(1) as f64;
+            ShardDone {
+                computed,
+                // The teacher's time: not the waits for the writer to take a part.
+                seconds: t0.elapsed().as_secs_f64() - blocked,
+                stats: ShardStats {
+                    max_logprob_error: error.logprob,
+                    max_prob_error: Some(error.prob),
+                    mean_topk_mass: layout.has_topk().then(|| mass / n),
+                    mean_distinct_ids: layout.has_samples().then(|| sample_ids as f64 / n),
+                    mean_entropy: (entropy_n > 0).then(|| entropy / entropy_n as f64),
+                },
+            }
+        });
+        let t = Instant::now();
+        let sent = emit(rows, done);
+        blocked += t.elapsed().as_secs_f64();
+        if !sent {
+            return Ok(false);
+        }
     }
-    let positions = rows.positions().max(1) as f64;
-    let stats = ShardStats {
-        max_logprob_error: error.logprob,
-        max_prob_error: Some(error.prob),
-        mean_topk_mass: layout.has_topk().then(|| mass / positions),
-        mean_distinct_ids: layout
-            .has_samples()
-            .then(|| rows.sample_ids.len() as f64 / positions),
-        mean_entropy: (entropy_n > 0).then(|| entropy / entropy_n as f64),
-    };
-    Ok((rows, computed, stats))
+    Ok(true)
 }
 
-/// A computed shard on its way to the writer.
+/// Part of a shard on its way to the writer: the next windows' rows, in `seq_id` order;
+/// the last part carries the shard's totals.
 struct Computed {
-    rows: ShardRows,
     index: u64,
-    /// Positions the teacher computed, padding included.
-    computed: u64,
-    seconds: f64,
-    stats: ShardStats,
+    rows: ShardRows,
+    done: Option<ShardDone>,
 }
 
 /// Workers' environment variables, used when `--worker-index/--num-workers` are absent:
@@ -756,9 +797,9 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     };
     if !wanted.is_empty() {
         let (work_tx, work_rx) = sync_channel::<ShardWork>(2);
-        // At most one computed shard waits for the writer (a shard's rows are ~0.8 GB at
-        // 1024 windows of 2048 tokens, k = 64): the teacher computes the next while the
-        // writer writes one, and blocks rather than queue more.
+        // At most one computed part (a group of windows' rows, not a shard's) waits for the
+        // writer: the teacher computes the next group while the writer writes one, and
+        // blocks rather than queue more.
         let (write_tx, write_rx) = sync_channel::<Computed>(0);
         let write_opts = ShardWriteOptions {
             vocab_size: tok.vocab_size,
@@ -847,21 +888,16 @@ fn compute_loop(
     summary: &mut RunSummary,
 ) -> anyhow::Result<()> {
     for work in rx {
-        let t0 = Instant::now();
-        let (rows, computed, stats) = compute_shard(teacher, &work, cfg, pad_id)?;
-        summary.tokens += rows.positions() as u64;
-        summary.computed_tokens += computed;
-        summary.shards_written += 1;
-        if tx
-            .send(Computed {
-                rows,
-                index: work.index,
-                computed,
-                seconds: t0.elapsed().as_secs_f64(),
-                stats,
-            })
-            .is_err()
-        {
+        let index = work.index;
+        let mut send = |rows: ShardRows, done: Option<ShardDone>| {
+            summary.tokens += rows.positions() as u64;
+            if let Some(d) = &done {
+                summary.computed_tokens += d.computed;
+                summary.shards_written += 1;
+            }
+            tx.send(Computed { index, rows, done }).is_ok()
+        };
+        if !compute_shard(teacher, &work, cfg, pad_id, &mut send)? {
             break; // the writer failed; its error is reported
         }
     }
@@ -877,25 +913,41 @@ fn write_loop(
     topk: &str,
     progress: &Progress,
 ) -> anyhow::Result<()> {
-    for Computed {
-        rows,
-        index,
-        computed,
-        seconds,
-        stats,
-    } in rx
-    {
+    // The shard being written, with the CPU seconds its parts took here. Dropped unfinished
+    // (the teacher failed mid-shard and closed the channel), it removes its temporary file.
+    let mut open: Option<(ShardFile, f64)> = None;
+    for Computed { index, rows, done } in rx {
         // The writer runs at a lower priority and may wait for the cores: its share of the
         // shard's time is the CPU it used, not the wall time.
         let cpu0 = crate::util::thread_cpu_seconds();
         let rel = shard_file_name(index);
-        let written = write_shard_owned(&out.join(&rel), index, rows, opts).with_context(|| {
+        let context = || {
             format!(
                 "writing shard {} in {}; check free space and permissions",
                 rel,
                 out.display()
             )
-        })?;
+        };
+        let (mut file, cpu) = match open.take() {
+            Some(f) => f,
+            None => (
+                ShardFile::create(&out.join(&rel), index, &rows.layout, opts)
+                    .with_context(context)?,
+                0.0,
+            ),
+        };
+        file.write(rows).with_context(context)?;
+        let Some(ShardDone {
+            computed,
+            seconds,
+            stats,
+        }) = done
+        else {
+            open = Some((file, cpu + (crate::util::thread_cpu_seconds() - cpu0)));
+            continue;
+        };
+        let written = file.finish().with_context(context)?;
+        let cpu = cpu + (crate::util::thread_cpu_seconds() - cpu0);
         let entry = ShardEntry {
             index,
             file: rel,
@@ -909,7 +961,7 @@ fn write_loop(
             batch_size: cfg.batch_size,
             max_batch_tokens: cfg.max_batch_tokens,
             topk: topk.to_string(),
-            seconds: seconds + (crate::util::thread_cpu_seconds() - cpu0),
+            seconds: seconds + cpu,
             stats: Some(stats),
         };
         let (done, total) = {
