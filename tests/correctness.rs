@@ -245,8 +245,8 @@ fn token_budget_batches_give_the_same_cache() {
     // Smaller batches pad less: full windows now run unpadded.
     assert!(ms.totals.computed_tokens < md.totals.computed_tokens);
 
-    // One shard of more windows than a compute group (256): its rows, computed group by
-    // group, equal those of 16-window shards.
+    // One shard of more windows than two compute groups (256): its rows, computed group by
+    // group and written part by part, equal those of 16-window shards.
     let (one, many) = (
         fresh_dir("budget-one-shard"),
         fresh_dir("budget-many-shards"),
@@ -259,7 +259,7 @@ fn token_budget_batches_give_the_same_cache() {
     }
     let m = Cache::open(&one).unwrap().manifest;
     assert!(
-        m.shards.len() == 1 && m.totals.sequences > 256,
+        m.shards.len() == 1 && m.totals.sequences > 512,
         "{:?}",
         m.totals
     );
@@ -270,6 +270,8 @@ fn token_budget_batches_give_the_same_cache() {
     assert_eq!(a.topk_logprobs, b.topk_logprobs);
     assert_eq!(a.tail_logprob, b.tail_logprob);
     check_cache_against_reference(&model, &one, 1.0);
+    // The recorded size and sha256 are the file's.
+    assert_ok(&run(&["verify", one.to_str().unwrap()]));
 
     let mut args = teacher_args(&model, &shared_dir().join("budget-bad"), 10);
     args.extend(["--max-batch-tokens".into(), "10".into()]);

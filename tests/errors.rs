@@ -287,6 +287,61 @@ fn nan_logits_stop_the_job_naming_the_sequence() {
 }
 
 #[test]
+fn a_teacher_failing_mid_shard_leaves_no_partial_shard() {
+    // The corpus's documents, then one whose text only it has: its bytes are tokens no other
+    // window holds, and the model's logits are NaN there, so the teacher fails in the
+    // shard's last group, after the first groups went to the writer.
+    let tok = logitcache::tokenizer::load(&tokenizer()).unwrap();
+    let text = std::fs::read_to_string(corpus(800)).unwrap();
+    let odd = "\u{00a7}\u{00b6}\u{00a7}";
+    let bad = tok.tokenizer.encode(odd, false).unwrap().get_ids()[0];
+    let all: Vec<u32> = text
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            tok.tokenizer
+                .encode(v["text"].as_str().unwrap(), true)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        })
+        .collect();
+    assert!(!all.contains(&bad), "token {bad} occurs in the corpus");
+    let path = shared_dir().join("corpus-800-odd.jsonl");
+    std::fs::write(
+        &path,
+        text + &serde_json::json!({ "text": format!("a {odd} b") }).to_string() + "\n",
+    )
+    .unwrap();
+    let m = model(
+        "nan-late",
+        &ToyLmSpec {
+            vocab: VOCAB,
+            fault: ToyFault::NanOnToken(bad as i64),
+            ..Default::default()
+        },
+    );
+    let out = fresh_out("nan-late");
+    // One shard of every window: the teacher hands it to the writer 256 windows at a time.
+    let a = with(&base("nan-late"), "--model", m.to_str().unwrap());
+    let a = with(&a, "--corpus", path.to_str().unwrap());
+    let a = with(&a, "--shard-size", "100000");
+    assert_fails(
+        &run_strings(&with(&a, "--out", out.to_str().unwrap())),
+        &["non-finite logit (NaN"],
+    );
+    let left: Vec<_> = std::fs::read_dir(out.join("shards"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "files left in shards/: {left:?}");
+    let v = run(&["verify", out.to_str().unwrap()]);
+    assert_eq!(v.status.code(), Some(1), "{}", stdout(&v));
+    assert!(stdout(&v).contains("incomplete"), "{}", stdout(&v));
+}
+
+#[test]
 fn bad_rows_are_named_or_skipped_and_counted() {
     let path = shared_dir().join("bad-rows.jsonl");
     let good = std::fs::read_to_string(corpus(20)).unwrap();

@@ -270,20 +270,17 @@ mod tests {
     use super::*;
     use crate::cache::rows::WindowTopK;
     use crate::cache::schema::CacheMode;
+    use crate::rng::SplitMix;
 
-    /// splitmix64: `n` pseudo-random numbers below `below` from `state`.
-    fn draw(state: &mut u64, below: u64) -> u64 {
-        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % below
+    /// A number below `below` from the crate's test RNG.
+    fn draw(rng: &mut SplitMix, below: u64) -> u64 {
+        rng.next_u64() % below
     }
 
     /// Hybrid rows (top-4, up to 6 sampled ids per position, random lengths) of windows
     /// `from..to` of one deterministic sequence of windows.
     fn rows(from: usize, to: usize) -> ShardRows {
-        let mut st = 7u64;
+        let mut st = SplitMix::new(7);
         let mut rows = ShardRows::with_layout(Layout::of(CacheMode::Hybrid, 4, 20, false));
         for w in 0..to {
             let n = 1 + draw(&mut st, 11) as usize;
