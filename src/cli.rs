@@ -323,7 +323,26 @@ pub struct ExportOnnxArgs {
     /// Store the weights as float16 (half the file; computed in float32, logits float32).
     #[arg(long)]
     pub fp16: bool,
+    /// Where the weights go: `auto` keeps them in the .onnx file unless they exceed 2 GB
+    /// (protobuf's limit: every model of ~500M+ float32 parameters), then writes them to
+    /// OUT.data beside it as ONNX external data (ONNX Runtime, `onnx.load` and the teacher
+    /// stage read it; keep the two files together); `always` / `never` force one or the
+    /// other (`never` refuses a model too large for one file).
+    #[arg(long, value_enum, default_value_t = ExternalData::Auto)]
+    pub external_data: ExternalData,
 }
+
+/// `export-onnx --external-data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalData {
+    Auto,
+    Always,
+    Never,
+}
+
+/// Initializer bytes above which `--external-data auto` moves the weights out of the .onnx
+/// file (protobuf refuses messages of 2 GiB or more; this leaves room for the graph).
+pub const EXTERNAL_DATA_ABOVE: u64 = 2_000_000_000;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -599,15 +618,68 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 let w = run.weights()?;
                 (run.student, w, run.dir)
             };
-            let bytes = student::export::llama_onnx(&student, &weights, args.fp16)?;
+            let mut model = student::export::llama_model(&student, &weights, args.fp16)?;
+            drop(weights);
+            let inline = crate::onnx::external::inline_bytes(&model);
+            let external = match args.external_data {
+                ExternalData::Always => true,
+                ExternalData::Never if inline > EXTERNAL_DATA_ABOVE => anyhow::bail!(
+                    "the model's weights take {inline} bytes, more than one .onnx file can hold (2 GB, protobuf's limit); drop --external-data never (auto writes them to {}.data beside it) or export with --fp16",
+                    args.out.display()
+                ),
+                ExternalData::Never => false,
+                ExternalData::Auto => inline > EXTERNAL_DATA_ABOVE,
+            };
+            let data_path = {
+                let mut name = args
+                    .out
+                    .file_name()
+                    .with_context(|| format!("--out {} names no file", args.out.display()))?
+                    .to_os_string();
+                name.push(".data");
+                args.out.with_file_name(name)
+            };
+            let mut written = 0u64;
+            if external {
+                let location = data_path
+                    .file_name()
+                    .expect("data_path has a file name")
+                    .to_str()
+                    .with_context(|| {
+                        format!(
+                            "--out {}: external data needs a UTF-8 file name",
+                            args.out.display()
+                        )
+                    })?
+                    .to_string();
+                let data = crate::onnx::external::split_external(&mut model, &location);
+                // The data first: the .onnx that names it appears only once it is whole.
+                crate::util::write_atomic(&data_path, &data)
+                    .with_context(|| format!("writing {}", data_path.display()))?;
+                written += data.len() as u64;
+            }
+            let bytes = prost::Message::encode_to_vec(&model);
+            drop(model);
             crate::util::write_atomic(&args.out, &bytes)
                 .with_context(|| format!("writing {}", args.out.display()))?;
+            written += bytes.len() as u64;
+            if !external && data_path.is_file() {
+                tracing::warn!(
+                    "{} is left from an earlier export; this model does not read it",
+                    data_path.display()
+                );
+            }
             let tokenizer = dir.join("tokenizer.json");
             tracing::info!(
-                "wrote {} ({} parameters, {:.1} MiB); its tokenizer: {}",
+                "wrote {}{} ({} parameters, {:.1} MiB); its tokenizer: {}",
                 args.out.display(),
+                if external {
+                    format!(" and its weights {}", data_path.display())
+                } else {
+                    String::new()
+                },
                 student.num_params(),
-                bytes.len() as f64 / (1 << 20) as f64,
+                written as f64 / (1 << 20) as f64,
                 if tokenizer.is_file() {
                     tokenizer.display().to_string()
                 } else {

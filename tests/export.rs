@@ -136,6 +136,51 @@ fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
     let cache = dir.join("cache");
     assert_ok(&run_strings(&teacher_args(&f32_path, &cache, 40)));
     assert_ok(&run(&["verify", cache.to_str().unwrap()]));
+
+    // `--external-data always` (what `auto` does above 2 GB): the weights go to OUT.data,
+    // the graph file keeps only small constants, the teacher computes the same cache, and the
+    // manifest hashes the data file. `never` is the single file of the default.
+    let ext_path = dir.join("ta-ext.onnx");
+    let never_path = dir.join("ta-never.onnx");
+    for (p, how) in [(&ext_path, "always"), (&never_path, "never")] {
+        assert_ok(&run(&[
+            "export-onnx",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--out",
+            p.to_str().unwrap(),
+            "--external-data",
+            how,
+        ]));
+    }
+    assert_eq!(
+        std::fs::read(&never_path).unwrap(),
+        std::fs::read(&f32_path).unwrap()
+    );
+    assert!(!dir.join("ta-never.onnx.data").exists());
+    let data_path = dir.join("ta-ext.onnx.data");
+    let (graph, data) = (
+        std::fs::metadata(&ext_path).unwrap().len(),
+        std::fs::metadata(&data_path).unwrap().len(),
+    );
+    assert!(
+        graph < 64 * 1024 && data + graph > a,
+        "graph {graph}, data {data}, one file {a}"
+    );
+    let ext_cache = dir.join("cache-ext");
+    assert_ok(&run_strings(&teacher_args(&ext_path, &ext_cache, 40)));
+    let (x, y) = (all_rows(&cache), all_rows(&ext_cache));
+    assert_eq!(x.topk_ids, y.topk_ids);
+    assert_eq!(x.topk_logprobs, y.topk_logprobs);
+    let m = logitcache::cache::manifest::Manifest::load(&ext_cache).unwrap();
+    assert_eq!(m.model.external_data.len(), 1);
+    assert_eq!(
+        (
+            m.model.external_data[0].location.as_str(),
+            m.model.external_data[0].bytes
+        ),
+        ("ta-ext.onnx.data", data)
+    );
     // Not a run directory: a clear error.
     assert_fails(
         &run(&[

@@ -482,6 +482,19 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
     let next = shared_dir().join(format!("torch-next-cache-{}", unique()));
     assert_ok(&run_strings(&teacher_args(&onnx, &next, 8)));
     assert_ok(&run(&["verify", next.to_str().unwrap()]));
+    // The teacher computes what transformers computes for the checkpoint it saved: every
+    // window's top-k is transformers' top-k, each log-prob within one float16 step.
+    let v = python(
+        "hf_teacher_check.py",
+        &json!({"cache": next, "checkpoint": run_dir.join("checkpoint")}),
+    );
+    assert!(v["rows"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["max_err_in_f16_steps"].as_f64().unwrap() <= 1.0, "{v}");
+    assert!(v["topk_set_err"].as_f64().unwrap() < 1e-4, "{v}");
+    assert!(
+        v["top1_agree"].as_u64().unwrap() * 100 >= v["positions"].as_u64().unwrap() * 99,
+        "{v}"
+    );
 }
 
 #[test]

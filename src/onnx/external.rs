@@ -191,6 +191,14 @@ pub fn move_to_external(
     location: &str,
 ) -> Result<(Vec<u8>, Vec<u8>), prost::DecodeError> {
     let mut m = ModelProto::decode(bytes)?;
+    let data = split_external(&mut m, location);
+    Ok((m.encode_to_vec(), data))
+}
+
+/// [`move_to_external`] on a model in memory: moves the data of every initializer of 1 KiB
+/// or more out of `m` into the returned bytes (64-byte aligned), to be written as the file
+/// `location` beside the `.onnx`.
+pub fn split_external(m: &mut ModelProto, location: &str) -> Vec<u8> {
     let mut data = Vec::new();
     if let Some(g) = m.graph.as_mut() {
         for t in &mut g.initializer {
@@ -213,5 +221,16 @@ pub fn move_to_external(
             data.extend_from_slice(&raw);
         }
     }
-    Ok((m.encode_to_vec(), data))
+    data
+}
+
+/// Bytes of initializer data held inline in `m` (what decides whether a model fits one
+/// protobuf file: 2 GiB at most).
+pub fn inline_bytes(m: &ModelProto) -> u64 {
+    m.graph.as_ref().map_or(0, |g| {
+        g.initializer
+            .iter()
+            .map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64))
+            .sum()
+    })
 }

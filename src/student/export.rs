@@ -25,6 +25,7 @@ use super::arch::StudentConfig;
 use super::checkpoint::HfTensor;
 use crate::onnx::builder::{Dim, GraphBuilder, attr_int, attr_ints, tensor_raw};
 use crate::onnx::proto::data_type;
+use prost::Message;
 use std::collections::HashMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -134,12 +135,22 @@ fn rope(g: &mut GraphBuilder, x: &str, cos: &str, sin: &str, hd: usize) -> Strin
 }
 
 /// Builds the ONNX model of a student from its Hugging Face weights (as
-/// [`super::checkpoint::read_safetensors`] returns them).
+/// [`super::checkpoint::read_safetensors`] returns them), serialized as one file.
 pub fn llama_onnx(
     cfg: &StudentConfig,
     weights: &HashMap<String, HfTensor>,
     fp16: bool,
 ) -> Result<Vec<u8>, ExportError> {
+    Ok(llama_model(cfg, weights, fp16)?.encode_to_vec())
+}
+
+/// [`llama_onnx`]'s model before serialization (to move its weights to external data, see
+/// [`crate::onnx::external::split_external`]).
+pub fn llama_model(
+    cfg: &StudentConfig,
+    weights: &HashMap<String, HfTensor>,
+    fp16: bool,
+) -> Result<crate::onnx::proto::ModelProto, ExportError> {
     let w = Weights { src: weights, fp16 };
     let (d, v, im) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
     let (nh, nkv, hd) = (
@@ -277,5 +288,5 @@ pub fn llama_onnx(
             Dim::Fixed(v as i64),
         ],
     );
-    Ok(g.to_bytes())
+    Ok(g.finish())
 }
