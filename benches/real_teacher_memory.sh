@@ -3,9 +3,10 @@
 # note of issue 14; benches/teacher_memory.sh measures the logits' share on toy teachers):
 # random-initialised Hugging Face `LlamaForCausalLM`s shaped like
 # - Qwen2.5-0.5B (V = 151936, hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, tied
-#   head: 494M parameters, 1.98 GB float32: one .onnx file), and
+#   head: 494M parameters, 1.98 GB float32), and
 # - TinyLlama-1.1B (V = 32000, hidden 2048, 22 layers, 32 / 4 heads, MLP 5632, untied:
-#   1.1B parameters, 4.4 GB: over protobuf's 2 GB, so `export-onnx` writes external data),
+#   1.1B parameters, 4.4 GB),
+# (both over 1 GiB, so `export-onnx` writes their weights as external data),
 # saved by transformers (`save_pretrained`), exported by `logitcache export-onnx`, run by
 # `teacher` with the default flags at --seq-len 512 and 2048 on a corpus of a few full
 # windows. Goal: peak RSS <= model size + 2 GB. Each run also compares the cache's first
