@@ -636,28 +636,21 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 ExternalData::Never => false,
                 ExternalData::Auto => inline > EXTERNAL_DATA_ABOVE,
             };
-            let data_path = {
-                let mut name = args
-                    .out
-                    .file_name()
-                    .with_context(|| format!("--out {} names no file", args.out.display()))?
-                    .to_os_string();
-                name.push(".data");
-                args.out.with_file_name(name)
-            };
+            // OUT.data beside OUT: the name the graph records as its external data's location.
+            let name = args
+                .out
+                .file_name()
+                .with_context(|| format!("--out {} names no file", args.out.display()))?;
+            if external && name.to_str().is_none() {
+                anyhow::bail!(
+                    "--out {}: external data needs a UTF-8 file name",
+                    args.out.display()
+                );
+            }
+            let location = format!("{}.data", name.to_string_lossy());
+            let data_path = args.out.with_file_name(&location);
             let mut written = 0u64;
             if external {
-                let location = data_path
-                    .file_name()
-                    .expect("data_path has a file name")
-                    .to_str()
-                    .with_context(|| {
-                        format!(
-                            "--out {}: external data needs a UTF-8 file name",
-                            args.out.display()
-                        )
-                    })?
-                    .to_string();
                 let data = crate::onnx::external::split_external(&mut model, &location);
                 // The data first: the .onnx that names it appears only once it is whole.
                 crate::util::write_atomic(&data_path, &data)

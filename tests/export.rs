@@ -137,7 +137,7 @@ fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
     assert_ok(&run_strings(&teacher_args(&f32_path, &cache, 40)));
     assert_ok(&run(&["verify", cache.to_str().unwrap()]));
 
-    // `--external-data always` (what `auto` does above 2 GB): the weights go to OUT.data,
+    // `--external-data always` (what `auto` does above 1 GiB): the weights go to OUT.data,
     // the graph file keeps only small constants, the teacher computes the same cache, and the
     // manifest hashes the data file. `never` is the single file of the default.
     let ext_path = dir.join("ta-ext.onnx");
