@@ -28,6 +28,12 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
 
 /// Fsyncs a directory so a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    // `Path::new("m.onnx").parent()` is the empty path: the current directory.
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -181,6 +181,26 @@ fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
         ),
         ("ta-ext.onnx.data", data)
     );
+    // `--out` a bare file name (in the current directory), with its data beside it.
+    let o = command()
+        .args([
+            "export-onnx",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--out",
+            "bare.onnx",
+            "--external-data",
+            "always",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    assert_eq!(
+        std::fs::read(dir.join("bare.onnx.data")).unwrap(),
+        std::fs::read(&data_path).unwrap()
+    );
+    assert!(dir.join("bare.onnx").is_file());
     // Not a run directory: a clear error.
     assert_fails(
         &run(&[
