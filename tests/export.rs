@@ -8,7 +8,7 @@ use burn::backend::Flex;
 use burn::prelude::*;
 use logitcache::student::arch::StudentConfig;
 use logitcache::student::checkpoint::load_hf;
-use logitcache::student::export::llama_onnx;
+use logitcache::student::export::{ATTENTION_BLOCK, llama_onnx};
 use logitcache::student::model::Llama;
 use logitcache::teacher::backend::{Batch, PaddingSide};
 use logitcache::teacher::ort_backend::full_logits;
@@ -97,6 +97,22 @@ fn exported_logits_equal_burns_forward() {
                 "tied={tied} kv={kv} {what}: max |ORT - burn| = {d}"
             );
         }
+    }
+    // Longer than one attention block: several blocks of queries, the last one partly
+    // padding, with the batch right- and left-padded.
+    let long: Vec<u32> = (0..ATTENTION_BLOCK * 2 + 37)
+        .map(|i| (i * 7 % 53) as u32)
+        .collect();
+    let mut long_cfg = cfg(true, 2);
+    long_cfg.max_position_embeddings = 1024;
+    for side in [PaddingSide::Right, PaddingSide::Left] {
+        let batch = Batch::pad(&[&long, &long[..300]], side, 0);
+        let d = max_diff(&long_cfg, false, &batch, 7);
+        assert!(
+            d <= 1e-4,
+            "{} tokens, {side:?}-padded: max |ORT - burn| = {d}",
+            long.len()
+        );
     }
     // float16 weights: the rounding of the weights shows, but only that.
     let batch = Batch::pad(&[&a, &b], PaddingSide::Right, 0);

@@ -47,6 +47,9 @@ pub struct GraphBuilder {
     opset: i64,
     next_id: usize,
     metadata: Vec<(String, String)>,
+    /// Prefix of generated value names (a subgraph's differ from its parent's: ONNX names
+    /// are unique across scopes).
+    prefix: String,
 }
 
 fn value_info(name: &str, elem_type: i32, dims: &[Dim]) -> ValueInfoProto {
@@ -173,7 +176,22 @@ impl GraphBuilder {
             opset: DEFAULT_OPSET,
             next_id: 0,
             metadata: Vec::new(),
+            prefix: String::new(),
         }
+    }
+
+    /// A builder for a subgraph (the body of a `Scan`, `Loop` or `If`) whose generated names
+    /// start with `prefix`, so they cannot shadow this graph's; finish it with
+    /// [`GraphBuilder::finish_graph`]. Its nodes may read this graph's values by name.
+    pub fn subgraph(&self, prefix: &str) -> GraphBuilder {
+        let mut g = GraphBuilder::new(prefix).with_opset(self.opset);
+        g.prefix = format!("{}{prefix}_", self.prefix);
+        g
+    }
+
+    /// The finished graph alone (of a [`GraphBuilder::subgraph`]).
+    pub fn finish_graph(self) -> GraphProto {
+        self.graph
     }
 
     /// Use another default-domain opset version.
@@ -189,7 +207,7 @@ impl GraphBuilder {
 
     fn fresh(&mut self, hint: &str) -> String {
         self.next_id += 1;
-        format!("{hint}_{}", self.next_id)
+        format!("{}{hint}_{}", self.prefix, self.next_id)
     }
 
     /// Declares a graph input and returns its name.
@@ -215,9 +233,15 @@ impl GraphBuilder {
 
     /// Adds an initializer and returns its (unique) name.
     pub fn init(&mut self, mut t: TensorProto) -> String {
-        let hint = t.name.clone().unwrap_or_else(|| "init".into());
-        let name = if self.graph.initializer.iter().any(|i| i.name == t.name) {
-            self.fresh(&hint)
+        let base = t.name.clone().unwrap_or_else(|| "init".into());
+        let hint = format!("{}{base}", self.prefix);
+        let name = if self
+            .graph
+            .initializer
+            .iter()
+            .any(|i| i.name.as_ref() == Some(&hint))
+        {
+            self.fresh(&base)
         } else {
             hint
         };

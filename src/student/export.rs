@@ -17,13 +17,15 @@
 //! The graph follows [`super::model::Llama`] op for op: position ids are derived
 //! from the mask as Hugging Face does (`cumsum(mask) - 1`, clipped at 0), rotary embeddings
 //! use the `rotate_half` layout, masked attention scores are *replaced* by -1e9 (as burn's
-//! `mask_fill`), grouped-query heads are repeated, the MLP is SwiGLU. With `fp16` the
+//! `mask_fill`), grouped-query heads are repeated, the MLP is SwiGLU. Attention runs over
+//! blocks of [`ATTENTION_BLOCK`] queries (a `Scan` per layer), so only one block's scores
+//! exist at a time; each row's softmax is the same computation as over the whole matrix. With `fp16` the
 //! weights are stored as float16 (half the file) and cast to float32 inside the graph, so
 //! the CPU execution provider runs it and the logits stay float32.
 
 use super::arch::StudentConfig;
 use super::checkpoint::HfTensor;
-use crate::onnx::builder::{Dim, GraphBuilder, attr_int, attr_ints, tensor_raw};
+use crate::onnx::builder::{Dim, GraphBuilder, attr_graph, attr_int, attr_ints, tensor_raw};
 use crate::onnx::proto::data_type;
 use prost::Message;
 use std::collections::HashMap;
@@ -134,6 +136,56 @@ fn rope(g: &mut GraphBuilder, x: &str, cos: &str, sin: &str, hd: usize) -> Strin
     g.node("Add", &[&a, &b], vec![])
 }
 
+/// Queries per attention block: scores take `batch × heads × ATTENTION_BLOCK × seq_len × 4`
+/// bytes at a time (134 MB for two 2048-token windows of a 32-head model, where the whole
+/// `[l, l]` scores took 1 GB per tensor).
+pub const ATTENTION_BLOCK: usize = 256;
+
+/// One block of queries' attention, the body of the per-layer `Scan`: inputs one block of
+/// queries `[b, h, block, hd]` and their positions `[block]`, output `[b, h, block, hd]`;
+/// keys, values and masks are the layer's (outer-scope values).
+struct AttentionBlock<'a> {
+    kt: &'a str,
+    v: &'a str,
+    cols: &'a str,
+    pad: &'a str,
+    scale: &'a str,
+    neg_big: &'a str,
+    axes_last: &'a str,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl AttentionBlock<'_> {
+    fn body(&self, parent: &GraphBuilder, layer: usize) -> crate::onnx::proto::GraphProto {
+        let name = format!("attn{layer}");
+        let mut b = parent.subgraph(&name);
+        let dims = [
+            Dim::sym("batch_size"),
+            Dim::Fixed(self.heads as i64),
+            Dim::sym("block"),
+            Dim::Fixed(self.head_dim as i64),
+        ];
+        let q = b.input(&format!("{name}_q"), data_type::FLOAT, &dims);
+        let rows = b.input(
+            &format!("{name}_rows"),
+            data_type::INT64,
+            &[Dim::sym("block")],
+        );
+        // True where the key is in the future or padding: [b, 1, block, l].
+        let r = b.node("Unsqueeze", &[&rows, self.axes_last], vec![]);
+        let future = b.node("Greater", &[self.cols, &r], vec![]);
+        let blocked = b.node("Or", &[&future, self.pad], vec![]);
+        let s = b.node("MatMul", &[&q, self.kt], vec![]);
+        let s = b.node("Mul", &[&s, self.scale], vec![]);
+        let s = b.node("Where", &[&blocked, self.neg_big, &s], vec![]);
+        let a = b.node("Softmax", &[&s], vec![attr_int("axis", -1)]);
+        let o = b.node("MatMul", &[&a, self.v], vec![]);
+        b.output_as(&o, &format!("{name}_out"), data_type::FLOAT, &dims);
+        b.finish_graph()
+    }
+}
+
 /// Builds the ONNX model of a student from its Hugging Face weights (as
 /// [`super::checkpoint::read_safetensors`] returns them), serialized as one file.
 pub fn llama_onnx(
@@ -200,18 +252,50 @@ pub fn llama_model(
     let sin = g.node("Sin", &[&ang], vec![]);
     let sin = g.node("Unsqueeze", &[&sin, &axes1], vec![]);
 
-    // Mask [b, 1, l, l]: true where the key is in the future or padding.
+    // Attention runs over blocks of at most ATTENTION_BLOCK queries (a Scan over the
+    // blocks), so one block's scores [b, heads, block, l] exist at a time instead of all
+    // [b, heads, l, l]. The queries are padded to whole blocks; the padded rows are dropped.
     let shape = g.node("Shape", &[&ids], vec![]);
     let len = g.node("Gather", &[&shape, &one_i], vec![attr_int("axis", 0)]);
-    let range = g.node("Range", &[&zero_i, &len, &one_i], vec![]);
+    let block_max = g.init_i64("attn_block", &[], &[ATTENTION_BLOCK as i64]);
+    let block = g.node("Min", &[&len, &block_max], vec![]);
+    let blocks = g.node("Add", &[&len, &block], vec![]);
+    let blocks = g.node("Sub", &[&blocks, &one_i], vec![]);
+    let blocks = g.node("Div", &[&blocks, &block], vec![]);
+    let padded = g.node("Mul", &[&blocks, &block], vec![]);
+    let extra = g.node("Sub", &[&padded, &len], vec![]);
     let axes0 = g.init_i64("axes0", &[1], &[0]);
-    let rows = g.node("Unsqueeze", &[&range, &axes_last], vec![]);
+    let (len1, block1, blocks1, extra1) = (
+        g.node("Unsqueeze", &[&len, &axes0], vec![]),
+        g.node("Unsqueeze", &[&block, &axes0], vec![]),
+        g.node("Unsqueeze", &[&blocks, &axes0], vec![]),
+        g.node("Unsqueeze", &[&extra, &axes0], vec![]),
+    );
+    // Each block's query positions [blocks, block], scanned with the queries.
+    let rows = g.node("Range", &[&zero_i, &padded, &one_i], vec![]);
+    let rows_shape = g.node("Concat", &[&blocks1, &block1], vec![attr_int("axis", 0)]);
+    let rows = g.node("Reshape", &[&rows, &rows_shape], vec![]);
+    // Key positions [1, l] and padded keys [b, 1, 1, l]: a block's mask is built from them.
+    let range = g.node("Range", &[&zero_i, &len, &one_i], vec![]);
     let cols = g.node("Unsqueeze", &[&range, &axes0], vec![]);
-    let future = g.node("Greater", &[&cols, &rows], vec![]);
     let pad = g.node("Equal", &[&mask, &zero_i], vec![]);
     let axes12 = g.init_i64("axes12", &[2], &[1, 2]);
     let pad = g.node("Unsqueeze", &[&pad, &axes12], vec![]);
-    let blocked = g.node("Or", &[&future, &pad], vec![]);
+    let zeros6 = g.init_i64("pads_lead", &[6], &[0; 6]);
+    let zero1 = g.init_i64("zero1", &[1], &[0]);
+    let q_pads = g.node(
+        "Concat",
+        &[&zeros6, &extra1, &zero1],
+        vec![attr_int("axis", 0)],
+    );
+    let lead = g.init_i64("lead_dims", &[2], &[0, 0]);
+    let hd1 = g.init_i64("head_dim1", &[1], &[hd as i64]);
+    let q_blocks_shape = g.node(
+        "Concat",
+        &[&lead, &blocks1, &block1, &hd1],
+        vec![attr_int("axis", 0)],
+    );
+    let heads_back = g.init_i64("heads_back", &[4], &[0, 0, -1, hd as i64]);
     let neg_big = g.init_f32("neg_big", &[], &[-1e9]);
     let scale = g.init_f32("attn_scale", &[], &[1.0 / (hd as f32).sqrt()]);
     let merge = g.init_i64("merge_shape", &[3], &[0, 0, d as i64]);
@@ -251,11 +335,38 @@ pub fn llama_model(
             }
         }
         let kt = g.node("Transpose", &[&k], vec![attr_ints("perm", &[0, 1, 3, 2])]);
-        let s = g.node("MatMul", &[&q, &kt], vec![]);
-        let s = g.node("Mul", &[&s, &scale], vec![]);
-        let s = g.node("Where", &[&blocked, &neg_big, &s], vec![]);
-        let a = g.node("Softmax", &[&s], vec![attr_int("axis", -1)]);
-        let o = g.node("MatMul", &[&a, &vv], vec![]);
+        // [b, h, l, hd] → [blocks, b, h, block, hd], attention per block, and back.
+        let qb = g.node("Pad", &[&q, &q_pads], vec![]);
+        let qb = g.node("Reshape", &[&qb, &q_blocks_shape], vec![]);
+        let qb = g.node(
+            "Transpose",
+            &[&qb],
+            vec![attr_ints("perm", &[2, 0, 1, 3, 4])],
+        );
+        let body = AttentionBlock {
+            kt: &kt,
+            v: &vv,
+            cols: &cols,
+            pad: &pad,
+            scale: &scale,
+            neg_big: &neg_big,
+            axes_last: &axes_last,
+            heads: nh,
+            head_dim: hd,
+        }
+        .body(&g, i);
+        let o = g.node(
+            "Scan",
+            &[&qb, &rows],
+            vec![attr_graph("body", body), attr_int("num_scan_inputs", 2)],
+        );
+        let o = g.node(
+            "Transpose",
+            &[&o],
+            vec![attr_ints("perm", &[1, 2, 0, 3, 4])],
+        );
+        let o = g.node("Reshape", &[&o, &heads_back], vec![]);
+        let o = g.node("Slice", &[&o, &zero1, &len1, &axes2], vec![]);
         let o = g.node("Transpose", &[&o], vec![attr_ints("perm", &[0, 2, 1, 3])]);
         let o = g.node("Reshape", &[&o, &merge], vec![]);
         let o = g.node("MatMul", &[&o, &wo], vec![]);
@@ -290,3 +401,4 @@ pub fn llama_model(
     );
     Ok(g.finish())
 }
+
