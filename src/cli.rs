@@ -334,21 +334,7 @@ pub struct ExportOnnxArgs {
     pub external_data: ExternalData,
 }
 
-/// `export-onnx --external-data`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExternalData {
-    Auto,
-    Always,
-    Never,
-}
-
-/// Initializer bytes above which `--external-data auto` moves the weights out of the .onnx
-/// file (1 GiB: see the flag's help).
-pub const EXTERNAL_DATA_ABOVE: u64 = 1 << 30;
-
-/// The most initializer bytes one .onnx file holds (protobuf refuses messages of 2 GiB or
-/// more; this leaves room for the graph).
-pub const ONE_FILE_LIMIT: u64 = 2_000_000_000;
+pub use crate::student::export::{EXTERNAL_DATA_ABOVE, ExternalData, ONE_FILE_LIMIT};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -624,61 +610,20 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 let w = run.weights()?;
                 (run.student, w, run.dir)
             };
-            let mut model = student::export::llama_model(&student, &weights, args.fp16)?;
+            let model = student::export::llama_model(&student, &weights, args.fp16)?;
             drop(weights);
-            let inline = crate::onnx::external::inline_bytes(&model);
-            let external = match args.external_data {
-                ExternalData::Always => true,
-                ExternalData::Never if inline > ONE_FILE_LIMIT => anyhow::bail!(
-                    "the model's weights take {inline} bytes, more than one .onnx file can hold (2 GB, protobuf's limit); drop --external-data never (auto writes them to {}.data beside it) or export with --fp16",
-                    args.out.display()
-                ),
-                ExternalData::Never => false,
-                ExternalData::Auto => inline > EXTERNAL_DATA_ABOVE,
-            };
-            // OUT.data beside OUT: the name the graph records as its external data's location.
-            let name = args
-                .out
-                .file_name()
-                .with_context(|| format!("--out {} names no file", args.out.display()))?;
-            if external && name.to_str().is_none() {
-                anyhow::bail!(
-                    "--out {}: external data needs a UTF-8 file name",
-                    args.out.display()
-                );
-            }
-            let location = format!("{}.data", name.to_string_lossy());
-            let data_path = args.out.with_file_name(&location);
-            let mut written = 0u64;
-            if external {
-                let data = crate::onnx::external::split_external(&mut model, &location);
-                // The data first: the .onnx that names it appears only once it is whole.
-                crate::util::write_atomic(&data_path, &data)
-                    .with_context(|| format!("writing {}", data_path.display()))?;
-                written += data.len() as u64;
-            }
-            let bytes = prost::Message::encode_to_vec(&model);
-            drop(model);
-            crate::util::write_atomic(&args.out, &bytes)
-                .with_context(|| format!("writing {}", args.out.display()))?;
-            written += bytes.len() as u64;
-            if !external && data_path.is_file() {
-                tracing::warn!(
-                    "{} is left from an earlier export; this model does not read it",
-                    data_path.display()
-                );
-            }
+            let written = student::export::write_onnx(model, &args.out, args.external_data)
+                .with_context(|| format!("export-onnx --out {}", args.out.display()))?;
             let tokenizer = dir.join("tokenizer.json");
             tracing::info!(
                 "wrote {}{} ({} parameters, {:.1} MiB); its tokenizer: {}",
                 args.out.display(),
-                if external {
-                    format!(" and its weights {}", data_path.display())
-                } else {
-                    String::new()
+                match &written.data {
+                    Some(data) => format!(" and its weights {}", data.display()),
+                    None => String::new(),
                 },
                 student.num_params(),
-                written as f64 / (1 << 20) as f64,
+                written.bytes as f64 / (1 << 20) as f64,
                 if tokenizer.is_file() {
                     tokenizer.display().to_string()
                 } else {

@@ -815,11 +815,22 @@ fn external_data_is_hashed_into_the_provenance() {
             .0
     );
 
+    // The identity pipelines fingerprint a teacher by: a single file's own sha256, and for
+    // a graph with external data one that covers the data too.
+    use logitcache::onnx::external::model_sha256;
+    assert_eq!(
+        model_sha256(&plain_model()).unwrap(),
+        logitcache::util::sha256_file(&plain_model()).unwrap().0
+    );
+    let id = model_sha256(&onnx).unwrap();
+    assert_ne!(id, logitcache::util::sha256_file(&onnx).unwrap().0);
+
     // Other weights, same graph file: resuming into the cache is refused.
     let mut other = data.clone();
     let mid = other.len() / 2;
     other[mid] ^= 0x40;
     std::fs::write(dir.join("teacher.onnx.data"), &other).unwrap();
+    assert_ne!(model_sha256(&onnx).unwrap(), id);
     assert_fails(
         &run_strings(&args),
         &["different --model (external data sha256)"],

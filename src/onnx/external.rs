@@ -162,6 +162,29 @@ pub fn references(model: &Path) -> Result<Vec<String>, ExternalError> {
     Ok(files.into_iter().collect())
 }
 
+/// One identity for a model and the external data it reads: the graph file's sha256 when it
+/// reads none (so a single-file model keeps the hash it always had), otherwise the sha256 of
+/// the graph's sha256 and each data file's location and sha256. Changing any file changes it.
+pub fn model_sha256(model: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let graph = crate::util::sha256_file(model)
+        .with_context(|| format!("reading {}", model.display()))?
+        .0;
+    let files = references(model)?;
+    if files.is_empty() {
+        return Ok(graph);
+    }
+    let dir = model.parent().unwrap_or(Path::new("."));
+    let mut id = format!("{graph}\n");
+    for location in files {
+        let path = dir.join(&location);
+        let (sha, _) = crate::util::sha256_file(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        id.push_str(&format!("{location} {sha}\n"));
+    }
+    Ok(crate::util::sha256_bytes(id.as_bytes()))
+}
+
 fn graph_tensors<'a>(g: &'a LiteGraph, out: &mut Vec<&'a LiteTensor>) {
     out.extend(&g.initializer);
     for s in &g.sparse_initializer {

@@ -24,6 +24,7 @@ use crate::cache::reader::Cache;
 use crate::cache::schema::{CacheMode, LogprobDtype};
 use crate::law::{ResultRow, fit, law_rows, read_results};
 use crate::loss::{KdLoss, LossConfig};
+use crate::onnx::external::model_sha256;
 use crate::progress::ProgressMode;
 use crate::student::arch::StudentConfig;
 use crate::student::checkpoint::RunCheckpoint;
@@ -660,7 +661,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                     Some(n) => *n,
                     None => onnx_params(path)?,
                 };
-                (path.clone(), n, None, sha256_file(path)?.0)
+                (path.clone(), n, None, model_sha256(path)?)
             }
             TeacherSource::Train { arch, steps, lr } => {
                 r.header(&format!("teacher {name}: pretraining with CE"));
@@ -681,11 +682,10 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                 let exported = stamp(&tdir)
                     .is_some_and(|s| s["fingerprint"] == fp.as_str() && s["state"] == "done");
                 if !(exported && onnx.is_file()) {
+                    use crate::student::export::{ExternalData, llama_model, write_onnx};
                     let ck = RunCheckpoint::open(&run)?;
-                    write_atomic(
-                        &onnx,
-                        &crate::student::export::llama_onnx(&ck.student, &ck.weights()?, false)?,
-                    )?;
+                    let model = llama_model(&ck.student, &ck.weights()?, false)?;
+                    write_onnx(model, &onnx, ExternalData::Auto)?;
                     mark(&tdir, &fp, "done", &json!({"run": run}))?;
                 }
                 let e = RunDir::new(&run)
@@ -695,7 +695,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                 (onnx, arch.num_params() as u64, e, fp)
             }
         };
-        let onnx_sha = sha256_file(&onnx)?.0;
+        let onnx_sha = model_sha256(&onnx)?;
         let mut caches = Vec::new();
         for v in &p.caches {
             let label = v.label(name);
