@@ -164,7 +164,13 @@ pub struct ShardFile {
     writer: Option<ArrowWriter<HashingWriter<std::io::BufWriter<std::fs::File>>>>,
     rows: u64,
     positions: u64,
+    row_group_rows: usize,
 }
+
+/// Rows [`ShardFile::write`] hands parquet's writer per call: its float16 columns become one
+/// `FixedLenByteArray` (~32 bytes) per value for each call, 537 MB for a row group of 128
+/// windows of 2048 positions at k = 64 where 8 windows take 34 MB.
+const WRITE_ROWS: usize = 8;
 
 impl ShardFile {
     /// Starts shard `index` of `layout` at `path` (written to `path.parquet.tmp-PID`).
@@ -196,6 +202,7 @@ impl ShardFile {
             writer: None,
             rows: 0,
             positions: 0,
+            row_group_rows: opts.row_group_rows.max(1),
         };
         // On an error `shard` is dropped here, which removes the temporary file.
         shard.writer =
@@ -213,10 +220,26 @@ impl ShardFile {
             .writer
             .as_mut()
             .expect("write after finish: this is a bug");
-        self.rows += rows.rows() as u64;
+        let first = self.rows as usize;
+        let n = rows.rows();
+        self.rows += n as u64;
         self.positions += rows.positions() as u64;
         let batch = rows.into_record_batch(self.schema.clone());
-        let result = w.write(&batch).map_err(std::io::Error::other);
+        // At most WRITE_ROWS rows per call, the calls starting at multiples of WRITE_ROWS
+        // within each row group: the column writers then see the same calls (and cut the
+        // same pages) however the shard was split into parts of whole row groups.
+        let mut at = 0;
+        let mut result = Ok(());
+        while at < n && result.is_ok() {
+            let in_group = (first + at) % self.row_group_rows;
+            let len = (WRITE_ROWS - in_group % WRITE_ROWS)
+                .min(self.row_group_rows - in_group)
+                .min(n - at);
+            result = w
+                .write(&batch.slice(at, len))
+                .map_err(std::io::Error::other);
+            at += len;
+        }
         if result.is_err() {
             self.writer = None;
         }
@@ -337,7 +360,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let all = rows(0, 600);
         let one = write_shard(&dir.path().join("one.parquet"), 3, &all, &opts()).unwrap();
-        // The teacher's parts: whole row groups (256 windows, here also 128), then the rest.
+        // The teacher's parts: whole row groups (256 windows at seq_len 512, 128 at 2048),
+        // then the rest.
         for cuts in [&[0, 256, 512, 600][..], &[0, 128, 384, 600], &[0, 600]] {
             let path = dir.path().join(format!("parts-{}.parquet", cuts.len()));
             let mut f = ShardFile::create(&path, 3, &all.layout, &opts()).unwrap();

@@ -293,10 +293,12 @@ pub struct RunSummary {
     pub complete: bool,
 }
 
-/// Windows batched together at most: a shard is computed in groups of this many
-/// consecutive windows (by length within a group), so only one group's teacher outputs are
-/// held at once (at seq_len 2048 and k = 64, a whole shard's were ~1 GB beside its rows).
-const WINDOW_GROUP: usize = 256;
+/// Positions batched together at most: a shard is computed in groups of about this many
+/// positions' worth of consecutive windows (`WINDOW_GROUP_POSITIONS / seq_len`, whole row
+/// groups of the shard, batched by length within a group), so only one group's teacher
+/// outputs and rows are held at once (at seq_len 2048 and k = 64, a whole shard's outputs
+/// were ~1 GB beside its rows). 256 windows of 512 tokens.
+const WINDOW_GROUP_POSITIONS: usize = 256 * 512;
 
 /// What a shard's computation adds up to, sent with its last part.
 struct ShardDone {
@@ -329,7 +331,7 @@ fn compute_shard(
     let max_tokens = cfg.max_batch_tokens.unwrap_or(usize::MAX);
     // Whole row groups per part: the parts then give the same bytes as one write of the
     // shard (the writer's row groups and pages do not depend on where a part ends).
-    let group_len = WINDOW_GROUP
+    let group_len = (WINDOW_GROUP_POSITIONS / cfg.seq_len.max(1))
         .max(cfg.batch_size)
         .next_multiple_of(DEFAULT_ROW_GROUP_ROWS);
     let groups = work.windows.len().div_ceil(group_len);
