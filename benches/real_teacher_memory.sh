@@ -18,20 +18,8 @@
 # picks shapes, WORK=dir keeps the models between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=${LOGITCACHE_BIN:-}
-if [ -z "$bin" ]; then
-  cargo build --release --quiet
-  bin=target/release/logitcache
-fi
+. benches/common.sh
 py=${LOGITCACHE_PYTHON:-$PWD/.venv/bin/python}
-export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/.ort/libonnxruntime.so.1.32.0}
-if [ -n "${WORK:-}" ]; then
-  work=$WORK
-  mkdir -p "$work"
-else
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-fi
 demo=pipelines/demo/fortunes.jsonl
 
 # Two documents of 4200 of the demo's words: two full windows of 2048 tokens each, eight of 512.

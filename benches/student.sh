@@ -3,15 +3,12 @@
 # - training tokens/s and peak RSS of a ~5M and a ~30M student (vocab 32000, KD fkl);
 # - KD vs CE-only step time on the ~5M student;
 # - peak RSS of the loss chunked vs unchunked at vocab 49152.
-# Usage: bash benches/student.sh [STEPS]   (needs `make setup`; builds --release)
+# Usage: bash benches/student.sh [STEPS]   (needs `make setup`; LOGITCACHE_BIN, WORK: see
+# benches/common.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-30}
-cargo build --release --quiet
-bin=target/release/logitcache
-export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/.ort/libonnxruntime.so.1.32.0}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+. benches/common.sh
 corpus=pipelines/demo/fortunes.jsonl
 
 cache_for() { # vocab -> cache dir

@@ -12,14 +12,7 @@
 # (needs `make setup`; LOGITCACHE_BIN=path skips the release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=${LOGITCACHE_BIN:-}
-if [ -z "$bin" ]; then
-  cargo build --release --quiet
-  bin=target/release/logitcache
-fi
-export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/.ort/libonnxruntime.so.1.32.0}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+. benches/common.sh
 demo=pipelines/demo/fortunes.jsonl
 
 # 24 documents of ~3000 words (every window of 512 or 2048 tokens is full), one of 20 MB,

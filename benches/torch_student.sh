@@ -3,16 +3,13 @@
 # note): training tokens/s of the ~5M student of benches/student.sh (vocab 32000, KD fkl) with
 # 1 and 2 torchrun processes (one thread each), and KD vs a CE-only step of the same model on
 # 1 process. tokens/s is the mean over the metrics lines after the first 5 steps.
-# Usage: bash benches/torch_student.sh [STEPS]   (needs `make setup python`; builds --release)
+# Usage: bash benches/torch_student.sh [STEPS]   (needs `make setup python`; LOGITCACHE_BIN,
+# WORK: see benches/common.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-30}
-cargo build --release --quiet
-bin=target/release/logitcache
+. benches/common.sh
 py=${LOGITCACHE_PYTHON:-$PWD/.venv/bin/python}
-export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/.ort/libonnxruntime.so.1.32.0}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 corpus=pipelines/demo/fortunes.jsonl
 v=32000
 "$bin" -q train-tokenizer --corpus "$corpus" --kind word-level --vocab-size "$v" --out "$work/tok.json"
