@@ -78,6 +78,7 @@ for v in 32000 152064; do
 done
 peak baseline-one-line 4096 "$work/one.jsonl" 2048
 peak doc-20mb 4096 "$work/big.jsonl" 2048
+peak doc-20mb-plain-head 4096 "$work/big.jsonl" 2048
 # The same 20 MB as ordinary documents (what the shards' buffers take, not the document's
 # tokenisation), and both with shards of 256 windows instead of 1024.
 peak docs-20mb-1500-words 4096 "$work/many.jsonl" 2048
