@@ -610,8 +610,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 let w = run.weights()?;
                 (run.student, w, run.dir)
             };
-            let model = student::export::llama_model(&student, &weights, args.fp16)?;
-            drop(weights);
+            let model = student::export::llama_model(&student, weights, args.fp16)?;
             let written = student::export::write_onnx(model, &args.out, args.external_data)
                 .with_context(|| format!("export-onnx --out {}", args.out.display()))?;
             let tokenizer = dir.join("tokenizer.json");

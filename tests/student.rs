@@ -126,6 +126,17 @@ fn checkpoint_names_and_shapes_follow_the_hf_layout() {
         )
         .unwrap();
         assert_eq!(hf_tensors(&reloaded), t);
+        // Read tensor by tensor from the file: a truncated or foreign file is named, with why.
+        let cut = shared_dir().join(format!("tiny-{tied}-cut.safetensors"));
+        std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
+        let e = read_safetensors(&cut).unwrap_err().to_string();
+        assert!(
+            e.contains("tiny-") && e.contains("damaged or truncated"),
+            "{e}"
+        );
+        std::fs::write(&cut, b"{\"not\": \"safetensors\"}").unwrap();
+        let e = read_safetensors(&cut).unwrap_err().to_string();
+        assert!(e.contains("not a safetensors file"), "{e}");
     }
 }
 

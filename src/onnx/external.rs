@@ -223,6 +223,18 @@ pub fn move_to_external(
 /// `location` beside the `.onnx`.
 pub fn split_external(m: &mut ModelProto, location: &str) -> Vec<u8> {
     let mut data = Vec::new();
+    split_external_to(m, location, &mut data).expect("writing to a Vec does not fail");
+    data
+}
+
+/// [`split_external`] writing the data file's bytes to `out` as it goes, each tensor's bytes
+/// freed once written (so the weights are never in memory twice); returns the bytes written.
+pub fn split_external_to(
+    m: &mut ModelProto,
+    location: &str,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<u64> {
+    let mut at = 0u64;
     if let Some(g) = m.graph.as_mut() {
         for t in &mut g.initializer {
             if t.raw_data.as_ref().is_none_or(|r| r.len() < 1024) {
@@ -230,21 +242,24 @@ pub fn split_external(m: &mut ModelProto, location: &str) -> Vec<u8> {
             }
             let raw = t.raw_data.take().unwrap_or_default();
             // Aligned as the onnx package aligns large tensors.
-            data.resize(data.len().next_multiple_of(64), 0);
+            let pad = at.next_multiple_of(64) - at;
+            out.write_all(&[0u8; 64][..pad as usize])?;
+            at += pad;
             let entry = |k: &str, v: String| StringStringEntryProto {
                 key: Some(k.into()),
                 value: Some(v),
             };
             t.external_data = vec![
                 entry("location", location.into()),
-                entry("offset", data.len().to_string()),
+                entry("offset", at.to_string()),
                 entry("length", raw.len().to_string()),
             ];
             t.data_location = Some(EXTERNAL);
-            data.extend_from_slice(&raw);
+            out.write_all(&raw)?;
+            at += raw.len() as u64;
         }
     }
-    data
+    Ok(at)
 }
 
 /// Bytes of initializer data held inline in `m` (what decides whether a model fits one

@@ -684,7 +684,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<PathBuf> {
                 if !(exported && onnx.is_file()) {
                     use crate::student::export::{ExternalData, llama_model, write_onnx};
                     let ck = RunCheckpoint::open(&run)?;
-                    let model = llama_model(&ck.student, &ck.weights()?, false)?;
+                    let model = llama_model(&ck.student, ck.weights()?, false)?;
                     write_onnx(model, &onnx, ExternalData::Auto)?;
                     mark(&tdir, &fp, "done", &json!({"run": run}))?;
                 }

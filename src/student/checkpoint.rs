@@ -33,7 +33,7 @@ use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::record::{BurnRecord, FullPrecisionSettings, NamedMpkFileRecorder, Record, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -134,35 +134,85 @@ pub fn save_safetensors<B: Backend>(model: &Llama<B>, path: &Path) -> Result<(),
 /// Reads a safetensors file into `name → (shape, values)`: float32 tensors as they are,
 /// bfloat16 and float16 ones (as Hugging Face checkpoints often store them) widened to float32.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HfTensor>, CheckpointError> {
+    use std::io::{Read, Seek, SeekFrom};
     let err = |why: String| CheckpointError::Read {
         path: path.display().to_string(),
         why,
     };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
+    // Tensor by tensor from the file (not the whole file in memory beside its float32
+    // copy: that was twice the checkpoint at once). The format: an 8-byte little-endian
+    // header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
+    let mut f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let file_len = f.metadata().map_err(|e| err(e.to_string()))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|e| err(format!("not a safetensors file ({e})")))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > file_len {
+        return Err(err(format!(
+            "not a safetensors file (its header length {n} does not fit the file's {file_len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| err(e.to_string()))?;
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: [u64; 2],
+    }
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| err(format!("not a safetensors file (header: {e})")))?;
+    let mut entries = Vec::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let e: Entry = serde_json::from_value(v)
+            .map_err(|e| err(format!("tensor {name}'s header entry: {e}")))?;
+        entries.push((name, e));
+    }
+    entries.sort_by_key(|(_, e)| e.data_offsets[0]);
+    let data_start = 8 + n;
     let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let data = view.data();
-        let v: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+    let mut buf = Vec::new();
+    for (name, e) in entries {
+        let width = match e.dtype.as_str() {
+            "F32" => 4,
+            "BF16" | "F16" => 2,
             other => {
                 return Err(err(format!(
-                    "tensor {name} is {other:?}; logitcache reads float32, bfloat16 and float16 weights"
+                    "tensor {name} is {other}; logitcache reads float32, bfloat16 and float16 weights"
                 )));
             }
         };
-        out.insert(name, (view.shape().to_vec(), v));
+        let [start, end] = e.data_offsets;
+        let numel: usize = e.shape.iter().product();
+        if end < start || end - start != (numel * width) as u64 || data_start + end > file_len {
+            return Err(err(format!(
+                "tensor {name}: its data offsets {start}..{end} do not hold {numel} {} values inside the file; the file is damaged or truncated",
+                e.dtype
+            )));
+        }
+        buf.resize((end - start) as usize, 0);
+        f.seek(SeekFrom::Start(data_start + start))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| err(e.to_string()))?;
+        let v: Vec<f32> = match width {
+            4 => buf
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            _ if e.dtype == "BF16" => buf
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => buf
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        };
+        out.insert(name, (e.shape, v));
     }
     Ok(out)
 }

@@ -44,25 +44,27 @@ pub enum ExportError {
     },
 }
 
-struct Weights<'a> {
-    src: &'a HashMap<String, HfTensor>,
+/// The checkpoint's tensors, each taken out (and freed once in the graph) as the graph is
+/// built, so the export holds about one copy of the weights rather than two.
+struct Weights {
+    src: HashMap<String, HfTensor>,
     fp16: bool,
 }
 
-impl Weights<'_> {
-    fn get(&self, name: &str, want: &[usize]) -> Result<&HfTensor, ExportError> {
-        let t = self
+impl Weights {
+    fn take(&mut self, name: &str, want: &[usize]) -> Result<Vec<f32>, ExportError> {
+        let (shape, values) = self
             .src
-            .get(name)
+            .remove(name)
             .ok_or_else(|| ExportError::Missing(name.into()))?;
-        if t.0 != want {
+        if shape != want {
             return Err(ExportError::Shape {
                 name: name.into(),
-                got: t.0.clone(),
+                got: shape,
                 want: want.to_vec(),
             });
         }
-        Ok(t)
+        Ok(values)
     }
 
     /// Adds `values` (shape `dims`) as an initializer, float16 + Cast when asked.
@@ -81,26 +83,32 @@ impl Weights<'_> {
     }
 
     /// A vector (norm weight) as is.
-    fn vector(&self, g: &mut GraphBuilder, name: &str, n: usize) -> Result<String, ExportError> {
-        let (_, v) = self.get(name, &[n])?;
-        Ok(self.add(g, name, &[n], v))
+    fn vector(
+        &mut self,
+        g: &mut GraphBuilder,
+        name: &str,
+        n: usize,
+    ) -> Result<String, ExportError> {
+        let v = self.take(name, &[n])?;
+        Ok(self.add(g, name, &[n], &v))
     }
 
     /// A Hugging Face `[out, in]` projection as an `[in, out]` MatMul operand.
     fn proj(
-        &self,
+        &mut self,
         g: &mut GraphBuilder,
         name: &str,
         out: usize,
         inp: usize,
     ) -> Result<String, ExportError> {
-        let (_, v) = self.get(name, &[out, inp])?;
+        let v = self.take(name, &[out, inp])?;
         let mut t = vec![0f32; v.len()];
         for o in 0..out {
             for i in 0..inp {
                 t[i * out + o] = v[o * inp + i];
             }
         }
+        drop(v);
         Ok(self.add(g, name, &[inp, out], &t))
     }
 }
@@ -195,17 +203,17 @@ pub fn llama_onnx(
     weights: &HashMap<String, HfTensor>,
     fp16: bool,
 ) -> Result<Vec<u8>, ExportError> {
-    Ok(llama_model(cfg, weights, fp16)?.encode_to_vec())
+    Ok(llama_model(cfg, weights.clone(), fp16)?.encode_to_vec())
 }
 
 /// [`llama_onnx`]'s model before serialization (to move its weights to external data, see
-/// [`crate::onnx::external::split_external`]).
+/// [`write_onnx`]). It consumes the weights, freeing each tensor once it is in the graph.
 pub fn llama_model(
     cfg: &StudentConfig,
-    weights: &HashMap<String, HfTensor>,
+    weights: HashMap<String, HfTensor>,
     fp16: bool,
 ) -> Result<crate::onnx::proto::ModelProto, ExportError> {
-    let w = Weights { src: weights, fp16 };
+    let mut w = Weights { src: weights, fp16 };
     let (d, v, im) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
     let (nh, nkv, hd) = (
         cfg.num_attention_heads,
@@ -224,8 +232,9 @@ pub fn llama_model(
     let ids = g.input("input_ids", data_type::INT64, &bs);
     let mask = g.input("attention_mask", data_type::INT64, &bs);
 
-    let (_, emb_v) = w.get("model.embed_tokens.weight", &[v, d])?;
-    let embed = w.add(&mut g, "model.embed_tokens.weight", &[v, d], emb_v);
+    let emb_v = w.take("model.embed_tokens.weight", &[v, d])?;
+    let embed = w.add(&mut g, "model.embed_tokens.weight", &[v, d], &emb_v);
+    drop(emb_v);
     let mut x = g.node("Gather", &[&embed, &ids], vec![attr_int("axis", 0)]);
 
     // Positions (HF): cumsum(mask) - 1, clipped at 0.
@@ -464,10 +473,12 @@ pub fn write_onnx(
     let data_path = out.with_file_name(&location);
     let mut bytes = 0u64;
     if external {
-        let data = crate::onnx::external::split_external(&mut model, &location);
-        crate::util::write_atomic(&data_path, &data)
-            .with_context(|| format!("writing {}", data_path.display()))?;
-        bytes += data.len() as u64;
+        // Streamed: each tensor leaves memory as it reaches the file.
+        crate::util::write_atomic_with(&data_path, |w| {
+            bytes += crate::onnx::external::split_external_to(&mut model, &location, w)?;
+            Ok(())
+        })
+        .with_context(|| format!("writing {}", data_path.display()))?;
     }
     let graph = model.encode_to_vec();
     drop(model);
