@@ -28,7 +28,10 @@ DATASETS_VERSION := 5.2.0
 TORCH_VERSION := 2.15.0
 MATURIN_VERSION := 1.16.0
 TRANSFORMERS_VERSION := 5.25.0
-VENV_STAMP := $(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION)-datasets-$(DATASETS_VERSION)-torch-$(TORCH_VERSION)-maturin-$(MATURIN_VERSION)-transformers-$(TRANSFORMERS_VERSION)
+# onnx + onnxscript: torch.onnx's exporter, for the test that a graph it exports is a teacher.
+ONNX_VERSION := 1.23.2
+ONNXSCRIPT_VERSION := 0.7.2
+VENV_STAMP := $(VENV)/.pyarrow-$(PYARROW_VERSION)-duckdb-$(DUCKDB_VERSION)-polars-$(POLARS_VERSION)-datasets-$(DATASETS_VERSION)-torch-$(TORCH_VERSION)-maturin-$(MATURIN_VERSION)-transformers-$(TRANSFORMERS_VERSION)-onnx-$(ONNX_VERSION)-onnxscript-$(ONNXSCRIPT_VERSION)
 
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
@@ -55,7 +58,8 @@ $(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "pyarrow==$(PYARROW_VERSION)" "numpy<3" \
 	  "duckdb==$(DUCKDB_VERSION)" "polars==$(POLARS_VERSION)" "datasets==$(DATASETS_VERSION)" \
-	  "torch==$(TORCH_VERSION)" "maturin==$(MATURIN_VERSION)" "transformers==$(TRANSFORMERS_VERSION)"
+	  "torch==$(TORCH_VERSION)" "maturin==$(MATURIN_VERSION)" "transformers==$(TRANSFORMERS_VERSION)" \
+	  "onnx==$(ONNX_VERSION)" "onnxscript==$(ONNXSCRIPT_VERSION)"
 	@touch $@
 
 pycheck-setup: $(VENV_STAMP)

@@ -488,13 +488,32 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
         "hf_teacher_check.py",
         &json!({"cache": next, "checkpoint": run_dir.join("checkpoint")}),
     );
-    assert!(v["rows"].as_u64().unwrap() > 0, "{v}");
-    assert!(v["max_err_in_f16_steps"].as_f64().unwrap() <= 1.0, "{v}");
-    assert!(v["topk_set_err"].as_f64().unwrap() < 1e-4, "{v}");
-    assert!(
-        v["top1_agree"].as_u64().unwrap() * 100 >= v["positions"].as_u64().unwrap() * 99,
-        "{v}"
+    let agrees = |v: &Value| {
+        assert!(v["rows"].as_u64().unwrap() > 0, "{v}");
+        assert!(v["max_err_in_f16_steps"].as_f64().unwrap() <= 1.0, "{v}");
+        assert!(v["topk_set_err"].as_f64().unwrap() < 1e-4, "{v}");
+        assert!(
+            v["top1_agree"].as_u64().unwrap() * 100 >= v["positions"].as_u64().unwrap() * 99,
+            "{v}"
+        );
+    };
+    agrees(&v);
+    // The same checkpoint exported by PyTorch's own exporter (torch.onnx, dynamo; weights as
+    // external data, its own attention and masks): a teacher computing the same values.
+    let torch_onnx = shared_dir().join(format!("torch-onnx-{}/model.onnx", unique()));
+    let e = python(
+        "torch_onnx_export.py",
+        &json!({"checkpoint": run_dir.join("checkpoint"), "out": torch_onnx}),
     );
+    assert_eq!(e["files"], json!(["model.onnx", "model.onnx.data"]), "{e}");
+    let from_torch = shared_dir().join(format!("torch-onnx-cache-{}", unique()));
+    assert_ok(&run_strings(&teacher_args(&torch_onnx, &from_torch, 8)));
+    let m = logitcache::cache::manifest::Manifest::load(&from_torch).unwrap();
+    assert_eq!(m.model.external_data.len(), 1);
+    agrees(&python(
+        "hf_teacher_check.py",
+        &json!({"cache": from_torch, "checkpoint": run_dir.join("checkpoint")}),
+    ));
 }
 
 #[test]
