@@ -155,55 +155,38 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HfTensor>, Checkp
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| err(e.to_string()))?;
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        dtype: String,
-        shape: Vec<usize>,
-        data_offsets: [u64; 2],
-    }
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+    // The crate's own header type: it checks that the tensors' offsets tile the data and
+    // that each holds its shape's bytes (`SafeTensors::read_metadata` wants the whole file).
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
         .map_err(|e| err(format!("not a safetensors file (header: {e})")))?;
-    let mut entries = Vec::new();
-    for (name, v) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let e: Entry = serde_json::from_value(v)
-            .map_err(|e| err(format!("tensor {name}'s header entry: {e}")))?;
-        entries.push((name, e));
-    }
-    entries.sort_by_key(|(_, e)| e.data_offsets[0]);
+    let mut entries: Vec<_> = meta.tensors().into_iter().collect();
+    entries.sort_by_key(|(_, t)| t.data_offsets.0);
     let data_start = 8 + n;
     let mut out = HashMap::new();
     let mut buf = Vec::new();
-    for (name, e) in entries {
-        let width = match e.dtype.as_str() {
-            "F32" => 4,
-            "BF16" | "F16" => 2,
-            other => {
-                return Err(err(format!(
-                    "tensor {name} is {other}; logitcache reads float32, bfloat16 and float16 weights"
-                )));
-            }
-        };
-        let [start, end] = e.data_offsets;
-        let numel: usize = e.shape.iter().product();
-        if end < start || end - start != (numel * width) as u64 || data_start + end > file_len {
+    for (name, t) in entries {
+        if !matches!(t.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
             return Err(err(format!(
-                "tensor {name}: its data offsets {start}..{end} do not hold {numel} {} values inside the file; the file is damaged or truncated",
-                e.dtype
+                "tensor {name} is {:?}; logitcache reads float32, bfloat16 and float16 weights",
+                t.dtype
             )));
         }
-        buf.resize((end - start) as usize, 0);
-        f.seek(SeekFrom::Start(data_start + start))
+        let (start, end) = t.data_offsets;
+        if data_start + end as u64 > file_len {
+            return Err(err(format!(
+                "tensor {name}: its data ({start}..{end}) ends past the end of the file; the file is damaged or truncated"
+            )));
+        }
+        buf.resize(end - start, 0);
+        f.seek(SeekFrom::Start(data_start + start as u64))
             .and_then(|_| f.read_exact(&mut buf))
             .map_err(|e| err(e.to_string()))?;
-        let v: Vec<f32> = match width {
-            4 => buf
+        let v: Vec<f32> = match t.dtype {
+            Dtype::F32 => buf
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            _ if e.dtype == "BF16" => buf
+            Dtype::BF16 => buf
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
@@ -212,7 +195,7 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HfTensor>, Checkp
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
         };
-        out.insert(name, (e.shape, v));
+        out.insert(name, (t.shape.clone(), v));
     }
     Ok(out)
 }
