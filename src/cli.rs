@@ -334,7 +334,7 @@ pub struct ExportOnnxArgs {
     pub external_data: ExternalData,
 }
 
-pub use crate::student::export::{EXTERNAL_DATA_ABOVE, ExternalData, ONE_FILE_LIMIT};
+pub use crate::student::export::ExternalData;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {

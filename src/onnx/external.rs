@@ -162,6 +162,29 @@ pub fn references(model: &Path) -> Result<Vec<String>, ExternalError> {
     Ok(files.into_iter().collect())
 }
 
+/// The sha256 and size of each external data file `model` reads (`locations` as
+/// [`references`] lists them), as the manifest records them.
+pub fn hash_files(
+    model: &Path,
+    locations: &[String],
+) -> anyhow::Result<Vec<crate::cache::manifest::ExternalDataFile>> {
+    use anyhow::Context;
+    let dir = model.parent().unwrap_or(Path::new("."));
+    locations
+        .iter()
+        .map(|location| {
+            let path = dir.join(location);
+            let (sha256, bytes) = crate::util::sha256_file(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(crate::cache::manifest::ExternalDataFile {
+                location: location.clone(),
+                sha256,
+                bytes,
+            })
+        })
+        .collect()
+}
+
 /// One identity for a model and the external data it reads: the graph file's sha256 when it
 /// reads none (so a single-file model keeps the hash it always had), otherwise the sha256 of
 /// the graph's sha256 and each data file's location and sha256. Changing any file changes it.
@@ -170,17 +193,13 @@ pub fn model_sha256(model: &Path) -> anyhow::Result<String> {
     let graph = crate::util::sha256_file(model)
         .with_context(|| format!("reading {}", model.display()))?
         .0;
-    let files = references(model)?;
+    let files = hash_files(model, &references(model)?)?;
     if files.is_empty() {
         return Ok(graph);
     }
-    let dir = model.parent().unwrap_or(Path::new("."));
     let mut id = format!("{graph}\n");
-    for location in files {
-        let path = dir.join(&location);
-        let (sha, _) = crate::util::sha256_file(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        id.push_str(&format!("{location} {sha}\n"));
+    for f in files {
+        id.push_str(&format!("{} {}\n", f.location, f.sha256));
     }
     Ok(crate::util::sha256_bytes(id.as_bytes()))
 }

@@ -18,8 +18,7 @@ pub mod topk;
 
 use crate::cache::lock::{CacheLock, ManifestLock};
 use crate::cache::manifest::{
-    CacheParams, ExternalDataFile, Manifest, ModelInfo, ShardEntry, ShardStats, TokenizerInfo,
-    shard_file_name,
+    CacheParams, Manifest, ModelInfo, ShardEntry, ShardStats, TokenizerInfo, shard_file_name,
 };
 use crate::cache::rows::{LogprobDtype, ShardRows, StorageError, WindowTopK};
 use crate::cache::schema::{CacheMode, Layout};
@@ -588,20 +587,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             let t = Instant::now();
             let model = sha256_file(&cfg.model)
                 .with_context(|| format!("reading {}", cfg.model.display()))?;
-            let dir = cfg.model.parent().unwrap_or(Path::new("."));
-            let external = external
-                .iter()
-                .map(|location| {
-                    let path = dir.join(location);
-                    let (sha256, bytes) = sha256_file(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    anyhow::Ok(ExternalDataFile {
-                        location: location.clone(),
-                        sha256,
-                        bytes,
-                    })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let external = crate::onnx::external::hash_files(&cfg.model, &external)?;
             let tok = sha256_file(&cfg.tokenizer)
                 .with_context(|| format!("reading {}", cfg.tokenizer.display()))?;
             Ok(((model, external), tok, t.elapsed().as_secs_f64()))
