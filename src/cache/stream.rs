@@ -677,28 +677,55 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -
     let k = layout.k;
     let mut out = collate(&windows, k, cursor);
     let len = out.len;
-    for (bi, (r, i)) in rows.iter().enumerate() {
-        let (s, e) = span(r, *i);
-        let n = e - s;
-        let o = bi * len;
-        out.topk_ids[o * k..(o + n) * k].copy_from_slice(&r.topk_ids[s * k..e * k]);
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-            &r.topk_logprobs[s * k..e * k],
-            &mut out.topk_logprobs[o * k..(o + n) * k],
-        );
-        out.tail_logprob[o..o + n].copy_from_slice(&r.tail_logprob[s..e]);
+    if len == 0 || k == 0 {
+        return out;
     }
+    // One window per task: the copies and the float16 conversion run on the stream's pool.
+    out.topk_ids
+        .par_chunks_mut(len * k)
+        .zip(out.topk_logprobs.par_chunks_mut(len * k))
+        .zip(out.tail_logprob.par_chunks_mut(len))
+        .zip(rows.par_iter())
+        .for_each(|(((ids, lps), tail), (r, i))| {
+            let (s, e) = span(r, *i);
+            let n = e - s;
+            ids[..n * k].copy_from_slice(&r.topk_ids[s * k..e * k]);
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                &r.topk_logprobs[s * k..e * k],
+                &mut lps[..n * k],
+            );
+            tail[..n].copy_from_slice(&r.tail_logprob[s..e]);
+        });
     out
 }
 
 /// A sampled (or hybrid) position's estimate of the teacher's distribution as sparse
-/// `(id, log p̂)` entries, the most likely first (the rest in no particular order): `sample` mode p̂(v) = count/N; `hybrid` the
-/// exact top-k log-probs, then tail mass × count/N for the sampled tail ids. The entries
-/// sum to 1 (up to f16 rounding of the head), so there is no tail outcome. Draws from a
-/// proposal q ≠ p (`sample_log_weights`) are importance-weighted instead: p̂(v) = count/N ·
-/// p(v)/q(v), which sums to 1 only in expectation (the loss is unbiased all the same).
+/// `(id, log p̂)` entries, the most likely first (the rest in no particular order): `sample`
+/// mode p̂(v) = count/N; `hybrid` the exact top-k log-probs, then tail mass × count/N for the
+/// sampled tail ids. The entries sum to 1 (up to f16 rounding of the head), so there is no
+/// tail outcome. Draws from a proposal q ≠ p (`sample_log_weights`) are importance-weighted
+/// instead: p̂(v) = count/N · p(v)/q(v), which sums to 1 only in expectation (the loss is
+/// unbiased all the same).
 pub fn sparse_target(r: &ShardRows, p: usize, layout: &Layout, out: &mut Vec<(u32, f32)>) {
-    sparse_target_with(r, p, layout, &CountLogs::new(layout.samples), out)
+    let n = sparse_width(r, p, layout);
+    let (mut ids, mut lps) = (vec![0u32; n], vec![0f32; n]);
+    let n = write_sparse_target(
+        r,
+        p,
+        layout,
+        &CountLogs::new(layout.samples),
+        &mut ids,
+        &mut lps,
+    );
+    out.clear();
+    out.extend(ids.into_iter().zip(lps).take(n));
+}
+
+/// The entries of a position's sparse target: the top-k (if the layout has one) and the
+/// distinct sampled ids.
+fn sparse_width(r: &ShardRows, p: usize, layout: &Layout) -> usize {
+    let head = if layout.has_topk() { layout.k } else { 0 };
+    head + (r.sample_offsets[p + 1] - r.sample_offsets[p]) as usize
 }
 
 /// ln(count/N) for every count 0..=N: one logarithm per possible count instead of one per
@@ -726,48 +753,60 @@ impl CountLogs {
     }
 }
 
-/// [`sparse_target`] with the count logarithms computed once ([`CountLogs::new`] of the
-/// layout's `samples`).
-pub fn sparse_target_with(
+/// Writes [`sparse_target`]'s entries of position `p` into `ids` and `lps` (each at least
+/// [`sparse_width`] long) and returns how many it wrote: straight into a batch's rows, with
+/// the count logarithms computed once ([`CountLogs::new`] of the layout's `samples`).
+fn write_sparse_target(
     r: &ShardRows,
     p: usize,
     layout: &Layout,
     logs: &CountLogs,
-    out: &mut Vec<(u32, f32)>,
-) {
-    out.clear();
-    let k = layout.k;
+    ids: &mut [u32],
+    lps: &mut [f32],
+) -> usize {
+    let mut head = 0;
     let mut tail_log = 0.0f32;
     if layout.has_topk() {
-        for j in 0..k {
-            out.push((r.topk_ids[p * k + j], r.topk_logprobs[p * k + j].to_f32()));
-        }
+        let k = layout.k;
+        ids[..k].copy_from_slice(&r.topk_ids[p * k..(p + 1) * k]);
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+            &r.topk_logprobs[p * k..(p + 1) * k],
+            &mut lps[..k],
+        );
         tail_log = r.tail_logprob[p];
+        head = k;
     }
-    let head = out.len();
-    let (ids, counts) = r.samples_at(p);
+    let (sampled, counts) = r.samples_at(p);
+    let m = sampled.len();
+    ids[head..head + m].copy_from_slice(sampled);
     // log p̂ = ln(count/N) + each id's ln p/q, or the tail mass for draws from p itself.
-    let s = r.sample_offsets[p] as usize;
-    let weight = |i: usize| {
-        if layout.sample_log_weights {
-            r.sample_log_weights[s + i]
-        } else {
-            tail_log
+    let est = &mut lps[head..head + m];
+    if layout.sample_log_weights {
+        let s = r.sample_offsets[p] as usize;
+        let weights = &r.sample_log_weights[s..s + m];
+        for ((lp, &c), &w) in est.iter_mut().zip(counts).zip(weights) {
+            *lp = w + logs.get(c);
         }
-    };
-    for (i, (&id, &c)) in ids.iter().zip(counts).enumerate() {
-        out.push((id, weight(i) + logs.get(c)));
+    } else {
+        for (lp, &c) in est.iter_mut().zip(counts) {
+            *lp = tail_log + logs.get(c);
+        }
     }
     // Entry 0 is the estimate's most likely id (eval's top-1; ties by the smaller id): in a
     // hybrid the exact top-1 already is; in a sample cache the most drawn id is swapped to
     // the front (a full sort per position cost more than decoding it).
-    if head == 0 {
-        let best = (0..out.len())
-            .max_by(|&a, &b| out[a].1.total_cmp(&out[b].1).then(out[b].0.cmp(&out[a].0)));
-        if let Some(best) = best {
-            out.swap(0, best);
+    if head == 0 && m > 1 {
+        let mut best = 0;
+        for j in 1..m {
+            let order = lps[j].total_cmp(&lps[best]).then(ids[best].cmp(&ids[j]));
+            if order == std::cmp::Ordering::Greater {
+                best = j;
+            }
         }
+        ids.swap(0, best);
+        lps.swap(0, best);
     }
+    head + m
 }
 
 fn assemble_sampled(
@@ -784,33 +823,31 @@ fn assemble_sampled(
             width = width.max(layout.k + e as usize);
         }
     }
+    // Padding positions keep the log-prob 0 entries of id 0 and the tail 0 that `collate`
+    // made: their mask is 0, so they count nowhere.
     let mut out = collate(windows, width, cursor);
-    out.topk_logprobs.fill(f32::NEG_INFINITY);
-    out.tail_logprob.fill(f32::NEG_INFINITY);
     let len = out.len;
-    let mut entries = Vec::with_capacity(width);
+    if len == 0 {
+        return out;
+    }
     let logs = CountLogs::new(layout.samples);
-    for (bi, (r, i)) in rows.iter().enumerate() {
-        let s = r.offsets[*i] as usize;
-        for (j, p) in (s..r.offsets[*i + 1] as usize).enumerate() {
-            sparse_target_with(r, p, layout, &logs, &mut entries);
-            let o = (bi * len + j) * width;
-            for (e, &(id, lp)) in entries.iter().enumerate() {
-                out.topk_ids[o + e] = id;
-                out.topk_logprobs[o + e] = lp;
+    // One window per task, written in place (unused entries: id 0, log-prob -inf).
+    out.topk_ids
+        .par_chunks_mut(len * width)
+        .zip(out.topk_logprobs.par_chunks_mut(len * width))
+        .zip(out.tail_logprob.par_chunks_mut(len))
+        .zip(rows.par_iter())
+        .for_each(|(((ids, lps), tail), (r, i))| {
+            let s = r.offsets[*i] as usize;
+            let n = r.offsets[*i + 1] as usize - s;
+            for j in 0..n {
+                let o = j * width;
+                let (ids, lps) = (&mut ids[o..o + width], &mut lps[o..o + width]);
+                let e = write_sparse_target(r, s + j, layout, &logs, ids, lps);
+                lps[e..].fill(f32::NEG_INFINITY);
             }
-        }
-    }
-    // Padding positions keep log-prob 0 entries of id 0 as `collate` made them: their mask
-    // is 0, so they count nowhere.
-    for (bi, (_, w)) in windows.iter().enumerate() {
-        let n = w.len();
-        for j in n..len {
-            let o = (bi * len + j) * width;
-            out.topk_logprobs[o..o + width].fill(0.0);
-            out.tail_logprob[bi * len + j] = 0.0;
-        }
-    }
+            tail[..n].fill(f32::NEG_INFINITY);
+        });
     out
 }
 
@@ -818,6 +855,7 @@ fn assemble_sampled(
 mod tests {
     use super::*;
     use crate::cache::rows::WindowTopK;
+    use crate::cache::schema::CacheMode;
     use crate::cache::schema::shard_schema_with_metadata;
     use crate::cache::writer::writer_properties;
     use crate::rng::SplitMix;
@@ -996,6 +1034,11 @@ mod tests {
             } else {
                 vec![]
             };
+            let weights: Vec<f32> = if layout.sample_log_weights {
+                (0..total).map(|i| (i % 5) as f32 / 3.0 - 0.6).collect()
+            } else {
+                vec![]
+            };
             rows.push(&WindowTopK {
                 seq_id: w,
                 doc_id: w / 3,
@@ -1008,10 +1051,120 @@ mod tests {
                 sample_ids: &sids,
                 sample_counts: &counts,
                 sample_logprobs: &slps,
-                ..Default::default()
+                sample_log_weights: &weights,
             });
         }
         rows
+    }
+
+    /// Every position of an assembled sampled batch, against its estimate computed here
+    /// from the stored fields (a map id -> p̂): the entries are that map, the most likely
+    /// first (ties by the smaller id), unused entries id 0 with log-prob -inf, no tail
+    /// outcome; padding positions all 0 and masked out.
+    #[test]
+    fn sampled_batches_hold_each_positions_estimate() {
+        let sample = Layout::of(CacheMode::Sample, 0, 50, false);
+        for layout in [
+            sample,
+            sample.with_proposal(1.5),
+            Layout::of(CacheMode::Hybrid, 3, 20, false),
+            Layout::of(CacheMode::Hybrid, 3, 20, false).with_proposal(0.7),
+        ] {
+            let rows = Arc::new(sampled_rows(layout, false));
+            // Windows of different lengths in one batch (padding), in a shuffled order.
+            let picked: Vec<(Arc<ShardRows>, usize)> = [7usize, 0, 31, 5, 19]
+                .iter()
+                .map(|&i| (rows.clone(), i))
+                .collect();
+            let cursor = Cursor::default();
+            let b = assemble(&picked, &layout, cursor);
+            let (len, w) = (b.len, b.k);
+            let mut widest = 0;
+            for (bi, (r, i)) in picked.iter().enumerate() {
+                let s = r.offsets[*i] as usize;
+                let n = r.offsets[*i + 1] as usize - s;
+                assert_eq!(b.seq_ids[bi], r.seq_ids[*i]);
+                for j in 0..len {
+                    let o = (bi * len + j) * w;
+                    let (ids, lps) = (&b.topk_ids[o..o + w], &b.topk_logprobs[o..o + w]);
+                    if j >= n {
+                        assert_eq!(b.mask[bi * len + j], 0.0);
+                        assert!(ids.iter().all(|&x| x == 0) && lps.iter().all(|&x| x == 0.0));
+                        assert_eq!(b.tail_logprob[bi * len + j], 0.0);
+                        continue;
+                    }
+                    let p = s + j;
+                    let mut want: Vec<(u32, f32)> = Vec::new();
+                    let mut tail = 0.0f32;
+                    if layout.has_topk() {
+                        let k = layout.k;
+                        for q in 0..k {
+                            let lp = r.topk_logprobs[p * k + q].to_f32();
+                            want.push((r.topk_ids[p * k + q], lp));
+                        }
+                        tail = r.tail_logprob[p];
+                    }
+                    let (a, e) = (
+                        r.sample_offsets[p] as usize,
+                        r.sample_offsets[p + 1] as usize,
+                    );
+                    for x in a..e {
+                        let c = r.sample_counts[x] as f32 / layout.samples as f32;
+                        let base = if layout.sample_log_weights {
+                            r.sample_log_weights[x]
+                        } else {
+                            tail
+                        };
+                        want.push((r.sample_ids[x], base + c.ln()));
+                    }
+                    widest = widest.max(want.len());
+                    let m = want.len();
+                    if !layout.has_topk() {
+                        let top = want
+                            .iter()
+                            .copied()
+                            .reduce(|x, y| {
+                                if y.1 > x.1 || (y.1 == x.1 && y.0 < x.0) {
+                                    y
+                                } else {
+                                    x
+                                }
+                            })
+                            .unwrap();
+                        assert_eq!((ids[0], lps[0]), top, "{layout:?} row {i} position {j}");
+                    } else {
+                        assert_eq!(
+                            &ids[..layout.k],
+                            &r.topk_ids[p * layout.k..(p + 1) * layout.k]
+                        );
+                    }
+                    let mut got: Vec<(u32, f32)> = ids[..m]
+                        .iter()
+                        .copied()
+                        .zip(lps[..m].iter().copied())
+                        .collect();
+                    let key = |v: &(u32, f32)| (v.0, v.1.to_bits());
+                    got.sort_by_key(key);
+                    want.sort_by_key(key);
+                    for (g, x) in got.iter().zip(&want) {
+                        assert_eq!(g.0, x.0, "{layout:?} row {i} position {j}");
+                        assert!(
+                            (g.1 - x.1).abs() <= 1e-6,
+                            "{layout:?} row {i} position {j}: {g:?} vs {x:?}"
+                        );
+                    }
+                    assert!(ids[m..].iter().all(|&x| x == 0));
+                    assert!(lps[m..].iter().all(|&x| x == f32::NEG_INFINITY));
+                    assert_eq!(b.tail_logprob[bi * len + j], f32::NEG_INFINITY);
+                    assert_eq!(b.mask[bi * len + j], 1.0);
+                }
+            }
+            assert_eq!(
+                w,
+                widest.max(1),
+                "{layout:?}: the batch is as wide as its widest position"
+            );
+        }
     }
 
     #[test]
