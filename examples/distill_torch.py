@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Distil a Hugging Face ``LlamaForCausalLM`` student from a logitcache cache with PyTorch DDP.
+"""Distil a Hugging Face ``LlamaForCausalLM`` student from a logitcache cache with PyTorch DDP
+or FSDP.
 
     torchrun --nproc_per_node 2 examples/distill_torch.py --cache C --student S.json --out O --steps N
 
 One process per rank (gloo on CPU, NCCL when CUDA is present; plain ``python`` runs one
-process). Each rank reads its own part of the cache's training stream (``logitcache.Stream``
+process). The ranks replicate the student (DDP), or with ``--fsdp`` shard its parameters,
+gradients and optimizer state (FSDP2: ``fully_shard`` per decoder layer and the rest at the
+root), for students that do not fit one device's memory several times over; the two train the
+same weights up to float rounding. Each rank reads its own part of the cache's training stream (``logitcache.Stream``
 with the run's seed: the ranks' windows are disjoint and together cover the split), the loss
 is ``logitcache.torch.kd_loss`` (the mathematics of ``logitcache train``), the optimiser
 AdamW with ``logitcache train``'s defaults and schedule (linear warmup, cosine to
@@ -98,6 +102,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cuda when available under auto")
     p.add_argument("--log-windows", action="store_true", help="write windows/rank-R.jsonl: each step's seq_ids")
+    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun. Checkpoints are the same files either way; a run resumes only as it started")
     a = p.parse_args(argv)
     checks = [
         ("--steps", a.steps >= 1, "at least 1"),
@@ -251,7 +256,8 @@ def lock_run_dir(out: str):
 
 
 def evaluate(model: torch.nn.Module, r: Run, temperature: float) -> Dict[str, float]:
-    """`logitcache train`'s evaluation: the held-out split, in order, on rank 0."""
+    """`logitcache train`'s evaluation: the held-out split, in order, on rank 0 (under --fsdp on
+    every rank, as a sharded forward needs them all; each computes the same values)."""
     a = r.a
     stream = logitcache.Stream(a.cache, a.batch_size, split="eval", eval_fraction=a.eval_fraction, shuffle=False, epochs=1)
     ce = kl = top1 = n_ce = n_kd = 0.0
@@ -299,6 +305,8 @@ def train(a: argparse.Namespace, r: Run) -> int:
 
     lock = None
     error = None
+    if a.fsdp and not r.distributed:
+        raise UsageError("--fsdp shards the student over torchrun's processes: run it under torchrun (torchrun --nproc_per_node N examples/distill_torch.py ...), or leave --fsdp out")
     try:
         if r.rank == 0:
             lock = lock_run_dir(a.out)
@@ -336,27 +344,49 @@ def train(a: argparse.Namespace, r: Run) -> int:
         hidden_act="silu", attention_bias=False, mlp_bias=False,
     )
     model = LlamaForCausalLM(hf).to(r.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
     stream = logitcache.Stream(a.cache, a.batch_size, split=split, eval_fraction=eval_fraction, seed=a.seed, rank=r.rank, world_size=r.world, shuffle=True, epochs=None)
-    identity = {"cache_manifest": cache.manifest.get("checksum"), "student": cfg, "world_size": r.world, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "seed": a.seed, "steps": a.steps}
+    sharding = "fsdp" if a.fsdp else "ddp"
+    identity = {"cache_manifest": cache.manifest.get("checksum"), "student": cfg, "world_size": r.world, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "seed": a.seed, "steps": a.steps, "sharding": sharding}
+    # Checkpoints written before --fsdp existed are DDP ones.
+    recorded_default = {"sharding": "ddp"}
 
     ckpt = os.path.join(a.out, "checkpoint")
     if a.resume and not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
         ckpt = ckpt + ".old"  # a save was cut off between its two renames
     step, tokens, seconds = 0, 0, 0.0
     metrics_path = os.path.join(a.out, "metrics.jsonl")
+    state = None
     if a.resume and os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
         with open(os.path.join(ckpt, "trainer_state.json")) as fh:
             state = json.load(fh)
-        diff = [k for k in identity if state["identity"].get(k) != identity[k]]
+        recorded = {k: state["identity"].get(k, recorded_default.get(k)) for k in identity}
+        diff = [k for k in identity if recorded[k] != identity[k]]
         if diff:
             raise UsageError(
                 f"{ckpt} is of another run ("
-                + "; ".join(f"{k}: {state['identity'].get(k)!r} there, {identity[k]!r} here" for k in diff)
-                + f"); resume with the same cache, student, --steps, --batch-size, --grad-accum, --seed and process count, or use another --out"
+                + "; ".join(f"{k}: {recorded[k]!r} there, {identity[k]!r} here" for k in diff)
+                + f"); resume with the same cache, student, --steps, --batch-size, --grad-accum, --seed, process count and --fsdp, or use another --out"
             )
         model.load_state_dict(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict())
-        opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=r.device, weights_only=True))
+    if a.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # One unit per decoder layer (its parameters are gathered only while it runs), the
+        # embeddings, final norm and head at the root.
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        r.log(f"FSDP: the student's {len(model.model.layers)} decoder layers and its root sharded over {r.world} ranks")
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
+    if state is not None:
+        saved = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=r.device, weights_only=True)
+        if a.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # The file holds the whole (unsharded) state; each rank keeps its shard of it.
+            set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(saved)
         stream.load_state_dict(state["streams"][r.rank])
         step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
         r.log(f"resuming {a.out} at step {step}")
@@ -384,10 +414,20 @@ def train(a: argparse.Namespace, r: Run) -> int:
         windows = open(wpath, "w")
         windows.writelines(kept)
 
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if r.world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if r.world > 1 and not a.fsdp else model
     model.train()
 
     def save() -> None:
+        if a.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+            # Gathered whole on rank 0 (every rank takes part), so the files are those a DDP
+            # run writes: `from_pretrained` and `export-onnx` read them as they are.
+            whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(model, options=whole)
+            opt_state = get_optimizer_state_dict(model, opt, options=whole)
+        else:
+            weights, opt_state = None, opt.state_dict()
         streams = r.gather(stream.state_dict())
         if r.rank != 0:
             if r.world > 1:
@@ -396,8 +436,17 @@ def train(a: argparse.Namespace, r: Run) -> int:
         final = os.path.join(a.out, "checkpoint")
         tmp, old = final + ".tmp", final + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            # A plain model holding the gathered weights (the sharded one's class is FSDP's
+            # subclass, which save_pretrained would record as the architecture).
+            with torch.device("meta"):
+                plain = LlamaForCausalLM(hf)
+            plain.load_state_dict(weights, assign=True)
+            plain.tie_weights()
+            plain.save_pretrained(tmp, safe_serialization=True)
+        torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
         tok = cache.manifest.get("tokenizer", {}).get("path")
         if tok and os.path.isfile(tok):
             shutil.copyfile(tok, os.path.join(tmp, "tokenizer.json"))
@@ -423,7 +472,12 @@ def train(a: argparse.Namespace, r: Run) -> int:
             if windows is not None:
                 windows.write(json.dumps({"step": step + 1, "seq_ids": [int(s) for s in b["seq_ids"]]}) + "\n")
             sync = micro == a.grad_accum - 1 or r.world == 1
-            ctx = ddp.no_sync() if not sync else _null()
+            if a.fsdp:
+                # Gradients are reduce-scattered on the last micro-batch only (as DDP's no_sync).
+                model.set_requires_gradient_sync(sync)
+                ctx = _null()
+            else:
+                ctx = ddp.no_sync() if not sync else _null()
             with ctx:
                 logits = ddp(input_ids=t["input_ids"], attention_mask=t["mask"].long()).logits.float()
                 loss, parts = kd_loss(logits, t, loss=a.loss, temperature=temperature, kd_weight=a.kd_weight, ce_weight=a.ce_weight, jsd_beta=a.jsd_beta, chunk=a.loss_chunk or None)
@@ -436,7 +490,9 @@ def train(a: argparse.Namespace, r: Run) -> int:
         if not math.isfinite(total):
             raise UsageError(f"the loss became {total} at step {step}; lower --lr (now {a.lr}) or check the cache with `logitcache verify`")
         clip = a.grad_clip if a.grad_clip > 0 else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        # Under FSDP the norm is a DTensor over the ranks' shards.
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         lr = lr_at(a, step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -453,8 +509,10 @@ def train(a: argparse.Namespace, r: Run) -> int:
             window_t, window_tokens = time.time(), 0.0
         last = step == a.steps
         if eval_fraction > 0 and (last or (a.eval_every > 0 and step % a.eval_every == 0)):
-            if r.rank == 0:
+            # A sharded student's forward needs every rank: each evaluates the same batches.
+            if r.rank == 0 or a.fsdp:
                 m = evaluate(model, r, temperature)
+            if r.rank == 0:
                 write_line(metrics, dict(m, step=step))
                 print(f"step {step}: held-out loss {m['eval_loss']:.4f}, KL {m['eval_kl']:.4f}", file=sys.stderr, flush=True)
             if r.world > 1:

@@ -516,6 +516,154 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
     ));
 }
 
+/// Each checkpoint's tensors as float32 (name -> values), from its `model.safetensors`.
+fn checkpoint_tensors(run: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(run.join("checkpoint/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect()
+}
+
+/// The largest weight difference between two runs' checkpoints (same tensor names).
+fn max_weight_diff(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (checkpoint_tensors(a), checkpoint_tensors(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// `--fsdp` shards the student over the ranks (FSDP2) and trains what DDP trains, with
+/// gradient accumulation: the same losses, evaluations and weights up to float rounding,
+/// checkpoints in the same files; interrupted and resumed it ends bit-identical to a straight
+/// run; a DDP checkpoint is not resumed sharded, and `--fsdp` without torchrun is refused.
+#[test]
+fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
+    let dir = cache("fsdp", &[]);
+    let student = shared_dir().join(format!("fsdp-student-{}.json", unique()));
+    std::fs::write(
+        &student,
+        r#"{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 64}"#,
+    )
+    .unwrap();
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--cache",
+            dir.to_str().unwrap(),
+            "--student",
+            student.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--batch-size",
+            "3",
+            "--grad-accum",
+            "2",
+            "--seed",
+            "3",
+            "--eval-fraction",
+            "0.25",
+            "--lr",
+            "5e-3",
+            "--warmup",
+            "2",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "3",
+            "--loss-chunk",
+            "16",
+            "--threads",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let ddp = shared_dir().join(format!("fsdp-ddp-{}", unique()));
+    assert_ok(&distill_torch(2, &args(&ddp, &[])));
+    let fsdp = shared_dir().join(format!("fsdp-run-{}", unique()));
+    let o = distill_torch(2, &args(&fsdp, &["--fsdp"]));
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("2 decoder layers and its root sharded over 2 ranks"),
+        "{}",
+        stderr(&o)
+    );
+
+    let diff = max_weight_diff(&ddp, &fsdp);
+    assert!(diff < 1e-5, "FSDP and DDP weights differ by {diff}");
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(fsdp.join("checkpoint/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["architectures"], json!(["LlamaForCausalLM"]));
+    let (a, b) = (metrics_lines(&ddp), metrics_lines(&fsdp));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["step"], y["step"]);
+        for k in ["loss", "grad_norm", "eval_loss", "eval_kl"] {
+            if let Some(v) = x.get(k) {
+                let (v, w) = (v.as_f64().unwrap(), y[k].as_f64().unwrap());
+                assert!((v - w).abs() < 1e-5, "step {}: {k} {v} vs {w}", x["step"]);
+            }
+        }
+    }
+    let evals: Vec<u64> = b
+        .iter()
+        .filter(|l| l.get("eval_loss").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [3, 6]);
+
+    // Interrupted after step 2, then resumed: the straight run's weights exactly.
+    let resumed = shared_dir().join(format!("fsdp-resumed-{}", unique()));
+    assert_ok(&distill_torch(
+        2,
+        &args(&resumed, &["--fsdp", "--stop-after", "2", "--resume"]),
+    ));
+    let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
+    assert_ok(&o);
+    assert!(stderr(&o).contains("resuming"), "{}", stderr(&o));
+    assert_eq!(max_weight_diff(&fsdp, &resumed), 0.0);
+
+    // A DDP checkpoint is not resumed sharded (its optimizer state is another layout).
+    let o = distill_torch(2, &args(&ddp, &["--fsdp", "--resume"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("sharding: 'ddp' there, 'fsdp' here"),
+        "{}",
+        stderr(&o)
+    );
+    // Without torchrun there is nothing to shard over.
+    let o = Command::new(python_bin())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/distill_torch.py"))
+        .args(args(&shared_dir().join("fsdp-plain"), &["--fsdp"]))
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--fsdp shards the student over torchrun"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn cache_dataset_splits_ranks_and_dataloader_workers_and_resumes() {
     let dir = cache("dataset", &[]);
