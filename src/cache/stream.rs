@@ -787,6 +787,21 @@ fn write_sparse_target(
         for ((lp, &c), &w) in est.iter_mut().zip(counts).zip(weights) {
             *lp = w + logs.get(c);
         }
+    } else if head == 0 {
+        // A sample cache drawn from p itself: the most drawn id is the most likely one, found
+        // on the counts in the same pass (below, for weighted draws, on the log-probs).
+        let (mut best, mut most, mut id) = (0usize, 0u16, u32::MAX);
+        for (j, ((lp, &c), &v)) in est.iter_mut().zip(counts).zip(sampled).enumerate() {
+            *lp = logs.get(c);
+            if c > most || (c == most && v < id) {
+                (best, most, id) = (j, c, v);
+            }
+        }
+        if m > 1 {
+            ids.swap(0, best);
+            lps.swap(0, best);
+        }
+        return m;
     } else {
         for (lp, &c) in est.iter_mut().zip(counts) {
             *lp = tail_log + logs.get(c);
@@ -1070,100 +1085,103 @@ mod tests {
             Layout::of(CacheMode::Hybrid, 3, 20, false),
             Layout::of(CacheMode::Hybrid, 3, 20, false).with_proposal(0.7),
         ] {
-            let rows = Arc::new(sampled_rows(layout, false));
-            // Windows of different lengths in one batch (padding), in a shuffled order.
-            let picked: Vec<(Arc<ShardRows>, usize)> = [7usize, 0, 31, 5, 19]
-                .iter()
-                .map(|&i| (rows.clone(), i))
-                .collect();
-            let cursor = Cursor::default();
-            let b = assemble(&picked, &layout, cursor);
-            let (len, w) = (b.len, b.k);
-            let mut widest = 0;
-            for (bi, (r, i)) in picked.iter().enumerate() {
-                let s = r.offsets[*i] as usize;
-                let n = r.offsets[*i + 1] as usize - s;
-                assert_eq!(b.seq_ids[bi], r.seq_ids[*i]);
-                for j in 0..len {
-                    let o = (bi * len + j) * w;
-                    let (ids, lps) = (&b.topk_ids[o..o + w], &b.topk_logprobs[o..o + w]);
-                    if j >= n {
-                        assert_eq!(b.mask[bi * len + j], 0.0);
-                        assert!(ids.iter().all(|&x| x == 0) && lps.iter().all(|&x| x == 0.0));
-                        assert_eq!(b.tail_logprob[bi * len + j], 0.0);
-                        continue;
-                    }
-                    let p = s + j;
-                    let mut want: Vec<(u32, f32)> = Vec::new();
-                    let mut tail = 0.0f32;
-                    if layout.has_topk() {
-                        let k = layout.k;
-                        for q in 0..k {
-                            let lp = r.topk_logprobs[p * k + q].to_f32();
-                            want.push((r.topk_ids[p * k + q], lp));
+            for empty in [false, true] {
+                // With `empty`, some positions drew no tail id (hybrid) or hold no entry at all.
+                let rows = Arc::new(sampled_rows(layout, empty));
+                // Windows of different lengths in one batch (padding), in a shuffled order.
+                let picked: Vec<(Arc<ShardRows>, usize)> = [7usize, 0, 31, 5, 19]
+                    .iter()
+                    .map(|&i| (rows.clone(), i))
+                    .collect();
+                let cursor = Cursor::default();
+                let b = assemble(&picked, &layout, cursor);
+                let (len, w) = (b.len, b.k);
+                let mut widest = 0;
+                for (bi, (r, i)) in picked.iter().enumerate() {
+                    let s = r.offsets[*i] as usize;
+                    let n = r.offsets[*i + 1] as usize - s;
+                    assert_eq!(b.seq_ids[bi], r.seq_ids[*i]);
+                    for j in 0..len {
+                        let o = (bi * len + j) * w;
+                        let (ids, lps) = (&b.topk_ids[o..o + w], &b.topk_logprobs[o..o + w]);
+                        if j >= n {
+                            assert_eq!(b.mask[bi * len + j], 0.0);
+                            assert!(ids.iter().all(|&x| x == 0) && lps.iter().all(|&x| x == 0.0));
+                            assert_eq!(b.tail_logprob[bi * len + j], 0.0);
+                            continue;
                         }
-                        tail = r.tail_logprob[p];
-                    }
-                    let (a, e) = (
-                        r.sample_offsets[p] as usize,
-                        r.sample_offsets[p + 1] as usize,
-                    );
-                    for x in a..e {
-                        let c = r.sample_counts[x] as f32 / layout.samples as f32;
-                        let base = if layout.sample_log_weights {
-                            r.sample_log_weights[x]
+                        let p = s + j;
+                        let mut want: Vec<(u32, f32)> = Vec::new();
+                        let mut tail = 0.0f32;
+                        if layout.has_topk() {
+                            let k = layout.k;
+                            for q in 0..k {
+                                let lp = r.topk_logprobs[p * k + q].to_f32();
+                                want.push((r.topk_ids[p * k + q], lp));
+                            }
+                            tail = r.tail_logprob[p];
+                        }
+                        let (a, e) = (
+                            r.sample_offsets[p] as usize,
+                            r.sample_offsets[p + 1] as usize,
+                        );
+                        for x in a..e {
+                            let c = r.sample_counts[x] as f32 / layout.samples as f32;
+                            let base = if layout.sample_log_weights {
+                                r.sample_log_weights[x]
+                            } else {
+                                tail
+                            };
+                            want.push((r.sample_ids[x], base + c.ln()));
+                        }
+                        widest = widest.max(want.len());
+                        let m = want.len();
+                        if !layout.has_topk() && m > 0 {
+                            let top = want
+                                .iter()
+                                .copied()
+                                .reduce(|x, y| {
+                                    if y.1 > x.1 || (y.1 == x.1 && y.0 < x.0) {
+                                        y
+                                    } else {
+                                        x
+                                    }
+                                })
+                                .unwrap();
+                            assert_eq!((ids[0], lps[0]), top, "{layout:?} row {i} position {j}");
                         } else {
-                            tail
-                        };
-                        want.push((r.sample_ids[x], base + c.ln()));
-                    }
-                    widest = widest.max(want.len());
-                    let m = want.len();
-                    if !layout.has_topk() {
-                        let top = want
+                            assert_eq!(
+                                &ids[..layout.k],
+                                &r.topk_ids[p * layout.k..(p + 1) * layout.k]
+                            );
+                        }
+                        let mut got: Vec<(u32, f32)> = ids[..m]
                             .iter()
                             .copied()
-                            .reduce(|x, y| {
-                                if y.1 > x.1 || (y.1 == x.1 && y.0 < x.0) {
-                                    y
-                                } else {
-                                    x
-                                }
-                            })
-                            .unwrap();
-                        assert_eq!((ids[0], lps[0]), top, "{layout:?} row {i} position {j}");
-                    } else {
-                        assert_eq!(
-                            &ids[..layout.k],
-                            &r.topk_ids[p * layout.k..(p + 1) * layout.k]
-                        );
+                            .zip(lps[..m].iter().copied())
+                            .collect();
+                        let key = |v: &(u32, f32)| (v.0, v.1.to_bits());
+                        got.sort_by_key(key);
+                        want.sort_by_key(key);
+                        for (g, x) in got.iter().zip(&want) {
+                            assert_eq!(g.0, x.0, "{layout:?} row {i} position {j}");
+                            assert!(
+                                (g.1 - x.1).abs() <= 1e-6,
+                                "{layout:?} row {i} position {j}: {g:?} vs {x:?}"
+                            );
+                        }
+                        assert!(ids[m..].iter().all(|&x| x == 0));
+                        assert!(lps[m..].iter().all(|&x| x == f32::NEG_INFINITY));
+                        assert_eq!(b.tail_logprob[bi * len + j], f32::NEG_INFINITY);
+                        assert_eq!(b.mask[bi * len + j], 1.0);
                     }
-                    let mut got: Vec<(u32, f32)> = ids[..m]
-                        .iter()
-                        .copied()
-                        .zip(lps[..m].iter().copied())
-                        .collect();
-                    let key = |v: &(u32, f32)| (v.0, v.1.to_bits());
-                    got.sort_by_key(key);
-                    want.sort_by_key(key);
-                    for (g, x) in got.iter().zip(&want) {
-                        assert_eq!(g.0, x.0, "{layout:?} row {i} position {j}");
-                        assert!(
-                            (g.1 - x.1).abs() <= 1e-6,
-                            "{layout:?} row {i} position {j}: {g:?} vs {x:?}"
-                        );
-                    }
-                    assert!(ids[m..].iter().all(|&x| x == 0));
-                    assert!(lps[m..].iter().all(|&x| x == f32::NEG_INFINITY));
-                    assert_eq!(b.tail_logprob[bi * len + j], f32::NEG_INFINITY);
-                    assert_eq!(b.mask[bi * len + j], 1.0);
                 }
+                assert_eq!(
+                    w,
+                    widest.max(1),
+                    "{layout:?}: the batch is as wide as its widest position"
+                );
             }
-            assert_eq!(
-                w,
-                widest.max(1),
-                "{layout:?}: the batch is as wide as its widest position"
-            );
         }
     }
 
