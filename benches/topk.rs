@@ -159,6 +159,7 @@ fn bench(c: &mut Criterion) {
                     samples,
                     scale: 1.0,
                     seed: 0,
+                    scheme: Default::default(),
                 };
                 let mut sc = SampleScratch::default();
                 let (mut ids, mut counts) = (Vec::new(), Vec::new());
@@ -191,6 +192,7 @@ fn bench(c: &mut Criterion) {
                     samples: 42,
                     scale: 1.0,
                     seed: 0,
+                    scheme: Default::default(),
                 };
                 let (mut sc, mut tail) = (SampleScratch::default(), TailBlocks::default());
                 let (mut ids, mut counts) = (Vec::new(), Vec::new());

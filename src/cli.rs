@@ -99,6 +99,12 @@ pub struct TeacherArgs {
     /// reaches more of the tail. On the host and in the device head alike.
     #[arg(long, allow_negative_numbers = true)]
     pub proposal_temperature: Option<f32>,
+    /// Where the N draws fall on the distribution's cumulative sum: `iid` (N independent
+    /// uniforms: draws with replacement) or `systematic` (one uniform u and the points
+    /// (u + i) / N: each id's count is ⌊N·p⌋ or ⌈N·p⌉, unbiased like iid with far less
+    /// variance). `sample` and `hybrid` modes; recorded in the manifest (`params.sampling`).
+    #[arg(long, value_enum, default_value_t = crate::cache::schema::Sampling::Iid)]
+    pub sampling: crate::cache::schema::Sampling,
     /// Also store the teacher's exact log-prob of each sampled id (`sample_logprobs`).
     #[arg(long)]
     pub store_logprobs: bool,
@@ -504,6 +510,7 @@ impl TeacherArgs {
             proposal_temperature: self
                 .proposal_temperature
                 .unwrap_or(teacher::DEFAULT_PROPOSAL_TEMPERATURE),
+            sampling_scheme: self.sampling,
             store_logprobs: self.store_logprobs,
             seed: self.cache_seed.unwrap_or(0),
             logprob_dtype: self.logprob_dtype,

@@ -86,6 +86,66 @@ fn sample_cache_stores_n_draws_per_position_deterministically() {
     assert_ok(&o);
 }
 
+/// `--sampling systematic`: every stored id's count is ⌊N·p⌋ or ⌈N·p⌉ of its probability
+/// (in a hybrid, of its share of the tail), read off the teacher's stored log-probs; the
+/// manifest records the scheme, workers write the same bytes as one run, and it draws other
+/// values than the i.i.d. scheme.
+#[test]
+fn systematic_draws_count_floor_or_ceil_of_n_p() {
+    for (name, extra, n) in [
+        ("sample", &["--mode", "sample", "--samples", "32"][..], 32.0),
+        ("hybrid", &["--mode", "hybrid", "--samples", "24"][..], 24.0),
+    ] {
+        let args = [extra, &["--sampling", "systematic", "--store-logprobs"]].concat();
+        let dir = build(&format!("sys-{name}"), 30, &args);
+        let m = Manifest::load(&dir).unwrap();
+        assert_eq!(
+            m.params.sampling,
+            logitcache::cache::schema::Sampling::Systematic
+        );
+        let rows = all_rows(&dir);
+        let mut checked = 0usize;
+        for p in 0..rows.positions() {
+            let (ids, counts) = rows.samples_at(p);
+            let s = rows.sample_offsets[p] as usize;
+            // Draws from p itself, or from the tail renormalised.
+            let support = if rows.tail_logprob.is_empty() {
+                0.0
+            } else {
+                rows.tail_logprob[p] as f64
+            };
+            assert_eq!(counts.iter().map(|&c| c as f64).sum::<f64>(), n);
+            for (j, &c) in counts.iter().enumerate() {
+                let lp = rows.sample_logprobs[s + j].to_f64();
+                let np = n * (lp - support).exp();
+                // The stored log-probs are float16 (≤ ~0.1% of p, here < 0.05 of N·p).
+                assert!(
+                    c as f64 >= (np - 0.05).floor() && c as f64 <= (np + 0.05).ceil(),
+                    "{name} position {p}: id {} drawn {c} times, N·p = {np}",
+                    ids[j]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 500, "{name}: {checked} entries");
+        let w = shared_dir().join(format!("v2-sys-{name}-w-{}", unique()));
+        for i in ["0", "1"] {
+            let a = [&args[..], &["--worker-index", i, "--num-workers", "2"]].concat();
+            assert_ok(&run_strings(&with(
+                teacher_args(&plain_model(), &w, 30),
+                &a,
+            )));
+        }
+        assert_eq!(shard_shas(&dir), shard_shas(&w), "{name}: two workers");
+        let iid = build(
+            &format!("iid-{name}"),
+            30,
+            &[extra, &["--store-logprobs"]].concat(),
+        );
+        assert_ne!(all_rows(&iid).sample_counts, rows.sample_counts, "{name}");
+    }
+}
+
 #[test]
 fn hybrid_cache_has_the_exact_top_k_and_draws_from_the_tail_only() {
     let top = build("topk", 30, &[]);
@@ -322,12 +382,16 @@ fn bad_sampling_flags_and_changed_parameters_are_refused() {
         a.drain(i..i + 2);
         a
     };
-    let cases: [(&[&str], &[&str]); 5] = [
+    let cases: [(&[&str], &[&str]); 6] = [
         (
             &["--mode", "sample", "--samples", "0"],
             &["--samples must be at least 1"],
         ),
         (&["--samples", "8"], &["--samples 8 needs --mode sample"]),
+        (
+            &["--sampling", "systematic"],
+            &["--sampling systematic needs --mode sample"],
+        ),
         (
             &["--mode", "hybrid", "--top-k", "400"],
             &["--mode hybrid leaves no tail", "choose k < 400"],
@@ -356,6 +420,17 @@ fn bad_sampling_flags_and_changed_parameters_are_refused() {
     assert_fails(
         &again(&["--mode", "sample", "--samples", "8", "--cache-seed", "1"]),
         &["--cache-seed"],
+    );
+    assert_fails(
+        &again(&[
+            "--mode",
+            "sample",
+            "--samples",
+            "8",
+            "--sampling",
+            "systematic",
+        ]),
+        &["--sampling"],
     );
 }
 
@@ -526,6 +601,31 @@ fn device_head_draws_what_the_host_draws() {
                 "24",
                 "--proposal-temperature",
                 "0.75",
+            ][..],
+        ),
+        // Systematic draws: the host sends the stratified points instead.
+        (
+            "sample-systematic",
+            plain_model(),
+            &[
+                "--mode",
+                "sample",
+                "--samples",
+                "32",
+                "--sampling",
+                "systematic",
+            ][..],
+        ),
+        (
+            "hybrid-systematic",
+            plain_model(),
+            &[
+                "--mode",
+                "hybrid",
+                "--samples",
+                "24",
+                "--sampling",
+                "systematic",
             ][..],
         ),
     ];

@@ -503,11 +503,13 @@ fn sparse_targets(
 /// The sampled estimators are unbiased: over many cache seeds, the mean gradient of `fkl` on
 /// a `sample` cache (and on a `hybrid` one) converges to the full-distribution KD gradient
 /// (q − p)/n, and the hybrid's head is exact in every single draw. The draws come from the
-/// teacher stage's own reducer (`HostTopK`) and the stream's own conversion to targets.
+/// teacher stage's own reducer (`HostTopK`) and the stream's own conversion to targets. With
+/// systematic draws every single draw is already within 1/N of p per id (count ⌊N·p⌋ or
+/// ⌈N·p⌉), and unbiased all the same.
 #[test]
 fn sampled_estimators_give_the_full_kd_gradient_on_average() {
     use logitcache::cache::rows::{ShardRows, WindowTopK};
-    use logitcache::cache::schema::{CacheMode, Layout};
+    use logitcache::cache::schema::{CacheMode, Layout, Sampling};
     use logitcache::teacher::backend::BatchTopK;
     use logitcache::teacher::host_topk::{HostTopK, Logits, SampleOptions};
     use logitcache::teacher::topk::{TopK, TopKScratch};
@@ -550,10 +552,16 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
         let err = max_abs_diff(&g.iter().map(|&x| x as f64).collect::<Vec<_>>(), &exact);
         assert!(err > 2.0 * TOL, "top-{k} gradient error only {err}");
     }
-    for mode in [CacheMode::Sample, CacheMode::Hybrid] {
+    for (mode, scheme) in [
+        (CacheMode::Sample, Sampling::Iid),
+        (CacheMode::Hybrid, Sampling::Iid),
+        (CacheMode::Sample, Sampling::Systematic),
+        (CacheMode::Hybrid, Sampling::Systematic),
+    ] {
         let kk = if mode == CacheMode::Hybrid { k } else { 0 };
         let layout = Layout::of(mode, kk, draws, false);
         let mut mean = vec![0f64; n * v];
+        let mut worst_single = 0f64;
         for seed in 0..seeds {
             // The teacher stage's own reducer (a hybrid draws from the tail sums of its
             // top-k pass).
@@ -563,6 +571,7 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
                 seed,
                 store_logprobs: false,
                 proposal_temperature: 1.0,
+                scheme,
             });
             let mut out = BatchTopK {
                 k: kk,
@@ -604,12 +613,27 @@ fn sampled_estimators_give_the_full_kd_gradient_on_average() {
             for (m, x) in mean.iter_mut().zip(&g) {
                 *m += *x as f64 / seeds as f64;
             }
+            let single = max_abs_diff(&g.iter().map(|&x| x as f64).collect::<Vec<_>>(), &exact);
+            worst_single = worst_single.max(single);
         }
         let err = max_abs_diff(&mean, &exact);
         assert!(
             err < TOL,
-            "{mode}: max |mean sampled gradient − full KD gradient| = {err}"
+            "{mode} {scheme}: max |mean sampled gradient − full KD gradient| = {err}"
         );
+        // A gradient entry is (q − p̂)/n: systematic draws keep |p̂ − p| below 1/N per id (in
+        // a hybrid, below tail mass/N), i.i.d. ones do not (8 draws: counts spread by ~√(Np)).
+        let bound = 1.0 / (draws * n) as f64 + 1e-5;
+        match scheme {
+            Sampling::Systematic => assert!(
+                worst_single < bound,
+                "{mode} systematic: a single draw's gradient is {worst_single} off (bound {bound})"
+            ),
+            Sampling::Iid => assert!(
+                worst_single > bound,
+                "{mode} iid: the bound {bound} cannot tell the schemes apart ({worst_single})"
+            ),
+        }
     }
 }
 
@@ -646,6 +670,7 @@ fn importance_weighted_draws_give_the_full_kd_gradient_on_average() {
                     seed,
                     store_logprobs: false,
                     proposal_temperature: tau,
+                    scheme: Default::default(),
                 });
                 let mut out = BatchTopK {
                     k: kk,

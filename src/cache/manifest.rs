@@ -5,7 +5,7 @@
 //! blank), so a hand edit is detected; it is only ever replaced atomically.
 
 use super::rows::LogprobDtype;
-use super::schema::{CacheMode, FORMAT_VERSION, Layout, OLDEST_READABLE_VERSION};
+use super::schema::{CacheMode, FORMAT_VERSION, Layout, OLDEST_READABLE_VERSION, Sampling};
 use crate::corpus::CorpusFile;
 use crate::util::{sha256_bytes, write_atomic};
 pub use crate::windows::Plan;
@@ -74,6 +74,10 @@ pub struct CacheParams {
     /// Temperature τ of the sampling proposal q ∝ p^(1/τ) (1: q = p).
     #[serde(default = "one_f32", skip_serializing_if = "is_one")]
     pub proposal_temperature: f32,
+    /// Where the draws fall on the distribution's cumulative sum: `iid` (absent) or
+    /// `systematic`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub sampling: Sampling,
     /// `sample_logprobs` (the teacher's log-prob of each sampled id) is stored.
     #[serde(default, skip_serializing_if = "is_default")]
     pub store_logprobs: bool,
@@ -405,6 +409,7 @@ impl Manifest {
             a.proposal_temperature,
             b.proposal_temperature
         );
+        cmp!("--sampling", a.sampling, b.sampling);
         cmp!("--store-logprobs", a.store_logprobs, b.store_logprobs);
         cmp!("--cache-seed", a.seed, b.seed);
         cmp!("--model (sha256)", self.model.sha256, other.model.sha256);

@@ -93,6 +93,35 @@ impl std::fmt::Display for CacheMode {
     }
 }
 
+/// How a `sample`/`hybrid` cache places its N draws on the distribution's cumulative sum,
+/// recorded in the manifest as `params.sampling` (absent: `iid`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    /// N independent uniforms: draws with replacement (multinomial counts).
+    #[default]
+    Iid,
+    /// One uniform u and the N points (u + i) / N: every id's count is ⌊N·p⌋ or ⌈N·p⌉
+    /// (systematic sampling). Each point is still uniform on its own, so E[count / N] = p
+    /// (unbiased, as `iid`), with far less variance: an id of p ≥ 1/N is always drawn.
+    Systematic,
+}
+
+impl Sampling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampling::Iid => "iid",
+            Sampling::Systematic => "systematic",
+        }
+    }
+}
+
+impl std::fmt::Display for Sampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How the top-k log-probabilities are stored, recorded in the manifest as
 /// `params.logprob_dtype`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -2,7 +2,7 @@
 //! architectures trained first with CE and exported), cache parameters, students and their
 //! training settings. Paths are relative to the pipeline file. Unknown keys are refused.
 
-use crate::cache::schema::{CacheMode, LogprobDtype};
+use crate::cache::schema::{CacheMode, LogprobDtype, Sampling};
 use crate::loss::KdLoss;
 use crate::student::arch::{StudentConfig, StudentFile};
 use anyhow::{Context, bail};
@@ -112,6 +112,10 @@ pub struct CacheSection {
     /// τ of the sampling proposal q ∝ p^(1/τ) (`teacher --proposal-temperature`; default 1).
     #[serde(default = "default_proposal_temperature")]
     pub proposal_temperature: f32,
+    /// Where the draws fall on the cumulative sum: `iid` (default) or `systematic`
+    /// (`teacher --sampling`; `sample` and `hybrid` modes).
+    #[serde(default)]
+    pub sampling: Sampling,
     /// How the teachers' top-k log-probs are stored: `float16` (default) or `q8`
     /// (`teacher --logprob-dtype`; `topk` and `hybrid` modes).
     #[serde(default)]
@@ -146,6 +150,7 @@ impl Default for CacheSection {
             samples: None,
             seed: 0,
             proposal_temperature: default_proposal_temperature(),
+            sampling: Sampling::Iid,
             logprob_dtype: LogprobDtype::Float16,
         }
     }

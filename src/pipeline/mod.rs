@@ -21,7 +21,7 @@ pub mod data_model;
 pub mod report;
 
 use crate::cache::reader::Cache;
-use crate::cache::schema::{CacheMode, LogprobDtype};
+use crate::cache::schema::{CacheMode, LogprobDtype, Sampling};
 use crate::law::{ResultRow, fit, law_rows, read_results};
 use crate::loss::{KdLoss, LossConfig};
 use crate::onnx::external::model_sha256;
@@ -356,6 +356,9 @@ impl Runner<'_> {
             } else {
                 c.proposal_temperature
             },
+            // A `[cache]` of mode topk with `sampling` set is refused by `validate`; the CE
+            // runs' top-1 token data draws nothing.
+            sampling_scheme: if sampled { c.sampling } else { Sampling::Iid },
             ort_lib: self.opts.ort_lib.clone(),
             progress: self.opts.progress,
             ..Default::default()
@@ -432,6 +435,9 @@ impl Runner<'_> {
             inputs["seed"] = json!(c.seed);
             if c.proposal_temperature != teacher::DEFAULT_PROPOSAL_TEMPERATURE {
                 inputs["proposal_temperature"] = json!(c.proposal_temperature);
+            }
+            if cfg.sampling_scheme != Sampling::Iid {
+                inputs["sampling"] = json!(cfg.sampling_scheme.name());
             }
         }
         let logprob_dtype = cfg.logprob_dtype;
@@ -868,5 +874,8 @@ mod tests {
         assert_eq!(got, "p.toml: `[train] kd_weight` must be ≥ 0");
         assert!(cache_keys().contains(&"max_batch_tokens".to_string()));
         assert!(cache_keys().contains(&"logprob_dtype".to_string()));
+        let e = anyhow::anyhow!("--sampling systematic needs --mode sample or --mode hybrid");
+        let got = in_pipeline_terms(e, Path::new("p.toml"), "[cache]", &cache_keys()).to_string();
+        assert!(got.contains("`[cache] sampling` systematic"), "{got}");
     }
 }

@@ -310,6 +310,9 @@ fn describe_cache(c: &CacheSection) -> String {
     if c.mode != CacheMode::Topk && c.proposal_temperature != 1.0 {
         d += &format!(" from the proposal p^(1/{})", c.proposal_temperature);
     }
+    if c.mode != CacheMode::Topk && c.sampling != crate::cache::schema::Sampling::Iid {
+        d += &format!(", {} draws", c.sampling);
+    }
     if c.mode != CacheMode::Sample && c.logprob_dtype != LogprobDtype::Float16 {
         d += &format!(", {} log-probs", c.logprob_dtype);
     }

@@ -23,7 +23,7 @@
 use super::backend::{BatchTopK, TeacherError};
 use super::sample::{SampleScratch, Sampler, log_sum_exp};
 use super::topk::{TailBlocks, TopK, TopKScratch, entropy_measured_at, row_entropy};
-use crate::cache::schema::CacheMode;
+use crate::cache::schema::{CacheMode, Sampling};
 use half::f16;
 
 /// The teacher's logits for a batch, `[rows, stride]` row-major, in the model's element type.
@@ -50,6 +50,8 @@ pub struct SampleOptions {
     /// τ of the proposal q ∝ p^(1/τ) the draws come from; other than 1, each draw's
     /// ln p/q is returned too (what makes the estimate unbiased).
     pub proposal_temperature: f32,
+    /// Where the draws fall on the cumulative sum.
+    pub scheme: Sampling,
 }
 
 /// One thread's buffers.
@@ -145,6 +147,7 @@ impl HostTopK {
             samples: o.samples,
             scale: self.scale / o.proposal_temperature,
             seed: o.seed,
+            scheme: o.scheme,
         });
         // A hybrid at τ = 1 draws from the tail the top-k pass summed (one pass over the row
         // less; at another τ the proposal's weights are not the top-k's).

@@ -21,7 +21,7 @@ use crate::cache::manifest::{
     CacheParams, Manifest, ModelInfo, ShardEntry, ShardStats, TokenizerInfo, shard_file_name,
 };
 use crate::cache::rows::{LogprobDtype, ShardRows, StorageError, WindowTopK};
-use crate::cache::schema::{CacheMode, Layout};
+use crate::cache::schema::{CacheMode, Layout, Sampling};
 use crate::cache::writer::{
     DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardFile, ShardWriteOptions,
 };
@@ -98,6 +98,8 @@ pub struct TeacherConfig {
     pub samples: usize,
     /// τ of the proposal q ∝ p^(1/τ).
     pub proposal_temperature: f32,
+    /// Where the draws fall on the cumulative sum (`--sampling`).
+    pub sampling_scheme: Sampling,
     /// Store the teacher's log-prob of each sampled id.
     pub store_logprobs: bool,
     /// Seed of the draws.
@@ -135,6 +137,7 @@ impl Default for TeacherConfig {
             mode: DEFAULT_MODE,
             samples: 0,
             proposal_temperature: DEFAULT_PROPOSAL_TEMPERATURE,
+            sampling_scheme: Sampling::Iid,
             store_logprobs: false,
             seed: 0,
             logprob_dtype: LogprobDtype::Float16,
@@ -170,6 +173,7 @@ impl TeacherConfig {
             seed: self.seed,
             store_logprobs: self.store_logprobs,
             proposal_temperature: self.proposal_temperature,
+            scheme: self.sampling_scheme,
         })
     }
 
@@ -204,6 +208,12 @@ impl TeacherConfig {
                 if self.proposal_temperature != DEFAULT_PROPOSAL_TEMPERATURE {
                     bail!(
                         "--proposal-temperature needs --mode sample or --mode hybrid (a top-k cache draws nothing)"
+                    );
+                }
+                if self.sampling_scheme != Sampling::Iid {
+                    bail!(
+                        "--sampling {} needs --mode sample or --mode hybrid (a top-k cache draws nothing)",
+                        self.sampling_scheme
                     );
                 }
             }
@@ -670,6 +680,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             mode: cfg.mode,
             samples: cfg.samples,
             proposal_temperature: cfg.proposal_temperature,
+            sampling: cfg.sampling_scheme,
             store_logprobs: cfg.store_logprobs,
             seed: cfg.seed,
         },

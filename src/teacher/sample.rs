@@ -14,7 +14,7 @@
 //! ```
 //! use logitcache::teacher::sample::{Sampler, SampleScratch};
 //! let row = [0.0f32, 2.0, 1.0, -1.0];
-//! let s = Sampler { samples: 50, scale: 1.0, seed: 7 };
+//! let s = Sampler { samples: 50, scale: 1.0, seed: 7, scheme: Default::default() };
 //! let (mut ids, mut counts) = (vec![], vec![]);
 //! s.draw(&row, &[], (0, 0), &mut SampleScratch::default(), &mut ids, &mut counts);
 //! assert_eq!(counts.iter().map(|&c| c as usize).sum::<usize>(), 50);
@@ -22,6 +22,7 @@
 //! ```
 
 use super::topk::{Kernel, TailBlocks, exp_nonpos, max_of};
+use crate::cache::schema::Sampling;
 use crate::rng::{SplitMix, mix};
 
 /// Values per block sum: a visited block costs BLOCK scalar exps, and a row BLOCK-th as
@@ -37,6 +38,8 @@ pub struct Sampler {
     pub scale: f32,
     /// The cache seed (manifest `params.seed`).
     pub seed: u64,
+    /// Where the draws fall on the cumulative sum (manifest `params.sampling`).
+    pub scheme: Sampling,
 }
 
 /// Reusable buffers (one per thread).
@@ -75,10 +78,24 @@ fn uniform(r: &mut SplitMix) -> f64 {
 /// The `n` uniforms in [0, 1) of the position `key = (seq_id, position)` under the cache
 /// `seed`, in draw order (before sorting): the one stream both the host sampler and the
 /// device head ([`super::head`]) locate. Chained, so no two (seq_id, position) pairs share a
-/// stream (`mix` alone is linear in its arguments before the hash).
-pub fn uniforms(seed: u64, key: (u64, u64), n: usize) -> impl Iterator<Item = f64> {
+/// stream (`mix` alone is linear in its arguments before the hash). `iid`: the stream's
+/// first `n` values; `systematic`: its first value u and the points (u + i) / n.
+pub fn uniforms(
+    seed: u64,
+    key: (u64, u64),
+    n: usize,
+    scheme: Sampling,
+) -> impl Iterator<Item = f64> {
     let mut rng = SplitMix::new(mix(mix(seed, key.0, 0), key.1, 0));
-    (0..n).map(move |_| uniform(&mut rng))
+    let offset = match scheme {
+        Sampling::Iid => 0.0,
+        Sampling::Systematic => uniform(&mut rng),
+    };
+    (0..n).map(move |i| match scheme {
+        Sampling::Iid => uniform(&mut rng),
+        // Below 1 for every i (offset < 1, so offset + i < n).
+        Sampling::Systematic => ((offset + i as f64) / n as f64).min(1.0 - f64::EPSILON),
+    })
 }
 
 impl Sampler {
@@ -220,7 +237,7 @@ impl Sampler {
         }
         let s = self.scale;
         targets.clear();
-        targets.extend(uniforms(self.seed, key, self.samples).map(|u| u * z));
+        targets.extend(uniforms(self.seed, key, self.samples, self.scheme).map(|u| u * z));
         targets.sort_unstable_by(|a, b| a.total_cmp(b));
         let (first_id, first_count) = (ids.len(), counts.len());
         // Ids arrive in ascending order: a repeat of this position's last id adds to its
@@ -349,6 +366,7 @@ mod tests {
             samples: 42,
             scale: 0.8,
             seed: 9,
+            scheme: Sampling::Iid,
         };
         let (mut sc, mut tsc, mut blocks) = (
             SampleScratch::default(),
@@ -408,6 +426,7 @@ mod tests {
             samples: 50,
             scale: 1.0,
             seed: 1,
+            scheme: Sampling::Iid,
         };
         let (mut ids, mut lps, mut blocks) = (vec![0; k], vec![0.0; k], TailBlocks::default());
         let tail = t
@@ -486,6 +505,7 @@ mod tests {
                 seed,
                 store_logprobs: false,
                 proposal_temperature: 1.0,
+                scheme: Sampling::Iid,
             });
             let mut out = BatchTopK {
                 k: 2,
@@ -519,6 +539,7 @@ mod tests {
             samples: 50,
             scale: 1.0,
             seed: 3,
+            scheme: Sampling::Iid,
         };
         let draw = |key| {
             let (mut ids, mut counts) = (vec![], vec![]);
@@ -549,6 +570,7 @@ mod tests {
             samples: 64,
             scale: 0.7,
             seed: 11,
+            scheme: Sampling::Iid,
         };
         let mut freq = vec![0f64; x.len()];
         let positions = 4000u64;
@@ -571,6 +593,68 @@ mod tests {
         assert!(tv < 0.035, "total variation {tv}");
     }
 
+    /// Systematic draws: every id's count is ⌊N·p⌋ or ⌈N·p⌉ of its (renormalised) support
+    /// probability, in every position (with and without excluded ids), the counts sum to N,
+    /// the frequencies over many positions are p, and the same key draws the same ids.
+    #[test]
+    fn systematic_counts_are_floor_or_ceil_of_n_p() {
+        let x = row(700, 4);
+        for exclude in [vec![], vec![3u32, 300, 699, 256, 0]] {
+            let s = Sampler {
+                samples: 40,
+                scale: 0.9,
+                seed: 5,
+                scheme: Sampling::Systematic,
+            };
+            let mut p = softmax(&x, 0.9);
+            for &e in &exclude {
+                p[e as usize] = 0.0;
+            }
+            let z: f64 = p.iter().sum();
+            let p: Vec<f64> = p.iter().map(|v| v / z).collect();
+            let mut sc = SampleScratch::default();
+            let mut freq = vec![0f64; x.len()];
+            let positions = 2000u64;
+            for pos in 0..positions {
+                let (mut ids, mut counts) = (vec![], vec![]);
+                s.draw(&x, &exclude, (2, pos), &mut sc, &mut ids, &mut counts);
+                assert_eq!(counts.iter().map(|&c| c as usize).sum::<usize>(), 40);
+                let mut got = vec![0u16; x.len()];
+                for (&i, &c) in ids.iter().zip(&counts) {
+                    got[i as usize] = c;
+                }
+                for (id, (&c, &pi)) in got.iter().zip(&p).enumerate() {
+                    let np = 40.0 * pi;
+                    // ±1e-6: the sampler's block sums differ from this f64 softmax by ~1e-7.
+                    assert!(
+                        c as f64 >= (np - 1e-6).floor() && c as f64 <= (np + 1e-6).ceil(),
+                        "position {pos}: id {id} drawn {c} times, N·p = {np}"
+                    );
+                    freq[id] += c as f64;
+                }
+                let (mut again, mut again_counts) = (vec![], vec![]);
+                s.draw(
+                    &x,
+                    &exclude,
+                    (2, pos),
+                    &mut sc,
+                    &mut again,
+                    &mut again_counts,
+                );
+                assert_eq!((again, again_counts), (ids, counts));
+            }
+            let tv: f64 = freq
+                .iter()
+                .zip(&p)
+                .map(|(f, p)| (f / (40.0 * positions as f64) - p).abs())
+                .sum::<f64>()
+                / 2.0;
+            // Unbiased: as close as i.i.d. draws get (the test below; the many ids of
+            // p < 1/N are each drawn or not, as there).
+            assert!(tv < 0.04, "total variation {tv}");
+        }
+    }
+
     #[test]
     fn excluded_ids_are_never_drawn_and_the_rest_follow_the_tail() {
         let x = row(700, 4);
@@ -579,6 +663,7 @@ mod tests {
             samples: 40,
             scale: 1.0,
             seed: 5,
+            scheme: Sampling::Iid,
         };
         let mut sc = SampleScratch::default();
         let mut freq = vec![0f64; x.len()];
@@ -619,6 +704,7 @@ mod tests {
             samples: 10,
             scale: 1.0,
             seed: 0,
+            scheme: Sampling::Iid,
         };
         let mut rows: Vec<(Vec<f32>, Vec<u32>)> = vec![];
         let mut peaked = vec![-95.0f32; 64];
@@ -651,6 +737,7 @@ mod tests {
             samples: 10,
             scale: 1.0,
             seed: 0,
+            scheme: Sampling::Iid,
         };
         let (mut ids, mut counts) = (vec![], vec![]);
         s.draw(

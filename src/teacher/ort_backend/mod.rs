@@ -293,7 +293,12 @@ impl OrtTeacher {
                 for &(i, p, r) in &rows {
                     for (dst, v) in u[r * s.samples..(r + 1) * s.samples]
                         .iter_mut()
-                        .zip(uniforms(s.seed, (batch.seq_ids[i], p as u64), s.samples))
+                        .zip(uniforms(
+                            s.seed,
+                            (batch.seq_ids[i], p as u64),
+                            s.samples,
+                            s.scheme,
+                        ))
                     {
                         *dst = (v as f32).min(below_one);
                     }
