@@ -102,7 +102,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cuda when available under auto")
     p.add_argument("--log-windows", action="store_true", help="write windows/rank-R.jsonl: each step's seq_ids")
-    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun. Checkpoints are the same files either way; a run resumes only as it started")
+    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. The student is still built whole on each rank at start-up. Checkpoints are the same files either way; a run resumes only as it started")
     a = p.parse_args(argv)
     checks = [
         ("--steps", a.steps >= 1, "at least 1"),
@@ -369,17 +369,24 @@ def train(a: argparse.Namespace, r: Run) -> int:
             )
         model.load_state_dict(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict())
     if a.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
+        try:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise UsageError(f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}") from None
+        # The ranks' own device type (a CPU run on a machine with a GPU stays on the CPU).
+        mesh = init_device_mesh(r.device.type, (r.world,))
         # One unit per decoder layer (its parameters are gathered only while it runs), the
         # embeddings, final norm and head at the root.
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         r.log(f"FSDP: the student's {len(model.model.layers)} decoder layers and its root sharded over {r.world} ranks")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
     if state is not None:
-        saved = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location=r.device, weights_only=True)
+        # Under FSDP the file holds the whole state: read on the CPU, only each rank's shard
+        # goes to its device.
+        saved = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu" if a.fsdp else r.device, weights_only=True)
         if a.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -429,18 +436,24 @@ def train(a: argparse.Namespace, r: Run) -> int:
         else:
             weights, opt_state = None, opt.state_dict()
         streams = r.gather(stream.state_dict())
-        if r.rank != 0:
-            if r.world > 1:
-                dist.barrier()
-            return
+        error = None
+        if r.rank == 0:
+            try:
+                write(weights, opt_state, streams)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
+                error = f"cannot save the checkpoint into {os.path.join(a.out, 'checkpoint')}: {type(e).__name__}: {e}"
+        # Every rank learns whether rank 0's write failed (instead of waiting at a barrier).
+        r.agree(error)
+
+    def write(weights, opt_state, streams) -> None:
         final = os.path.join(a.out, "checkpoint")
         tmp, old = final + ".tmp", final + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
         if weights is None:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
-            # A plain model holding the gathered weights (the sharded one's class is FSDP's
-            # subclass, which save_pretrained would record as the architecture).
+            # A plain model holding the gathered weights, so config.json names
+            # LlamaForCausalLM whatever a transformers version makes of FSDP's subclass.
             with torch.device("meta"):
                 plain = LlamaForCausalLM(hf)
             plain.load_state_dict(weights, assign=True)
@@ -457,8 +470,6 @@ def train(a: argparse.Namespace, r: Run) -> int:
             os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        if r.world > 1:
-            dist.barrier()
 
     stop = min(a.stop_after or a.steps, a.steps)
     t0 = time.time()

@@ -652,7 +652,10 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     // Without torchrun there is nothing to shard over.
     let o = Command::new(python_bin())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/distill_torch.py"))
-        .args(args(&shared_dir().join("fsdp-plain"), &["--fsdp"]))
+        .args(args(
+            &shared_dir().join(format!("fsdp-plain-{}", unique())),
+            &["--fsdp"],
+        ))
         .env("CUDA_VISIBLE_DEVICES", "")
         .output()
         .unwrap();
