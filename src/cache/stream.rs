@@ -677,6 +677,10 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -
     let k = layout.k;
     let mut out = collate(&windows, k, cursor);
     let len = out.len;
+    debug_assert!(
+        k > 0,
+        "a top-k layout has k >= 1 (the teacher refuses --top-k 0)"
+    );
     if len == 0 || k == 0 {
         return out;
     }
@@ -731,13 +735,13 @@ fn sparse_width(r: &ShardRows, p: usize, layout: &Layout) -> usize {
 /// ln(count/N) for every count 0..=N: one logarithm per possible count instead of one per
 /// stored entry (a position of a sample-50 cache holds ~36; the logarithms were the largest
 /// cost of assembling a sampled batch).
-pub struct CountLogs {
+struct CountLogs {
     n: f32,
     table: Vec<f32>,
 }
 
 impl CountLogs {
-    pub fn new(samples: usize) -> Self {
+    fn new(samples: usize) -> Self {
         let n = samples.max(1) as f32;
         let table = (0..=samples).map(|c| (c as f32 / n).ln()).collect();
         CountLogs { n, table }
@@ -808,8 +812,9 @@ fn write_sparse_target(
         }
     }
     // Entry 0 is the estimate's most likely id (eval's top-1; ties by the smaller id): in a
-    // hybrid the exact top-1 already is; in a sample cache the most drawn id is swapped to
-    // the front (a full sort per position cost more than decoding it).
+    // hybrid the exact top-1 already is; in a sample cache of importance-weighted draws the
+    // largest weighted estimate is swapped to the front (a full sort per position cost more
+    // than decoding it).
     if head == 0 && m > 1 {
         let mut best = 0;
         for j in 1..m {
