@@ -53,7 +53,7 @@ for s in m["shards"]:
     deltas.append(leaves(t.column("topk_logprob_deltas")))
 ids = np.concatenate(ids).astype(np.int64).reshape(-1, k)
 deltas = np.concatenate(deltas).astype(np.int64).reshape(-1, k)
-codes = np.cumsum(deltas, axis=1)  # the deltas are running differences along a position
+codes = np.cumsum(deltas, axis=1) % 256  # running differences along a position, mod 256
 positions = ids.shape[0]
 tokens = m["totals"]["tokens"]
 
@@ -65,7 +65,8 @@ def entropy(x):
     return float(-(p * np.log2(p)).sum() + (len(n) - 1) / (2 * n.sum() * np.log(2)))
 
 
-per_entry = 8.0 / (tokens * k)  # bytes per token -> bits per entry
+assert positions == tokens, f"{positions} positions read, the manifest says {tokens} tokens"
+per_entry = 8.0 / (positions * k)  # bytes -> bits per stored entry
 ids_now = column_bytes["topk_ids"] * per_entry
 codes_now = column_bytes["topk_logprob_deltas"] * per_entry
 other = (m["totals"]["bytes"] - column_bytes["topk_ids"] - column_bytes["topk_logprob_deltas"]) / tokens
