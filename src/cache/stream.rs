@@ -676,30 +676,21 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -
     }
     let k = layout.k;
     let mut out = collate(&windows, k, cursor);
-    let len = out.len;
     debug_assert!(
         k > 0,
         "a top-k layout has k >= 1 (the teacher refuses --top-k 0)"
     );
-    if len == 0 || k == 0 {
-        return out;
-    }
-    // One window per task: the copies and the float16 conversion run on the stream's pool.
-    out.topk_ids
-        .par_chunks_mut(len * k)
-        .zip(out.topk_logprobs.par_chunks_mut(len * k))
-        .zip(out.tail_logprob.par_chunks_mut(len))
-        .zip(rows.par_iter())
-        .for_each(|(((ids, lps), tail), (r, i))| {
-            let (s, e) = span(r, *i);
-            let n = e - s;
-            ids[..n * k].copy_from_slice(&r.topk_ids[s * k..e * k]);
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                &r.topk_logprobs[s * k..e * k],
-                &mut lps[..n * k],
-            );
-            tail[..n].copy_from_slice(&r.tail_logprob[s..e]);
-        });
+    // The copies and the float16 conversion, one window per task.
+    par_windows(&mut out, rows, |ids, lps, tail, r, i| {
+        let (s, e) = span(r, i);
+        let n = e - s;
+        ids[..n * k].copy_from_slice(&r.topk_ids[s * k..e * k]);
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+            &r.topk_logprobs[s * k..e * k],
+            &mut lps[..n * k],
+        );
+        tail[..n].copy_from_slice(&r.tail_logprob[s..e]);
+    });
     out
 }
 
@@ -846,29 +837,39 @@ fn assemble_sampled(
     // Padding positions keep the log-prob 0 entries of id 0 and the tail 0 that `collate`
     // made: their mask is 0, so they count nowhere.
     let mut out = collate(windows, width, cursor);
-    let len = out.len;
-    if len == 0 {
-        return out;
-    }
     let logs = CountLogs::new(layout.samples);
-    // One window per task, written in place (unused entries: id 0, log-prob -inf).
+    // Written in place (unused entries: id 0, log-prob -inf).
+    par_windows(&mut out, rows, |ids, lps, tail, r, i| {
+        let s = r.offsets[i] as usize;
+        let n = r.offsets[i + 1] as usize - s;
+        for j in 0..n {
+            let o = j * width;
+            let (ids, lps) = (&mut ids[o..o + width], &mut lps[o..o + width]);
+            let e = write_sparse_target(r, s + j, layout, &logs, ids, lps);
+            lps[e..].fill(f32::NEG_INFINITY);
+        }
+        tail[..n].fill(f32::NEG_INFINITY);
+    });
+    out
+}
+
+/// Runs `f` on each window of `out` (its rows of `topk_ids`, `topk_logprobs` and
+/// `tail_logprob`, and the decoded row it comes from), one window per task on the stream's
+/// pool. Nothing to do in an empty batch or one without teacher entries.
+fn par_windows<F>(out: &mut TrainBatch, rows: &[(Arc<ShardRows>, usize)], f: F)
+where
+    F: Fn(&mut [u32], &mut [f32], &mut [f32], &ShardRows, usize) + Sync,
+{
+    let (len, k) = (out.len, out.k);
+    if len == 0 || k == 0 {
+        return;
+    }
     out.topk_ids
-        .par_chunks_mut(len * width)
-        .zip(out.topk_logprobs.par_chunks_mut(len * width))
+        .par_chunks_mut(len * k)
+        .zip(out.topk_logprobs.par_chunks_mut(len * k))
         .zip(out.tail_logprob.par_chunks_mut(len))
         .zip(rows.par_iter())
-        .for_each(|(((ids, lps), tail), (r, i))| {
-            let s = r.offsets[*i] as usize;
-            let n = r.offsets[*i + 1] as usize - s;
-            for j in 0..n {
-                let o = j * width;
-                let (ids, lps) = (&mut ids[o..o + width], &mut lps[o..o + width]);
-                let e = write_sparse_target(r, s + j, layout, &logs, ids, lps);
-                lps[e..].fill(f32::NEG_INFINITY);
-            }
-            tail[..n].fill(f32::NEG_INFINITY);
-        });
-    out
+        .for_each(|(((ids, lps), tail), (r, i))| f(ids, lps, tail, r, *i));
 }
 
 #[cfg(test)]
