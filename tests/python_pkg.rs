@@ -10,6 +10,7 @@ use logitcache::cache::reader::Cache;
 use logitcache::cache::stream::{Split, Stream, StreamConfig, TrainBatch};
 use logitcache::loss::{KdLoss, LossConfig, loss};
 use logitcache::rng::SplitMix;
+use logitcache::student::checkpoint::read_safetensors;
 use logitcache::student::data::targets;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -314,53 +315,73 @@ fn metrics_lines(run: &Path) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher() {
-    let dir = cache("torchrun", &[]);
-    let student = shared_dir().join(format!("torch-student-{}.json", unique()));
+/// The torch tests' student: a 2-layer Llama of hidden 32, as a `--student` JSON file.
+fn tiny_torch_student(name: &str) -> PathBuf {
+    let student = shared_dir().join(format!("{name}-student-{}.json", unique()));
     std::fs::write(
         &student,
         r#"{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "intermediate_size": 64}"#,
     )
     .unwrap();
+    student
+}
+
+/// `examples/distill_torch.py`'s arguments for a run from `cache` into `out`: the tests'
+/// shared settings (lr 5e-3, warmup 2, a metrics line per step, loss chunks of 16, one
+/// thread per process), then `settings` and `extra`.
+fn example_args(
+    cache: &Path,
+    student: &Path,
+    out: &Path,
+    settings: &[String],
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--cache",
+        cache.to_str().unwrap(),
+        "--student",
+        student.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--lr",
+        "5e-3",
+        "--warmup",
+        "2",
+        "--log-every",
+        "1",
+        "--loss-chunk",
+        "16",
+        "--threads",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(settings.iter().cloned());
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[test]
+fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher() {
+    let dir = cache("torchrun", &[]);
+    let student = tiny_torch_student("torch");
     let (steps, batch, seed, eval_fraction) = (14, 3, 5, 0.25);
-    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--cache",
-            dir.to_str().unwrap(),
-            "--student",
-            student.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            &steps.to_string(),
-            "--batch-size",
-            &batch.to_string(),
-            "--seed",
-            &seed.to_string(),
-            "--eval-fraction",
-            &eval_fraction.to_string(),
-            "--lr",
-            "5e-3",
-            "--warmup",
-            "2",
-            "--log-every",
-            "1",
-            "--eval-every",
-            "7",
-            "--loss-chunk",
-            "16",
-            "--threads",
-            "1",
-            "--log-windows",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
+    let settings = [
+        "--steps".to_string(),
+        steps.to_string(),
+        "--batch-size".into(),
+        batch.to_string(),
+        "--seed".into(),
+        seed.to_string(),
+        "--eval-fraction".into(),
+        eval_fraction.to_string(),
+        "--eval-every".into(),
+        "7".into(),
+        "--log-windows".into(),
+    ];
+    let args = |out: &Path, extra: &[&str]| example_args(&dir, &student, out, &settings, extra);
     let run_dir = shared_dir().join(format!("torch-run-{}", unique()));
     let o = distill_torch(2, &args(&run_dir, &[]));
     assert_ok(&o);
@@ -516,30 +537,16 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
     ));
 }
 
-/// Each checkpoint's tensors as float32 (name -> values), from its `model.safetensors`.
-fn checkpoint_tensors(run: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(run.join("checkpoint/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, v)
-        })
-        .collect()
-}
-
 /// The largest weight difference between two runs' checkpoints (same tensor names).
 fn max_weight_diff(a: &Path, b: &Path) -> f32 {
-    let (a, b) = (checkpoint_tensors(a), checkpoint_tensors(b));
+    let read = |run: &Path| {
+        let t = read_safetensors(&run.join("checkpoint/model.safetensors")).unwrap();
+        t.into_iter().collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let (a, b) = (read(a), read(b));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     a.iter()
-        .flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .flat_map(|(k, (_, x))| x.iter().zip(&b[k].1).map(|(x, y)| (x - y).abs()))
         .fold(0.0, f32::max)
 }
 
@@ -550,50 +557,23 @@ fn max_weight_diff(a: &Path, b: &Path) -> f32 {
 #[test]
 fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     let dir = cache("fsdp", &[]);
-    let student = shared_dir().join(format!("fsdp-student-{}.json", unique()));
-    std::fs::write(
-        &student,
-        r#"{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "intermediate_size": 64}"#,
-    )
-    .unwrap();
-    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--cache",
-            dir.to_str().unwrap(),
-            "--student",
-            student.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            "6",
-            "--batch-size",
-            "3",
-            "--grad-accum",
-            "2",
-            "--seed",
-            "3",
-            "--eval-fraction",
-            "0.25",
-            "--lr",
-            "5e-3",
-            "--warmup",
-            "2",
-            "--log-every",
-            "1",
-            "--eval-every",
-            "3",
-            "--loss-chunk",
-            "16",
-            "--threads",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
+    let student = tiny_torch_student("fsdp");
+    let settings = [
+        "--steps",
+        "6",
+        "--batch-size",
+        "3",
+        "--grad-accum",
+        "2",
+        "--seed",
+        "3",
+        "--eval-fraction",
+        "0.25",
+        "--eval-every",
+        "3",
+    ]
+    .map(String::from);
+    let args = |out: &Path, extra: &[&str]| example_args(&dir, &student, out, &settings, extra);
     let ddp = shared_dir().join(format!("fsdp-ddp-{}", unique()));
     assert_ok(&distill_torch(2, &args(&ddp, &[])));
     let fsdp = shared_dir().join(format!("fsdp-run-{}", unique()));
