@@ -108,7 +108,7 @@ fn main() {
         for _ in 0..rounds + 1 {
             let t0 = Instant::now();
             positions = 0;
-            let s = Stream::start(
+            let mut s = Stream::start(
                 &cache,
                 StreamConfig {
                     batch_size: 32,
@@ -117,8 +117,11 @@ fn main() {
                 },
             )
             .unwrap();
-            for b in s {
-                positions += b.unwrap().tokens();
+            // As the trainer does: each batch's buffers go back to the stream once used.
+            while let Some(b) = s.next_batch() {
+                let b = b.unwrap();
+                positions += b.tokens();
+                s.recycle(b);
             }
             let secs = t0.elapsed().as_secs_f64();
             if first.is_nan() {

@@ -96,7 +96,7 @@ impl Default for StreamConfig {
 }
 
 /// A padded batch, row-major `[batch, len]` (and `[batch, len, k]` for the top-k).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrainBatch {
     pub batch: usize,
     pub len: usize,
@@ -376,6 +376,8 @@ impl MappedShard {
 /// A running stream; batches arrive through [`Stream::next_batch`] (or the iterator).
 pub struct Stream {
     rx: Option<Receiver<Result<TrainBatch, ReadError>>>,
+    /// Batches the consumer is done with, back to the producer (see [`Stream::recycle`]).
+    spare: SyncSender<TrainBatch>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -423,6 +425,9 @@ impl Stream {
             .flat_map(|(s, sh)| (0..sh.row_groups()).map(move |g| (s, g)))
             .collect();
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        // Room for every batch that can be out at once (the prefetched ones and the one in
+        // hand): more would never be taken.
+        let (spare, spares) = sync_channel(cfg.prefetch.max(1) + 2);
         let shas: Vec<String> = m.shards.iter().map(|s| s.sha256.clone()).collect();
         // The decoding runs on a thread pool of the stream's own, as wide as rayon's global
         // one (which `--threads` sets), not on the global pool itself: a process forked after
@@ -437,14 +442,17 @@ impl Stream {
                     .thread_name(|i| format!("logitcache-decode-{i}"))
                     .build()
                 {
-                    Ok(pool) => pool.install(|| produce(shards, shas, units, layout, cfg, tx)),
+                    Ok(pool) => {
+                        pool.install(|| produce(shards, shas, units, layout, cfg, tx, spares))
+                    }
                     // No threads to be had: rayon's global pool, as before.
-                    Err(_) => produce(shards, shas, units, layout, cfg, tx),
+                    Err(_) => produce(shards, shas, units, layout, cfg, tx, spares),
                 }
             })
             .expect("spawn the reader thread");
         Ok(Stream {
             rx: Some(rx),
+            spare,
             handle: Some(handle),
         })
     }
@@ -452,6 +460,15 @@ impl Stream {
     /// The next batch, or `None` at the end of the last epoch.
     pub fn next_batch(&mut self) -> Option<Result<TrainBatch, ReadError>> {
         self.rx.as_ref()?.recv().ok()
+    }
+
+    /// Hands a batch the caller is done with back to the stream, which fills a later batch
+    /// into its buffers instead of allocating new ones (its contents are overwritten; what
+    /// the stream yields is the same either way). Optional: a batch that is dropped instead
+    /// costs fresh allocations, which with glibc's malloc means fresh pages to fault in.
+    pub fn recycle(&self, batch: TrainBatch) {
+        // Full (the caller recycles more than the stream can reuse) or ended: dropped.
+        let _ = self.spare.try_send(batch);
     }
 }
 
@@ -478,6 +495,7 @@ fn produce(
     layout: Layout,
     cfg: StreamConfig,
     tx: SyncSender<Result<TrainBatch, ReadError>>,
+    spares: Receiver<TrainBatch>,
 ) {
     let group_size = cfg.shuffle_units.max(1);
     let n_groups = units.len().div_ceil(group_size) as u64;
@@ -600,7 +618,7 @@ fn produce(
                     }
                 };
                 if pending.len() == cfg.batch_size {
-                    let b = assemble(&pending, &layout, after);
+                    let b = assemble(&pending, &layout, after, spares.try_recv().ok());
                     pending.clear();
                     if tx.send(Ok(b)).is_err() {
                         return;
@@ -623,7 +641,7 @@ fn produce(
         cursor.group = 0;
     }
     if !pending.is_empty() {
-        let b = assemble(&pending, &layout, cursor);
+        let b = assemble(&pending, &layout, cursor, spares.try_recv().ok());
         let _ = tx.send(Ok(b));
     }
 }
@@ -632,20 +650,39 @@ fn produce(
 /// and `seq_ids`, with room for `k` teacher entries per position (left at 0). The one
 /// collation of the trainer, the evaluator and `eval --corpus`.
 pub fn collate(windows: &[(u64, &[u32])], k: usize, cursor: Cursor) -> TrainBatch {
+    collate_into(windows, k, cursor, None)
+}
+
+/// [`collate`] into the buffers of `reuse` where given (a batch the consumer is done with;
+/// every field is overwritten).
+fn collate_into(
+    windows: &[(u64, &[u32])],
+    k: usize,
+    cursor: Cursor,
+    reuse: Option<TrainBatch>,
+) -> TrainBatch {
     let b = windows.len();
     let len = windows.iter().map(|(_, w)| w.len()).max().unwrap_or(0);
+    fn zeroed<T: Copy>(mut v: Vec<T>, n: usize, zero: T) -> Vec<T> {
+        v.clear();
+        v.resize(n, zero);
+        v
+    }
+    let old = reuse.unwrap_or_default();
+    let mut seq_ids = old.seq_ids;
+    seq_ids.clear();
     let mut out = TrainBatch {
         batch: b,
         len,
         k,
-        seq_ids: Vec::with_capacity(b),
-        input_ids: vec![0; b * len],
-        target_ids: vec![0; b * len],
-        target_mask: vec![0.0; b * len],
-        mask: vec![0.0; b * len],
-        topk_ids: vec![0; b * len * k],
-        topk_logprobs: vec![0.0; b * len * k],
-        tail_logprob: vec![0.0; b * len],
+        seq_ids,
+        input_ids: zeroed(old.input_ids, b * len, 0),
+        target_ids: zeroed(old.target_ids, b * len, 0),
+        target_mask: zeroed(old.target_mask, b * len, 0.0),
+        mask: zeroed(old.mask, b * len, 0.0),
+        topk_ids: zeroed(old.topk_ids, b * len * k, 0),
+        topk_logprobs: zeroed(old.topk_logprobs, b * len * k, 0.0),
+        tail_logprob: zeroed(old.tail_logprob, b * len, 0.0),
         cursor,
     };
     for (bi, (seq_id, ids)) in windows.iter().enumerate() {
@@ -662,7 +699,12 @@ pub fn collate(windows: &[(u64, &[u32])], k: usize, cursor: Cursor) -> TrainBatc
     out
 }
 
-fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -> TrainBatch {
+fn assemble(
+    rows: &[(Arc<ShardRows>, usize)],
+    layout: &Layout,
+    cursor: Cursor,
+    reuse: Option<TrainBatch>,
+) -> TrainBatch {
     let span = |r: &ShardRows, i: usize| (r.offsets[i] as usize, r.offsets[i + 1] as usize);
     let windows: Vec<(u64, &[u32])> = rows
         .iter()
@@ -672,10 +714,10 @@ fn assemble(rows: &[(Arc<ShardRows>, usize)], layout: &Layout, cursor: Cursor) -
         })
         .collect();
     if layout.has_samples() {
-        return assemble_sampled(rows, &windows, layout, cursor);
+        return assemble_sampled(rows, &windows, layout, cursor, reuse);
     }
     let k = layout.k;
-    let mut out = collate(&windows, k, cursor);
+    let mut out = collate_into(&windows, k, cursor, reuse);
     debug_assert!(
         k > 0,
         "a top-k layout has k >= 1 (the teacher refuses --top-k 0)"
@@ -825,6 +867,7 @@ fn assemble_sampled(
     windows: &[(u64, &[u32])],
     layout: &Layout,
     cursor: Cursor,
+    reuse: Option<TrainBatch>,
 ) -> TrainBatch {
     // Width: the most entries any position of the batch has.
     let mut width = 1;
@@ -836,7 +879,7 @@ fn assemble_sampled(
     }
     // Padding positions keep the log-prob 0 entries of id 0 and the tail 0 that `collate`
     // made: their mask is 0, so they count nowhere.
-    let mut out = collate(windows, width, cursor);
+    let mut out = collate_into(windows, width, cursor, reuse);
     let logs = CountLogs::new(layout.samples);
     // Written in place (unused entries: id 0, log-prob -inf).
     par_windows(&mut out, rows, |ids, lps, tail, r, i| {
@@ -1078,6 +1121,53 @@ mod tests {
         rows
     }
 
+    /// A batch as a consumer hands it back: larger than the next ones, every field dirty.
+    fn used_batch() -> TrainBatch {
+        let n = 64 * 64;
+        TrainBatch {
+            batch: 64,
+            len: 64,
+            k: 9,
+            seq_ids: vec![3; 64],
+            input_ids: vec![5; n],
+            target_ids: vec![6; n],
+            target_mask: vec![1.0; n],
+            mask: vec![1.0; n],
+            topk_ids: vec![7; n * 9],
+            topk_logprobs: vec![-2.5; n * 9],
+            tail_logprob: vec![-1.0; n],
+            cursor: Cursor {
+                epoch: 4,
+                group: 5,
+                offset: 6,
+            },
+        }
+    }
+
+    #[test]
+    fn topk_batches_fill_recycled_buffers_as_fresh_ones() {
+        let layout = Layout::topk(5);
+        let rows = Arc::new(rows());
+        let picked: Vec<(Arc<ShardRows>, usize)> = [7usize, 0, 31, 5]
+            .iter()
+            .map(|&i| (rows.clone(), i))
+            .collect();
+        let cursor = Cursor {
+            epoch: 1,
+            group: 2,
+            offset: 3,
+        };
+        let fresh = assemble(&picked, &layout, cursor, None);
+        assert!(
+            fresh.len > 1 && fresh.tokens() < fresh.batch * fresh.len,
+            "padding"
+        );
+        assert_eq!(
+            assemble(&picked, &layout, cursor, Some(used_batch())),
+            fresh
+        );
+    }
+
     /// Every position of an assembled sampled batch, against its estimate computed here
     /// from the stored fields (a map id -> p̂): the entries are that map, the most likely
     /// first (ties by the smaller id), unused entries id 0 with log-prob -inf, no tail
@@ -1100,7 +1190,13 @@ mod tests {
                     .map(|&i| (rows.clone(), i))
                     .collect();
                 let cursor = Cursor::default();
-                let b = assemble(&picked, &layout, cursor);
+                let b = assemble(&picked, &layout, cursor, None);
+                // Into a recycled batch's buffers: the same batch.
+                assert_eq!(
+                    assemble(&picked, &layout, cursor, Some(used_batch())),
+                    b,
+                    "{layout:?}"
+                );
                 let (len, w) = (b.len, b.k);
                 let mut widest = 0;
                 for (bi, (r, i)) in picked.iter().enumerate() {

@@ -63,7 +63,7 @@ pub fn evaluate<B: Backend>(
     } else {
         (Split::All, 0.0)
     };
-    let stream = Stream::start(
+    let mut stream = Stream::start(
         cache,
         StreamConfig {
             batch_size,
@@ -74,7 +74,10 @@ pub fn evaluate<B: Backend>(
         },
     )?;
     let (mut ce, mut kl, mut top1, mut n_ce, mut n_kd) = (0.0, 0.0, 0.0, 0.0, 0.0);
-    for b in stream.take(max_batches.max(1)) {
+    for _ in 0..max_batches.max(1) {
+        let Some(b) = stream.next_batch() else {
+            break;
+        };
         let b = b?;
         let (ids, mask) = inputs::<B>(&b, &dev);
         let t = targets::<B>(&b, &dev);
@@ -100,6 +103,7 @@ pub fn evaluate<B: Backend>(
         }
         n_ce += b.target_mask.iter().map(|&m| m as f64).sum::<f64>();
         n_kd += b.mask.iter().map(|&m| m as f64).sum::<f64>();
+        stream.recycle(b);
     }
     if n_kd == 0.0 {
         bail!("the eval split is empty; raise --eval-fraction or use a larger cache");

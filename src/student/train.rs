@@ -423,6 +423,7 @@ fn train_on<B: AutodiffBackend>(
             state.tokens += b.tokens() as u64;
             window.1 += b.tokens() as u64;
             state.cursor = b.cursor;
+            stream.recycle(b);
         }
         if !total.is_finite() {
             bail!(
