@@ -102,7 +102,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cuda when available under auto")
     p.add_argument("--log-windows", action="store_true", help="write windows/rank-R.jsonl: each step's seq_ids")
-    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. The student is still built whole on each rank at start-up. Checkpoints are the same files either way; a run resumes only as it started")
+    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, on the CPU; the other ranks build it on the meta device and receive their shards. Checkpoints are the same files either way; a run resumes only as it started")
     a = p.parse_args(argv)
     checks = [
         ("--steps", a.steps >= 1, "at least 1"),
@@ -343,7 +343,17 @@ def train(a: argparse.Namespace, r: Run) -> int:
         rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=cfg["tie_word_embeddings"],
         hidden_act="silu", attention_bias=False, mlp_bias=False,
     )
-    model = LlamaForCausalLM(hf).to(r.device)
+    whole = None
+    if a.fsdp:
+        # Under FSDP only rank 0 builds the student whole, on the CPU (the same initial weights
+        # as DDP's, which also come from rank 0); every rank builds it on the meta device (no
+        # memory), shards it and receives its shard from rank 0 below.
+        if r.rank == 0:
+            whole = LlamaForCausalLM(hf)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(hf)
+    else:
+        model = LlamaForCausalLM(hf).to(r.device)
     stream = logitcache.Stream(a.cache, a.batch_size, split=split, eval_fraction=eval_fraction, seed=a.seed, rank=r.rank, world_size=r.world, shuffle=True, epochs=None)
     sharding = "fsdp" if a.fsdp else "ddp"
     identity = {"cache_manifest": cache.manifest.get("checksum"), "student": cfg, "world_size": r.world, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "seed": a.seed, "steps": a.steps, "sharding": sharding}
@@ -367,7 +377,17 @@ def train(a: argparse.Namespace, r: Run) -> int:
                 + "; ".join(f"{k}: {recorded[k]!r} there, {identity[k]!r} here" for k in diff)
                 + f"); resume with the same cache, student, --steps, --batch-size, --grad-accum, --seed, process count and --fsdp, or use another --out"
             )
-        model.load_state_dict(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict())
+        if not a.fsdp:
+            model.load_state_dict(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict())
+    if a.fsdp and state is not None:
+        # Rank 0 reads the weights (the others wait to hear whether it could).
+        error = None
+        if r.rank == 0:
+            try:
+                whole.load_state_dict(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict())
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
+                error = f"cannot read the checkpoint {ckpt}: {type(e).__name__}: {e}"
+        r.agree(error)
     if a.fsdp:
         try:
             from torch.distributed.device_mesh import init_device_mesh
@@ -381,7 +401,22 @@ def train(a: argparse.Namespace, r: Run) -> int:
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        r.log(f"FSDP: the student's {len(model.model.layers)} decoder layers and its root sharded over {r.world} ranks")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Each rank allocates its shards only, and rank 0 sends each rank its part of the
+        # whole weights, tensor by tensor.
+        model.to_empty(device=r.device)
+        set_model_state_dict(model, whole.state_dict() if r.rank == 0 else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # The buffers (the rotary frequencies) are in no state dict: rank 0's, to every rank.
+        with torch.no_grad():
+            if r.rank == 0:
+                built = dict(whole.named_buffers())
+                for name, b in model.named_buffers():
+                    b.copy_(built[name])
+            for b in model.buffers():
+                dist.broadcast(b, src=0)
+        del whole
+        r.log(f"FSDP: the student's {len(model.model.layers)} decoder layers and its root sharded over {r.world} ranks; rank 0 built it whole on the CPU, the other ranks only their shards")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
     if state is not None:
         # Under FSDP the file holds the whole state: read on the CPU, only each rank's shard

@@ -553,7 +553,9 @@ fn max_weight_diff(a: &Path, b: &Path) -> f32 {
 /// `--fsdp` shards the student over the ranks (FSDP2) and trains what DDP trains, with
 /// gradient accumulation: the same losses, evaluations and weights up to float rounding,
 /// checkpoints in the same files; interrupted and resumed it ends bit-identical to a straight
-/// run; a DDP checkpoint is not resumed sharded, and `--fsdp` without torchrun is refused.
+/// run (rank 0 alone builds the whole student and sends the others their shards, the
+/// rotary buffers included, or the weights would differ); a damaged checkpoint stops every
+/// rank; a DDP checkpoint is not resumed sharded, and `--fsdp` without torchrun is refused.
 #[test]
 fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     let dir = cache("fsdp", &[]);
@@ -580,7 +582,7 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     let o = distill_torch(2, &args(&fsdp, &["--fsdp"]));
     assert_ok(&o);
     assert!(
-        stderr(&o).contains("2 decoder layers and its root sharded over 2 ranks"),
+        stderr(&o).contains("2 decoder layers and its root sharded over 2 ranks; rank 0 built it whole on the CPU, the other ranks only their shards"),
         "{}",
         stderr(&o)
     );
@@ -620,6 +622,22 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     assert_ok(&o);
     assert!(stderr(&o).contains("resuming"), "{}", stderr(&o));
     assert_eq!(max_weight_diff(&fsdp, &resumed), 0.0);
+    // Only rank 0 reads the weights: when it cannot, every rank stops with its reason.
+    let weights = resumed.join("checkpoint/model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("cannot read the checkpoint"),
+        "{}",
+        stderr(&o)
+    );
 
     // A DDP checkpoint is not resumed sharded (its optimizer state is another layout).
     let o = distill_torch(2, &args(&ddp, &["--fsdp", "--resume"]));
