@@ -32,13 +32,15 @@ use std::sync::Arc;
 
 /// Values of one leaf column chunk, decoded from its pages: `Ok(None)` when the chunk is
 /// not in the layout this fast path handles, `Err` when the bytes themselves are broken.
+/// The values go into `reuse`'s buffer (cleared first; pass `Vec::new()` for a new one).
 pub(crate) fn leaf_values<T: Leaf>(
     file: &Bytes,
     chunk: &ColumnChunkMetaData,
     rows: usize,
     expected: usize,
+    reuse: Vec<T>,
 ) -> Result<Option<Vec<T>>, String> {
-    page_values(file, chunk, rows, expected, None)
+    page_values(file, chunk, rows, expected, None, reuse)
 }
 
 /// [`leaf_values`], also decoding the repetition levels into `reps` when given (a leaf whose
@@ -49,6 +51,7 @@ fn page_values<T: Leaf>(
     rows: usize,
     expected: usize,
     mut reps: Option<&mut Vec<u8>>,
+    reuse: Vec<T>,
 ) -> Result<Option<Vec<T>>, String> {
     let desc = chunk.column_descr();
     if chunk.column_type() != T::PHYSICAL
@@ -60,7 +63,9 @@ fn page_values<T: Leaf>(
     let (max_def, max_rep) = (desc.max_def_level(), desc.max_rep_level());
     let mut pages = SerializedPageReader::new(Arc::new(file.clone()), chunk, rows, None)
         .map_err(|e| e.to_string())?;
-    let mut out: Vec<T> = Vec::with_capacity(expected);
+    let mut out = reuse;
+    out.clear();
+    out.reserve(expected);
     while let Some(page) = pages.get_next_page().map_err(|e| e.to_string())? {
         let (values, n, encoding) = match &page {
             Page::DataPage {
@@ -150,7 +155,7 @@ pub(crate) fn nested_leaf_values<T: Leaf>(
     }
     let n = chunk.num_values().max(0) as usize;
     let mut reps: Vec<u8> = Vec::with_capacity(n);
-    let Some(values) = page_values::<T>(file, chunk, rows, n, Some(&mut reps))? else {
+    let Some(values) = page_values::<T>(file, chunk, rows, n, Some(&mut reps), Vec::new())? else {
         return Ok(None);
     };
     if reps.len() != values.len() || reps.iter().filter(|&&r| r == 0).count() != rows {

@@ -215,7 +215,18 @@ impl MappedShard {
     /// columns through the column reader when they have the layout our writer produces (see
     /// `pages`), else everything through Arrow.
     pub fn decode(&self, row_group: usize, layout: &Layout) -> Result<ShardRows, ReadError> {
-        if let Some(rows) = self.decode_fast(row_group, layout)? {
+        self.decode_into(row_group, layout, None)
+    }
+
+    /// [`MappedShard::decode`] into the largest buffers of `reuse` (rows decoded earlier and no
+    /// longer needed) where given.
+    fn decode_into(
+        &self,
+        row_group: usize,
+        layout: &Layout,
+        reuse: Option<ShardRows>,
+    ) -> Result<ShardRows, ReadError> {
+        if let Some(rows) = self.decode_fast(row_group, layout, reuse)? {
             return Ok(rows);
         }
         self.decode_arrow(row_group, layout)
@@ -232,6 +243,7 @@ impl MappedShard {
         &self,
         row_group: usize,
         layout: &Layout,
+        reuse: Option<ShardRows>,
     ) -> Result<Option<ShardRows>, ReadError> {
         // The sample columns take the fast path without the optional columns beside them
         // (`--store-logprobs`, a proposal τ ≠ 1), which Arrow then decodes with the rest.
@@ -323,15 +335,19 @@ impl MappedShard {
             return Ok(Some(rows));
         };
         let values = rows.positions() * k;
-        let ids = pages::leaf_values::<u32>(&self.bytes, rg.column(ids_leaf), n, values)
+        let (spare_ids, spare_lps) = reuse
+            .map(|r| (r.topk_ids, r.topk_logprobs))
+            .unwrap_or_default();
+        let ids = pages::leaf_values::<u32>(&self.bytes, rg.column(ids_leaf), n, values, spare_ids)
             .map_err(pages_err)?;
         let Some(ids) = ids else {
             return Ok(None);
         };
         if layout.q8() {
             // uint8 deltas are INT32 in Parquet.
-            let deltas = pages::leaf_values::<u32>(&self.bytes, rg.column(lp_leaf), n, values)
-                .map_err(pages_err)?;
+            let deltas =
+                pages::leaf_values::<u32>(&self.bytes, rg.column(lp_leaf), n, values, Vec::new())
+                    .map_err(pages_err)?;
             let Some(deltas) = deltas else {
                 return Ok(None);
             };
@@ -340,10 +356,17 @@ impl MappedShard {
                     "row group {row_group}: a topk_logprob_deltas value is above 255"
                 ))
             })?;
+            rows.topk_logprobs = spare_lps; // (decode_q8_from(0) truncates it first)
             rows.decode_q8_from(0);
         } else {
-            let lps = pages::leaf_values::<half::f16>(&self.bytes, rg.column(lp_leaf), n, values)
-                .map_err(pages_err)?;
+            let lps = pages::leaf_values::<half::f16>(
+                &self.bytes,
+                rg.column(lp_leaf),
+                n,
+                values,
+                spare_lps,
+            )
+            .map_err(pages_err)?;
             let Some(lps) = lps else {
                 return Ok(None);
             };
@@ -425,8 +448,8 @@ impl Stream {
             .flat_map(|(s, sh)| (0..sh.row_groups()).map(move |g| (s, g)))
             .collect();
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-        // Room for every batch that can be out at once (the prefetched ones and the one in
-        // hand): more would never be taken.
+        // Room for every batch that can be out at once (the `prefetch` queued, the one the
+        // producer is sending, the one in the consumer's hand): more would never be taken.
         let (spare, spares) = sync_channel(cfg.prefetch.max(1) + 2);
         let shas: Vec<String> = m.shards.iter().map(|s| s.sha256.clone()).collect();
         // The decoding runs on a thread pool of the stream's own, as wide as rayon's global
@@ -504,6 +527,10 @@ fn produce(
     let mut emitted_any = false;
     // Rows selected for the next batch: (decoded row group, row).
     let mut pending: Vec<(Arc<ShardRows>, usize)> = Vec::with_capacity(cfg.batch_size);
+    // Decoded row groups of earlier groups, and those of them no batch refers to any more:
+    // the next row groups are decoded into their buffers.
+    let mut spent: Vec<Arc<ShardRows>> = Vec::new();
+    let mut pool: Vec<ShardRows> = Vec::new();
     loop {
         if cfg.epochs.is_some_and(|e| cursor.epoch >= e) {
             break;
@@ -540,11 +567,14 @@ fn produce(
             for s in fresh {
                 verified[s] = true;
             }
+            reclaim(&mut spent, &mut pool);
+            let reuse: Vec<Option<ShardRows>> = members.iter().map(|_| pool.pop()).collect();
             let decoded: Result<Vec<Arc<ShardRows>>, ReadError> = members
                 .par_iter()
-                .map(|&u| {
+                .zip(reuse)
+                .map(|(&u, reuse)| {
                     let (s, rg) = units[u];
-                    shards[s].decode(rg, &layout).map(Arc::new)
+                    shards[s].decode_into(rg, &layout, reuse).map(Arc::new)
                 })
                 .collect();
             let decoded = match decoded {
@@ -625,6 +655,7 @@ fn produce(
                     }
                 }
             }
+            spent.extend(decoded);
             cursor.group += 1;
             cursor.offset = 0;
         }
@@ -644,6 +675,18 @@ fn produce(
         let b = assemble(&pending, &layout, cursor, spares.try_recv().ok());
         let _ = tx.send(Ok(b));
     }
+}
+
+/// Moves the rows of `spent` that nothing else holds (no pending batch row) into `pool`.
+fn reclaim(spent: &mut Vec<Arc<ShardRows>>, pool: &mut Vec<ShardRows>) {
+    let mut kept = Vec::with_capacity(spent.len());
+    for rows in spent.drain(..) {
+        match Arc::try_unwrap(rows) {
+            Ok(rows) => pool.push(rows),
+            Err(shared) => kept.push(shared),
+        }
+    }
+    *spent = kept;
 }
 
 /// Pads token windows into a batch: `input_ids`, `target_ids` (the next token), the masks
@@ -1036,8 +1079,12 @@ mod tests {
             let groups = 0..shard.row_groups();
             assert!(groups.len() > 1, "{name}");
             let fast = groups.clone().map(|g| {
-                let r = shard.decode_fast(g, &Layout::topk(k)).unwrap();
-                r.expect("the fast path takes this layout")
+                let r = shard.decode_fast(g, &Layout::topk(k), None).unwrap();
+                let r = r.expect("the fast path takes this layout");
+                // Into the buffers of rows decoded before (larger, other values): the same.
+                let reused = shard.decode_fast(g, &Layout::topk(k), Some(want.clone()));
+                assert_eq!(reused.unwrap().as_ref(), Some(&r), "{name}");
+                r
             });
             assert_eq!(concat(k, fast), want, "{name}");
             let arrow = groups.map(|g| shard.decode_arrow(g, &Layout::topk(k)).unwrap());
@@ -1054,9 +1101,15 @@ mod tests {
         );
         let shard = write(&dir.path().join("q8"), &want, writer_properties(3, 64));
         let groups = 0..shard.row_groups();
-        let fast = groups
-            .clone()
-            .map(|g| shard.decode_fast(g, &layout).unwrap().expect("fast path"));
+        let fast = groups.clone().map(|g| {
+            let r = shard
+                .decode_fast(g, &layout, None)
+                .unwrap()
+                .expect("fast path");
+            let reused = shard.decode_fast(g, &layout, Some(want.clone())).unwrap();
+            assert_eq!(reused.as_ref(), Some(&r));
+            r
+        });
         assert_eq!(concat(k, fast), want);
         let arrow = groups.map(|g| shard.decode_arrow(g, &layout).unwrap());
         assert_eq!(concat(k, arrow), want);
@@ -1408,7 +1461,7 @@ mod tests {
                 assert!(groups.len() > 1, "{what}");
                 let fast: Vec<Option<ShardRows>> = groups
                     .clone()
-                    .map(|g| shard.decode_fast(g, &layout).unwrap())
+                    .map(|g| shard.decode_fast(g, &layout, None).unwrap())
                     .collect();
                 let took = fast.iter().all(|r| r.is_some());
                 // Without the fast sample columns, a sample layout has nothing fast left.
@@ -1453,7 +1506,10 @@ mod tests {
         for (name, props) in [("delta", delta), ("dict", dict)] {
             let shard = write(&dir.path().join(name), &want, props);
             assert!(
-                shard.decode_fast(0, &Layout::topk(k)).unwrap().is_none(),
+                shard
+                    .decode_fast(0, &Layout::topk(k), None)
+                    .unwrap()
+                    .is_none(),
                 "{name}"
             );
             let got = (0..shard.row_groups()).map(|g| shard.decode(g, &Layout::topk(k)).unwrap());
