@@ -7,8 +7,9 @@ or FSDP.
 One process per rank (gloo on CPU, NCCL when CUDA is present; plain ``python`` runs one
 process). The ranks replicate the student (DDP), or with ``--fsdp`` shard its parameters,
 gradients and optimizer state (FSDP2: ``fully_shard`` per decoder layer and the rest at the
-root), for students that do not fit one device's memory several times over; the two train the
-same weights up to float rounding. Each rank reads its own part of the cache's training stream (``logitcache.Stream``
+root), for students whose weights, gradients and optimizer state do not fit one device (only
+rank 0 holds the whole student at start-up, in CPU memory); the two train the same weights up
+to float rounding. Each rank reads its own part of the cache's training stream (``logitcache.Stream``
 with the run's seed: the ranks' windows are disjoint and together cover the split), the loss
 is ``logitcache.torch.kd_loss`` (the mathematics of ``logitcache train``), the optimiser
 AdamW with ``logitcache train``'s defaults and schedule (linear warmup, cosine to
@@ -102,7 +103,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cuda when available under auto")
     p.add_argument("--log-windows", action="store_true", help="write windows/rank-R.jsonl: each step's seq_ids")
-    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, on the CPU; the other ranks build it on the meta device and receive their shards. Checkpoints are the same files either way; a run resumes only as it started")
+    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. Checkpoints are the same files either way; a run resumes only as it started")
     a = p.parse_args(argv)
     checks = [
         ("--steps", a.steps >= 1, "at least 1"),
@@ -343,13 +344,9 @@ def train(a: argparse.Namespace, r: Run) -> int:
         rms_norm_eps=cfg["rms_norm_eps"], tie_word_embeddings=cfg["tie_word_embeddings"],
         hidden_act="silu", attention_bias=False, mlp_bias=False,
     )
-    whole = None
     if a.fsdp:
-        # Under FSDP only rank 0 builds the student whole, on the CPU (the same initial weights
-        # as DDP's, which also come from rank 0); every rank builds it on the meta device (no
-        # memory), shards it and receives its shard from rank 0 below.
-        if r.rank == 0:
-            whole = LlamaForCausalLM(hf)
+        # Under FSDP every rank builds the student on the meta device (no memory), shards it
+        # and receives its shard from rank 0, which alone builds it whole, on the CPU (below).
         with torch.device("meta"):
             model = LlamaForCausalLM(hf)
     else:
@@ -379,14 +376,22 @@ def train(a: argparse.Namespace, r: Run) -> int:
             )
         if not a.fsdp:
             model.load_state_dict(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict())
-    if a.fsdp and state is not None:
-        # Rank 0 reads the weights (the others wait to hear whether it could).
+    whole = None
+    if a.fsdp:
+        # Rank 0 builds the whole student on the CPU: the checkpoint's weights, or the seed's
+        # initial ones (DDP's, which also come from rank 0). The others wait to hear whether
+        # it could.
         error = None
         if r.rank == 0:
             try:
-                whole.load_state_dict(LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict())
+                if state is not None:
+                    whole = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+                else:
+                    torch.manual_seed(a.seed)
+                    whole = LlamaForCausalLM(hf)
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
-                error = f"cannot read the checkpoint {ckpt}: {type(e).__name__}: {e}"
+                what = f"cannot read the checkpoint {ckpt}" if state is not None else "rank 0 cannot build the whole student in CPU memory"
+                error = f"{what}: {type(e).__name__}: {e}"
         r.agree(error)
     if a.fsdp:
         try:
@@ -403,8 +408,9 @@ def train(a: argparse.Namespace, r: Run) -> int:
         fully_shard(model, mesh=mesh)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        # Each rank allocates its shards only, and rank 0 sends each rank its part of the
-        # whole weights, tensor by tensor.
+        # Each rank allocates its shards only; rank 0 broadcasts the whole weights tensor by
+        # tensor and each rank keeps its shard of each (a device holds at most one whole
+        # tensor at a time).
         model.to_empty(device=r.device)
         set_model_state_dict(model, whole.state_dict() if r.rank == 0 else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         # The buffers (the rotary frequencies) are in no state dict: rank 0's, to every rank.

@@ -317,11 +317,18 @@ fn metrics_lines(run: &Path) -> Vec<Value> {
 
 /// The torch tests' student: a 2-layer Llama of hidden 32, as a `--student` JSON file.
 fn tiny_torch_student(name: &str) -> PathBuf {
+    tiny_torch_student_with(name, "")
+}
+
+/// [`tiny_torch_student`] with more keys (`extra`: `, "key": value` pairs).
+fn tiny_torch_student_with(name: &str, extra: &str) -> PathBuf {
     let student = shared_dir().join(format!("{name}-student-{}.json", unique()));
     std::fs::write(
         &student,
-        r#"{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "intermediate_size": 64}"#,
+        format!(
+            r#"{{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 64{extra}}}"#
+        ),
     )
     .unwrap();
     student
@@ -559,7 +566,8 @@ fn max_weight_diff(a: &Path, b: &Path) -> f32 {
 #[test]
 fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     let dir = cache("fsdp", &[]);
-    let student = tiny_torch_student("fsdp");
+    // Tied embeddings: the head and the embeddings stay one sharded parameter.
+    let student = tiny_torch_student_with("fsdp", r#", "tie_word_embeddings": true"#);
     let settings = [
         "--steps",
         "6",
