@@ -6,7 +6,7 @@ use logitcache::cache::reader::Cache;
 use logitcache::cache::stream::{Cursor, Split, Stream, StreamConfig, TrainBatch};
 use logitcache::rng::is_eval;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 fn cache_dir() -> &'static PathBuf {
@@ -23,12 +23,38 @@ fn cache_dir() -> &'static PathBuf {
     })
 }
 
+/// [`cache_dir`]'s windows with q8 log-probs.
+fn q8_cache_dir() -> &'static PathBuf {
+    static C: OnceLock<PathBuf> = OnceLock::new();
+    C.get_or_init(|| {
+        let out = shared_dir().join("stream-cache-q8");
+        let mut a = teacher_args(&plain_model(), &out, 200);
+        let p = a.iter().position(|x| x == "--shard-size").unwrap();
+        a[p + 1] = "24".into();
+        a.extend(["--logprob-dtype".into(), "q8".into()]);
+        assert_ok(&run_strings(&a));
+        out
+    })
+}
+
 fn collect(cfg: StreamConfig) -> Vec<TrainBatch> {
-    let cache = Cache::open(cache_dir()).unwrap();
-    Stream::start(&cache, cfg)
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect()
+    collect_from(cache_dir(), cfg, false)
+}
+
+/// The stream's batches; with `recycle`, each batch's buffers also go back to the stream
+/// (the copy kept is what the consumer saw).
+fn collect_from(dir: &Path, cfg: StreamConfig, recycle: bool) -> Vec<TrainBatch> {
+    let cache = Cache::open(dir).unwrap();
+    let mut s = Stream::start(&cache, cfg).unwrap();
+    let mut out = Vec::new();
+    while let Some(b) = s.next_batch() {
+        let b = b.unwrap();
+        out.push(b.clone());
+        if recycle {
+            s.recycle(b);
+        }
+    }
+    out
 }
 
 fn seqs(batches: &[TrainBatch]) -> Vec<u64> {
@@ -37,12 +63,29 @@ fn seqs(batches: &[TrainBatch]) -> Vec<u64> {
 
 #[test]
 fn one_unshuffled_epoch_is_the_cache_in_order_with_targets_and_masks() {
-    let rows = all_rows(cache_dir());
-    let batches = collect(StreamConfig {
-        batch_size: 5,
-        shuffle: false,
-        ..Default::default()
-    });
+    in_order(cache_dir(), 5, Default::default(), false);
+    // Row groups decoded into the buffers of earlier ones (one per group: every group after
+    // the first reuses) and batches filled into recycled ones: the same values, float16
+    // and q8 log-probs.
+    for dir in [cache_dir(), q8_cache_dir()] {
+        in_order(dir, 3, Some(1), true);
+    }
+}
+
+/// One unshuffled epoch of `dir` in batches of `batch_size` equals its rows in order.
+fn in_order(dir: &Path, batch_size: usize, shuffle_units: Option<usize>, recycle: bool) {
+    let rows = all_rows(dir);
+    let defaults = StreamConfig::default();
+    let batches = collect_from(
+        dir,
+        StreamConfig {
+            batch_size,
+            shuffle: false,
+            shuffle_units: shuffle_units.unwrap_or(defaults.shuffle_units),
+            ..defaults
+        },
+        recycle,
+    );
     assert_eq!(seqs(&batches), rows.seq_ids);
     let by_seq: BTreeMap<u64, usize> = rows
         .seq_ids
@@ -52,7 +95,7 @@ fn one_unshuffled_epoch_is_the_cache_in_order_with_targets_and_masks() {
         .collect();
     let k = rows.k;
     for b in &batches {
-        assert!(b.batch <= 5);
+        assert!(b.batch <= batch_size);
         for (bi, s) in b.seq_ids.iter().enumerate() {
             let r = by_seq[s];
             let (st, en) = (rows.offsets[r] as usize, rows.offsets[r + 1] as usize);

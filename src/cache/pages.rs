@@ -32,7 +32,8 @@ use std::sync::Arc;
 
 /// Values of one leaf column chunk, decoded from its pages: `Ok(None)` when the chunk is
 /// not in the layout this fast path handles, `Err` when the bytes themselves are broken.
-/// The values go into `reuse`'s buffer (cleared first; pass `Vec::new()` for a new one).
+/// The values go into `reuse`'s buffer (cleared first; pass `Vec::new()` for a new one),
+/// which is consumed either way (dropped on `Ok(None)` or `Err`).
 pub(crate) fn leaf_values<T: Leaf>(
     file: &Bytes,
     chunk: &ColumnChunkMetaData,
@@ -63,9 +64,14 @@ fn page_values<T: Leaf>(
     let (max_def, max_rep) = (desc.max_def_level(), desc.max_rep_level());
     let mut pages = SerializedPageReader::new(Arc::new(file.clone()), chunk, rows, None)
         .map_err(|e| e.to_string())?;
-    let mut out = reuse;
-    out.clear();
-    out.reserve(expected);
+    // (A buffer too small is replaced, not grown: growing would copy its stale values.)
+    let mut out = if reuse.capacity() < expected {
+        Vec::with_capacity(expected)
+    } else {
+        let mut v = reuse;
+        v.clear();
+        v
+    };
     while let Some(page) = pages.get_next_page().map_err(|e| e.to_string())? {
         let (values, n, encoding) = match &page {
             Page::DataPage {

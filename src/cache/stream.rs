@@ -218,13 +218,14 @@ impl MappedShard {
         self.decode_into(row_group, layout, None)
     }
 
-    /// [`MappedShard::decode`] into the largest buffers of `reuse` (rows decoded earlier and no
-    /// longer needed) where given.
+    /// [`MappedShard::decode`] into `reuse`'s buffers where given: the `topk_ids` and
+    /// `topk_logprobs` of rows decoded earlier and no longer needed (taken by the fast top-k
+    /// path only; otherwise dropped).
     fn decode_into(
         &self,
         row_group: usize,
         layout: &Layout,
-        reuse: Option<ShardRows>,
+        reuse: Option<TopkBuffers>,
     ) -> Result<ShardRows, ReadError> {
         if let Some(rows) = self.decode_fast(row_group, layout, reuse)? {
             return Ok(rows);
@@ -243,7 +244,7 @@ impl MappedShard {
         &self,
         row_group: usize,
         layout: &Layout,
-        reuse: Option<ShardRows>,
+        reuse: Option<TopkBuffers>,
     ) -> Result<Option<ShardRows>, ReadError> {
         // The sample columns take the fast path without the optional columns beside them
         // (`--store-logprobs`, a proposal τ ≠ 1), which Arrow then decodes with the rest.
@@ -335,9 +336,7 @@ impl MappedShard {
             return Ok(Some(rows));
         };
         let values = rows.positions() * k;
-        let (spare_ids, spare_lps) = reuse
-            .map(|r| (r.topk_ids, r.topk_logprobs))
-            .unwrap_or_default();
+        let (spare_ids, spare_lps) = reuse.unwrap_or_default();
         let ids = pages::leaf_values::<u32>(&self.bytes, rg.column(ids_leaf), n, values, spare_ids)
             .map_err(pages_err)?;
         let Some(ids) = ids else {
@@ -527,10 +526,10 @@ fn produce(
     let mut emitted_any = false;
     // Rows selected for the next batch: (decoded row group, row).
     let mut pending: Vec<(Arc<ShardRows>, usize)> = Vec::with_capacity(cfg.batch_size);
-    // Decoded row groups of earlier groups, and those of them no batch refers to any more:
-    // the next row groups are decoded into their buffers.
+    // Decoded row groups of earlier groups, and the top-k buffers of those no pending batch
+    // row refers to any more: the next row groups are decoded into them.
     let mut spent: Vec<Arc<ShardRows>> = Vec::new();
-    let mut pool: Vec<ShardRows> = Vec::new();
+    let mut pool: Vec<TopkBuffers> = Vec::new();
     loop {
         if cfg.epochs.is_some_and(|e| cursor.epoch >= e) {
             break;
@@ -568,7 +567,10 @@ fn produce(
                 verified[s] = true;
             }
             reclaim(&mut spent, &mut pool);
-            let reuse: Vec<Option<ShardRows>> = members.iter().map(|_| pool.pop()).collect();
+            // No more than a group takes (rows held across many groups by a pending batch of
+            // a sparse split would otherwise stay pooled for good).
+            pool.truncate(group_size);
+            let reuse: Vec<Option<TopkBuffers>> = members.iter().map(|_| pool.pop()).collect();
             let decoded: Result<Vec<Arc<ShardRows>>, ReadError> = members
                 .par_iter()
                 .zip(reuse)
@@ -655,7 +657,9 @@ fn produce(
                     }
                 }
             }
-            spent.extend(decoded);
+            if layout.has_topk() {
+                spent.extend(decoded);
+            }
             cursor.group += 1;
             cursor.offset = 0;
         }
@@ -677,12 +681,16 @@ fn produce(
     }
 }
 
-/// Moves the rows of `spent` that nothing else holds (no pending batch row) into `pool`.
-fn reclaim(spent: &mut Vec<Arc<ShardRows>>, pool: &mut Vec<ShardRows>) {
+/// A decoded row group's `topk_ids` and `topk_logprobs`, to decode another into.
+type TopkBuffers = (Vec<u32>, Vec<half::f16>);
+
+/// Moves the top-k buffers of the rows of `spent` that nothing else holds (no pending batch
+/// row) into `pool`; their other fields are freed.
+fn reclaim(spent: &mut Vec<Arc<ShardRows>>, pool: &mut Vec<TopkBuffers>) {
     let mut kept = Vec::with_capacity(spent.len());
     for rows in spent.drain(..) {
         match Arc::try_unwrap(rows) {
-            Ok(rows) => pool.push(rows),
+            Ok(rows) => pool.push((rows.topk_ids, rows.topk_logprobs)),
             Err(shared) => kept.push(shared),
         }
     }
@@ -1082,7 +1090,8 @@ mod tests {
                 let r = shard.decode_fast(g, &Layout::topk(k), None).unwrap();
                 let r = r.expect("the fast path takes this layout");
                 // Into the buffers of rows decoded before (larger, other values): the same.
-                let reused = shard.decode_fast(g, &Layout::topk(k), Some(want.clone()));
+                let dirty = (want.topk_ids.clone(), want.topk_logprobs.clone());
+                let reused = shard.decode_fast(g, &Layout::topk(k), Some(dirty));
                 assert_eq!(reused.unwrap().as_ref(), Some(&r), "{name}");
                 r
             });
@@ -1106,7 +1115,8 @@ mod tests {
                 .decode_fast(g, &layout, None)
                 .unwrap()
                 .expect("fast path");
-            let reused = shard.decode_fast(g, &layout, Some(want.clone())).unwrap();
+            let dirty = (want.topk_ids.clone(), want.topk_logprobs.clone());
+            let reused = shard.decode_fast(g, &layout, Some(dirty)).unwrap();
             assert_eq!(reused.as_ref(), Some(&r));
             r
         });
@@ -1195,6 +1205,21 @@ mod tests {
                 offset: 6,
             },
         }
+    }
+
+    #[test]
+    fn only_rows_nothing_holds_are_reclaimed() {
+        let (held, free) = (Arc::new(rows()), Arc::new(rows()));
+        let pending = held.clone();
+        let mut spent = vec![held, free];
+        let mut pool = Vec::new();
+        reclaim(&mut spent, &mut pool);
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool[0].0, rows().topk_ids);
+        assert!(spent.len() == 1 && Arc::ptr_eq(&spent[0], &pending));
+        drop(pending);
+        reclaim(&mut spent, &mut pool);
+        assert!(spent.is_empty() && pool.len() == 2);
     }
 
     #[test]
