@@ -15,7 +15,7 @@ use logitcache::student::data::targets;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 type AB = Autodiff<Flex>;
 
@@ -293,7 +293,7 @@ fn python_bin() -> PathBuf {
 }
 
 /// `torchrun --nproc_per_node PROCS examples/distill_torch.py ARGS` (CPU, gloo).
-fn distill_torch(procs: usize, args: &[String]) -> std::process::Output {
+fn distill_torch(procs: usize, args: &[String]) -> Output {
     let mut c = Command::new(python_bin());
     c.args(["-m", "torch.distributed.run", "--standalone"])
         .arg(format!("--nproc_per_node={procs}"))
@@ -313,6 +313,18 @@ fn metrics_lines(run: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Asserts a torchrun run failed (torchrun's own exit status, not the script's 2) with an
+/// error containing `fragment`.
+#[track_caller]
+fn assert_torchrun_fails(o: &Output, fragment: &str) {
+    assert!(
+        !o.status.success(),
+        "expected a failure; stderr:\n{}",
+        stderr(o)
+    );
+    assert!(stderr(o).contains(fragment), "{}", stderr(o));
 }
 
 /// The torch tests' student: a 2-layer Llama of hidden 32, as a `--student` JSON file.
@@ -462,12 +474,7 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
 
     // A checkpoint of another run is refused, naming what differs.
     let o = distill_torch(1, &args(&resumed, &["--resume"]));
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("world_size: 2 there, 1 here"),
-        "{}",
-        stderr(&o)
-    );
+    assert_torchrun_fails(&o, "world_size: 2 there, 1 here");
 
     let v = python(
         "torch_example_check.py",
@@ -640,21 +647,11 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
         .set_len(len / 2)
         .unwrap();
     let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("cannot read the checkpoint"),
-        "{}",
-        stderr(&o)
-    );
+    assert_torchrun_fails(&o, "cannot read the checkpoint");
 
     // A DDP checkpoint is not resumed sharded (its optimizer state is another layout).
     let o = distill_torch(2, &args(&ddp, &["--fsdp", "--resume"]));
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("sharding: 'ddp' there, 'fsdp' here"),
-        "{}",
-        stderr(&o)
-    );
+    assert_torchrun_fails(&o, "sharding: 'ddp' there, 'fsdp' here");
     // Without torchrun there is nothing to shard over.
     let o = Command::new(python_bin())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/distill_torch.py"))

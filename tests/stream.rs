@@ -11,30 +11,26 @@ use std::sync::OnceLock;
 
 fn cache_dir() -> &'static PathBuf {
     static C: OnceLock<PathBuf> = OnceLock::new();
-    C.get_or_init(|| {
-        let out = shared_dir().join("stream-cache");
-        let mut a = teacher_args(&plain_model(), &out, 200);
-        // Small shards with several row groups would need > 128 rows; shards of 16 windows
-        // give many units instead.
-        let p = a.iter().position(|x| x == "--shard-size").unwrap();
-        a[p + 1] = "24".into();
-        assert_ok(&run_strings(&a));
-        out
-    })
+    C.get_or_init(|| stream_cache("stream-cache", &[]))
 }
 
 /// [`cache_dir`]'s windows with q8 log-probs.
 fn q8_cache_dir() -> &'static PathBuf {
     static C: OnceLock<PathBuf> = OnceLock::new();
-    C.get_or_init(|| {
-        let out = shared_dir().join("stream-cache-q8");
-        let mut a = teacher_args(&plain_model(), &out, 200);
-        let p = a.iter().position(|x| x == "--shard-size").unwrap();
-        a[p + 1] = "24".into();
-        a.extend(["--logprob-dtype".into(), "q8".into()]);
-        assert_ok(&run_strings(&a));
-        out
-    })
+    C.get_or_init(|| stream_cache("stream-cache-q8", &["--logprob-dtype", "q8"]))
+}
+
+/// A cache of 200 windows in shards of 24 (many units), with `extra` teacher flags.
+fn stream_cache(name: &str, extra: &[&str]) -> PathBuf {
+    let out = shared_dir().join(name);
+    let mut a = teacher_args(&plain_model(), &out, 200);
+    // Small shards with several row groups would need > 128 rows; shards of 24 windows
+    // give many units instead.
+    let p = a.iter().position(|x| x == "--shard-size").unwrap();
+    a[p + 1] = "24".into();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    assert_ok(&run_strings(&a));
+    out
 }
 
 fn collect(cfg: StreamConfig) -> Vec<TrainBatch> {
@@ -63,29 +59,28 @@ fn seqs(batches: &[TrainBatch]) -> Vec<u64> {
 
 #[test]
 fn one_unshuffled_epoch_is_the_cache_in_order_with_targets_and_masks() {
-    in_order(cache_dir(), 5, Default::default(), false);
-    // Row groups decoded into the buffers of earlier ones (one per group: every group after
-    // the first reuses) and batches filled into recycled ones: the same values, float16
-    // and q8 log-probs.
+    let unshuffled = |batch_size| StreamConfig {
+        batch_size,
+        shuffle: false,
+        ..Default::default()
+    };
+    in_order(cache_dir(), unshuffled(5), false);
+    // One row group per group, so later groups are decoded into the buffers of earlier
+    // ones, and batches filled into recycled ones: the same values, float16 and q8 log-probs.
     for dir in [cache_dir(), q8_cache_dir()] {
-        in_order(dir, 3, Some(1), true);
+        let cfg = StreamConfig {
+            shuffle_units: 1,
+            ..unshuffled(3)
+        };
+        in_order(dir, cfg, true);
     }
 }
 
-/// One unshuffled epoch of `dir` in batches of `batch_size` equals its rows in order.
-fn in_order(dir: &Path, batch_size: usize, shuffle_units: Option<usize>, recycle: bool) {
-    let rows = all_rows(dir);
-    let defaults = StreamConfig::default();
-    let batches = collect_from(
-        dir,
-        StreamConfig {
-            batch_size,
-            shuffle: false,
-            shuffle_units: shuffle_units.unwrap_or(defaults.shuffle_units),
-            ..defaults
-        },
-        recycle,
-    );
+/// One epoch of `dir` read with `cfg` (unshuffled) equals its rows in order.
+fn in_order(dir: &Path, cfg: StreamConfig, recycle: bool) {
+    assert!(!cfg.shuffle);
+    let (rows, batch_size) = (all_rows(dir), cfg.batch_size);
+    let batches = collect_from(dir, cfg, recycle);
     assert_eq!(seqs(&batches), rows.seq_ids);
     let by_seq: BTreeMap<u64, usize> = rows
         .seq_ids
