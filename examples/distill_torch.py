@@ -393,7 +393,6 @@ def train(a: argparse.Namespace, r: Run) -> int:
                 what = f"cannot read the checkpoint {ckpt}" if state is not None else "rank 0 cannot build the whole student in CPU memory"
                 error = f"{what}: {type(e).__name__}: {e}"
         r.agree(error)
-    if a.fsdp:
         try:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
