@@ -714,7 +714,12 @@ fn collate_into(
 ) -> TrainBatch {
     let b = windows.len();
     let len = windows.iter().map(|(_, w)| w.len()).max().unwrap_or(0);
-    fn zeroed<T: Copy>(mut v: Vec<T>, n: usize, zero: T) -> Vec<T> {
+    // A buffer too small is replaced by zeroed memory (`vec!` of zeros asks the allocator
+    // for zeroed pages), not grown: growing would copy its stale values first.
+    fn zeroed<T: Clone>(mut v: Vec<T>, n: usize, zero: T) -> Vec<T> {
+        if v.capacity() < n {
+            return vec![zero; n];
+        }
         v.clear();
         v.resize(n, zero);
         v
@@ -1244,6 +1249,13 @@ mod tests {
             assemble(&picked, &layout, cursor, Some(used_batch())),
             fresh
         );
+        // A used batch too small to hold the new one: the same.
+        let small = TrainBatch {
+            topk_ids: vec![7; 3],
+            topk_logprobs: vec![-2.5; 3],
+            ..used_batch()
+        };
+        assert_eq!(assemble(&picked, &layout, cursor, Some(small)), fresh);
     }
 
     /// Every position of an assembled sampled batch, against its estimate computed here
