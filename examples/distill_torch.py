@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -533,9 +534,9 @@ def train(a: argparse.Namespace, r: Run) -> int:
                 logits = ddp(input_ids=t["input_ids"], attention_mask=t["mask"].long()).logits.float()
                 loss, parts = kd_loss(logits, t, loss=a.loss, temperature=temperature, kd_weight=a.kd_weight, ce_weight=a.ce_weight, jsd_beta=a.jsd_beta, chunk=a.loss_chunk or None)
                 (loss / a.grad_accum).backward()
-            total += float(loss) / a.grad_accum
-            kd += float(parts["kd"]) / a.grad_accum
-            ce += float(parts["ce"]) / a.grad_accum
+            total += float(loss.detach()) / a.grad_accum
+            kd += float(parts["kd"].detach()) / a.grad_accum
+            ce += float(parts["ce"].detach()) / a.grad_accum
             step_tokens += float(t["mask"].sum())
         total, kd, ce = r.all_mean([total, kd, ce])
         if not math.isfinite(total):
@@ -589,4 +590,16 @@ class _null:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        # Under torchrun the process ends here, without the interpreter's teardown. DDP keeps
+        # the gloo process group alive past destroy_process_group (its worker threads are
+        # still there), and a worker that lets go of the last collective's tensors while the
+        # interpreter is finalizing needs the GIL: Python ends that thread mid-unwind and the
+        # process aborts ("terminate called without an active exception") after a run that
+        # had finished and saved. Everything is written, closed and flushed by now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -302,6 +302,8 @@ fn distill_torch(procs: usize, args: &[String]) -> Output {
         // Deterministic CPU runs on any machine: no GPU, one thread per process.
         .env("CUDA_VISIBLE_DEVICES", "")
         .env("OMP_NUM_THREADS", "1")
+        // A rank that aborts prints every thread's Python stack.
+        .env("PYTHONFAULTHANDLER", "1")
         // torchrun's scratch directories go with the test's, not into /tmp.
         .env("TMPDIR", shared_dir());
     c.output().unwrap()
