@@ -43,6 +43,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -459,7 +460,7 @@ def train(a: argparse.Namespace, r: Run) -> int:
         if step > 0 and os.path.isfile(wpath):
             with open(wpath) as fh:
                 kept = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= step]
-        windows = open(wpath, "w")
+        windows = open(wpath, "w", buffering=1)  # line by line: nothing waits for a close
         windows.writelines(kept)
 
     ddp = torch.nn.parallel.DistributedDataParallel(model) if r.world > 1 and not a.fsdp else model
@@ -590,16 +591,24 @@ class _null:
 
 
 if __name__ == "__main__":
-    code = main()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        # Under torchrun the process ends here, without the interpreter's teardown. DDP keeps
-        # the gloo process group alive past destroy_process_group (its worker threads are
-        # still there), and a worker that lets go of the last collective's tensors while the
-        # interpreter is finalizing needs the GIL: Python ends that thread mid-unwind and the
-        # process aborts ("terminate called without an active exception") after a run that
-        # had finished and saved. Everything is written, closed and flushed by now.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        sys.exit(main())
+    # Under torchrun each rank ends with os._exit, without the interpreter's teardown. Under DDP
+    # the gloo process group's worker threads were seen alive after destroy_process_group, and
+    # a worker that lets go of the last collective's tensors while the interpreter is finalizing
+    # needs the GIL: Python ends that thread mid-unwind and the process aborts ("terminate called
+    # without an active exception"), after a run that had finished and saved. Every file is
+    # closed or flushed line by line by now; an uncaught exception still prints its traceback.
+    try:
+        code = main()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported, then the same exit as above
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
