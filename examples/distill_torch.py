@@ -187,10 +187,15 @@ def student_config(spec: str, vocab: int) -> Dict[str, Any]:
     return c
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 class Run:
     def __init__(self, a: argparse.Namespace):
         self.a = a
-        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.distributed = under_torchrun()
         cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
         if a.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
@@ -591,7 +596,7 @@ class _null:
 
 
 if __name__ == "__main__":
-    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+    if not under_torchrun():
         sys.exit(main())
     # Under torchrun each rank ends with os._exit, without the interpreter's teardown. Under DDP
     # the gloo process group's worker threads were seen alive after destroy_process_group, and
