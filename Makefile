@@ -85,6 +85,7 @@ bench: setup pycheck-setup python
 	LOGITCACHE_PYTHON=$(abspath $(VENV))/bin/python $(CARGO) bench --bench reader
 	bash benches/student.sh
 	bash benches/torch_student.sh
+	$(VENV)/bin/python benches/fsdp_resume_memory.py
 
 DEMO_OUT := demo-out
 demo: setup

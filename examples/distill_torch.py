@@ -105,7 +105,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cuda when available under auto")
     p.add_argument("--log-windows", action="store_true", help="write windows/rank-R.jsonl: each step's seq_ids")
-    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. Checkpoints are the same files either way; a run resumes only as it started")
+    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. Checkpoints are the same files either way (gathered to rank 0); on --resume each rank memory-maps optimizer.pt and keeps only its shard; a run resumes only as it started")
     a = p.parse_args(argv)
     checks = [
         ("--steps", a.steps >= 1, "at least 1"),
@@ -261,6 +261,24 @@ def lock_run_dir(out: str):
     fh.write(f"pid {os.getpid()}\n")
     fh.flush()
     return fh
+
+
+def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str, fsdp: bool, device: torch.device, mmap: bool = True) -> None:
+    """Load ``optimizer.pt`` (the whole, unsharded AdamW state) into ``opt``.
+
+    Under FSDP each rank keeps only its shard: the file is memory-mapped (``mmap``) and each
+    rank copies out its slice of every moment, so a rank's own memory grows by its shard, not
+    by the whole state (``benches/fsdp_resume_memory.py`` measures both ways; ``mmap=False``
+    reads the file whole, for that comparison). Under DDP every rank needs all of it, read onto
+    its device.
+    """
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(torch.load(path, map_location=device, weights_only=True))
 
 
 def evaluate(model: torch.nn.Module, r: Run, temperature: float) -> Dict[str, float]:
@@ -431,16 +449,7 @@ def train(a: argparse.Namespace, r: Run) -> int:
         r.log(f"FSDP: the student's {len(model.model.layers)} decoder layers and its root sharded over {r.world} ranks; rank 0 built it whole on the CPU, the other ranks only their shards")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
     if state is not None:
-        # Under FSDP the file holds the whole state: read on the CPU, only each rank's shard
-        # goes to its device.
-        saved = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu" if a.fsdp else r.device, weights_only=True)
-        if a.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            # The file holds the whole (unsharded) state; each rank keeps its shard of it.
-            set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(saved)
+        load_optimizer_state(model, opt, os.path.join(ckpt, "optimizer.pt"), a.fsdp, r.device)
         stream.load_state_dict(state["streams"][r.rank])
         step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
         r.log(f"resuming {a.out} at step {step}")
