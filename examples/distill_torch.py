@@ -23,11 +23,13 @@ Writes into ``--out``:
 - ``checkpoint/``: the student by ``save_pretrained`` (``config.json``, ``model.safetensors``;
   ``from_pretrained`` loads it and ``logitcache export-onnx --checkpoint O/checkpoint`` makes it
   a teacher), the cache's ``tokenizer.json``, ``optimizer.pt`` and ``trainer_state.json``
-  (step, tokens, every rank's stream position). A save goes to ``checkpoint.tmp`` and is
-  swapped in by renames, so a kill never leaves a half-written checkpoint behind.
+  (step, tokens, every rank's stream position), and last ``sha256.json`` (the sha256 and size
+  of each other file). A save goes to ``checkpoint.tmp`` and is swapped in by renames, so a
+  kill never leaves a half-written checkpoint behind.
 - ``--resume`` continues exactly where the checkpoint stopped (same weights as a run that was
   never interrupted) and starts fresh, saying so, when there is no checkpoint yet; it refuses
-  a checkpoint of another cache, student, world size or stream.
+  a checkpoint of another cache, student, world size or stream, and one whose files do not
+  match its ``sha256.json`` (naming the file).
 - ``--log-windows`` also writes ``windows/rank-R.jsonl``: the windows (``seq_ids``) of each
   step on rank R.
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -245,6 +248,61 @@ class Run:
             raise UsageError(errors[0])
 
 
+# In every checkpoint, written last: the sha256 and size of each other file (the schema of
+# `logitcache train`'s checkpoint/checksums.json, under a name of its own, so that
+# `logitcache export-onnx` still takes the directory as a Hugging Face checkpoint).
+CHECKSUMS = "sha256.json"
+# The files a checkpoint cannot do without (`tokenizer.json` is there when the cache names one).
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "trainer_state.json")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sums(d: str) -> Dict[str, Dict[str, Any]]:
+    """``{"files": {name: {"sha256", "bytes"}}}`` for every file of directory ``d``."""
+    names = sorted(n for n in os.listdir(d) if n != CHECKSUMS and os.path.isfile(os.path.join(d, n)))
+    return {"files": {n: {"sha256": sha256_file(os.path.join(d, n)), "bytes": os.path.getsize(os.path.join(d, n))} for n in names}}
+
+
+def verify_checkpoint(d: str, warn) -> Optional[str]:
+    """What is wrong with checkpoint ``d`` (a missing, truncated or changed file, against its
+    sha256.json), or None. A checkpoint written before checksums were kept is accepted, with
+    a warning through ``warn``."""
+    def damaged(what: str) -> str:
+        return f"checkpoint {d} is damaged: {what}; it cannot be trusted: resume from a copy made before the damage, or delete it and train again"
+
+    try:
+        with open(os.path.join(d, CHECKSUMS)) as fh:
+            files = json.load(fh)["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
+    except FileNotFoundError:
+        warn(f"warning: checkpoint {d} has no {CHECKSUMS} (written before checkpoints kept checksums): its files are not verified")
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        return damaged(f"{CHECKSUMS} does not parse ({type(e).__name__}: {e})")
+    for name in sorted(set(CHECKPOINT_FILES) | set(files)):
+        want = files.get(name)
+        path = os.path.join(d, name)
+        if not isinstance(want, dict) or not {"sha256", "bytes"} <= set(want):
+            return damaged(f"{CHECKSUMS} does not list {name}")
+        if not os.path.isfile(path):
+            return damaged(f"{name} is missing")
+        size = os.path.getsize(path)
+        if size != want["bytes"]:
+            return damaged(f"{name} has {size} bytes, {CHECKSUMS} records {want['bytes']}")
+        sha = sha256_file(path)
+        if sha != want["sha256"]:
+            return damaged(f"{name} has sha256 {sha}, {CHECKSUMS} records {want['sha256']}")
+    return None
+
+
 def lock_run_dir(out: str):
     """An advisory lock on OUT (like `logitcache train`'s): a second run on it is refused."""
     os.makedirs(out, exist_ok=True)
@@ -389,6 +447,8 @@ def train(a: argparse.Namespace, r: Run) -> int:
     metrics_path = os.path.join(a.out, "metrics.jsonl")
     state = None
     if a.resume and os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
+        # Rank 0 checks every file against sha256.json; every rank hears what it found.
+        r.agree(verify_checkpoint(ckpt, r.log) if r.rank == 0 else None)
         with open(os.path.join(ckpt, "trainer_state.json")) as fh:
             state = json.load(fh)
         recorded = {k: state["identity"].get(k, recorded_default.get(k)) for k in identity}
@@ -521,6 +581,10 @@ def train(a: argparse.Namespace, r: Run) -> int:
             shutil.copyfile(tok, os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
             json.dump({"step": step, "tokens": tokens, "seconds": seconds + time.time() - t0, "identity": identity, "streams": streams}, fh, indent=1, sort_keys=True)
+        # Last: a checkpoint with its sha256.json is complete (and checked on --resume).
+        sums = file_sums(tmp)
+        with open(os.path.join(tmp, CHECKSUMS), "w") as fh:
+            json.dump(sums, fh, indent=1, sort_keys=True)
         if os.path.isdir(final):
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)

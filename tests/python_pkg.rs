@@ -477,6 +477,28 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
     // A checkpoint of another run is refused, naming what differs.
     let o = distill_torch(1, &args(&resumed, &["--resume"]));
     assert_torchrun_fails(&o, "world_size: 2 there, 1 here");
+    // The checkpoint's files are what it recorded: sha256.json lists each, and one flipped
+    // byte in the optimizer state is refused, naming the file (then put back).
+    let sums: Value =
+        serde_json::from_slice(&std::fs::read(resumed.join("checkpoint/sha256.json")).unwrap())
+            .unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "tokenizer.json",
+        "trainer_state.json",
+    ] {
+        assert!(sums["files"][f]["sha256"].is_string(), "{f}: {sums}");
+    }
+    let opt = resumed.join("checkpoint/optimizer.pt");
+    let good = std::fs::read(&opt).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x10;
+    std::fs::write(&opt, &bad).unwrap();
+    let o = distill_torch(2, &args(&resumed, &["--resume"]));
+    assert_torchrun_fails(&o, "is damaged: optimizer.pt has sha256");
+    std::fs::write(&opt, &good).unwrap();
 
     let v = python(
         "torch_example_check.py",
@@ -639,7 +661,7 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     assert_ok(&o);
     assert!(stderr(&o).contains("resuming"), "{}", stderr(&o));
     assert_eq!(max_weight_diff(&fsdp, &resumed), 0.0);
-    // Only rank 0 reads the weights: when it cannot, every rank stops with its reason.
+    // Weights cut in half: refused against sha256.json, naming the file, on every rank.
     let weights = resumed.join("checkpoint/model.safetensors");
     let len = std::fs::metadata(&weights).unwrap().len();
     std::fs::OpenOptions::new()
@@ -649,7 +671,19 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
         .set_len(len / 2)
         .unwrap();
     let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
+    assert_torchrun_fails(
+        &o,
+        &format!(
+            "is damaged: model.safetensors has {} bytes, sha256.json records {len}",
+            len / 2
+        ),
+    );
+    // Without sha256.json (a checkpoint of an older version: a warning, not verified) only
+    // rank 0 reads the weights: when it cannot, every rank stops with its reason.
+    std::fs::remove_file(resumed.join("checkpoint/sha256.json")).unwrap();
+    let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
     assert_torchrun_fails(&o, "cannot read the checkpoint");
+    assert!(stderr(&o).contains("has no sha256.json"), "{}", stderr(&o));
 
     // A DDP checkpoint is not resumed sharded (its optimizer state is another layout).
     let o = distill_torch(2, &args(&ddp, &["--fsdp", "--resume"]));
