@@ -325,8 +325,9 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, pat
     """Load ``optimizer.pt`` (the whole, unsharded AdamW state) into ``opt``.
 
     Under FSDP each rank keeps only its shard: the file is memory-mapped (``mmap``) and each
-    rank copies out its slice of every moment, so a rank's own memory grows by its shard, not
-    by the whole state (``benches/fsdp_resume_memory.py`` measures both ways; ``mmap=False``
+    rank copies out its slice of every moment, so a rank's own memory grows with its shard
+    (up to about twice it, while the optimizer's zeroed state and the loaded one coexist), not
+    with the whole state (``benches/fsdp_resume_memory.py`` measures both ways; ``mmap=False``
     reads the file whole, for that comparison). Under DDP every rank needs all of it, read onto
     its device.
     """
