@@ -108,7 +108,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cuda when available under auto")
     p.add_argument("--log-windows", action="store_true", help="write windows/rank-R.jsonl: each step's seq_ids")
-    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. Checkpoints are the same files either way (gathered to rank 0); on --resume each rank memory-maps optimizer.pt and keeps only its shard; a run resumes only as it started")
+    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. Checkpoints are the same files either way (gathered to rank 0); on --resume each rank memory-maps optimizer.pt and rank 0 sends each rank its shard, so no rank holds the whole optimizer state in its own memory; a run resumes only as it started")
     a = p.parse_args(argv)
     checks = [
         ("--steps", a.steps >= 1, "at least 1"),
@@ -252,8 +252,10 @@ class Run:
 # `logitcache train`'s checkpoint/checksums.json, under a name of its own, so that
 # `logitcache export-onnx` still takes the directory as a Hugging Face checkpoint).
 CHECKSUMS = "sha256.json"
-# The files a checkpoint cannot do without (`tokenizer.json` is there when the cache names one).
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "trainer_state.json")
+# The files a checkpoint cannot do without (`tokenizer.json` is there when the cache names one;
+# the weights are `model.safetensors`, or the index of its shards for a student saved in parts).
+CHECKPOINT_FILES = ("config.json", "optimizer.pt", "trainer_state.json")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 def sha256_file(path: str) -> str:
@@ -271,11 +273,17 @@ def file_sums(d: str) -> Dict[str, Dict[str, Any]]:
 
 
 def verify_checkpoint(d: str, warn) -> Optional[str]:
-    """What is wrong with checkpoint ``d`` (a missing, truncated or changed file, against its
-    sha256.json), or None. A checkpoint written before checksums were kept is accepted, with
-    a warning through ``warn``."""
+    """What is wrong with checkpoint ``d`` (a missing, truncated, changed or unreadable file,
+    against its sha256.json), or None. A checkpoint written before checksums were kept is
+    accepted when its files are there, with a warning through ``warn``."""
     def damaged(what: str) -> str:
         return f"checkpoint {d} is damaged: {what}; it cannot be trusted: resume from a copy made before the damage, or delete it and train again"
+
+    def missing(names) -> List[str]:
+        absent = [n for n in names if not os.path.isfile(os.path.join(d, n))]
+        if all(not os.path.isfile(os.path.join(d, w)) for w in WEIGHTS):
+            absent.append(WEIGHTS[0])
+        return absent
 
     try:
         with open(os.path.join(d, CHECKSUMS)) as fh:
@@ -283,21 +291,30 @@ def verify_checkpoint(d: str, warn) -> Optional[str]:
         if not isinstance(files, dict):
             raise TypeError("files is not an object")
     except FileNotFoundError:
+        absent = missing(CHECKPOINT_FILES)
+        if absent:
+            return damaged(f"{', '.join(absent)} and {CHECKSUMS} are missing")
         warn(f"warning: checkpoint {d} has no {CHECKSUMS} (written before checkpoints kept checksums): its files are not verified")
         return None
     except (ValueError, KeyError, TypeError) as e:
         return damaged(f"{CHECKSUMS} does not parse ({type(e).__name__}: {e})")
-    for name in sorted(set(CHECKPOINT_FILES) | set(files)):
+    except OSError as e:
+        return damaged(f"cannot read {CHECKSUMS} ({e})")
+    weights = [w for w in WEIGHTS if w in files] or [WEIGHTS[0]]
+    for name in sorted(set(CHECKPOINT_FILES) | set(weights) | set(files)):
         want = files.get(name)
         path = os.path.join(d, name)
         if not isinstance(want, dict) or not {"sha256", "bytes"} <= set(want):
             return damaged(f"{CHECKSUMS} does not list {name}")
         if not os.path.isfile(path):
             return damaged(f"{name} is missing")
-        size = os.path.getsize(path)
-        if size != want["bytes"]:
-            return damaged(f"{name} has {size} bytes, {CHECKSUMS} records {want['bytes']}")
-        sha = sha256_file(path)
+        try:
+            size = os.path.getsize(path)
+            if size != want["bytes"]:
+                return damaged(f"{name} has {size} bytes, {CHECKSUMS} records {want['bytes']}")
+            sha = sha256_file(path)
+        except OSError as e:
+            return damaged(f"cannot read {name} ({e})")
         if sha != want["sha256"]:
             return damaged(f"{name} has sha256 {sha}, {CHECKSUMS} records {want['sha256']}")
     return None
@@ -324,11 +341,12 @@ def lock_run_dir(out: str):
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str, fsdp: bool, device: torch.device, mmap: bool = True) -> None:
     """Load ``optimizer.pt`` (the whole, unsharded AdamW state) into ``opt``.
 
-    Under FSDP each rank keeps only its shard: the file is memory-mapped (``mmap``) and each
-    rank copies out its slice of every moment, so a rank's own memory grows with its shard
-    (up to about twice it, while the optimizer's zeroed state and the loaded one coexist), not
-    with the whole state (``benches/fsdp_resume_memory.py`` measures both ways; ``mmap=False``
-    reads the file whole, for that comparison). Under DDP every rank needs all of it, read onto
+    Under FSDP each rank keeps only its shard: every rank memory-maps the file (``mmap``),
+    rank 0 reads each moment through the mapping and sends each rank its slice, so a rank's
+    own memory grows with its shard (up to about twice it, while the optimizer's zeroed state
+    and the loaded one coexist), not with the whole state, which stays in the page cache
+    (``benches/fsdp_resume_memory.py`` measures both ways; ``mmap=False`` reads the file whole
+    into every rank, for that comparison). Under DDP every rank needs all of it, read onto
     its device.
     """
     if fsdp:
@@ -336,6 +354,13 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, pat
 
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+        # The moments arrive as copies, but the scalars (each parameter's `step`) would stay
+        # views into the mapped file, keeping it mapped (and, once a later save removes it,
+        # its disk space held) for the whole run.
+        for st in opt.state.values():
+            for key, v in st.items():
+                if torch.is_tensor(v) and v.dim() == 0:
+                    st[key] = v.clone()
     else:
         opt.load_state_dict(torch.load(path, map_location=device, weights_only=True))
 
@@ -447,8 +472,10 @@ def train(a: argparse.Namespace, r: Run) -> int:
     step, tokens, seconds = 0, 0, 0.0
     metrics_path = os.path.join(a.out, "metrics.jsonl")
     state = None
-    if a.resume and os.path.isfile(os.path.join(ckpt, "trainer_state.json")):
-        # Rank 0 checks every file against sha256.json; every rank hears what it found.
+    if a.resume and os.path.isdir(ckpt):
+        # Rank 0 checks every file against sha256.json (a checkpoint directory exists only
+        # once a save finished, so a file missing from it is damage, not a fresh start);
+        # every rank hears what it found.
         r.agree(verify_checkpoint(ckpt, r.log) if r.rank == 0 else None)
         with open(os.path.join(ckpt, "trainer_state.json")) as fh:
             state = json.load(fh)

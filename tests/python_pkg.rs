@@ -499,6 +499,13 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
     let o = distill_torch(2, &args(&resumed, &["--resume"]));
     assert_torchrun_fails(&o, "is damaged: optimizer.pt has sha256");
     std::fs::write(&opt, &good).unwrap();
+    // A file gone from a checkpoint is damage too, not a reason to start afresh.
+    let state = resumed.join("checkpoint/trainer_state.json");
+    let kept = std::fs::read(&state).unwrap();
+    std::fs::remove_file(&state).unwrap();
+    let o = distill_torch(2, &args(&resumed, &["--resume"]));
+    assert_torchrun_fails(&o, "is damaged: trainer_state.json is missing");
+    std::fs::write(&state, kept).unwrap();
 
     let v = python(
         "torch_example_check.py",
@@ -704,6 +711,30 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
         "{}",
         stderr(&o)
     );
+}
+
+/// The FSDP resume's optimizer-state load (`load_optimizer_state` of the torch example, run by
+/// `benches/fsdp_resume_memory.py` at a small size on 2 gloo ranks): mapped or read whole,
+/// each rank ends with exactly the shard it had before the save, and the mapped file is let go
+/// of once the load returns (no scalar left a view into it).
+#[test]
+fn fsdp_resume_loads_each_ranks_shard_and_unmaps_the_file() {
+    let o = Command::new(python_bin())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/fsdp_resume_memory.py"))
+        .args(["2", "256"])
+        .env("TMPDIR", shared_dir())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "two ways x two ranks: {lines:?}");
+    for l in &lines {
+        assert_eq!(l["equal"], json!(true), "{l}");
+        assert_eq!(l["still_mapped"], json!(false), "{l}");
+    }
 }
 
 #[test]
