@@ -22,6 +22,7 @@ rank's part of the moments) and ``rise_mib``, ``equal``, ``still_mapped``.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -93,8 +94,6 @@ def rank_main(way: str, path: str, layers: int, width: int) -> int:
         done[0] = True
         sampler.join()
     peak[0] = max(peak[0], anon_mib())
-    import gc
-
     gc.collect()
     with open("/proc/self/maps") as fh:
         mapped = any(path in line for line in fh)
@@ -109,7 +108,8 @@ def rank_main(way: str, path: str, layers: int, width: int) -> int:
 def main() -> int:
     if "LOCAL_RANK" in os.environ:
         return rank_main(*sys.argv[1:3], int(sys.argv[3]), int(sys.argv[4]))
-    layers, width = (int(x) for x in (sys.argv[1:3] + ["8", "2048"][len(sys.argv[1:3]) :]))
+    layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+    width = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "optimizer.pt")

@@ -252,10 +252,16 @@ class Run:
 # `logitcache train`'s checkpoint/checksums.json, under a name of its own, so that
 # `logitcache export-onnx` still takes the directory as a Hugging Face checkpoint).
 CHECKSUMS = "sha256.json"
-# The files a checkpoint cannot do without (`tokenizer.json` is there when the cache names one;
-# the weights are `model.safetensors`, or the index of its shards for a student saved in parts).
+# The files a checkpoint cannot do without (`tokenizer.json` is there when the cache names one),
+# besides its weights (`required_files`).
 CHECKPOINT_FILES = ("config.json", "optimizer.pt", "trainer_state.json")
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def required_files(names) -> List[str]:
+    """The files a checkpoint holding ``names`` needs: CHECKPOINT_FILES and its weights,
+    ``model.safetensors`` or, for a student saved in parts, the index of its shards."""
+    index = "model.safetensors.index.json"
+    return [*CHECKPOINT_FILES, index if index in names else "model.safetensors"]
 
 
 def sha256_file(path: str) -> str:
@@ -268,8 +274,8 @@ def sha256_file(path: str) -> str:
 
 def file_sums(d: str) -> Dict[str, Dict[str, Any]]:
     """``{"files": {name: {"sha256", "bytes"}}}`` for every file of directory ``d``."""
-    names = sorted(n for n in os.listdir(d) if n != CHECKSUMS and os.path.isfile(os.path.join(d, n)))
-    return {"files": {n: {"sha256": sha256_file(os.path.join(d, n)), "bytes": os.path.getsize(os.path.join(d, n))} for n in names}}
+    paths = {n: os.path.join(d, n) for n in sorted(os.listdir(d)) if n != CHECKSUMS}
+    return {"files": {n: {"sha256": sha256_file(p), "bytes": os.path.getsize(p)} for n, p in paths.items() if os.path.isfile(p)}}
 
 
 def verify_checkpoint(d: str, warn) -> Optional[str]:
@@ -279,19 +285,14 @@ def verify_checkpoint(d: str, warn) -> Optional[str]:
     def damaged(what: str) -> str:
         return f"checkpoint {d} is damaged: {what}; it cannot be trusted: resume from a copy made before the damage, or delete it and train again"
 
-    def missing(names) -> List[str]:
-        absent = [n for n in names if not os.path.isfile(os.path.join(d, n))]
-        if all(not os.path.isfile(os.path.join(d, w)) for w in WEIGHTS):
-            absent.append(WEIGHTS[0])
-        return absent
-
     try:
         with open(os.path.join(d, CHECKSUMS)) as fh:
             files = json.load(fh)["files"]
         if not isinstance(files, dict):
             raise TypeError("files is not an object")
     except FileNotFoundError:
-        absent = missing(CHECKPOINT_FILES)
+        present = {n for n in os.listdir(d) if os.path.isfile(os.path.join(d, n))}
+        absent = [n for n in required_files(present) if n not in present]
         if absent:
             return damaged(f"{', '.join(absent)} and {CHECKSUMS} are missing")
         warn(f"warning: checkpoint {d} has no {CHECKSUMS} (written before checkpoints kept checksums): its files are not verified")
@@ -300,8 +301,7 @@ def verify_checkpoint(d: str, warn) -> Optional[str]:
         return damaged(f"{CHECKSUMS} does not parse ({type(e).__name__}: {e})")
     except OSError as e:
         return damaged(f"cannot read {CHECKSUMS} ({e})")
-    weights = [w for w in WEIGHTS if w in files] or [WEIGHTS[0]]
-    for name in sorted(set(CHECKPOINT_FILES) | set(weights) | set(files)):
+    for name in sorted(set(required_files(files)) | set(files)):
         want = files.get(name)
         path = os.path.join(d, name)
         if not isinstance(want, dict) or not {"sha256", "bytes"} <= set(want):
