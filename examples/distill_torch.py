@@ -22,7 +22,8 @@ Writes into ``--out``:
   ``eval_kl``, ``eval_top1``, ``eval_tokens``), averaged over the ranks;
 - ``checkpoint/``: the student by ``save_pretrained`` (``config.json``, ``model.safetensors``;
   ``from_pretrained`` loads it and ``logitcache export-onnx --checkpoint O/checkpoint`` makes it
-  a teacher), the cache's ``tokenizer.json``, ``optimizer.pt`` and ``trainer_state.json``
+  a teacher), the cache's ``tokenizer.json``, the optimizer state (``optimizer.pt``; under
+  ``--fsdp`` ``optimizer/``, each rank's shards saved by that rank) and ``trainer_state.json``
   (step, tokens, every rank's stream position), and last ``sha256.json`` (the sha256 and size
   of each other file). A save goes to ``checkpoint.tmp`` and is swapped in by renames, so a
   kill never leaves a half-written checkpoint behind.
@@ -43,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -108,7 +110,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cuda when available under auto")
     p.add_argument("--log-windows", action="store_true", help="write windows/rank-R.jsonl: each step's seq_ids")
-    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. Checkpoints are the same files either way (gathered to rank 0); on --resume each rank memory-maps optimizer.pt and rank 0 sends each rank its shard, so no rank holds the whole optimizer state in its own memory; a run resumes only as it started")
+    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. The weights are saved as a DDP run saves them (gathered to rank 0); the optimizer state is saved sharded into checkpoint/optimizer/, each rank writing, hashing and on --resume reading back its own part, so no rank holds the whole optimizer state (--out must be on a filesystem every rank sees); checkpoints with optimizer.pt (of earlier versions) resume too; a run resumes only as it started")
     a = p.parse_args(argv)
     checks = [
         ("--steps", a.steps >= 1, "at least 1"),
@@ -252,16 +254,34 @@ class Run:
 # `logitcache train`'s checkpoint/checksums.json, under a name of its own, so that
 # `logitcache export-onnx` still takes the directory as a Hugging Face checkpoint).
 CHECKSUMS = "sha256.json"
+# Under --fsdp the optimizer state is saved sharded, each rank writing its own part, into this
+# directory (torch.distributed.checkpoint's format); a DDP run's is one file, OPTIMIZER_FILE.
+OPTIMIZER_DIR = "optimizer"
+OPTIMIZER_FILE = "optimizer.pt"
 # The files a checkpoint cannot do without (`tokenizer.json` is there when the cache names one),
-# besides its weights (`required_files`).
-CHECKPOINT_FILES = ("config.json", "optimizer.pt", "trainer_state.json")
+# besides its weights and optimizer state (`required_files`).
+CHECKPOINT_FILES = ("config.json", "trainer_state.json")
 
 
 def required_files(names) -> List[str]:
-    """The files a checkpoint holding ``names`` needs: CHECKPOINT_FILES and its weights,
-    ``model.safetensors`` or, for a student saved in parts, the index of its shards."""
+    """The files a checkpoint holding ``names`` (paths relative to it) needs: CHECKPOINT_FILES,
+    its weights (``model.safetensors`` or, for a student saved in parts, the index of its
+    shards) and its optimizer state (``optimizer.pt``, or the sharded state's metadata)."""
     index = "model.safetensors.index.json"
-    return [*CHECKPOINT_FILES, index if index in names else "model.safetensors"]
+    sharded = any(n.startswith(OPTIMIZER_DIR + "/") for n in names)
+    return [
+        *CHECKPOINT_FILES,
+        index if index in names else "model.safetensors",
+        f"{OPTIMIZER_DIR}/.metadata" if sharded else OPTIMIZER_FILE,
+    ]
+
+
+def owner(name: str, world: int) -> int:
+    """The rank that hashes checkpoint file ``name`` on save and on --resume: a sharded
+    optimizer file goes to the rank that wrote it (``optimizer/__R_0.distcp``, which that rank
+    also reads back), everything else to rank 0 (which writes and reads it)."""
+    m = re.fullmatch(OPTIMIZER_DIR + r"/__(\d+)_\d+\.distcp", name)
+    return int(m.group(1)) % world if m else 0
 
 
 def sha256_file(path: str) -> str:
@@ -272,16 +292,28 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def file_sums(d: str) -> Dict[str, Dict[str, Any]]:
-    """``{"files": {name: {"sha256", "bytes"}}}`` for every file of directory ``d``."""
-    paths = {n: os.path.join(d, n) for n in sorted(os.listdir(d)) if n != CHECKSUMS}
-    return {"files": {n: {"sha256": sha256_file(p), "bytes": os.path.getsize(p)} for n, p in paths.items() if os.path.isfile(p)}}
+def checkpoint_files(d: str) -> List[str]:
+    """Every file of checkpoint directory ``d`` but CHECKSUMS, as paths relative to it (the
+    sharded optimizer state's as ``optimizer/NAME``), sorted."""
+    names = [n for n in os.listdir(d) if n != CHECKSUMS and os.path.isfile(os.path.join(d, n))]
+    sub = os.path.join(d, OPTIMIZER_DIR)
+    if os.path.isdir(sub):
+        names += [f"{OPTIMIZER_DIR}/{n}" for n in os.listdir(sub) if os.path.isfile(os.path.join(sub, n))]
+    return sorted(names)
 
 
-def verify_checkpoint(d: str, warn) -> Optional[str]:
+def file_sums(d: str, names: List[str]) -> Dict[str, Dict[str, Any]]:
+    """``{name: {"sha256", "bytes"}}`` for each of ``names`` (relative to directory ``d``)."""
+    return {n: {"sha256": sha256_file(os.path.join(d, n)), "bytes": os.path.getsize(os.path.join(d, n))} for n in names}
+
+
+def verify_checkpoint(d: str, warn, rank: int = 0, world: int = 1) -> Optional[str]:
     """What is wrong with checkpoint ``d`` (a missing, truncated, changed or unreadable file,
-    against its sha256.json), or None. A checkpoint written before checksums were kept is
-    accepted when its files are there, with a warning through ``warn``."""
+    against its sha256.json), or None. Every rank checks that each file is there with its
+    size; rank ``rank`` of ``world`` hashes the files it ``owner``s, so under --fsdp each rank
+    reads its own part of the optimizer state and no rank all of it. A checkpoint written
+    before checksums were kept is accepted when its files are there, with a warning through
+    ``warn``."""
     def damaged(what: str) -> str:
         return f"checkpoint {d} is damaged: {what}; it cannot be trusted: resume from a copy made before the damage, or delete it and train again"
 
@@ -291,7 +323,7 @@ def verify_checkpoint(d: str, warn) -> Optional[str]:
         if not isinstance(files, dict):
             raise TypeError("files is not an object")
     except FileNotFoundError:
-        present = {n for n in os.listdir(d) if os.path.isfile(os.path.join(d, n))}
+        present = set(checkpoint_files(d))
         absent = [n for n in required_files(present) if n not in present]
         if absent:
             return damaged(f"{', '.join(absent)} and {CHECKSUMS} are missing")
@@ -312,6 +344,8 @@ def verify_checkpoint(d: str, warn) -> Optional[str]:
             size = os.path.getsize(path)
             if size != want["bytes"]:
                 return damaged(f"{name} has {size} bytes, {CHECKSUMS} records {want['bytes']}")
+            if owner(name, world) != rank:
+                continue
             sha = sha256_file(path)
         except OSError as e:
             return damaged(f"cannot read {name} ({e})")
@@ -338,8 +372,32 @@ def lock_run_dir(out: str):
     return fh
 
 
+def save_optimizer_shards(model: torch.nn.Module, opt: torch.optim.Optimizer, d: str, rank: int, world: int) -> Dict[str, Dict[str, Any]]:
+    """Under FSDP: save ``opt``'s state sharded into ``d/optimizer`` (every rank takes part;
+    ``torch.distributed.checkpoint``: each rank writes its own shards, rank 0 the metadata),
+    so no rank gathers the whole state. Returns the sha256 and size of the files this rank
+    ``owner``s (paths relative to ``d``), for sha256.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=os.path.join(d, OPTIMIZER_DIR))
+    return file_sums(d, [n for n in checkpoint_files(d) if n.startswith(OPTIMIZER_DIR + "/") and owner(n, world) == rank])
+
+
+def load_optimizer_shards(model: torch.nn.Module, opt: torch.optim.Optimizer, d: str) -> None:
+    """Under FSDP: load the state ``save_optimizer_shards`` wrote into ``d/optimizer``: each
+    rank reads its own shards (into the optimizer's state, allocated at its shard's size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=os.path.join(d, OPTIMIZER_DIR))
+    set_optimizer_state_dict(model, opt, state["optimizer"])
+
+
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str, fsdp: bool, device: torch.device, mmap: bool = True) -> None:
-    """Load ``optimizer.pt`` (the whole, unsharded AdamW state) into ``opt``.
+    """Load ``optimizer.pt`` (the whole, unsharded AdamW state: a DDP run's, or an FSDP run's
+    saved before its state was saved sharded) into ``opt``.
 
     Under FSDP each rank keeps only its shard: every rank memory-maps the file (``mmap``),
     rank 0 reads each moment through the mapping and sends each rank its slice, so a rank's
@@ -473,10 +531,10 @@ def train(a: argparse.Namespace, r: Run) -> int:
     metrics_path = os.path.join(a.out, "metrics.jsonl")
     state = None
     if a.resume and os.path.isdir(ckpt):
-        # Rank 0 checks every file against sha256.json (a checkpoint directory exists only
-        # once a save finished, so a file missing from it is damage, not a fresh start);
-        # every rank hears what it found.
-        r.agree(verify_checkpoint(ckpt, r.log) if r.rank == 0 else None)
+        # Every file is checked against sha256.json (a checkpoint directory exists only once
+        # a save finished, so a file missing from it is damage, not a fresh start), each
+        # rank hashing its own part; every rank hears what any found.
+        r.agree(verify_checkpoint(ckpt, r.log, r.rank, r.world))
         with open(os.path.join(ckpt, "trainer_state.json")) as fh:
             state = json.load(fh)
         recorded = {k: state["identity"].get(k, recorded_default.get(k)) for k in identity}
@@ -537,7 +595,10 @@ def train(a: argparse.Namespace, r: Run) -> int:
         r.log(f"FSDP: the student's {len(model.model.layers)} decoder layers and its root sharded over {r.world} ranks; rank 0 built it whole on the CPU, the other ranks only their shards")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
     if state is not None:
-        load_optimizer_state(model, opt, os.path.join(ckpt, "optimizer.pt"), a.fsdp, r.device)
+        if a.fsdp and os.path.isdir(os.path.join(ckpt, OPTIMIZER_DIR)):
+            load_optimizer_shards(model, opt, ckpt)
+        else:
+            load_optimizer_state(model, opt, os.path.join(ckpt, OPTIMIZER_FILE), a.fsdp, r.device)
         stream.load_state_dict(state["streams"][r.rank])
         step, tokens, seconds = state["step"], state["tokens"], state["seconds"]
         r.log(f"resuming {a.out} at step {step}")
@@ -549,10 +610,10 @@ def train(a: argparse.Namespace, r: Run) -> int:
         if step > 0 and os.path.isfile(metrics_path):
             with open(metrics_path) as fh:
                 kept = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = metrics_path + ".tmp"
-        with open(tmp, "w") as fh:
+        metrics_tmp = metrics_path + ".tmp"
+        with open(metrics_tmp, "w") as fh:
             fh.writelines(kept)
-        os.replace(tmp, metrics_path)
+        os.replace(metrics_tmp, metrics_path)
         metrics = open(metrics_path, "a")
     windows = None
     if a.log_windows:
@@ -568,31 +629,56 @@ def train(a: argparse.Namespace, r: Run) -> int:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if r.world > 1 and not a.fsdp else model
     model.train()
 
-    def save() -> None:
-        if a.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    final = os.path.join(a.out, "checkpoint")
+    tmp = final + ".tmp"
 
-            # Gathered whole on rank 0 (every rank takes part), so the files are those a DDP
-            # run writes: `from_pretrained` and `export-onnx` read them as they are.
-            whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(model, options=whole)
-            opt_state = get_optimizer_state_dict(model, opt, options=whole)
+    def save() -> None:
+        def failed(e: Exception) -> str:
+            return f"cannot save the checkpoint into {final}: {type(e).__name__}: {e}"
+
+        opt_sums: Dict[str, Dict[str, Any]] = {}
+        if a.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # The weights gathered whole on rank 0 (every rank takes part), so they are the
+            # files a DDP run writes: `from_pretrained` and `export-onnx` read them as they are.
+            weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            opt_state = None
+            error = None
+            if r.rank == 0:
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    os.makedirs(os.path.join(tmp, OPTIMIZER_DIR))
+                except OSError as e:
+                    error = failed(e)
+            r.agree(error)
+            # The optimizer state (twice the weights) is not gathered: each rank writes and
+            # hashes its own shards.
+            try:
+                mine = save_optimizer_shards(model, opt, tmp, r.rank, r.world)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
+                error, mine = failed(e), {}
+            r.agree(error)
+            for part in r.gather(mine):
+                opt_sums.update(part)
         else:
             weights, opt_state = None, opt.state_dict()
         streams = r.gather(stream.state_dict())
         error = None
         if r.rank == 0:
             try:
-                write(weights, opt_state, streams)
+                write(weights, opt_state, opt_sums, streams)
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
-                error = f"cannot save the checkpoint into {os.path.join(a.out, 'checkpoint')}: {type(e).__name__}: {e}"
+                error = failed(e)
         # Every rank learns whether rank 0's write failed (instead of waiting at a barrier).
         r.agree(error)
 
-    def write(weights, opt_state, streams) -> None:
-        final = os.path.join(a.out, "checkpoint")
-        tmp, old = final + ".tmp", final + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write(weights, opt_state, opt_sums, streams) -> None:
+        """Rank 0's part of a save: everything but the sharded optimizer state (in ``tmp``
+        already, its files hashed in ``opt_sums``), then sha256.json, then the renames."""
+        old = final + ".old"
+        if opt_state is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if weights is None:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
@@ -603,16 +689,17 @@ def train(a: argparse.Namespace, r: Run) -> int:
             plain.load_state_dict(weights, assign=True)
             plain.tie_weights()
             plain.save_pretrained(tmp, safe_serialization=True)
-        torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
+        if opt_state is not None:
+            torch.save(opt_state, os.path.join(tmp, OPTIMIZER_FILE))
         tok = cache.manifest.get("tokenizer", {}).get("path")
         if tok and os.path.isfile(tok):
             shutil.copyfile(tok, os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
             json.dump({"step": step, "tokens": tokens, "seconds": seconds + time.time() - t0, "identity": identity, "streams": streams}, fh, indent=1, sort_keys=True)
         # Last: a checkpoint with its sha256.json is complete (and checked on --resume).
-        sums = file_sums(tmp)
+        files = file_sums(tmp, [n for n in checkpoint_files(tmp) if n not in opt_sums])
         with open(os.path.join(tmp, CHECKSUMS), "w") as fh:
-            json.dump(sums, fh, indent=1, sort_keys=True)
+            json.dump({"files": {**files, **opt_sums}}, fh, indent=1, sort_keys=True)
         if os.path.isdir(final):
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)

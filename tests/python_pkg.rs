@@ -668,6 +668,63 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     assert_ok(&o);
     assert!(stderr(&o).contains("resuming"), "{}", stderr(&o));
     assert_eq!(max_weight_diff(&fsdp, &resumed), 0.0);
+    // The optimizer state is saved sharded (each rank wrote its own part; none gathered the
+    // whole), every part listed in sha256.json.
+    let ckpt = resumed.join("checkpoint");
+    assert!(!ckpt.join("optimizer.pt").exists());
+    let sums: Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("sha256.json")).unwrap()).unwrap();
+    for f in [
+        "optimizer/.metadata",
+        "optimizer/__0_0.distcp",
+        "optimizer/__1_0.distcp",
+        "model.safetensors",
+    ] {
+        assert!(sums["files"][f]["sha256"].is_string(), "{f}: {sums}");
+    }
+    // One flipped byte in rank 1's part (which rank 1 hashes) stops every rank, naming it.
+    let part = ckpt.join("optimizer/__1_0.distcp");
+    let good = std::fs::read(&part).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x10;
+    std::fs::write(&part, &bad).unwrap();
+    let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
+    assert_torchrun_fails(&o, "is damaged: optimizer/__1_0.distcp has sha256");
+    std::fs::write(&part, &good).unwrap();
+
+    // A checkpoint of the earlier layout (the whole optimizer state in optimizer.pt, no
+    // sha256.json) still resumes, bit-identical: made from a sharded one here.
+    let legacy = shared_dir().join(format!("fsdp-legacy-{}", unique()));
+    assert_ok(&distill_torch(
+        2,
+        &args(&legacy, &["--fsdp", "--stop-after", "2"]),
+    ));
+    let c = legacy.join("checkpoint");
+    let convert = Command::new(python_bin())
+        .args(["-c", "import sys, torch; from torch.distributed.checkpoint.format_utils import dcp_to_torch_save as f; f(sys.argv[1] + '/optimizer', sys.argv[1] + '/whole.pt'); torch.save(torch.load(sys.argv[1] + '/whole.pt', weights_only=True)['optimizer'], sys.argv[1] + '/optimizer.pt')"])
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(convert.status.success(), "{}", stderr(&convert));
+    std::fs::remove_file(c.join("whole.pt")).unwrap();
+    std::fs::remove_dir_all(c.join("optimizer")).unwrap();
+    std::fs::remove_file(c.join("sha256.json")).unwrap();
+    // A save that cannot be made (here a file where its directory goes) stops every rank,
+    // naming the checkpoint, and leaves the one before it as it was.
+    std::fs::write(legacy.join("checkpoint.tmp"), b"").unwrap();
+    let o = distill_torch(2, &args(&legacy, &["--fsdp", "--resume"]));
+    assert_torchrun_fails(
+        &o,
+        &format!("cannot save the checkpoint into {}", c.display()),
+    );
+    assert!(c.join("optimizer.pt").is_file());
+    std::fs::remove_file(legacy.join("checkpoint.tmp")).unwrap();
+    let o = distill_torch(2, &args(&legacy, &["--fsdp", "--resume"]));
+    assert_ok(&o);
+    assert!(stderr(&o).contains("has no sha256.json"), "{}", stderr(&o));
+    assert_eq!(max_weight_diff(&fsdp, &legacy), 0.0);
+    assert!(legacy.join("checkpoint/optimizer/.metadata").is_file());
+
     // Weights cut in half: refused against sha256.json, naming the file, on every rank.
     let weights = resumed.join("checkpoint/model.safetensors");
     let len = std::fs::metadata(&weights).unwrap().len();
@@ -713,10 +770,11 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     );
 }
 
-/// The FSDP resume's optimizer-state load (`load_optimizer_state` of the torch example, run by
-/// `benches/fsdp_resume_memory.py` at a small size on 2 gloo ranks): mapped or read whole,
-/// each rank ends with exactly the shard it had before the save, and the mapped file is let go
-/// of once the load returns (no scalar left a view into it).
+/// The FSDP optimizer state's save and load (`save_optimizer_shards`, `load_optimizer_shards`
+/// and, for checkpoints of the earlier layout, `load_optimizer_state` of the torch example, run
+/// by `benches/fsdp_resume_memory.py` at a small size on 2 gloo ranks): sharded, mapped or read
+/// whole, each rank ends with exactly the shard it had before the save, and no file is still
+/// mapped once the load returns (no scalar left a view into it).
 #[test]
 fn fsdp_resume_loads_each_ranks_shard_and_unmaps_the_file() {
     let o = Command::new(python_bin())
@@ -730,8 +788,28 @@ fn fsdp_resume_loads_each_ranks_shard_and_unmaps_the_file() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4, "two ways x two ranks: {lines:?}");
-    for l in &lines {
+    let mut ways: Vec<&str> = lines.iter().map(|l| l["way"].as_str().unwrap()).collect();
+    ways.sort();
+    assert_eq!(
+        ways,
+        [
+            "mmap",
+            "mmap",
+            "save-gathered",
+            "save-gathered",
+            "save-sharded",
+            "save-sharded",
+            "sharded",
+            "sharded",
+            "whole",
+            "whole"
+        ],
+        "two saves and three loads x two ranks: {lines:?}"
+    );
+    for l in lines
+        .iter()
+        .filter(|l| !l["way"].as_str().unwrap().starts_with("save"))
+    {
         assert_eq!(l["equal"], json!(true), "{l}");
         assert_eq!(l["still_mapped"], json!(false), "{l}");
     }
