@@ -115,7 +115,7 @@ def rank_main(way: str, work: str, layers: int, width: int) -> int:
         rise = measured(gathered)
         dist.barrier()
         line("save-gathered", os.path.getsize(whole_pt) / 2**20, rise)
-        rise = measured(lambda: example.save_optimizer_shards(model, opt, work, rank, world))
+        rise = measured(lambda: example.save_optimizer_shards(model, opt, work))
         dist.barrier()
         line("save-sharded", parts_mib(), rise)
         dist.barrier()

@@ -372,15 +372,19 @@ def lock_run_dir(out: str):
     return fh
 
 
-def save_optimizer_shards(model: torch.nn.Module, opt: torch.optim.Optimizer, d: str, rank: int, world: int) -> Dict[str, Dict[str, Any]]:
+def save_optimizer_shards(model: torch.nn.Module, opt: torch.optim.Optimizer, d: str) -> None:
     """Under FSDP: save ``opt``'s state sharded into ``d/optimizer`` (every rank takes part;
     ``torch.distributed.checkpoint``: each rank writes its own shards, rank 0 the metadata),
-    so no rank gathers the whole state. Returns the sha256 and size of the files this rank
-    ``owner``s (paths relative to ``d``), for sha256.json."""
+    so no rank gathers the whole state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=os.path.join(d, OPTIMIZER_DIR))
+
+
+def optimizer_shard_sums(d: str, rank: int, world: int) -> Dict[str, Dict[str, Any]]:
+    """The sha256 and size of the files of ``d/optimizer`` that rank ``rank`` ``owner``s
+    (paths relative to ``d``), for sha256.json."""
     return file_sums(d, [n for n in checkpoint_files(d) if n.startswith(OPTIMIZER_DIR + "/") and owner(n, world) == rank])
 
 
@@ -636,7 +640,9 @@ def train(a: argparse.Namespace, r: Run) -> int:
         def failed(e: Exception) -> str:
             return f"cannot save the checkpoint into {final}: {type(e).__name__}: {e}"
 
+        started = time.time()
         opt_sums: Dict[str, Dict[str, Any]] = {}
+        hashing = 0.0  # the longest any rank spent hashing its part of the optimizer state
         if a.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -654,28 +660,37 @@ def train(a: argparse.Namespace, r: Run) -> int:
             r.agree(error)
             # The optimizer state (twice the weights) is not gathered: each rank writes and
             # hashes its own shards.
+            mine, hashed = {}, 0.0
             try:
-                mine = save_optimizer_shards(model, opt, tmp, r.rank, r.world)
+                save_optimizer_shards(model, opt, tmp)
+                t = time.time()
+                mine = optimizer_shard_sums(tmp, r.rank, r.world)
+                hashed = time.time() - t
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
-                error, mine = failed(e), {}
+                error = failed(e)
             r.agree(error)
-            for part in r.gather(mine):
+            for part, seconds_hashing in r.gather((mine, hashed)):
                 opt_sums.update(part)
+                hashing = max(hashing, seconds_hashing)
         else:
             weights, opt_state = None, opt.state_dict()
         streams = r.gather(stream.state_dict())
         error = None
         if r.rank == 0:
             try:
-                write(weights, opt_state, opt_sums, streams)
+                hashed = write(weights, opt_state, opt_sums, streams)
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
                 error = failed(e)
         # Every rank learns whether rank 0's write failed (instead of waiting at a barrier).
         r.agree(error)
+        if r.rank == 0:
+            sharded = f", each rank up to {hashing:.1f} s on its optimizer shards" if a.fsdp else ""
+            r.log(f"saved {final} at step {step} in {time.time() - started:.1f} s (hashing {hashed:.1f} s on rank 0{sharded})")
 
-    def write(weights, opt_state, opt_sums, streams) -> None:
+    def write(weights, opt_state, opt_sums, streams) -> float:
         """Rank 0's part of a save: everything but the sharded optimizer state (in ``tmp``
-        already, its files hashed in ``opt_sums``), then sha256.json, then the renames."""
+        already, its files hashed in ``opt_sums``), then sha256.json, then the renames.
+        Returns the seconds spent hashing."""
         old = final + ".old"
         if opt_state is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -697,7 +712,9 @@ def train(a: argparse.Namespace, r: Run) -> int:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
             json.dump({"step": step, "tokens": tokens, "seconds": seconds + time.time() - t0, "identity": identity, "streams": streams}, fh, indent=1, sort_keys=True)
         # Last: a checkpoint with its sha256.json is complete (and checked on --resume).
+        t = time.time()
         files = file_sums(tmp, [n for n in checkpoint_files(tmp) if n not in opt_sums])
+        hashed = time.time() - t
         with open(os.path.join(tmp, CHECKSUMS), "w") as fh:
             json.dump({"files": {**files, **opt_sums}}, fh, indent=1, sort_keys=True)
         if os.path.isdir(final):
@@ -705,6 +722,7 @@ def train(a: argparse.Namespace, r: Run) -> int:
             os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        return hashed
 
     stop = min(a.stop_after or a.steps, a.steps)
     t0 = time.time()
@@ -769,7 +787,6 @@ def train(a: argparse.Namespace, r: Run) -> int:
         windows.close()
     if r.rank == 0:
         metrics.close()
-        r.log(f"saved {os.path.join(a.out, 'checkpoint')} at step {step}")
     if lock is not None:
         lock.close()
     return 0

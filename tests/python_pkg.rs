@@ -627,6 +627,14 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     let fsdp = shared_dir().join(format!("fsdp-run-{}", unique()));
     let o = distill_torch(2, &args(&fsdp, &["--fsdp"]));
     assert_ok(&o);
+    // Each save says what it cost, hashing included, per rank for the sharded state.
+    assert!(
+        stderr(&o).contains("on its optimizer shards)")
+            && stderr(&o).contains("saved ")
+            && stderr(&o).contains("at step 6 in "),
+        "{}",
+        stderr(&o)
+    );
     assert!(
         stderr(&o).contains("2 decoder layers and its root sharded over 2 ranks; rank 0 built it whole on the CPU, the other ranks only their shards"),
         "{}",
