@@ -13,7 +13,7 @@ every 2 ms, after ``malloc_trim`` hands freed heap back) while the state saves o
 gloo ranks, for a stack of ``LAYERS`` square ``Linear(WIDTH)`` layers sharded as the example
 shards a student (one ``fully_shard`` unit per layer and the root). Each load way runs in its
 own processes, so none inherits another's freed memory. Every rank also checks that what it
-loaded equals the shard it had before the save, and that no file is still mapped once the
+loaded equals the shard it had before the save (moments, steps and learning rate), and that no file is still mapped once the
 load returned (exits 1 if not).
 
     .venv/bin/python benches/fsdp_resume_memory.py [LAYERS] [WIDTH]   (default 8 2048: 33.6M
@@ -37,6 +37,10 @@ import sys
 import tempfile
 import threading
 import time
+
+
+# What each parameter's state holds, compared after a load (with the param groups' lr).
+MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
 def anon_mib() -> int:
@@ -71,8 +75,11 @@ def rank_main(way: str, work: str, layers: int, width: int) -> int:
     model(torch.randn(4, width)).sum().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)  # as at a resume: no gradients
-    mine = {k: {m: v[m].to_local().clone() for m in ("exp_avg", "exp_avg_sq")} for k, v in get_optimizer_state_dict(model, opt)["state"].items()}
-    shard_mib = sum(t.numel() * t.element_size() for v in mine.values() for t in v.values()) / 2**20
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    mine = {k: {m: local(v[m]).clone() for m in MOMENTS} for k, v in get_optimizer_state_dict(model, opt)["state"].items()}
+    shard_mib = sum(t.numel() * t.element_size() for v in mine.values() for m, t in v.items() if m != "step") / 2**20
     whole_pt = os.path.join(work, example.OPTIMIZER_FILE)
     parts = os.path.join(work, example.OPTIMIZER_DIR)
 
@@ -121,7 +128,8 @@ def rank_main(way: str, work: str, layers: int, width: int) -> int:
         dist.barrier()
         dist.destroy_process_group()
         return 0
-    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # Another learning rate: the saved one (in the state's param groups) must come back.
+    fresh = torch.optim.AdamW(model.parameters(), lr=2e-3)
     if way == "sharded":
         rise = measured(lambda: example.load_optimizer_shards(model, fresh, work))
         saved_mib = parts_mib()
@@ -132,7 +140,7 @@ def rank_main(way: str, work: str, layers: int, width: int) -> int:
     with open("/proc/self/maps") as fh:
         mapped = any(work in line for line in fh)
     got = get_optimizer_state_dict(model, fresh)["state"]
-    equal = all(torch.equal(got[k][m].to_local(), mine[k][m]) for k in mine for m in ("exp_avg", "exp_avg_sq"))
+    equal = all(torch.equal(local(got[k][m]), mine[k][m]) for k in mine for m in MOMENTS) and all(g["lr"] == 1e-3 for g in fresh.param_groups)
     line(way, saved_mib, rise, equal=equal, still_mapped=mapped)
     dist.barrier()
     dist.destroy_process_group()

@@ -110,7 +110,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="cuda when available under auto")
     p.add_argument("--log-windows", action="store_true", help="write windows/rank-R.jsonl: each step's seq_ids")
-    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. The weights are saved as a DDP run saves them (gathered to rank 0); the optimizer state is saved sharded into checkpoint/optimizer/, each rank writing, hashing and on --resume reading back its own part, so no rank holds the whole optimizer state (--out must be on a filesystem every rank sees); checkpoints with optimizer.pt (of earlier versions) resume too; a run resumes only as it started")
+    p.add_argument("--fsdp", action="store_true", help="shard the student's parameters, gradients and optimizer state over the ranks (FSDP2, one unit per decoder layer) instead of replicating them (DDP); needs torchrun and torch >= 2.6. Only rank 0 builds the student whole, in CPU memory; every rank builds it on the meta device and receives its shard from rank 0. The weights are saved as a DDP run saves them (gathered to rank 0); the optimizer state is saved sharded into checkpoint/optimizer/, each rank writing, hashing and on --resume reading back its own shards (and the few small entries replicated over the ranks), so no rank holds the whole optimizer state (--out must be on a filesystem every rank sees: a save checks it); checkpoints with optimizer.pt (of earlier versions) resume too; a run resumes only as it started")
     a = p.parse_args(argv)
     checks = [
         ("--steps", a.steps >= 1, "at least 1"),
@@ -324,6 +324,10 @@ def verify_checkpoint(d: str, warn, rank: int = 0, world: int = 1) -> Optional[s
             raise TypeError("files is not an object")
     except FileNotFoundError:
         present = set(checkpoint_files(d))
+        if any(n.startswith(OPTIMIZER_DIR + "/") for n in present):
+            # Sharded optimizer state has always been saved with sha256.json: without it the
+            # shards cannot be told complete.
+            return damaged(f"{CHECKSUMS} is missing (every checkpoint with a sharded {OPTIMIZER_DIR}/ has one)")
         absent = [n for n in required_files(present) if n not in present]
         if absent:
             return damaged(f"{', '.join(absent)} and {CHECKSUMS} are missing")
@@ -333,6 +337,9 @@ def verify_checkpoint(d: str, warn, rank: int = 0, world: int = 1) -> Optional[s
         return damaged(f"{CHECKSUMS} does not parse ({type(e).__name__}: {e})")
     except OSError as e:
         return damaged(f"cannot read {CHECKSUMS} ({e})")
+    if OPTIMIZER_FILE in files and os.path.exists(os.path.join(d, OPTIMIZER_DIR)):
+        # Which of the two is loaded must be the one verified.
+        return damaged(f"it holds both {OPTIMIZER_FILE} and {OPTIMIZER_DIR}/, and {CHECKSUMS} lists {OPTIMIZER_FILE}")
     for name in sorted(set(required_files(files)) | set(files)):
         want = files.get(name)
         path = os.path.join(d, name)
@@ -394,9 +401,15 @@ def load_optimizer_shards(model: torch.nn.Module, opt: torch.optim.Optimizer, d:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state = {"optimizer": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=os.path.join(d, OPTIMIZER_DIR))
-    set_optimizer_state_dict(model, opt, state["optimizer"])
+    try:
+        dcp.load(state, checkpoint_id=os.path.join(d, OPTIMIZER_DIR))
+        set_optimizer_state_dict(model, opt, state["optimizer"])
+    except (Exception, CheckpointException) as e:  # CheckpointException is no Exception
+        # dcp.load raises on every rank alike (it gathers each rank's failure).
+        raise UsageError(f"cannot load the optimizer state of checkpoint {d}: {type(e).__name__}: {e}") from None
 
 
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str, fsdp: bool, device: torch.device, mmap: bool = True) -> None:
@@ -599,7 +612,7 @@ def train(a: argparse.Namespace, r: Run) -> int:
         r.log(f"FSDP: the student's {len(model.model.layers)} decoder layers and its root sharded over {r.world} ranks; rank 0 built it whole on the CPU, the other ranks only their shards")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
     if state is not None:
-        if a.fsdp and os.path.isdir(os.path.join(ckpt, OPTIMIZER_DIR)):
+        if a.fsdp and os.path.isfile(os.path.join(ckpt, OPTIMIZER_DIR, ".metadata")):
             load_optimizer_shards(model, opt, ckpt)
         else:
             load_optimizer_state(model, opt, os.path.join(ckpt, OPTIMIZER_FILE), a.fsdp, r.device)
@@ -660,13 +673,15 @@ def train(a: argparse.Namespace, r: Run) -> int:
             r.agree(error)
             # The optimizer state (twice the weights) is not gathered: each rank writes and
             # hashes its own shards.
+            from torch.distributed.checkpoint.api import CheckpointException
+
             mine, hashed = {}, 0.0
             try:
                 save_optimizer_shards(model, opt, tmp)
                 t = time.time()
                 mine = optimizer_shard_sums(tmp, r.rank, r.world)
                 hashed = time.time() - t
-            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must hear of it; CheckpointException is no Exception
                 error = failed(e)
             r.agree(error)
             for part, seconds_hashing in r.gather((mine, hashed)):
@@ -712,6 +727,10 @@ def train(a: argparse.Namespace, r: Run) -> int:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
             json.dump({"step": step, "tokens": tokens, "seconds": seconds + time.time() - t0, "identity": identity, "streams": streams}, fh, indent=1, sort_keys=True)
         # Last: a checkpoint with its sha256.json is complete (and checked on --resume).
+        for n, want in sorted(opt_sums.items()):
+            path = os.path.join(tmp, n)
+            if not os.path.isfile(path) or os.path.getsize(path) != want["bytes"]:
+                raise UsageError(f"{path}, which a rank wrote, is missing or of another size here on rank 0: --out must be on a filesystem every rank sees (under --fsdp each rank writes its part of the checkpoint)")
         t = time.time()
         files = file_sums(tmp, [n for n in checkpoint_files(tmp) if n not in opt_sums])
         hashed = time.time() - t

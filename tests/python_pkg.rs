@@ -294,7 +294,13 @@ fn python_bin() -> PathBuf {
 
 /// `torchrun --nproc_per_node PROCS examples/distill_torch.py ARGS` (CPU, gloo).
 fn distill_torch(procs: usize, args: &[String]) -> Output {
+    distill_torch_with(procs, args, &[])
+}
+
+/// [`distill_torch`] with more environment variables.
+fn distill_torch_with(procs: usize, args: &[String], env: &[(&str, &Path)]) -> Output {
     let mut c = Command::new(python_bin());
+    c.envs(env.iter().copied());
     c.args(["-m", "torch.distributed.run", "--standalone"])
         .arg(format!("--nproc_per_node={procs}"))
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/distill_torch.py"))
@@ -698,6 +704,27 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     std::fs::write(&part, &bad).unwrap();
     let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
     assert_torchrun_fails(&o, "is damaged: optimizer/__1_0.distcp has sha256");
+    // Rank 1 found it: rank 0 of 2 does not hash that part, rank 1 of 2 (and a lone rank) do.
+    let split = Command::new(python_bin())
+        .args([
+            "-c",
+            "import importlib.util as u, json, sys; s = u.spec_from_file_location('ex', sys.argv[1]); ex = u.module_from_spec(s); s.loader.exec_module(ex); print(json.dumps([ex.verify_checkpoint(sys.argv[2], print, r, w) for r, w in ((0, 2), (1, 2), (0, 1))]))",
+        ])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/distill_torch.py"))
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    assert!(split.status.success(), "{}", stderr(&split));
+    let found: Vec<Option<String>> = serde_json::from_slice(&split.stdout).unwrap();
+    assert!(found[0].is_none(), "{found:?}");
+    for f in &found[1..] {
+        assert!(
+            f.as_ref()
+                .unwrap()
+                .contains("optimizer/__1_0.distcp has sha256"),
+            "{found:?}"
+        );
+    }
     std::fs::write(&part, &good).unwrap();
 
     // A checkpoint of the earlier layout (the whole optimizer state in optimizer.pt, no
@@ -717,6 +744,15 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     std::fs::remove_file(c.join("whole.pt")).unwrap();
     std::fs::remove_dir_all(c.join("optimizer")).unwrap();
     std::fs::remove_file(c.join("sha256.json")).unwrap();
+    // Without sha256.json (a checkpoint of an older version: a warning, not verified) only
+    // rank 0 reads the weights: when it cannot, every rank stops with its reason.
+    let weights = c.join("model.safetensors");
+    let whole = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &whole[..whole.len() / 2]).unwrap();
+    let o = distill_torch(2, &args(&legacy, &["--fsdp", "--resume"]));
+    assert_torchrun_fails(&o, "cannot read the checkpoint");
+    assert!(stderr(&o).contains("has no sha256.json"), "{}", stderr(&o));
+    std::fs::write(&weights, &whole).unwrap();
     // A save that cannot be made (here a file where its directory goes) stops every rank,
     // naming the checkpoint, and leaves the one before it as it was.
     std::fs::write(legacy.join("checkpoint.tmp"), b"").unwrap();
@@ -727,6 +763,30 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     );
     assert!(c.join("optimizer.pt").is_file());
     std::fs::remove_file(legacy.join("checkpoint.tmp")).unwrap();
+    // So does a failure inside torch.distributed.checkpoint on one rank (rank 1's disk full,
+    // made by a sitecustomize that breaks its writer).
+    let site = shared_dir().join(format!("fsdp-site-{}", unique()));
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(
+        site.join("sitecustomize.py"),
+        "import os\nif os.environ.get('RANK') == '1':\n    import torch.distributed.checkpoint.filesystem as f\n    def full(*a, **k):\n        raise OSError(28, 'No space left on device')\n    f.FileSystemWriter.write_data = full\n",
+    )
+    .unwrap();
+    let o = distill_torch_with(
+        2,
+        &args(&legacy, &["--fsdp", "--resume"]),
+        &[("PYTHONPATH", &site)],
+    );
+    assert_torchrun_fails(
+        &o,
+        &format!("cannot save the checkpoint into {}", c.display()),
+    );
+    assert!(
+        stderr(&o).contains("No space left on device"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(c.join("optimizer.pt").is_file());
     let o = distill_torch(2, &args(&legacy, &["--fsdp", "--resume"]));
     assert_ok(&o);
     assert!(stderr(&o).contains("has no sha256.json"), "{}", stderr(&o));
@@ -750,12 +810,13 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
             len / 2
         ),
     );
-    // Without sha256.json (a checkpoint of an older version: a warning, not verified) only
-    // rank 0 reads the weights: when it cannot, every rank stops with its reason.
+    // A sharded checkpoint has always had sha256.json: without it, it is damaged.
     std::fs::remove_file(resumed.join("checkpoint/sha256.json")).unwrap();
     let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
-    assert_torchrun_fails(&o, "cannot read the checkpoint");
-    assert!(stderr(&o).contains("has no sha256.json"), "{}", stderr(&o));
+    assert_torchrun_fails(
+        &o,
+        "is damaged: sha256.json is missing (every checkpoint with a sharded optimizer/ has one)",
+    );
 
     // A DDP checkpoint is not resumed sharded (its optimizer state is another layout).
     let o = distill_torch(2, &args(&ddp, &["--fsdp", "--resume"]));
