@@ -53,6 +53,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 import logitcache
 from logitcache.torch import LOSSES, kd_loss, to_torch
@@ -261,6 +262,14 @@ OPTIMIZER_FILE = "optimizer.pt"
 # The files a checkpoint cannot do without (`tokenizer.json` is there when the cache names one),
 # besides its weights and optimizer state (`required_files`).
 CHECKPOINT_FILES = ("config.json", "trainer_state.json")
+# What a save or load may raise: torch.distributed.checkpoint's failures (raised on every rank
+# alike, each rank's gathered) are a BaseException, not an Exception.
+SAVE_ERRORS = (Exception, CheckpointException)
+
+
+def is_shard(name: str) -> bool:
+    """Whether checkpoint file ``name`` belongs to the sharded optimizer state."""
+    return name.startswith(OPTIMIZER_DIR + "/")
 
 
 def required_files(names) -> List[str]:
@@ -268,11 +277,10 @@ def required_files(names) -> List[str]:
     its weights (``model.safetensors`` or, for a student saved in parts, the index of its
     shards) and its optimizer state (``optimizer.pt``, or the sharded state's metadata)."""
     index = "model.safetensors.index.json"
-    sharded = any(n.startswith(OPTIMIZER_DIR + "/") for n in names)
     return [
         *CHECKPOINT_FILES,
         index if index in names else "model.safetensors",
-        f"{OPTIMIZER_DIR}/.metadata" if sharded else OPTIMIZER_FILE,
+        f"{OPTIMIZER_DIR}/.metadata" if any(map(is_shard, names)) else OPTIMIZER_FILE,
     ]
 
 
@@ -324,7 +332,7 @@ def verify_checkpoint(d: str, warn, rank: int = 0, world: int = 1) -> Optional[s
             raise TypeError("files is not an object")
     except FileNotFoundError:
         present = set(checkpoint_files(d))
-        if any(n.startswith(OPTIMIZER_DIR + "/") for n in present):
+        if any(map(is_shard, present)):
             # Sharded optimizer state has always been saved with sha256.json: without it the
             # shards cannot be told complete.
             return damaged(f"{CHECKSUMS} is missing (every checkpoint with a sharded {OPTIMIZER_DIR}/ has one)")
@@ -392,7 +400,7 @@ def save_optimizer_shards(model: torch.nn.Module, opt: torch.optim.Optimizer, d:
 def optimizer_shard_sums(d: str, rank: int, world: int) -> Dict[str, Dict[str, Any]]:
     """The sha256 and size of the files of ``d/optimizer`` that rank ``rank`` ``owner``s
     (paths relative to ``d``), for sha256.json."""
-    return file_sums(d, [n for n in checkpoint_files(d) if n.startswith(OPTIMIZER_DIR + "/") and owner(n, world) == rank])
+    return file_sums(d, [n for n in checkpoint_files(d) if is_shard(n) and owner(n, world) == rank])
 
 
 def load_optimizer_shards(model: torch.nn.Module, opt: torch.optim.Optimizer, d: str) -> None:
@@ -401,14 +409,11 @@ def load_optimizer_shards(model: torch.nn.Module, opt: torch.optim.Optimizer, d:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    from torch.distributed.checkpoint.api import CheckpointException
-
     state = {"optimizer": get_optimizer_state_dict(model, opt)}
     try:
         dcp.load(state, checkpoint_id=os.path.join(d, OPTIMIZER_DIR))
         set_optimizer_state_dict(model, opt, state["optimizer"])
-    except (Exception, CheckpointException) as e:  # CheckpointException is no Exception
-        # dcp.load raises on every rank alike (it gathers each rank's failure).
+    except SAVE_ERRORS as e:
         raise UsageError(f"cannot load the optimizer state of checkpoint {d}: {type(e).__name__}: {e}") from None
 
 
@@ -655,7 +660,16 @@ def train(a: argparse.Namespace, r: Run) -> int:
 
         started = time.time()
         opt_sums: Dict[str, Dict[str, Any]] = {}
-        hashing = 0.0  # the longest any rank spent hashing its part of the optimizer state
+        shard_hashing = 0.0  # the longest any rank spent hashing its part of the optimizer state
+        # Rank 0 clears checkpoint.tmp (a killed save's) for every rank to write into.
+        error = None
+        if r.rank == 0:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(os.path.join(tmp, OPTIMIZER_DIR) if a.fsdp else tmp)
+            except OSError as e:
+                error = failed(e)
+        r.agree(error)
         if a.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -663,52 +677,40 @@ def train(a: argparse.Namespace, r: Run) -> int:
             # files a DDP run writes: `from_pretrained` and `export-onnx` read them as they are.
             weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             opt_state = None
-            error = None
-            if r.rank == 0:
-                try:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    os.makedirs(os.path.join(tmp, OPTIMIZER_DIR))
-                except OSError as e:
-                    error = failed(e)
-            r.agree(error)
             # The optimizer state (twice the weights) is not gathered: each rank writes and
             # hashes its own shards.
-            from torch.distributed.checkpoint.api import CheckpointException
-
-            mine, hashed = {}, 0.0
+            mine, seconds = {}, 0.0
             try:
                 save_optimizer_shards(model, opt, tmp)
                 t = time.time()
                 mine = optimizer_shard_sums(tmp, r.rank, r.world)
-                hashed = time.time() - t
-            except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must hear of it; CheckpointException is no Exception
+                seconds = time.time() - t
+            except SAVE_ERRORS as e:  # every rank must hear of it, not wait
                 error = failed(e)
             r.agree(error)
-            for part, seconds_hashing in r.gather((mine, hashed)):
+            for part, part_seconds in r.gather((mine, seconds)):
                 opt_sums.update(part)
-                hashing = max(hashing, seconds_hashing)
+                shard_hashing = max(shard_hashing, part_seconds)
         else:
             weights, opt_state = None, opt.state_dict()
         streams = r.gather(stream.state_dict())
         error = None
         if r.rank == 0:
             try:
-                hashed = write(weights, opt_state, opt_sums, streams)
+                hashing = write(weights, opt_state, opt_sums, streams)
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
                 error = failed(e)
         # Every rank learns whether rank 0's write failed (instead of waiting at a barrier).
         r.agree(error)
         if r.rank == 0:
-            sharded = f", each rank up to {hashing:.1f} s on its optimizer shards" if a.fsdp else ""
-            r.log(f"saved {final} at step {step} in {time.time() - started:.1f} s (hashing {hashed:.1f} s on rank 0{sharded})")
+            sharded = f", each rank up to {shard_hashing:.1f} s on its optimizer shards" if a.fsdp else ""
+            r.log(f"saved {final} at step {step} in {time.time() - started:.1f} s (hashing {hashing:.1f} s on rank 0{sharded})")
 
     def write(weights, opt_state, opt_sums, streams) -> float:
-        """Rank 0's part of a save: everything but the sharded optimizer state (in ``tmp``
-        already, its files hashed in ``opt_sums``), then sha256.json, then the renames.
-        Returns the seconds spent hashing."""
+        """Rank 0's part of a save, into the emptied ``tmp``: everything but the sharded
+        optimizer state (there already, its files hashed in ``opt_sums``), then sha256.json,
+        then the renames. Returns the seconds spent hashing."""
         old = final + ".old"
-        if opt_state is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
         if weights is None:
             model.save_pretrained(tmp, safe_serialization=True)
         else:

@@ -315,6 +315,24 @@ fn distill_torch_with(procs: usize, args: &[String], env: &[(&str, &Path)]) -> O
     c.output().unwrap()
 }
 
+/// Asserts checkpoint `ckpt`'s sha256.json lists a sha256 for each of `files`.
+fn assert_checksums_list(ckpt: &Path, files: &[&str]) {
+    let sums: Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("sha256.json")).unwrap()).unwrap();
+    for f in files {
+        assert!(sums["files"][f]["sha256"].is_string(), "{f}: {sums}");
+    }
+}
+
+/// Flips one bit of the byte in the middle of `path`; returns the file as it was, to put back.
+fn flip_middle_byte(path: &Path) -> Vec<u8> {
+    let good = std::fs::read(path).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x10;
+    std::fs::write(path, &bad).unwrap();
+    good
+}
+
 fn metrics_lines(run: &Path) -> Vec<Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -485,23 +503,18 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
     assert_torchrun_fails(&o, "world_size: 2 there, 1 here");
     // The checkpoint's files are what it recorded: sha256.json lists each, and one flipped
     // byte in the optimizer state is refused, naming the file (then put back).
-    let sums: Value =
-        serde_json::from_slice(&std::fs::read(resumed.join("checkpoint/sha256.json")).unwrap())
-            .unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "optimizer.pt",
-        "tokenizer.json",
-        "trainer_state.json",
-    ] {
-        assert!(sums["files"][f]["sha256"].is_string(), "{f}: {sums}");
-    }
+    assert_checksums_list(
+        &resumed.join("checkpoint"),
+        &[
+            "config.json",
+            "model.safetensors",
+            "optimizer.pt",
+            "tokenizer.json",
+            "trainer_state.json",
+        ],
+    );
     let opt = resumed.join("checkpoint/optimizer.pt");
-    let good = std::fs::read(&opt).unwrap();
-    let mut bad = good.clone();
-    bad[good.len() / 2] ^= 0x10;
-    std::fs::write(&opt, &bad).unwrap();
+    let good = flip_middle_byte(&opt);
     let o = distill_torch(2, &args(&resumed, &["--resume"]));
     assert_torchrun_fails(&o, "is damaged: optimizer.pt has sha256");
     std::fs::write(&opt, &good).unwrap();
@@ -686,22 +699,18 @@ fn torchrun_example_shards_with_fsdp_and_trains_what_ddp_trains() {
     // whole), every part listed in sha256.json.
     let ckpt = resumed.join("checkpoint");
     assert!(!ckpt.join("optimizer.pt").exists());
-    let sums: Value =
-        serde_json::from_slice(&std::fs::read(ckpt.join("sha256.json")).unwrap()).unwrap();
-    for f in [
-        "optimizer/.metadata",
-        "optimizer/__0_0.distcp",
-        "optimizer/__1_0.distcp",
-        "model.safetensors",
-    ] {
-        assert!(sums["files"][f]["sha256"].is_string(), "{f}: {sums}");
-    }
+    assert_checksums_list(
+        &ckpt,
+        &[
+            "optimizer/.metadata",
+            "optimizer/__0_0.distcp",
+            "optimizer/__1_0.distcp",
+            "model.safetensors",
+        ],
+    );
     // One flipped byte in rank 1's part (which rank 1 hashes) stops every rank, naming it.
     let part = ckpt.join("optimizer/__1_0.distcp");
-    let good = std::fs::read(&part).unwrap();
-    let mut bad = good.clone();
-    bad[good.len() / 2] ^= 0x10;
-    std::fs::write(&part, &bad).unwrap();
+    let good = flip_middle_byte(&part);
     let o = distill_torch(2, &args(&resumed, &["--fsdp", "--resume"]));
     assert_torchrun_fails(&o, "is damaged: optimizer/__1_0.distcp has sha256");
     // Rank 1 found it: rank 0 of 2 does not hash that part, rank 1 of 2 (and a lone rank) do.
