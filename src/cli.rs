@@ -128,9 +128,11 @@ pub struct TeacherArgs {
     pub batch_size: usize,
     /// Most tokens per teacher batch (windows × their padded length), which bounds the
     /// logits' memory (tokens × vocab × 4 bytes). Default: what keeps the logits within
-    /// 512 MiB for the model's vocabulary (at least one --seq-len window), so --batch-size
-    /// is lowered for large vocabularies and long windows; recorded per shard in the
-    /// manifest. Must be ≥ --seq-len. Does not change the cache's values.
+    /// 512 MiB for the model's vocabulary (at least one --seq-len window), halved when the
+    /// graph's head makes more than one logits-sized tensor after its projection (a bias,
+    /// a scale, soft-capping: two are live at once), so --batch-size is lowered for large
+    /// vocabularies and long windows; recorded per shard in the manifest. Must be
+    /// ≥ --seq-len. Does not change the cache's values.
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
     /// Softmax temperature applied to the teacher's logits before storing log-probs.

@@ -239,8 +239,13 @@ fn token_budget_batches_give_the_same_cache() {
     let ms = Cache::open(&small).unwrap().manifest;
     let md = Cache::open(&default).unwrap().manifest;
     assert!(ms.shards.iter().all(|s| s.max_batch_tokens == Some(30)));
-    let want = logitcache::teacher::default_max_batch_tokens(VOCAB, 24);
-    assert_eq!(want, (512 << 20) / (4 * VOCAB));
+    // The toy's head (MatMul → Add → Mul) holds two logits-sized tensors at once, so the
+    // default budget is half what the logits alone would get.
+    let chain = logitcache::onnx::logits_chain::logits_chain(&model).unwrap();
+    assert_eq!(chain, ["MatMul", "Add", "Mul"]);
+    let live = logitcache::onnx::logits_chain::live_logits_tensors(&chain);
+    let want = logitcache::teacher::default_max_batch_tokens(VOCAB, 24, live);
+    assert_eq!(want, (512 << 20) / (4 * VOCAB * 2));
     assert!(md.shards.iter().all(|s| s.max_batch_tokens == Some(want)));
     // Smaller batches pad less: full windows now run unpadded.
     assert!(ms.totals.computed_tokens < md.totals.computed_tokens);

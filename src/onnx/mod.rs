@@ -7,6 +7,7 @@
 
 pub mod builder;
 pub mod external;
+pub mod logits_chain;
 pub mod proto;
 pub mod toy;
 

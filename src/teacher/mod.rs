@@ -39,15 +39,18 @@ use std::time::Instant;
 pub const DEFAULT_TOP_K: usize = 64;
 pub const DEFAULT_SEQ_LEN: usize = 512;
 pub const DEFAULT_BATCH_SIZE: usize = 8;
-/// What the teacher's logits of one batch (batch × tokens × V × 4 bytes) may take when
-/// `--max-batch-tokens` is not given: 512 MiB keeps the default batch of 8 windows of 512
-/// tokens at V = 32000, and 2 windows of 512 tokens (or one of 2048) at V = 152064.
+/// What the teacher's logits-sized tensors of one batch (batch × tokens × V × 4 bytes each)
+/// may take together when `--max-batch-tokens` is not given: with a plain head (one such
+/// tensor), 512 MiB keeps the default batch of 8 windows of 512 tokens at V = 32000, and 2
+/// windows of 512 tokens (or one of 2048) at V = 152064.
 pub const LOGITS_BUDGET_BYTES: usize = 512 << 20;
 
 /// The default token budget of a batch for a model whose logits have `vocab` entries per
-/// position: what keeps them within [`LOGITS_BUDGET_BYTES`], and at least one window.
-pub fn default_max_batch_tokens(vocab: usize, seq_len: usize) -> usize {
-    (LOGITS_BUDGET_BYTES / (4 * vocab.max(1))).max(seq_len)
+/// position and whose graph holds `live` logits-sized tensors at once
+/// ([`crate::onnx::logits_chain::live_logits_tensors`]; 1 for a plain head): what keeps them
+/// within [`LOGITS_BUDGET_BYTES`], and at least one window.
+pub fn default_max_batch_tokens(vocab: usize, seq_len: usize, live: usize) -> usize {
+    (LOGITS_BUDGET_BYTES / (4 * vocab.max(1) * live.max(1))).max(seq_len)
 }
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
 pub const DEFAULT_TEXT_FIELD: &str = "text";
@@ -641,11 +644,24 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
             );
         }
     }
-    // The batches' token budget, from the model's own vocabulary unless given.
+    // The batches' token budget, from the model's own vocabulary and the logits-sized
+    // tensors its head holds at once, unless given.
     let logits_vocab = iface.logits_vocab.unwrap_or(tok.vocab_size);
-    let budget = cfg
-        .max_batch_tokens
-        .unwrap_or_else(|| default_max_batch_tokens(logits_vocab, cfg.seq_len));
+    let budget = match cfg.max_batch_tokens {
+        Some(m) => m,
+        None => {
+            let chain = crate::onnx::logits_chain::logits_chain(&cfg.model)?;
+            let live = crate::onnx::logits_chain::live_logits_tensors(&chain);
+            if live > 1 {
+                tracing::info!(
+                    "the model's head makes {} logits-sized tensors ({}), {live} of them live at once: the batch budget is divided by {live}",
+                    chain.len(),
+                    chain.join(" → ")
+                );
+            }
+            default_max_batch_tokens(logits_vocab, cfg.seq_len, live)
+        }
+    };
     let resolved = TeacherConfig {
         max_batch_tokens: Some(budget),
         ..cfg.clone()
