@@ -105,20 +105,7 @@ pub enum ExternalError {
 /// sorted and without repeats. Each must exist beside the model and stay inside its
 /// directory.
 pub fn references(model: &Path) -> Result<Vec<String>, ExternalError> {
-    let file = std::fs::File::open(model).map_err(|source| ExternalError::Io {
-        path: model.to_path_buf(),
-        source,
-    })?;
-    // SAFETY: the map is read once, here, while the file is open; a teacher file changed
-    // under a running job would already break ONNX Runtime's own read of it.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ExternalError::Io {
-        path: model.to_path_buf(),
-        source,
-    })?;
-    let m = LiteModel::decode(&map[..]).map_err(|e| ExternalError::Decode {
-        path: model.to_path_buf(),
-        why: e.to_string(),
-    })?;
+    let m: LiteModel = decode_structure(model)?;
     let mut found = Vec::new();
     if let Some(g) = &m.graph {
         graph_tensors(g, &mut found);
@@ -160,6 +147,25 @@ pub fn references(model: &Path) -> Result<Vec<String>, ExternalError> {
         files.insert(location);
     }
     Ok(files.into_iter().collect())
+}
+
+/// Decodes the model file at `path` into `M`, a message that declares only the fields it
+/// reads (no `raw_data`), so a single-file model's weights are skipped, not copied.
+pub(super) fn decode_structure<M: Message + Default>(path: &Path) -> Result<M, ExternalError> {
+    let file = std::fs::File::open(path).map_err(|source| ExternalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: the map is read once, here, while the file is open; a teacher file changed
+    // under a running job would already break ONNX Runtime's own read of it.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ExternalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    M::decode(&map[..]).map_err(|e| ExternalError::Decode {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })
 }
 
 /// The sha256 and size of each external data file `model` reads (`locations` as

@@ -6,10 +6,10 @@
 //! output to the projection (the last `MatMul`/`Gemm`) and returns the ops on the way, so the
 //! planner can divide its budget by the tensors live at once.
 //!
-//! Like [`super::external`], only the graph's structure is decoded (no `raw_data` is
-//! declared), so the weights of a single-file model are skipped, not copied.
+//! Like [`super::external`], only the graph's structure is decoded
+//! ([`decode_structure`]), so the weights of a single-file model are skipped, not copied.
 
-use super::external::ExternalError;
+use super::external::{ExternalError, decode_structure};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -130,7 +130,7 @@ const MAX_DEPTH: usize = 64;
 
 /// The ops from the projection to `value` (in that order, aliases left out), or `None` when
 /// no projection is reached (a value that does not come from the vocabulary projection).
-fn chain<'a>(scopes: &[Scope<'a>], value: &str, depth: usize) -> Option<Vec<&'a str>> {
+fn chain<'a>(scopes: &[&Scope<'a>], value: &str, depth: usize) -> Option<Vec<&'a str>> {
     if depth > MAX_DEPTH {
         return None;
     }
@@ -157,14 +157,9 @@ fn chain<'a>(scopes: &[Scope<'a>], value: &str, depth: usize) -> Option<Vec<&'a 
                 continue;
             }
             let out = g.output.get(index)?.name.as_deref()?;
-            let inner: Vec<Scope> = visible
-                .iter()
-                .map(|s| Scope {
-                    producers: s.producers.clone(),
-                    constants: s.constants.clone(),
-                })
-                .chain(std::iter::once(Scope::new(g)))
-                .collect();
+            let branch = Scope::new(g);
+            let mut inner = visible.to_vec();
+            inner.push(&branch);
             if let Some(c) = chain(&inner, out, depth + 1)
                 && longest.as_ref().is_none_or(|l| c.len() > l.len())
             {
@@ -201,21 +196,7 @@ fn chain<'a>(scopes: &[Scope<'a>], value: &str, depth: usize) -> Option<Vec<&'a 
 /// "Add", "Mul"]` for the toy teachers'). When the walk does not reach a projection (an op
 /// it does not know), the logits alone are counted: `["logits"]`.
 pub fn logits_chain(path: &Path) -> Result<Vec<String>, ExternalError> {
-    let file = std::fs::File::open(path).map_err(|source| ExternalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // SAFETY: the map is read once, here, while the file is open; a teacher file changed
-    // under a running job would already break ONNX Runtime's own read of it.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ExternalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let m = LiteModel::decode(&map[..]).map_err(|e| ExternalError::Decode {
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    })?;
-    Ok(chain_in(&m))
+    Ok(chain_in(&decode_structure::<LiteModel>(path)?))
 }
 
 fn chain_in(m: &LiteModel) -> Vec<String> {
@@ -224,7 +205,7 @@ fn chain_in(m: &LiteModel) -> Vec<String> {
             .output
             .iter()
             .find(|o| o.name.as_deref() == Some("logits"))?;
-        chain(&[Scope::new(g)], logits.name.as_deref()?, 0)
+        chain(&[&Scope::new(g)], logits.name.as_deref()?, 0)
     });
     match found {
         Some(ops) => ops.into_iter().map(str::to_string).collect(),
