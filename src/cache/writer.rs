@@ -169,8 +169,9 @@ pub struct ShardFile {
 
 /// Rows [`ShardFile::write`] hands parquet's writer per call: its float16 columns become one
 /// `FixedLenByteArray` (~32 bytes) per value for each call, 537 MB for a row group of 128
-/// windows of 2048 positions at k = 64 where 8 windows take 34 MB.
-const WRITE_ROWS: usize = 8;
+/// windows of 2048 positions at k = 64 where 8 windows take 34 MB. A shard written in parts
+/// of whole multiples of this many rows has the bytes of one write (tested).
+pub const WRITE_ROWS: usize = 8;
 
 impl ShardFile {
     /// Starts shard `index` of `layout` at `path` (written to `path.parquet.tmp-PID`).
@@ -227,7 +228,7 @@ impl ShardFile {
         let batch = rows.into_record_batch(self.schema.clone());
         // At most WRITE_ROWS rows per call, the calls starting at multiples of WRITE_ROWS
         // within each row group: the column writers then see the same calls (and cut the
-        // same pages) however the shard was split into parts of whole row groups.
+        // same pages) however the shard was split into parts of multiples of WRITE_ROWS rows.
         let mut at = 0;
         let mut result = Ok(());
         while at < n && result.is_ok() {
@@ -356,13 +357,21 @@ mod tests {
     }
 
     #[test]
-    fn a_shard_written_in_parts_of_whole_row_groups_has_the_bytes_of_one_write() {
+    fn a_shard_written_in_parts_of_multiples_of_write_rows_has_the_bytes_of_one_write() {
         let dir = tempfile::tempdir().unwrap();
         let all = rows(0, 600);
         let one = write_shard(&dir.path().join("one.parquet"), 3, &all, &opts()).unwrap();
-        // The teacher's parts: whole row groups (256 windows at seq_len 512, 128 at 2048),
-        // then the rest.
-        for cuts in [&[0, 256, 512, 600][..], &[0, 128, 384, 600], &[0, 600]] {
+        // The teacher's parts (256 windows at seq_len 512, 64 at 2048, 8 from 16384: row
+        // groups are 128 rows, so parts end inside them), then the rest; and parts of
+        // WRITE_ROWS.
+        let eights: Vec<usize> = (0..600).step_by(WRITE_ROWS).chain([600]).collect();
+        for cuts in [
+            &[0, 256, 512, 600][..],
+            &[0, 64, 128, 192, 256, 320, 384, 448, 512, 576, 600],
+            &[0, 16, 32, 48, 176, 600],
+            &eights,
+            &[0, 600],
+        ] {
             let path = dir.path().join(format!("parts-{}.parquet", cuts.len()));
             let mut f = ShardFile::create(&path, 3, &all.layout, &opts()).unwrap();
             for c in cuts.windows(2) {

@@ -23,7 +23,7 @@ use crate::cache::manifest::{
 use crate::cache::rows::{LogprobDtype, ShardRows, StorageError, WindowTopK};
 use crate::cache::schema::{CacheMode, Layout, Sampling};
 use crate::cache::writer::{
-    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardFile, ShardWriteOptions,
+    DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, ShardFile, ShardWriteOptions, WRITE_ROWS,
 };
 use crate::progress::{Progress, ProgressMode};
 use crate::util::{failpoint, sha256_file};
@@ -306,10 +306,10 @@ pub struct RunSummary {
 }
 
 /// Positions batched together at most: a shard is computed in groups of about this many
-/// positions' worth of consecutive windows (`WINDOW_GROUP_POSITIONS / seq_len`, whole row
-/// groups of the shard, batched by length within a group), so only one group's teacher
-/// outputs and rows are held at once (at seq_len 2048 and k = 64, a whole shard's outputs
-/// were ~1 GB beside its rows). 256 windows of 512 tokens.
+/// positions' worth of consecutive windows (`WINDOW_GROUP_POSITIONS / seq_len`, rounded up to
+/// a multiple of the writer's `WRITE_ROWS`, batched by length within a group), so only one
+/// group's teacher outputs and rows are held at once (at seq_len 2048 and k = 64, a whole
+/// shard's outputs were ~1 GB beside its rows). 256 windows of 512 tokens, 64 of 2048.
 const WINDOW_GROUP_POSITIONS: usize = 256 * 512;
 
 /// What a shard's computation adds up to, sent with its last part.
@@ -341,11 +341,12 @@ fn compute_shard(
     let (mut positions, mut sample_ids) = (0usize, 0usize);
     let mut blocked = 0f64;
     let max_tokens = cfg.max_batch_tokens.unwrap_or(usize::MAX);
-    // Whole row groups per part: the parts then give the same bytes as one write of the
-    // shard (the writer's row groups and pages do not depend on where a part ends).
+    // Parts of whole multiples of WRITE_ROWS windows give the same bytes as one write of the
+    // shard (the writer's row groups and pages do not depend on where such a part ends).
+    // Rounding to whole row groups instead held 128 windows at seq_len 2048.
     let group_len = (WINDOW_GROUP_POSITIONS / cfg.seq_len.max(1))
         .max(cfg.batch_size)
-        .next_multiple_of(DEFAULT_ROW_GROUP_ROWS);
+        .next_multiple_of(WRITE_ROWS);
     let groups = work.windows.len().div_ceil(group_len);
     if groups == 0 {
         // A shard without windows (the plan makes none): one empty part, so it is written.
