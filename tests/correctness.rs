@@ -250,8 +250,10 @@ fn token_budget_batches_give_the_same_cache() {
     // Smaller batches pad less: full windows now run unpadded.
     assert!(ms.totals.computed_tokens < md.totals.computed_tokens);
 
-    // One shard of more windows than two compute groups (256): its rows, computed group by
-    // group and written part by part, equal those of 16-window shards.
+    // One shard of more windows than two compute groups (at --seq-len 2048 a group is 64
+    // windows, whatever their length: these documents are shorter, one window each): its
+    // rows, computed group by group and written part by part (parts ending inside the
+    // 128-row row groups), equal those of 16-window shards.
     let (one, many) = (
         fresh_dir("budget-one-shard"),
         fresh_dir("budget-many-shards"),
@@ -260,11 +262,13 @@ fn token_budget_batches_give_the_same_cache() {
         let mut args = teacher_args(&model, dir, 300);
         let s = args.iter().position(|a| a == "--shard-size").unwrap();
         args[s + 1] = shard.into();
+        let s = args.iter().position(|a| a == "--seq-len").unwrap();
+        args[s + 1] = "2048".into();
         assert_ok(&run_strings(&args));
     }
     let m = Cache::open(&one).unwrap().manifest;
     assert!(
-        m.shards.len() == 1 && m.totals.sequences > 512,
+        m.shards.len() == 1 && m.totals.sequences > 2 * 64 + 8,
         "{:?}",
         m.totals
     );
@@ -274,7 +278,7 @@ fn token_budget_batches_give_the_same_cache() {
     assert_eq!(a.topk_ids, b.topk_ids);
     assert_eq!(a.topk_logprobs, b.topk_logprobs);
     assert_eq!(a.tail_logprob, b.tail_logprob);
-    check_cache_against_reference(&model, &one, 1.0);
+    // (Each 16-window shard is one group; the values against the model are checked above.)
     // The recorded size and sha256 are the file's.
     assert_ok(&run(&["verify", one.to_str().unwrap()]));
 
