@@ -130,9 +130,12 @@ pub struct TeacherArgs {
     /// logits' memory (tokens × vocab × 4 bytes). Default: what keeps the logits within
     /// 512 MiB for the model's vocabulary (at least one --seq-len window), halved when the
     /// graph's head makes more than one logits-sized tensor after its projection (a bias,
-    /// a scale, soft-capping: two are live at once), so --batch-size is lowered for large
-    /// vocabularies and long windows; recorded per shard in the manifest. Must be
-    /// ≥ --seq-len. Does not change the cache's values.
+    /// a scale, soft-capping: two are live at once), and lowered further when the graph
+    /// computes attention unfused (as torch.onnx exports do) so that its [windows, heads,
+    /// len, len] scores stay within 512 MiB too (one window per batch when the graph does not
+    /// tell the heads); so --batch-size is lowered for large vocabularies and long windows;
+    /// recorded per shard in the manifest. Must be ≥ --seq-len. Does not change the cache's
+    /// values.
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
     /// Softmax temperature applied to the teacher's logits before storing log-probs.

@@ -216,6 +216,90 @@ fn onnx_topk_head_matches_host_topk() {
     assert!(m.shards.iter().all(|s| s.topk == "onnx"));
 }
 
+/// A one-layer language model whose attention is unfused (`MatMul(q, kᵀ) → Softmax →
+/// MatMul(·, v)`, queries as keys and values, no mask: only the planner reads it), `heads`
+/// heads of 2 dimensions; with `shapes` the scores' shape is recorded as exporters do.
+fn unfused_attention_model(name: &str, heads: i64, shapes: bool) -> std::path::PathBuf {
+    use logitcache::onnx::builder::{Dim, GraphBuilder, attr_int, attr_ints};
+    use logitcache::onnx::data_type::{FLOAT, INT64};
+    let d = heads * 2;
+    let mut g = GraphBuilder::new(name);
+    let bl = [Dim::sym("batch_size"), Dim::sym("sequence_length")];
+    let ids = g.input("input_ids", INT64, &bl);
+    g.input("attention_mask", INT64, &bl);
+    let fill = |n: usize, seed: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.5)
+            .collect()
+    };
+    let emb = g.init_f32("emb", &[VOCAB as i64, d], &fill(VOCAB * d as usize, 1.0));
+    let x = g.node("Gather", &[&emb, &ids], vec![attr_int("axis", 0)]);
+    let split = g.init_i64("split", &[4], &[0, 0, heads, 2]);
+    let r = g.node("Reshape", &[&x, &split], vec![]);
+    let q = g.node("Transpose", &[&r], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+    let kt = g.node("Transpose", &[&r], vec![attr_ints("perm", &[0, 2, 3, 1])]);
+    let s = g.node("MatMul", &[&q, &kt], vec![]);
+    if shapes {
+        let seq = Dim::sym("sequence_length");
+        let dims = [Dim::sym("batch_size"), Dim::Fixed(heads), seq.clone(), seq];
+        g.annotate(&s, FLOAT, &dims);
+    }
+    let p = g.node("Softmax", &[&s], vec![attr_int("axis", -1)]);
+    let o = g.node("MatMul", &[&p, &q], vec![]);
+    let o = g.node("Transpose", &[&o], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+    let merge = g.init_i64("merge", &[3], &[0, 0, d]);
+    let o = g.node("Reshape", &[&o, &merge], vec![]);
+    let w = g.init_f32(
+        "lm_head",
+        &[d, VOCAB as i64],
+        &fill(VOCAB * d as usize, 2.0),
+    );
+    let logits = g.node("MatMul", &[&o, &w], vec![]);
+    let v = Dim::Fixed(VOCAB as i64);
+    g.output_as(&logits, "logits", FLOAT, &[bl[0].clone(), bl[1].clone(), v]);
+    let path = shared_dir().join(format!("{name}.onnx"));
+    g.write(&path).unwrap();
+    path
+}
+
+#[test]
+fn unfused_attention_scores_are_in_the_default_budget() {
+    // 16 heads at 24 tokens: 16 × 24 × 4 bytes × 2 score-sized tensors (the MatMul's and the
+    // Softmax's) = 3072 bytes per token, more than the plain head's 4 × 400: the scores set
+    // the budget. Without recorded shapes the heads are unknown: one window per batch.
+    for (name, shapes, want) in [
+        ("attn-shapes", true, (512usize << 20) / (16 * 24 * 4 * 2)),
+        ("attn-no-shapes", false, 24),
+    ] {
+        let model = unfused_attention_model(name, 16, shapes);
+        let s = logitcache::onnx::attention::attention_scores(&model)
+            .unwrap()
+            .expect("the planner finds the attention");
+        assert_eq!(s.ops, ["MatMul", "Softmax"]);
+        let out = shared_dir().join(format!("cache-{name}"));
+        let args = teacher_args(&model, &out, 20);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run_env(&args, &[("RUST_LOG", "info")]);
+        assert_ok(&o);
+        let m = Cache::open(&out).unwrap().manifest;
+        assert!(
+            m.shards.iter().all(|s| s.max_batch_tokens == Some(want)),
+            "{name}: {:?}",
+            m.shards
+                .iter()
+                .map(|s| s.max_batch_tokens)
+                .collect::<Vec<_>>()
+        );
+        let log = String::from_utf8_lossy(&o.stderr);
+        let said = if shapes {
+            "16 heads"
+        } else {
+            "one window per batch"
+        };
+        assert!(log.contains(said), "{name}: {log}");
+    }
+}
+
 #[test]
 fn token_budget_batches_give_the_same_cache() {
     // Windows are at most 24 tokens: a budget of 30 puts every full window in a batch of its
@@ -244,7 +328,11 @@ fn token_budget_batches_give_the_same_cache() {
     let chain = logitcache::onnx::logits_chain::logits_chain(&model).unwrap();
     assert_eq!(chain, ["MatMul", "Add", "Mul"]);
     let live = logitcache::onnx::logits_chain::live_logits_tensors(&chain);
-    let want = logitcache::teacher::default_max_batch_tokens(VOCAB, 24, live);
+    assert_eq!(
+        logitcache::onnx::attention::attention_scores(&model).unwrap(),
+        None
+    );
+    let want = logitcache::teacher::default_max_batch_tokens(VOCAB, 24, live, 0);
     assert_eq!(want, (512 << 20) / (4 * VOCAB * 2));
     assert!(md.shards.iter().all(|s| s.max_batch_tokens == Some(want)));
     // Smaller batches pad less: full windows now run unpadded.

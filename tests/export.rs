@@ -152,6 +152,12 @@ fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
     let cache = dir.join("cache");
     assert_ok(&run_strings(&teacher_args(&f32_path, &cache, 40)));
     assert_ok(&run(&["verify", cache.to_str().unwrap()]));
+    // Its attention is blocked (a Scan over blocks of queries): no whole-sequence scores for
+    // the batch planner to count.
+    assert_eq!(
+        logitcache::onnx::attention::attention_scores(&f32_path).unwrap(),
+        None
+    );
 
     // `--external-data always` (what `auto` does above 1 GiB): the weights go to OUT.data,
     // the graph file keeps only small constants, the teacher computes the same cache, and the

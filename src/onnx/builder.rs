@@ -216,6 +216,13 @@ impl GraphBuilder {
         name.to_string()
     }
 
+    /// Records the type and shape of an intermediate `value` (`value_info`), as exporters do.
+    pub fn annotate(&mut self, value: &str, elem_type: i32, dims: &[Dim]) {
+        self.graph
+            .value_info
+            .push(value_info(value, elem_type, dims));
+    }
+
     /// Declares `value` as a graph output called `name` (an `Identity` is added if the names
     /// differ).
     pub fn output_as(&mut self, value: &str, name: &str, elem_type: i32, dims: &[Dim]) {

@@ -5,6 +5,7 @@
 //!
 //! This module imports no stage: `teacher`, `student` and `pipeline` build on it.
 
+pub mod attention;
 pub mod builder;
 pub mod external;
 pub mod logits_chain;

@@ -40,17 +40,29 @@ pub const DEFAULT_TOP_K: usize = 64;
 pub const DEFAULT_SEQ_LEN: usize = 512;
 pub const DEFAULT_BATCH_SIZE: usize = 8;
 /// What the teacher's logits-sized tensors of one batch (batch × tokens × V × 4 bytes each)
-/// may take together when `--max-batch-tokens` is not given: with a plain head (one such
-/// tensor), 512 MiB keeps the default batch of 8 windows of 512 tokens at V = 32000, and 2
-/// windows of 512 tokens (or one of 2048) at V = 152064.
+/// may take together when `--max-batch-tokens` is not given, and likewise the attention
+/// scores of a graph that computes attention unfused: with a plain head (one such tensor),
+/// 512 MiB keeps the default batch of 8 windows of 512 tokens at V = 32000, and 2 windows of
+/// 512 tokens (or one of 2048) at V = 152064.
 pub const LOGITS_BUDGET_BYTES: usize = 512 << 20;
 
 /// The default token budget of a batch for a model whose logits have `vocab` entries per
 /// position and whose graph holds `live` logits-sized tensors at once
-/// ([`crate::onnx::logits_chain::live_logits_tensors`]; 1 for a plain head): what keeps them
-/// within [`LOGITS_BUDGET_BYTES`], and at least one window.
-pub fn default_max_batch_tokens(vocab: usize, seq_len: usize, live: usize) -> usize {
-    (LOGITS_BUDGET_BYTES / (4 * vocab.max(1) * live.max(1))).max(seq_len)
+/// ([`crate::onnx::logits_chain::live_logits_tensors`]; 1 for a plain head), and whose
+/// unfused attention scores take `attention_per_token` bytes per token of a `seq_len` window
+/// ([`crate::onnx::attention::AttentionScores::bytes_per_window`] / `seq_len`; 0 without
+/// such attention, `u64::MAX` when their size is unknown): what keeps the logits, and
+/// separately the scores (a layer's scores are gone before the head runs), within
+/// [`LOGITS_BUDGET_BYTES`], and at least one window.
+pub fn default_max_batch_tokens(
+    vocab: usize,
+    seq_len: usize,
+    live: usize,
+    attention_per_token: u64,
+) -> usize {
+    let logits = (4 * vocab.max(1) * live.max(1)) as u64;
+    let per_token = logits.max(attention_per_token);
+    ((LOGITS_BUDGET_BYTES as u64 / per_token) as usize).max(seq_len)
 }
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
 pub const DEFAULT_TEXT_FIELD: &str = "text";
@@ -290,6 +302,39 @@ impl TeacherConfig {
         }
         Ok(())
     }
+}
+
+/// Bytes per token of `scores` (as [`default_max_batch_tokens`] takes them), saying what
+/// the planner found: `u64::MAX` (one window per batch) when the graph does not tell the
+/// number of heads.
+fn attention_budget(
+    scores: Option<&crate::onnx::attention::AttentionScores>,
+    seq_len: usize,
+) -> u64 {
+    let Some(s) = scores else { return 0 };
+    let chain = s.ops.join(" → ");
+    let Some(window) = s.bytes_per_window(seq_len) else {
+        tracing::warn!(
+            "the model computes attention unfused ({} layers: {chain}) but neither its graph's shapes nor a config.json beside it give the number of heads, so the size of its [windows, heads, len, len] scores is unknown: one window per batch (pass --max-batch-tokens to batch more)",
+            s.sites
+        );
+        return u64::MAX;
+    };
+    let mib = window as f64 / (1u64 << 20) as f64;
+    tracing::info!(
+        "the model computes attention unfused ({} layers: {chain}; {} heads from {}): {} score-sized tensors of {}-byte values, {mib:.0} MiB per {seq_len}-token window, counted in the batch budget",
+        s.sites,
+        s.heads.unwrap_or(0),
+        s.heads_from,
+        s.ops.len(),
+        s.elem_bytes
+    );
+    if window > 2 * LOGITS_BUDGET_BYTES as u64 {
+        tracing::warn!(
+            "one {seq_len}-token window's attention scores take {mib:.0} MiB at once (unfused attention: [windows, heads, len, len] per layer): a shorter --seq-len, or an export with fused attention, needs less memory"
+        );
+    }
+    window / seq_len.max(1) as u64
 }
 
 /// What a run did.
@@ -660,7 +705,13 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     chain.join(" → ")
                 );
             }
-            default_max_batch_tokens(logits_vocab, cfg.seq_len, live)
+            let attention = crate::onnx::attention::attention_scores(&cfg.model)?;
+            default_max_batch_tokens(
+                logits_vocab,
+                cfg.seq_len,
+                live,
+                attention_budget(attention.as_ref(), cfg.seq_len),
+            )
         }
     };
     let resolved = TeacherConfig {
