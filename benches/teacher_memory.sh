@@ -76,6 +76,14 @@ for v in 32000 152064; do
     fi
   done
 done
+# The device head (`--topk onnx`, here on the CPU provider) makes logits-sized tensors of its
+# own, which the default budget does not count: 8 windows (the default at V = 32000) and 2,
+# top-k and hybrid (top-64 + 42 draws), plain head.
+for mbt in 4096 1024; do
+  peak onnx-head-topk-plain-head 32000 "$work/long.jsonl" 512 --topk onnx --max-batch-tokens "$mbt"
+  peak onnx-head-hybrid-plain-head 32000 "$work/long.jsonl" 512 --topk onnx --mode hybrid \
+    --samples 42 --max-batch-tokens "$mbt"
+done
 peak baseline-one-line 4096 "$work/one.jsonl" 2048
 peak doc-20mb 4096 "$work/big.jsonl" 2048
 peak doc-20mb-plain-head 4096 "$work/big.jsonl" 2048
