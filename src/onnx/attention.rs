@@ -12,93 +12,9 @@
 //! counted.
 
 use super::external::{ExternalError, decode_structure};
-use prost::Message;
-use std::collections::{HashMap, HashSet};
+use super::structure::{ALIASES, LiteGraph, LiteModel, Scope, default_domain, op};
+use std::collections::HashSet;
 use std::path::Path;
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteModel {
-    #[prost(message, optional, tag = "7")]
-    graph: Option<LiteGraph>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteGraph {
-    #[prost(message, repeated, tag = "1")]
-    node: Vec<LiteNode>,
-    #[prost(message, repeated, tag = "5")]
-    initializer: Vec<LiteTensor>,
-    #[prost(message, repeated, tag = "11")]
-    input: Vec<LiteValue>,
-    #[prost(message, repeated, tag = "12")]
-    output: Vec<LiteValue>,
-    #[prost(message, repeated, tag = "13")]
-    value_info: Vec<LiteValue>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteNode {
-    #[prost(string, repeated, tag = "1")]
-    input: Vec<String>,
-    #[prost(string, repeated, tag = "2")]
-    output: Vec<String>,
-    #[prost(string, optional, tag = "4")]
-    op_type: Option<String>,
-    #[prost(message, repeated, tag = "5")]
-    attribute: Vec<LiteAttribute>,
-    #[prost(string, optional, tag = "7")]
-    domain: Option<String>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteAttribute {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-    #[prost(message, optional, tag = "6")]
-    g: Option<LiteGraph>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteTensor {
-    #[prost(string, optional, tag = "8")]
-    name: Option<String>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteValue {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-    #[prost(message, optional, tag = "2")]
-    r#type: Option<LiteType>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteType {
-    #[prost(message, optional, tag = "1")]
-    tensor_type: Option<LiteTensorType>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteTensorType {
-    #[prost(int32, optional, tag = "1")]
-    elem_type: Option<i32>,
-    #[prost(message, optional, tag = "2")]
-    shape: Option<LiteShape>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteShape {
-    #[prost(message, repeated, tag = "1")]
-    dim: Vec<LiteDim>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteDim {
-    #[prost(int64, optional, tag = "1")]
-    dim_value: Option<i64>,
-    #[prost(string, optional, tag = "2")]
-    dim_param: Option<String>,
-}
 
 /// What one window's attention scores take, as read from the graph.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,8 +44,6 @@ impl AttentionScores {
     }
 }
 
-/// Ops whose output shares its input's buffer (a view, no new tensor).
-const ALIASES: &[&str] = &["Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"];
 /// Ops that make a score-sized tensor from scores (element-wise or over the last axis).
 const SAME_SIZE: &[&str] = &[
     "Add",
@@ -155,57 +69,6 @@ const SAME_SIZE: &[&str] = &[
 const MATMULS: &[&str] = &["MatMul", "FusedMatMul", "Einsum"];
 /// Deepest walk (a guard against pathological graphs).
 const MAX_DEPTH: usize = 16;
-
-struct Scope<'a> {
-    producers: HashMap<&'a str, &'a LiteNode>,
-    consumers: HashMap<&'a str, Vec<&'a LiteNode>>,
-    constants: HashSet<&'a str>,
-    types: HashMap<&'a str, &'a LiteTensorType>,
-}
-
-impl<'a> Scope<'a> {
-    fn new(g: &'a LiteGraph) -> Self {
-        let mut s = Scope {
-            producers: HashMap::new(),
-            consumers: HashMap::new(),
-            constants: g
-                .initializer
-                .iter()
-                .filter_map(|t| t.name.as_deref())
-                .collect(),
-            types: HashMap::new(),
-        };
-        for n in &g.node {
-            for o in &n.output {
-                s.producers.insert(o.as_str(), n);
-                if n.op_type.as_deref() == Some("Constant") {
-                    s.constants.insert(o.as_str());
-                }
-            }
-            for i in &n.input {
-                s.consumers.entry(i.as_str()).or_default().push(n);
-            }
-        }
-        for v in g.value_info.iter().chain(&g.input).chain(&g.output) {
-            if let (Some(name), Some(t)) = (
-                v.name.as_deref(),
-                v.r#type.as_ref().and_then(|t| t.tensor_type.as_ref()),
-            ) {
-                s.types.insert(name, t);
-            }
-        }
-        s
-    }
-}
-
-fn op(n: &LiteNode) -> &str {
-    n.op_type.as_deref().unwrap_or("")
-}
-
-/// Default domain (where ONNX's own `Softmax` and `MatMul` live).
-fn default_domain(n: &LiteNode) -> bool {
-    matches!(n.domain.as_deref(), None | Some("" | "ai.onnx"))
-}
 
 /// The ops from a product of two activations to `value` (in order, aliases left out), or
 /// `None` when `value` does not come from one.
@@ -404,6 +267,7 @@ mod tests {
     use crate::onnx::builder::{Dim, GraphBuilder, attr_graph, attr_int, attr_ints};
     use crate::onnx::data_type;
     use crate::onnx::{ToyLmSpec, toy_lm};
+    use prost::Message;
 
     fn scores(bytes: &[u8]) -> Option<AttentionScores> {
         scores_in(&LiteModel::decode(bytes).unwrap().graph.unwrap())

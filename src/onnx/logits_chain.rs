@@ -10,60 +10,9 @@
 //! ([`decode_structure`]), so the weights of a single-file model are skipped, not copied.
 
 use super::external::{ExternalError, decode_structure};
-use prost::Message;
-use std::collections::{HashMap, HashSet};
+use super::structure::{ALIASES, LiteModel, Scope};
 use std::path::Path;
 
-#[derive(Clone, PartialEq, Message)]
-struct LiteModel {
-    #[prost(message, optional, tag = "7")]
-    graph: Option<LiteGraph>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteGraph {
-    #[prost(message, repeated, tag = "1")]
-    node: Vec<LiteNode>,
-    #[prost(message, repeated, tag = "5")]
-    initializer: Vec<LiteTensor>,
-    #[prost(message, repeated, tag = "12")]
-    output: Vec<LiteValue>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteNode {
-    #[prost(string, repeated, tag = "1")]
-    input: Vec<String>,
-    #[prost(string, repeated, tag = "2")]
-    output: Vec<String>,
-    #[prost(string, optional, tag = "4")]
-    op_type: Option<String>,
-    #[prost(message, repeated, tag = "5")]
-    attribute: Vec<LiteAttribute>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteAttribute {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-    #[prost(message, optional, tag = "6")]
-    g: Option<LiteGraph>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteTensor {
-    #[prost(string, optional, tag = "8")]
-    name: Option<String>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct LiteValue {
-    #[prost(string, optional, tag = "1")]
-    name: Option<String>,
-}
-
-/// Ops whose output shares its input's buffer in ONNX Runtime (a view, no new tensor).
-const ALIASES: &[&str] = &["Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"];
 /// The projection onto the vocabulary: where the chain starts.
 const PROJECTIONS: &[&str] = &[
     "MatMul",
@@ -95,35 +44,6 @@ const SAME_SIZE: &[&str] = &[
     "Slice",
     "Transpose",
 ];
-
-/// One scope of the walk: a graph, and what its names resolve to.
-struct Scope<'a> {
-    producers: HashMap<&'a str, &'a LiteNode>,
-    constants: HashSet<&'a str>,
-}
-
-impl<'a> Scope<'a> {
-    fn new(g: &'a LiteGraph) -> Self {
-        let mut producers = HashMap::new();
-        let mut constants: HashSet<&str> = g
-            .initializer
-            .iter()
-            .filter_map(|t| t.name.as_deref())
-            .collect();
-        for n in &g.node {
-            for o in &n.output {
-                producers.insert(o.as_str(), n);
-                if n.op_type.as_deref() == Some("Constant") {
-                    constants.insert(o.as_str());
-                }
-            }
-        }
-        Scope {
-            producers,
-            constants,
-        }
-    }
-}
 
 /// Deepest walk back from the output (a guard against pathological graphs).
 const MAX_DEPTH: usize = 64;
@@ -226,6 +146,7 @@ mod tests {
     use crate::onnx::builder::{Dim, GraphBuilder, attr_graph};
     use crate::onnx::data_type;
     use crate::onnx::{ToyFault, ToyLmSpec, toy_lm};
+    use prost::Message;
 
     fn ops(bytes: &[u8]) -> Vec<String> {
         chain_in(&LiteModel::decode(bytes).unwrap())
