@@ -12,7 +12,9 @@
 //! counted.
 
 use super::external::{ExternalError, decode_structure};
-use super::structure::{ALIASES, LiteGraph, LiteModel, Scope, default_domain, op};
+use super::structure::{
+    ALIASES, LiteGraph, LiteModel, Scope, default_domain, is_constant, op, producer,
+};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -76,13 +78,8 @@ fn back<'a>(scopes: &[&Scope<'a>], value: &str, depth: usize) -> Option<Vec<&'a 
     if depth > MAX_DEPTH {
         return None;
     }
-    let (level, node) = scopes
-        .iter()
-        .enumerate()
-        .rev()
-        .find_map(|(i, s)| s.producers.get(value).map(|n| (i, *n)))?;
-    let visible = &scopes[..=level];
-    let constant = |name: &str| visible.iter().any(|s| s.constants.contains(name));
+    let (visible, node) = producer(scopes, value)?;
+    let constant = |name: &str| is_constant(visible, name);
     let o = op(node);
     if ALIASES.contains(&o) {
         return back(visible, node.input.first()?, depth + 1);

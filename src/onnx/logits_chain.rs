@@ -10,7 +10,7 @@
 //! ([`decode_structure`]), so the weights of a single-file model are skipped, not copied.
 
 use super::external::{ExternalError, decode_structure};
-use super::structure::{ALIASES, LiteModel, Scope};
+use super::structure::{ALIASES, LiteModel, Scope, is_constant, producer};
 use std::path::Path;
 
 /// The projection onto the vocabulary: where the chain starts.
@@ -54,14 +54,9 @@ fn chain<'a>(scopes: &[&Scope<'a>], value: &str, depth: usize) -> Option<Vec<&'a
     if depth > MAX_DEPTH {
         return None;
     }
-    let (level, node) = scopes
-        .iter()
-        .enumerate()
-        .rev()
-        .find_map(|(i, s)| s.producers.get(value).map(|n| (i, *n)))?;
+    let (visible, node) = producer(scopes, value)?;
     let op = node.op_type.as_deref().unwrap_or("");
-    let visible = &scopes[..=level];
-    let is_constant = |name: &str| visible.iter().any(|s| s.constants.contains(name));
+    let constant = |name: &str| is_constant(visible, name);
     if ALIASES.contains(&op) {
         return chain(visible, node.input.first()?, depth + 1);
     }
@@ -98,7 +93,7 @@ fn chain<'a>(scopes: &[&Scope<'a>], value: &str, depth: usize) -> Option<Vec<&'a
                 .input
                 .iter()
                 .map(String::as_str)
-                .filter(|i| !i.is_empty() && !is_constant(i))
+                .filter(|i| !i.is_empty() && !constant(i))
                 .collect(),
         };
         let mut c = data

@@ -144,3 +144,22 @@ pub(super) fn op(n: &LiteNode) -> &str {
 pub(super) fn default_domain(n: &LiteNode) -> bool {
     matches!(n.domain.as_deref(), None | Some("" | "ai.onnx"))
 }
+
+/// The node making `value`, searched from the innermost of `scopes` (outermost first) out,
+/// with the scopes visible from it (its own and those around it).
+pub(super) fn producer<'s, 'a>(
+    scopes: &'s [&'s Scope<'a>],
+    value: &str,
+) -> Option<(&'s [&'s Scope<'a>], &'a LiteNode)> {
+    let (level, node) = scopes
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, s)| s.producers.get(value).map(|n| (i, *n)))?;
+    Some((&scopes[..=level], node))
+}
+
+/// Whether `name` is a constant (an initializer or a `Constant`'s output) in `scopes`.
+pub(super) fn is_constant(scopes: &[&Scope], name: &str) -> bool {
+    scopes.iter().any(|s| s.constants.contains(name))
+}
