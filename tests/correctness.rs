@@ -272,9 +272,10 @@ fn unfused_attention_scores_are_in_the_default_budget() {
         ("attn-no-shapes", false, 24),
     ] {
         let model = unfused_attention_model(name, 16, shapes);
-        let s = logitcache::onnx::attention::attention_scores(&model)
-            .unwrap()
-            .expect("the planner finds the attention");
+        let s = logitcache::onnx::attention::attention_scores(
+            &logitcache::onnx::structure::ModelStructure::load(&model).unwrap(),
+        )
+        .expect("the planner finds the attention");
         assert_eq!(s.ops, ["MatMul", "Softmax"]);
         let out = shared_dir().join(format!("cache-{name}"));
         let args = teacher_args(&model, &out, 20);
@@ -325,11 +326,12 @@ fn token_budget_batches_give_the_same_cache() {
     assert!(ms.shards.iter().all(|s| s.max_batch_tokens == Some(30)));
     // The toy's head (MatMul → Add → Mul) holds two logits-sized tensors at once, so the
     // default budget is half what the logits alone would get.
-    let chain = logitcache::onnx::logits_chain::logits_chain(&model).unwrap();
+    let structure = logitcache::onnx::structure::ModelStructure::load(&model).unwrap();
+    let chain = logitcache::onnx::logits_chain::logits_chain(&structure);
     assert_eq!(chain, ["MatMul", "Add", "Mul"]);
     let live = logitcache::onnx::logits_chain::live_logits_tensors(&chain);
     assert_eq!(
-        logitcache::onnx::attention::attention_scores(&model).unwrap(),
+        logitcache::onnx::attention::attention_scores(&structure),
         None
     );
     let want = logitcache::teacher::default_max_batch_tokens(VOCAB, 24, live, 0);

@@ -155,7 +155,9 @@ fn export_onnx_cli_writes_a_teacher_the_teacher_stage_accepts() {
     // Its attention is blocked (a Scan over blocks of queries): no whole-sequence scores for
     // the batch planner to count.
     assert_eq!(
-        logitcache::onnx::attention::attention_scores(&f32_path).unwrap(),
+        logitcache::onnx::attention::attention_scores(
+            &logitcache::onnx::structure::ModelStructure::load(&f32_path).unwrap()
+        ),
         None
     );
 

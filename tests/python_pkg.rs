@@ -593,9 +593,10 @@ fn torchrun_example_distils_on_two_ranks_resumes_exactly_and_exports_a_teacher()
     assert_eq!(e["files"], json!(["model.onnx", "model.onnx.data"]), "{e}");
     // Its attention is unfused: the planner finds both layers' scores, with the 4 query heads
     // from the shapes the exporter records (the 2 kv heads' keys are repeated to 4).
-    let s = logitcache::onnx::attention::attention_scores(&torch_onnx)
-        .unwrap()
-        .expect("the exporter's attention is found");
+    let s = logitcache::onnx::attention::attention_scores(
+        &logitcache::onnx::structure::ModelStructure::load(&torch_onnx).unwrap(),
+    )
+    .expect("the exporter's attention is found");
     assert_eq!((s.sites, s.heads, s.elem_bytes), (2, Some(4), 4), "{s:?}");
     assert_eq!(s.ops[..3], ["MatMul", "Add", "Softmax"], "{s:?}");
     let from_torch = shared_dir().join(format!("torch-onnx-cache-{}", unique()));

@@ -11,12 +11,10 @@
 //! Fused attention ops (`Attention`, `MultiHeadAttention`, `GroupQueryAttention`) are not
 //! counted.
 
-use super::external::{ExternalError, decode_structure};
 use super::structure::{
-    ALIASES, LiteGraph, LiteModel, Scope, default_domain, is_constant, op, producer,
+    ALIASES, LiteGraph, ModelStructure, Scope, default_domain, is_constant, op, producer,
 };
 use std::collections::HashSet;
-use std::path::Path;
 
 /// What one window's attention scores take, as read from the graph.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,17 +180,12 @@ fn scopes_of<'a>(
     }
 }
 
-/// The unfused attention scores in the model at `path`, `None` when it has none.
-pub fn attention_scores(path: &Path) -> Result<Option<AttentionScores>, ExternalError> {
-    let m: LiteModel = decode_structure(path)?;
-    let Some(mut found) = m.graph.as_ref().and_then(scores_in) else {
-        return Ok(None);
-    };
+/// The unfused attention scores in `model`, `None` when it has none.
+pub fn attention_scores(model: &ModelStructure) -> Option<AttentionScores> {
+    let mut found = model.model.graph.as_ref().and_then(scores_in)?;
     if found.heads.is_none()
-        && let Some(h) = path
-            .parent()
-            .map(|d| d.join("config.json"))
-            .and_then(|c| std::fs::read_to_string(c).ok())
+        && let Some(h) = std::fs::read_to_string(model.dir.join("config.json"))
+            .ok()
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
             .and_then(|v| v.get("num_attention_heads").and_then(|h| h.as_u64()))
             .filter(|&h| h > 0)
@@ -200,7 +193,7 @@ pub fn attention_scores(path: &Path) -> Result<Option<AttentionScores>, External
         found.heads = Some(h as usize);
         found.heads_from = "num_attention_heads in the config.json beside the model";
     }
-    Ok(Some(found))
+    Some(found)
 }
 
 fn scores_in(g: &LiteGraph) -> Option<AttentionScores> {
@@ -228,14 +221,10 @@ fn scores_in(g: &LiteGraph) -> Option<AttentionScores> {
             sites += 1;
             ops.push("Softmax");
             ops.extend(after);
-            let (heads, elem) = shape_of(&stack, input);
-            let (heads, elem) = match (heads, elem) {
-                (None, _) | (_, None) => {
-                    let (h, e) = shape_of(&stack, output);
-                    (heads.or(h), elem.or(e))
-                }
-                known => known,
-            };
+            // The shape recorded for the scores, else for the softmax's output.
+            let ((h_in, e_in), (h_out, e_out)) =
+                (shape_of(&stack, input), shape_of(&stack, output));
+            let (heads, elem) = (h_in.or(h_out), e_in.or(e_out));
             let site = AttentionScores {
                 sites: 0,
                 ops: ops.into_iter().map(str::to_string).collect(),
@@ -263,6 +252,7 @@ mod tests {
     use super::*;
     use crate::onnx::builder::{Dim, GraphBuilder, attr_graph, attr_int, attr_ints};
     use crate::onnx::data_type;
+    use crate::onnx::structure::LiteModel;
     use crate::onnx::{ToyLmSpec, toy_lm};
     use prost::Message;
 
@@ -365,13 +355,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.onnx");
         std::fs::write(&path, model(1, 4, false)).unwrap();
-        assert_eq!(attention_scores(&path).unwrap().unwrap().heads, None);
+        let load = || ModelStructure::load(&path).unwrap();
+        assert_eq!(attention_scores(&load()).unwrap().heads, None);
         std::fs::write(
             dir.path().join("config.json"),
             r#"{"num_attention_heads": 4}"#,
         )
         .unwrap();
-        let s = attention_scores(&path).unwrap().unwrap();
+        let s = attention_scores(&load()).unwrap();
         assert_eq!(s.heads, Some(4));
         assert!(s.heads_from.contains("config.json"), "{}", s.heads_from);
     }

@@ -9,9 +9,7 @@
 //! Like [`super::external`], only the graph's structure is decoded
 //! ([`decode_structure`]), so the weights of a single-file model are skipped, not copied.
 
-use super::external::{ExternalError, decode_structure};
-use super::structure::{ALIASES, LiteModel, Scope, is_constant, producer};
-use std::path::Path;
+use super::structure::{ALIASES, LiteModel, ModelStructure, Scope, is_constant, producer};
 
 /// The projection onto the vocabulary: where the chain starts.
 const PROJECTIONS: &[&str] = &[
@@ -106,12 +104,12 @@ fn chain<'a>(scopes: &[&Scope<'a>], value: &str, depth: usize) -> Option<Vec<&'a
     None
 }
 
-/// The ops that make logits-sized tensors in the model at `path`, from the vocabulary
-/// projection to its `logits` output (e.g. `["MatMul"]` for a plain head, `["MatMul",
-/// "Add", "Mul"]` for the toy teachers'). When the walk does not reach a projection (an op
-/// it does not know), the logits alone are counted: `["logits"]`.
-pub fn logits_chain(path: &Path) -> Result<Vec<String>, ExternalError> {
-    Ok(chain_in(&decode_structure::<LiteModel>(path)?))
+/// The ops that make logits-sized tensors in `model`, from the vocabulary projection to its
+/// `logits` output (e.g. `["MatMul"]` for a plain head, `["MatMul", "Add", "Mul"]` for the
+/// toy teachers'). When the walk does not reach a projection (an op it does not know), the
+/// logits alone are counted: `["logits"]`.
+pub fn logits_chain(model: &ModelStructure) -> Vec<String> {
+    chain_in(&model.model)
 }
 
 fn chain_in(m: &LiteModel) -> Vec<String> {

@@ -10,7 +10,7 @@ pub mod builder;
 pub mod external;
 pub mod logits_chain;
 pub mod proto;
-mod structure;
+pub mod structure;
 pub mod toy;
 
 pub use builder::{Dim, GraphBuilder};

@@ -3,8 +3,28 @@
 //! and `If` branches, decoded with [`super::external::decode_structure`] so a single-file
 //! model's weights are skipped, not copied.
 
+use super::external::{ExternalError, decode_structure};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// A model's structure as the batch planner reads it, decoded once for both of its walks
+/// ([`super::logits_chain::logits_chain`], [`super::attention::attention_scores`]).
+pub struct ModelStructure {
+    pub(super) model: LiteModel,
+    /// The model file's directory (where a `config.json` may sit).
+    pub(super) dir: PathBuf,
+}
+
+impl ModelStructure {
+    /// Decodes the structure of the model at `path` (its weights skipped).
+    pub fn load(path: &Path) -> Result<Self, ExternalError> {
+        Ok(ModelStructure {
+            model: decode_structure(path)?,
+            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        })
+    }
+}
 
 #[derive(Clone, PartialEq, Message)]
 pub(super) struct LiteModel {

@@ -696,7 +696,9 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
     let budget = match cfg.max_batch_tokens {
         Some(m) => m,
         None => {
-            let chain = crate::onnx::logits_chain::logits_chain(&cfg.model)?;
+            // One decode of the graph's structure (weights skipped) for both walks.
+            let structure = crate::onnx::structure::ModelStructure::load(&cfg.model)?;
+            let chain = crate::onnx::logits_chain::logits_chain(&structure);
             let live = crate::onnx::logits_chain::live_logits_tensors(&chain);
             if live > 1 {
                 tracing::info!(
@@ -705,7 +707,7 @@ pub fn run(cfg: &TeacherConfig) -> anyhow::Result<RunSummary> {
                     chain.join(" → ")
                 );
             }
-            let attention = crate::onnx::attention::attention_scores(&cfg.model)?;
+            let attention = crate::onnx::attention::attention_scores(&structure);
             default_max_batch_tokens(
                 logits_vocab,
                 cfg.seq_len,
